@@ -1,0 +1,30 @@
+"""Models as plain `nn.Module`s: CED students/teachers and timm backbones on log-mel input."""
+
+from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig, LogMelFrontEnd
+from ced_lightning.models.factory import (
+    CED_SIZES,
+    config_from_state_dict,
+    create_ced,
+    list_ced,
+    load_ced,
+    load_matching_weights,
+    read_state_dict,
+    save_ced,
+)
+from ced_lightning.models.timm_mel import TimmMelClassifier
+
+__all__ = [
+    "CED",
+    "CED_SIZES",
+    "CEDConfig",
+    "FrontEndConfig",
+    "LogMelFrontEnd",
+    "TimmMelClassifier",
+    "config_from_state_dict",
+    "create_ced",
+    "list_ced",
+    "load_ced",
+    "load_matching_weights",
+    "read_state_dict",
+    "save_ced",
+]

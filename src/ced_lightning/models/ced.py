@@ -1,0 +1,246 @@
+"""CED audio transformer: a ViT over 16x16 log-mel patches, weight-compatible with the released checkpoints.
+
+State-dict keys and shapes equal those of the paper's `audiotransformer_*` checkpoints, so a released file
+loads with `strict=True`. The maths equals the original too (checked against its reference outputs in
+`tests/test_models.py`); the implementation is our own: SDPA attention, timm's Mlp/DropPath, no einops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class FrontEndConfig:
+    """Log-mel front end. Defaults are CED's; teachers may use others (e.g. 128 mel bins)."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 160
+    f_min: float = 0.0
+    f_max: float = 8000.0
+    n_mels: int = 64
+    center: bool = True
+    top_db: float = 120.0
+
+
+class LogMelFrontEnd(nn.Sequential):
+    """MelSpectrogram then AmplitudeToDB, always computed in float32 (dB of fp16 power underflows)."""
+
+    def __init__(self, config: FrontEndConfig | None = None) -> None:
+        config = config or FrontEndConfig()
+        super().__init__(
+            torchaudio.transforms.MelSpectrogram(
+                sample_rate=config.sample_rate,
+                n_fft=config.n_fft,
+                win_length=config.win_length,
+                hop_length=config.hop_length,
+                f_min=config.f_min,
+                f_max=config.f_max,
+                n_mels=config.n_mels,
+                center=config.center,
+            ),
+            torchaudio.transforms.AmplitudeToDB(top_db=config.top_db),
+        )
+        self.config = config
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[batch, samples]` float waveform at `config.sample_rate` -> `[batch, n_mels, frames]` dB."""
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            return super().forward(waveform.float())
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the front end produces for `num_samples` samples."""
+        if self.config.center:
+            return num_samples // self.config.hop_length + 1
+        return (num_samples - self.config.n_fft) // self.config.hop_length + 1
+
+
+class _SwapMelAndChannel(nn.Module):
+    """`[b, 1, mel, t] <-> [b, mel, 1, t]`, so BatchNorm2d normalises each mel bin (key `init_bn.1`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, embed_dim: int, patch_size: int, patch_stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@dataclass(frozen=True)
+class CEDConfig:
+    """Everything that defines a CED model's shape. Stored in our checkpoints as plain values."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 527
+    patch_size: int = 16
+    patch_stride: int = 16
+    target_length: int = 1012
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    front_end: FrontEndConfig = field(default_factory=FrontEndConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CEDConfig:
+        values = dict(values)
+        values["front_end"] = FrontEndConfig(**values.get("front_end", {}))
+        return cls(**values)
+
+
+class CED(nn.Module):
+    """CED student/teacher. `forward(waveform [B, samples] @16 kHz) -> logits [B, classes]`.
+
+    Clips longer than `target_length` frames are cut after BatchNorm into `target_length`-frame pieces (the
+    last zero-padded) whose logits are averaged; shorter clips use the first time positions.
+    """
+
+    def __init__(self, config: CEDConfig | None = None, **overrides) -> None:
+        super().__init__()
+        config = config or CEDConfig()
+        if overrides:
+            config = CEDConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        n_mels = config.front_end.n_mels
+        self.front_end = LogMelFrontEnd(config.front_end)
+        self.init_bn = nn.Sequential(
+            _SwapMelAndChannel(), nn.BatchNorm2d(n_mels, momentum=0.01), _SwapMelAndChannel()
+        )
+        self.patch_embed = PatchEmbed(config.embed_dim, config.patch_size, config.patch_stride)
+        freq_patches = (n_mels - config.patch_size) // config.patch_stride + 1
+        time_patches = (config.target_length - config.patch_size) // config.patch_stride + 1
+        self.time_pos_embed = nn.Parameter(torch.randn(1, config.embed_dim, 1, time_patches) * 0.02)
+        self.freq_pos_embed = nn.Parameter(torch.randn(1, config.embed_dim, freq_patches, 1) * 0.02)
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        drop_path = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.Sequential(
+            *(
+                Block(
+                    config.embed_dim,
+                    config.num_heads,
+                    config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    drop=config.drop_rate,
+                    attn_drop=config.attn_drop_rate,
+                    drop_path=drop_path[i],
+                )
+                for i in range(config.depth)
+            )
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.outputlayer = nn.Sequential(
+            nn.LayerNorm(config.embed_dim), nn.Linear(config.embed_dim, config.num_classes)
+        )
+        self.apply(_init_weights)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"time_pos_embed", "freq_pos_embed"}
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.forward_spectrogram(self.front_end(waveform))
+
+    def forward_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
+        """`[batch, n_mels, frames]` log-mel (the front end's output) -> logits `[batch, classes]`."""
+        x = self.init_bn(mel.unsqueeze(1))
+        batch, frames = x.shape[0], x.shape[-1]
+        length = self.config.target_length
+        if frames <= length:
+            return self.forward_head(self.forward_features(x))
+        pieces = math.ceil(frames / length)
+        x = F.pad(x, (0, pieces * length - frames))
+        # [b, 1, f, pieces*length] -> [pieces*b, 1, f, length], piece-major like the original.
+        x = x.unflatten(-1, (pieces, length)).permute(3, 0, 1, 2, 4).flatten(0, 1)
+        logits = self.forward_head(self.forward_features(x))
+        return logits.unflatten(0, (pieces, batch)).mean(0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised `[b, 1, mel, t]` -> token features `[b, tokens, embed_dim]`."""
+        x = self.patch_embed(x)
+        x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
+        x = self.pos_drop(x.flatten(2).transpose(1, 2))
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.outputlayer(features.mean(1))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

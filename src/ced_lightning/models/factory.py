@@ -1,0 +1,166 @@
+"""Small factory and checkpoint helpers, in the manner of timm: `create_ced`, `load_ced`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from os import PathLike
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from ced_lightning.models.ced import CED, CEDConfig
+
+log = logging.getLogger(__name__)
+
+CED_SIZES: dict[str, dict[str, int]] = {
+    "ced_tiny": {"embed_dim": 192, "num_heads": 3},
+    "ced_mini": {"embed_dim": 256, "num_heads": 4},
+    "ced_small": {"embed_dim": 384, "num_heads": 6},
+    "ced_base": {"embed_dim": 768, "num_heads": 12},
+}
+_HEAD_DIM = 64  # every CED size uses 64-dimensional heads, which lets load_ced infer num_heads.
+
+
+def list_ced() -> list[str]:
+    return list(CED_SIZES)
+
+
+def create_ced(name: str = "ced_mini", **overrides: Any) -> CED:
+    """Build a CED model by size name (`ced_tiny`, `ced_mini`, `ced_small`, `ced_base`).
+
+    `overrides` are `CEDConfig` fields, e.g. `depth=2`, `num_classes=12`, `drop_path_rate=0.1`.
+    """
+    if name not in CED_SIZES:
+        raise ValueError(f"unknown CED model {name!r}; choose one of {list_ced()}")
+    return CED(CEDConfig(**CED_SIZES[name]), **overrides)
+
+
+def read_state_dict(
+    path: str | PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The model state dict in a released CED file, one of ours, or a Lightning checkpoint.
+
+    Accepts `{'model': sd}` (released files), a bare state dict, and Lightning checkpoints whose
+    `state_dict` keys are prefixed (e.g. `student.`); local paths and fsspec URLs.
+    """
+    with fsspec.open(str(path), "rb") as handle:
+        obj = torch.load(handle, map_location=map_location, weights_only=True)
+    return state_dict_from_checkpoint(obj, source=str(path))
+
+
+def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a dict-like checkpoint, found {type(obj).__name__}")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        sd = dict(obj["state_dict"])
+        prefix = _model_prefix(sd)
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        return dict(obj["model"])
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise ValueError(f"{source}: found neither 'model', 'state_dict' nor tensors (keys: {list(obj)[:8]})")
+
+
+def _model_prefix(sd: Mapping[str, Any]) -> str:
+    """Lightning checkpoints prefix keys with the module attribute (`student.`, `model.`)."""
+    for key in sd:
+        if key.endswith("patch_embed.proj.weight"):
+            return key[: -len("patch_embed.proj.weight")]
+    return ""
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> CEDConfig:
+    """Infer size, depth, classes, mel bins and target length from a CED state dict's shapes."""
+    try:
+        embed_dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+        num_classes = sd["outputlayer.1.weight"].shape[0]
+        n_mels = sd["init_bn.1.weight"].shape[0]
+        time_patches = sd["time_pos_embed"].shape[-1]
+        mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not a CED state dict: missing {err.args[0]!r}") from err
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    defaults = CEDConfig()
+    front_end = defaults.front_end
+    if n_mels != front_end.n_mels:
+        front_end = type(front_end)(**{**front_end.__dict__, "n_mels": n_mels})
+    return CEDConfig(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=max(1, embed_dim // _HEAD_DIM),
+        mlp_ratio=mlp_hidden / embed_dim,
+        num_classes=num_classes,
+        patch_size=patch,
+        patch_stride=patch,
+        target_length=_target_length(time_patches, patch, defaults.target_length),
+        front_end=front_end,
+    )
+
+
+def _target_length(time_patches: int, patch: int, default: int) -> int:
+    # Shapes only fix the length up to a patch: prefer CED's 1012 frames when it fits.
+    return default if (default - patch) // patch + 1 == time_patches else time_patches * patch
+
+
+def load_ced(
+    path: str | PathLike,
+    map_location: str | torch.device = "cpu",
+    config: CEDConfig | None = None,
+    eval_mode: bool = True,
+) -> CED:
+    """Build the right CED size and depth from a checkpoint's shapes and load it with `strict=True`.
+
+    Works with the released `audiotransformer_*_mAP_*.pt` files and with this project's checkpoints (which
+    also store the exact `CEDConfig`, e.g. a non-default front end).
+    """
+    with fsspec.open(str(path), "rb") as handle:
+        obj = torch.load(handle, map_location=map_location, weights_only=True)
+    sd = state_dict_from_checkpoint(obj, source=str(path))
+    if config is None:
+        stored = obj.get("ced_config") if isinstance(obj, Mapping) else None
+        config = CEDConfig.from_dict(stored) if stored else config_from_state_dict(sd)
+    model = CED(config)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: does not load into {config}: {err}") from err
+    return model.eval() if eval_mode else model
+
+
+def save_ced(model: CED, path: str | PathLike) -> None:
+    """Save in the released layout (`{'model': state_dict}`) plus our exact config, readable by both."""
+    with fsspec.open(str(path), "wb") as handle:
+        torch.save({"model": model.state_dict(), "ced_config": model.config.to_dict()}, handle)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Crop or bilinearly stretch a position embedding along `dim` (-1 time, -2 frequency)."""
+    if pos_embed.shape[dim] >= size:
+        return pos_embed.narrow(dim, 0, size).clone()
+    target = list(pos_embed.shape[-2:])
+    target[dim] = size
+    return nn.functional.interpolate(pos_embed, size=tuple(target), mode="bilinear", align_corners=False)
+
+
+def load_matching_weights(model: CED, path: str | PathLike) -> list[str]:
+    """Initialise `model` from a CED or MAE-pretrained checkpoint where shapes match.
+
+    Position embeddings of a different length are cropped or stretched; other mismatching tensors (e.g. a
+    head with another number of classes) are skipped. Returns the names of the skipped tensors.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    for key, dim in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
+        if key in sd and sd[key].shape != own[key].shape:
+            sd[key] = resize_pos_embed(sd[key], own[key].shape[dim], dim)
+    usable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    if skipped:
+        log.info("init_from %s: kept the model's own %d tensors: %s", path, len(skipped), skipped[:6])
+    return skipped

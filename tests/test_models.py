@@ -1,0 +1,167 @@
+"""CED models: shapes and parameter counts of the released sizes, and the original's exact outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import soundfile as sf
+import torch
+
+from ced_lightning.models import (
+    CED,
+    TimmMelClassifier,
+    create_ced,
+    list_ced,
+    load_ced,
+    load_matching_weights,
+    save_ced,
+)
+
+
+def _wav(path) -> torch.Tensor:
+    # Read as the reference did: PCM16 / 32768, shape (1, samples).
+    data, sr = sf.read(path, dtype="float32")
+    assert sr == 16000
+    return torch.from_numpy(data)[None]
+
+
+@pytest.fixture(scope="module")
+def expected(ced_reference):
+    return torch.load(ced_reference / "expected_outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference_model(ced_reference) -> CED:
+    return load_ced(ced_reference / "ced_tiny_depth2_random.pt")
+
+
+@pytest.mark.parametrize("size", ["tiny", "mini", "small", "base"])
+def test_state_dict_and_parameter_count_match_released(size, ced_reference):
+    reference = json.loads((ced_reference / "state_dict_shapes.json").read_text())[size]
+    model = create_ced(f"ced_{size}")
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == reference["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == reference["num_parameters"]
+
+
+def test_parameter_counts_in_the_issue():
+    counts = {name: sum(p.numel() for p in create_ced(name).parameters()) for name in list_ced()}
+    assert counts == {
+        "ced_tiny": 5_503_183,
+        "ced_mini": 9_696_655,
+        "ced_small": 21_622_543,
+        "ced_base": 85_711_759,
+    }
+
+
+def test_load_infers_depth_and_length(reference_model):
+    assert reference_model.config.depth == 2
+    assert reference_model.config.embed_dim == 192
+    assert reference_model.config.target_length == 1012
+    assert not reference_model.training
+
+
+@pytest.mark.parametrize(
+    ("name", "wav", "crop"),
+    [
+        ("snap_1s", "snap_1s.wav", None),
+        ("long_25s", "long_25s.wav", None),  # 2501 frames: split into 1012-frame pieces, averaged
+        ("long_25s.first10s", "long_25s.wav", 160_000),
+    ],
+)
+def test_reproduces_reference_logits(reference_model, expected, ced_reference, name, wav, crop):
+    audio = _wav(ced_reference / wav)
+    if crop:
+        audio = audio[:, :crop]
+    with torch.no_grad():
+        logits = reference_model(audio)
+    assert logits.shape == (1, 527)
+    assert (logits - expected[name]).abs().max() <= 1e-4
+
+
+def test_reproduces_reference_batch_and_front_end(reference_model, expected, ced_reference):
+    long = _wav(ced_reference / "long_25s.wav")
+    batch = torch.cat([long[:, :160_000], long[:, 160_000:320_000]])
+    with torch.no_grad():
+        assert (reference_model(batch) - expected["batch_two_10s"]).abs().max() <= 1e-4
+        mel = reference_model.front_end(_wav(ced_reference / "snap_1s.wav"))
+    assert mel.shape == expected["snap_1s.mel"].shape
+    assert (mel - expected["snap_1s.mel"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("wrap", ["model", "bare"])
+def test_released_file_layouts_load_strict(tmp_path, ced_reference, reference_model, wrap):
+    sd = torch.load(ced_reference / "ced_tiny_depth2_random.pt", weights_only=True)["model"]
+    path = tmp_path / "audiotransformer_tiny_mAP_0000.pt"
+    torch.save({"model": sd} if wrap == "model" else sd, path)
+    model = load_ced(path)
+    for key, value in reference_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_save_roundtrip_keeps_exact_config(tmp_path):
+    model = create_ced("ced_tiny", depth=1, num_classes=12, target_length=304, front_end={"n_mels": 64})
+    save_ced(model, tmp_path / "m.pt")
+    loaded = load_ced(tmp_path / "m.pt")
+    assert loaded.config == model.config
+    # The released layout ({'model': sd}) is kept, so the original code reads our files too.
+    assert set(torch.load(tmp_path / "m.pt", weights_only=True)) == {"model", "ced_config"}
+
+
+def test_load_rejects_a_file_that_is_not_ced(tmp_path):
+    torch.save({"model": {"weight": torch.zeros(3)}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a CED state dict"):
+        load_ced(tmp_path / "x.pt")
+
+
+def test_init_from_resizes_position_embeddings(tmp_path, ced_reference):
+    shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", tmp_path / "ref.pt")
+    reference = load_ced(tmp_path / "ref.pt")
+    student = create_ced("ced_tiny", depth=2, num_classes=10, target_length=512)
+    skipped = load_matching_weights(student, tmp_path / "ref.pt")
+    assert set(skipped) == {"outputlayer.1.weight", "outputlayer.1.bias"}
+    assert torch.equal(student.time_pos_embed, reference.time_pos_embed[..., :32])
+    assert torch.equal(student.blocks[1].mlp.fc2.weight, reference.blocks[1].mlp.fc2.weight)
+
+
+def test_variable_length_and_spectrogram_entry():
+    torch.manual_seed(0)
+    model = create_ced("ced_tiny", depth=1).eval()
+    with torch.no_grad():
+        short = model(torch.randn(2, 8000))
+        exact_two_pieces = model.forward_spectrogram(torch.randn(1, 64, 2024))
+    assert short.shape == (2, 527)
+    assert exact_two_pieces.shape == (1, 527)
+
+
+def test_bf16_autocast_keeps_front_end_in_float32():
+    model = create_ced("ced_tiny", depth=1).eval()
+    wave = torch.randn(2, 16000)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mel = model.front_end(wave)
+        logits = model(wave)
+    assert mel.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = model(wave)
+    assert torch.allclose(logits.float(), reference, atol=0.1)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = create_ced("ced_tiny", depth=1, num_classes=5).eval()
+    wave = torch.randn(1, 16000)
+    with torch.no_grad():
+        eager = model(wave)
+        compiled = torch.compile(model)(wave)
+    assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+def test_timm_backbone_on_128_mel():
+    model = TimmMelClassifier("mobilenetv3_small_050", num_classes=7).eval()
+    assert model.front_end.config.n_mels == 128
+    with torch.no_grad():
+        assert model(torch.randn(2, 16000)).shape == (2, 7)
