@@ -12,10 +12,13 @@ import torch
 from ced_lightning.models import (
     CED,
     TimmMelClassifier,
+    checkpoint_class_names,
     create_ced,
     list_ced,
     load_ced,
     load_matching_weights,
+    load_model,
+    model_spec,
     save_ced,
 )
 
@@ -165,3 +168,23 @@ def test_timm_backbone_on_128_mel():
     assert model.front_end.config.n_mels == 128
     with torch.no_grad():
         assert model(torch.randn(2, 16000)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", ["ced", "timm"])
+def test_load_model_from_lightning_style_checkpoint(tmp_path, arch):
+    model = (
+        create_ced("ced_tiny", depth=1, num_classes=4)
+        if arch == "ced"
+        else TimmMelClassifier("mobilenetv3_small_050", num_classes=4)
+    ).eval()
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "model_spec": model_spec(model),
+        "class_names": ["a", "b", "c", "d"],
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    loaded = load_model(tmp_path / "last.ckpt")
+    wave = torch.randn(1, 16000)
+    with torch.no_grad():
+        assert torch.equal(loaded(wave), model(wave))
+    assert checkpoint_class_names(tmp_path / "last.ckpt") == ["a", "b", "c", "d"]

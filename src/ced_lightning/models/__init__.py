@@ -3,11 +3,15 @@
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig, LogMelFrontEnd
 from ced_lightning.models.factory import (
     CED_SIZES,
+    build_model,
+    checkpoint_class_names,
     config_from_state_dict,
     create_ced,
     list_ced,
     load_ced,
     load_matching_weights,
+    load_model,
+    model_spec,
     read_state_dict,
     save_ced,
 )
@@ -20,11 +24,15 @@ __all__ = [
     "FrontEndConfig",
     "LogMelFrontEnd",
     "TimmMelClassifier",
+    "build_model",
+    "checkpoint_class_names",
     "config_from_state_dict",
     "create_ced",
     "list_ced",
     "load_ced",
     "load_matching_weights",
+    "load_model",
+    "model_spec",
     "read_state_dict",
     "save_ced",
 ]

@@ -12,7 +12,8 @@ import fsspec
 import torch
 from torch import nn
 
-from ced_lightning.models.ced import CED, CEDConfig
+from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
+from ced_lightning.models.timm_mel import TimmMelClassifier
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[s
         raise ValueError(f"{source}: expected a dict-like checkpoint, found {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         sd = dict(obj["state_dict"])
-        prefix = _model_prefix(sd)
+        # Our LightningModules keep the network as `self.model`; others are found by a CED key.
+        prefix = "model." if "model_spec" in obj else _model_prefix(sd)
         return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if "model" in obj and isinstance(obj["model"], Mapping):
         return dict(obj["model"])
@@ -164,3 +166,49 @@ def load_matching_weights(model: CED, path: str | PathLike) -> list[str]:
     if skipped:
         log.info("init_from %s: kept the model's own %d tensors: %s", path, len(skipped), skipped[:6])
     return skipped
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """Plain description of a network, stored in our checkpoints as `model_spec`; `build_model` rebuilds it."""
+    if isinstance(model, CED):
+        return {"arch": "ced", "config": model.config.to_dict()}
+    if isinstance(model, TimmMelClassifier):
+        return {
+            "arch": "timm",
+            "backbone": model.backbone_name,
+            "num_classes": model.num_classes,
+            "front_end": dict(model.front_end.config.__dict__),
+        }
+    raise TypeError(f"no model_spec for {type(model).__name__}; use CED or TimmMelClassifier")
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    if spec["arch"] == "ced":
+        return CED(CEDConfig.from_dict(spec["config"]))
+    if spec["arch"] == "timm":
+        return TimmMelClassifier(spec["backbone"], spec["num_classes"], FrontEndConfig(**spec["front_end"]))
+    raise ValueError(f"unknown model arch {spec['arch']!r} in model_spec")
+
+
+def load_model(path: str | PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Any checkpoint this project understands, in eval mode: a released CED file, `save_ced` output, or a
+    Lightning checkpoint of our supervised or distillation training (CED or a timm backbone)."""
+    with fsspec.open(str(path), "rb") as handle:
+        obj = torch.load(handle, map_location=map_location, weights_only=True)
+    spec = obj.get("model_spec") if isinstance(obj, Mapping) else None
+    if spec is None:
+        return load_ced(path, map_location=map_location)
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state_dict_from_checkpoint(obj, source=str(path)), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match its model_spec: {err}") from err
+    return model.eval()
+
+
+def checkpoint_class_names(path: str | PathLike) -> list[str] | None:
+    """Class names stored in one of our checkpoints (`class_names`), or None (released files have none)."""
+    with fsspec.open(str(path), "rb") as handle:
+        obj = torch.load(handle, map_location="cpu", weights_only=True)
+    names = obj.get("class_names") if isinstance(obj, Mapping) else None
+    return list(names) if names else None
