@@ -169,7 +169,7 @@ def load_matching_weights(model: CED, path: str | PathLike) -> list[str]:
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
-    """Plain description of a network, stored in our checkpoints as `model_spec`; `build_model` rebuilds it."""
+    """A plain description of a network (`model_spec` in our checkpoints) that `build_model` rebuilds."""
     if isinstance(model, CED):
         return {"arch": "ced", "config": model.config.to_dict()}
     if isinstance(model, TimmMelClassifier):
