@@ -1,0 +1,61 @@
+"""Distillation losses on multi-label (sigmoid) outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import scipy.special
+import torch
+import torch.nn.functional as F
+
+DistillLoss = Literal["kl", "bce"]
+
+
+def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher probabilities at temperature T: `sigmoid(logit(p) / T)`; exact (no epsilon) at T = 1."""
+    if temperature == 1.0:
+        return probs
+    # logit(0) = -inf and logit(1) = inf map back to exactly 0 and 1.
+    return torch.sigmoid(torch.logit(probs) / temperature)
+
+
+def bernoulli_kl(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-class Bernoulli KL(teacher || student) at temperature T, times T², per sample `[B]` (class mean).
+
+    KL = BCE(student, p) - H(p): the same gradient as soft BCE at T = 1, but zero when the student equals
+    the teacher, so its value is readable as a distance.
+    """
+    p = soften(teacher_probs.float(), temperature)
+    z = student_logits.float() / temperature
+    cross = F.binary_cross_entropy_with_logits(z, p, reduction="none")
+    entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    return (cross - entropy).mean(-1) * temperature**2
+
+
+def soft_bce(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Binary cross-entropy with soft targets (the paper's loss), per sample `[B]` (class mean)."""
+    p = soften(teacher_probs.float(), temperature)
+    z = student_logits.float() / temperature
+    return F.binary_cross_entropy_with_logits(z, p, reduction="none").mean(-1) * temperature**2
+
+
+def distill_loss(
+    kind: DistillLoss, student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-sample distillation loss `[B]` of kind `kl` or `bce` (config key `distill.loss`)."""
+    if kind == "kl":
+        return bernoulli_kl(student_logits, teacher_probs, temperature)
+    if kind == "bce":
+        return soft_bce(student_logits, teacher_probs, temperature)
+    raise ValueError(f"distill.loss must be 'kl' or 'bce', not {kind!r}")
+
+
+def mixup_lambda(uniform: np.ndarray, alpha: float) -> np.ndarray:
+    """λ ~ Beta(α, α) by the exact inverse CDF of uniforms in [0, 1), so that λ is a pure function of
+    counter-based uniforms and replays exactly on resume (for α = 0.5 this is sin²(πu/2))."""
+    return scipy.special.betaincinv(alpha, alpha, uniform).astype(np.float32)

@@ -1,0 +1,65 @@
+"""Distillation maths: targets from top-k, KL and BCE, mixup λ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ced_lightning.losses import bernoulli_kl, distill_loss, mixup_lambda, soft_bce, soften
+from ced_lightning.targets import rebuild_targets
+
+
+def test_rebuild_targets_zero_and_last_mean():
+    indices = torch.tensor([[3, 0], [1, 2]])
+    probs = torch.tensor([[0.9, 0.2], [0.6, 0.4]])
+    zero = rebuild_targets(indices, probs, num_classes=5)
+    assert torch.equal(zero[0], torch.tensor([0.2, 0.0, 0.0, 0.9, 0.0]))
+    last_mean = rebuild_targets(indices, probs, num_classes=5, fill="last_mean")
+    assert torch.allclose(last_mean[0], torch.tensor([0.2, 0.2 / 3, 0.2 / 3, 0.9, 0.2 / 3]))
+    assert torch.allclose(last_mean[1], torch.tensor([0.4 / 3, 0.6, 0.4, 0.4 / 3, 0.4 / 3]))
+    with pytest.raises(ValueError, match="target_fill"):
+        rebuild_targets(indices, probs, 5, fill="mean")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kl_is_zero_when_student_equals_teacher(temperature):
+    logits = torch.randn(8, 11) * 3
+    teacher = torch.sigmoid(logits)
+    kl = bernoulli_kl(logits, teacher, temperature)
+    assert kl.shape == (8,)
+    assert kl.abs().max() < 1e-5
+    assert (bernoulli_kl(logits + torch.randn_like(logits), teacher, temperature) > 0).all()
+
+
+def test_kl_handles_hard_zeros_and_ones():
+    teacher = torch.tensor([[0.0, 1.0, 0.5]])
+    kl = bernoulli_kl(torch.tensor([[-2.0, 2.0, 0.0]]), teacher, temperature=2.0)
+    assert torch.isfinite(kl).all()
+    assert torch.equal(soften(teacher, 2.0)[0, :2], torch.tensor([0.0, 1.0]))
+
+
+def test_kl_gradient_equals_bce_gradient_at_t1():
+    teacher = torch.rand(6, 9)
+    a = torch.randn(6, 9, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    bernoulli_kl(a, teacher).mean().backward()
+    soft_bce(b, teacher).mean().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    # ...and their values differ by exactly the teacher's entropy.
+    assert not torch.allclose(bernoulli_kl(a, teacher), soft_bce(b, teacher))
+
+
+def test_distill_loss_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="distill.loss"):
+        distill_loss("mse", torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_mixup_lambda_is_beta_half_half():
+    u = (np.arange(20000) + 0.5) / 20000
+    lam = mixup_lambda(u, 0.5)
+    assert np.allclose(lam, np.sin(0.5 * np.pi * u) ** 2, atol=1e-6)
+    # Beta(0.5, 0.5): mean 1/2, variance 1/8.
+    assert abs(lam.mean() - 0.5) < 1e-3 and abs(lam.var() - 0.125) < 1e-3
+    lam2 = mixup_lambda(u, 2.0)
+    assert abs(lam2.var() - 0.05) < 1e-3  # Beta(2, 2): variance 1/20
