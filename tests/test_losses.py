@@ -51,7 +51,7 @@ def test_kl_gradient_equals_bce_gradient_at_t1():
 
 
 def test_distill_loss_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="distill.loss"):
+    with pytest.raises(ValueError, match=r"distill\.loss"):
         distill_loss("mse", torch.zeros(1, 2), torch.zeros(1, 2))
 
 
