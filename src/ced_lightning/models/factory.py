@@ -58,8 +58,9 @@ def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[s
         raise ValueError(f"{source}: expected a dict-like checkpoint, found {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         sd = dict(obj["state_dict"])
-        # Our LightningModules keep the network as `self.model`; others are found by a CED key.
-        prefix = "model." if "model_spec" in obj else _model_prefix(sd)
+        # Our LightningModules keep the network as `self.model` (and its EMA as `self.ema`, then named by
+        # `eval_prefix`); other Lightning checkpoints are searched for a CED key.
+        prefix = obj.get("eval_prefix", "model.") if "model_spec" in obj else _model_prefix(sd)
         return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if "model" in obj and isinstance(obj["model"], Mapping):
         return dict(obj["model"])
