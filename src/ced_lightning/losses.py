@@ -59,3 +59,14 @@ def mixup_lambda(uniform: np.ndarray, alpha: float) -> np.ndarray:
     """λ ~ Beta(α, α) by the exact inverse CDF of uniforms in [0, 1), so that λ is a pure function of
     counter-based uniforms and replays exactly on resume (for α = 0.5 this is sin²(πu/2))."""
     return scipy.special.betaincinv(alpha, alpha, uniform).astype(np.float32)
+
+
+# counter_uniform stream of mixup's λ draws (augmentation parameters use other streams).
+MIXUP_STREAM = 0x313C
+
+
+def sample_mixup_lambda(seed: int, epoch: int, indices: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-clip mixup λ for training epoch `epoch`, keyed by (seed, epoch, clip index)."""
+    from ced_lightning.augment import counter_uniform
+
+    return mixup_lambda(counter_uniform(seed, epoch, np.asarray(indices), MIXUP_STREAM), alpha)

@@ -1,0 +1,188 @@
+"""DistillDataModule: audio from the audio store; teachers' top-k and augmentation from the logit store."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.data.labeled import LabeledDataModule
+from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
+from ced_lightning.losses import sample_mixup_lambda
+from ced_lightning.store import AudioStore, LogitStore
+
+log = logging.getLogger(__name__)
+
+# Fresh (inconsistent) draws use another key than the teachers' so they never coincide with the stored ones.
+_FRESH_SEED_OFFSET = 0x5EED_0F_57D
+
+
+class DistillBatchTransform:
+    """Runs in DataLoader workers: adds each clip's stored top-k, augmentation parameters, mixup λ and labels.
+
+    Holds one augmentation epoch's slice of the logit store, loaded once per epoch in the main process and
+    shared with forked workers, so no item ever reads the logit store.
+    """
+
+    def __init__(
+        self,
+        topk_indices: np.ndarray,
+        topk_probs: np.ndarray,
+        params: AugmentParams,
+        *,
+        consistent: bool,
+        recipe: AugmentRecipe,
+        seed: int,
+        epoch: int,
+        mixup: float | None = None,
+        labels: np.ndarray | None = None,
+    ) -> None:
+        self.topk_indices = topk_indices
+        self.topk_probs = topk_probs
+        self.params = params
+        self.consistent = consistent
+        self.recipe = recipe
+        self.seed = seed
+        self.epoch = epoch
+        self.mixup = mixup or None
+        self.labels = labels
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index = batch["index"].numpy()
+        batch["topk_indices"] = torch.from_numpy(self.topk_indices[index].astype(np.int64))
+        batch["topk_probs"] = torch.from_numpy(np.ascontiguousarray(self.topk_probs[index], dtype=np.float32))
+        if self.consistent:
+            params = self.params.subset(index)
+        else:
+            fresh_seed = self.seed + _FRESH_SEED_OFFSET
+            params = sample_augment_params(
+                self.recipe, fresh_seed, self.epoch, index, batch["length"].numpy()
+            )
+        batch["augment"] = params.to_torch()
+        if self.mixup:
+            batch["mixup_lambda"] = torch.from_numpy(
+                sample_mixup_lambda(self.seed, self.epoch, index, self.mixup)
+            )
+        if self.labels is not None:
+            batch["target"] = torch.from_numpy(self.labels[index].astype(np.float32))
+        return batch
+
+
+class DistillDataModule(LightningDataModule):
+    """Training batches for `StudentDistillModule`; validation/test batches from labeled stores.
+
+    Training epoch n replays augmentation epoch n mod E of the logit store. Needs
+    `reload_dataloaders_every_n_epochs=1` in the Trainer (set in `conf/trainer/default.yaml`).
+    """
+
+    def __init__(
+        self,
+        train: str,
+        logits: str,
+        val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        shuffle_window: int = 256,
+        seed: int = 0,
+        consistent: bool = True,
+        mixup: float | None = None,
+        with_labels: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_url, self.logits_url = str(train), str(logits)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.shuffle_window = shuffle_window
+        self.seed = seed
+        self.consistent = consistent
+        self.mixup = mixup or None
+        self.with_labels = with_labels
+        self.audio = AudioStore.open(self.train_url)
+        self.logits = LogitStore.open(self.logits_url)
+        check_logits_match_audio(self.logits, self.audio, self.logits_url, self.train_url)
+        if with_labels and not self.audio.has_labels:
+            raise ValueError(f"distill.label_weight > 0 needs labels, but {self.train_url} has none")
+        self.eval_data = LabeledDataModule(
+            train=None,
+            val=val,
+            test=test,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.logits.class_names) if self.logits.class_names is not None else None
+
+    @property
+    def recipe(self) -> AugmentRecipe:
+        return self.logits.recipe
+
+    def setup(self, stage: str | None = None) -> None:
+        self.eval_data.trainer = self.trainer
+        self.eval_data.setup(stage)
+
+    def augmentation_epoch(self, epoch: int) -> int:
+        return epoch % self.logits.epochs
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        slice_ = self.logits.read_epoch(self.augmentation_epoch(epoch))
+        transform = DistillBatchTransform(
+            slice_.indices,
+            slice_.probs,
+            slice_.params,
+            consistent=self.consistent,
+            recipe=self.recipe,
+            seed=self.seed,
+            epoch=epoch,
+            mixup=self.mixup,
+            labels=self.audio.label_matrix() if self.with_labels else None,
+        )
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        stream = ClipBatchStream(
+            self.audio,
+            self.batch_size,
+            epoch=epoch,
+            seed=self.seed,
+            clip_samples=self.logits.clip_samples,
+            random_crop=False,  # the teachers saw each clip from its start
+            shuffle_window=self.shuffle_window,
+            rank=rank,
+            world_size=world,
+            transform=transform,
+        )
+        return ResumableLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_data.val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_data.test_dataloader()
+
+
+def check_logits_match_audio(logits: LogitStore, audio: AudioStore, logits_url: str, audio_url: str) -> None:
+    """Refuse a logit store that was extracted from another audio store (a different clip list)."""
+    if logits.audio_fingerprint != audio.fingerprint or len(logits) != len(audio):
+        raise ValueError(
+            f"logit store {logits_url} was made from another audio store than {audio_url} "
+            f"(fingerprint {logits.audio_fingerprint}, {len(logits)} clips; the audio store has "
+            f"{audio.fingerprint}, {len(audio)} clips). Rebuild it: python -m ced_lightning.extract "
+            f"audio_store={audio_url} output={logits_url} teacher=..."
+        )

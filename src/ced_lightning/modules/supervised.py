@@ -1,0 +1,48 @@
+"""Supervised training with labels: teachers where no released weights exist."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+
+from ced_lightning.losses import sample_mixup_lambda
+from ced_lightning.modules.tagging import TaggingModule
+
+
+class SupervisedModule(TaggingModule):
+    """BCE on multi-hot labels, with the same spectrogram augmentation (fresh draws every epoch) and mixup
+    as distillation. Batches: `index`, `waveform`, `length`, `target` (from `LabeledDataModule`)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        recipe: AugmentRecipe | None = None,
+        mixup: float | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe or AugmentRecipe()
+        self.mixup = mixup or None
+        self.seed = seed
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        index, length = batch["index"].cpu().numpy(), batch["length"].cpu().numpy()
+        params = sample_augment_params(self.recipe, self.seed, self.current_epoch, index, length)
+        mel = augmented_spectrogram(
+            self.model.front_end, batch["waveform"], batch["length"], params, self.recipe
+        )
+        target = batch["target"].float()
+        if self.mixup:
+            lam = torch.from_numpy(sample_mixup_lambda(self.seed, self.current_epoch, index, self.mixup)).to(
+                mel
+            )
+            mel = lam[:, None, None] * mel + (1 - lam[:, None, None]) * mel.flip(0)
+            target = lam[:, None] * target + (1 - lam[:, None]) * target.flip(0)
+        logits = self.model.forward_spectrogram(mel)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss

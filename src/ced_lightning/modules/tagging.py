@@ -1,0 +1,126 @@
+"""What supervised teachers and distilled students share: the network, optimisation, evaluation on
+labeled stores, and checkpoint metadata. Maths lives in `optim`, `losses`, `targets`, `metrics`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from ced_lightning.metrics import TaggingMetrics, write_per_class_csv
+from ced_lightning.models import model_spec
+from ced_lightning.optim import build_optimizer, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class TaggingModule(LightningModule):
+    """A multi-label audio tagger `self.model` (plain nn.Module: CED or a timm backbone on log-mel).
+
+    Subclasses implement `training_step`. Validation and test compute mAP and d-prime on labeled batches
+    (`waveform`, `length`, `target`), with the EMA weights when `ema_decay` is set.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.ema_decay = ema_decay
+        self.ema = _frozen_copy(model) if ema_decay else None
+        self.class_names = list(class_names) if class_names else None
+        self.val_metrics = TaggingMetrics()
+        self.test_metrics = TaggingMetrics()
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.eval_model(waveform)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(torch.sigmoid(self(batch["waveform"]).float()), batch["target"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_metrics.update(torch.sigmoid(self(batch["waveform"]).float()), batch["target"])
+
+    def on_test_epoch_end(self) -> None:
+        result = self._log_metrics("test", self.test_metrics)
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "test_per_class_ap.csv"
+            write_per_class_csv(path, result["per_class_ap"], self.class_names, result["positives"])
+            log.info("per-class AP table: %s", path)
+
+    def _log_metrics(self, stage: str, metrics: TaggingMetrics) -> dict[str, Any]:
+        result = metrics.compute()
+        metrics.reset()
+        self.log_dict(
+            {f"{stage}/mAP": result["mAP"], f"{stage}/d_prime": result["d_prime"]},
+            prog_bar=True,
+            sync_dist=False,  # already synchronised by torchmetrics
+        )
+        return result
+
+    # -- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.make_optimizer, self.model)
+        total = int(self.trainer.estimated_stepping_batches)
+        factor = partial(
+            warmup_cosine, warmup_steps=self.warmup_steps, total_steps=total, min_lr_ratio=self.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for ema, current in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
+                    if ema.is_floating_point():
+                        ema.lerp_(current, 1.0 - self.ema_decay)
+                    else:
+                        ema.copy_(current)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_spec"] = model_spec(self.model)
+        checkpoint["class_names"] = self.class_names
+        checkpoint["eval_prefix"] = "ema." if self.ema is not None else "model."
+        # Dropout and drop-path draw from torch's global generator: restore it for an exact resume.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states") or {}
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model).eval()
+    for param in ema.parameters():
+        param.requires_grad_(False)
+    return ema

@@ -1,0 +1,28 @@
+"""Zarr v3 stores: `AudioStore` (clips) and `LogitStore` (the teachers' top-k per augmentation epoch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AudioStore", "LogitStore", "store_nbytes"]
+
+
+def store_nbytes(url: str) -> int:
+    """Bytes a store takes on its file system (local path or any fsspec URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return int(fs.du(path, total=True))
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `ced_lightning.store.audio` loads without the logit store's dependencies and vice versa.
+    if name == "AudioStore":
+        from ced_lightning.store.audio import AudioStore
+
+        return AudioStore
+    if name == "LogitStore":
+        from ced_lightning.store.logits import LogitStore
+
+        return LogitStore
+    raise AttributeError(name)

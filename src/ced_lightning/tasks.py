@@ -1,0 +1,134 @@
+"""From a `train` config to the DataModule and LightningModule of its task (`distill` or `supervised`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule, LightningModule
+from omegaconf import DictConfig, OmegaConf
+
+from ced_lightning.augment import AugmentRecipe
+from ced_lightning.models import CED, load_matching_weights
+
+log = logging.getLogger(__name__)
+
+TASKS = ("distill", "supervised")
+
+
+def _check_task(cfg: DictConfig) -> str:
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {cfg.task!r}")
+    return cfg.task
+
+
+def ensure_inputs(cfg: DictConfig) -> None:
+    """The demo builds whatever it lacks; a user's data must exist, or the run stops at once."""
+    task = _check_task(cfg)
+    if cfg.data.get("build_missing"):
+        from ced_lightning.pipeline import build_demo_artifacts
+
+        build_demo_artifacts(cfg)
+        return
+    needed = {"data.train": cfg.data.train, "data.val": cfg.data.val, "data.test": cfg.data.test}
+    if task == "distill":
+        needed["data.logits"] = cfg.data.logits
+    for key, url in needed.items():
+        if url and not store_exists(url):
+            raise FileNotFoundError(
+                f"{key}: no store at {url}. Build it with: {_build_command(key, url, cfg)}"
+            )
+
+
+def store_exists(url: str) -> bool:
+    # Every Zarr v3 store has a root `zarr.json`; fsspec answers for local paths and remote URLs alike.
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
+def _build_command(key: str, url: str, cfg: DictConfig) -> str:
+    if key == "data.logits":
+        return (
+            f"python -m ced_lightning.extract audio_store={cfg.data.train} output={url} "
+            f"teacher={cfg.teacher.get('name', '<teacher config>')} epochs=... topk=20"
+        )
+    return f"python -m ced_lightning.prepare input=<audio dir, file list or AudioSet CSV> output={url}"
+
+
+def build_datamodule(cfg: DictConfig) -> LightningDataModule:
+    data = cfg.data
+    common: dict[str, Any] = {
+        "val": data.val,
+        "test": data.test,
+        "batch_size": data.batch_size,
+        "eval_batch_size": data.eval_batch_size,
+        "num_workers": data.num_workers,
+        "pin_memory": data.pin_memory,
+        "shuffle_window": data.shuffle_window,
+        "seed": cfg.seed,
+    }
+    if _check_task(cfg) == "distill":
+        from ced_lightning.data.distill import DistillDataModule
+
+        return DistillDataModule(
+            train=data.train,
+            logits=data.logits,
+            consistent=cfg.distill.consistent,
+            mixup=cfg.distill.mixup,
+            with_labels=cfg.distill.label_weight > 0,
+            **common,
+        )
+    from ced_lightning.data.labeled import LabeledDataModule
+
+    return LabeledDataModule(train=data.train, clip_seconds=data.clip_seconds, **common)
+
+
+def build_network(cfg: DictConfig, num_classes: int) -> Any:
+    """The `model` group's network with the data's class count, initialised from `model.init_from`."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    init_from = model_cfg.pop("init_from", None)
+    if model_cfg.get("num_classes") not in (None, num_classes):
+        raise ValueError(
+            f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes; "
+            "leave model.num_classes unset (null)"
+        )
+    model_cfg["num_classes"] = num_classes
+    network = instantiate(model_cfg)
+    if init_from:
+        if not isinstance(network, CED):
+            raise ValueError("model.init_from loads CED or MAE-pretrained CED weights; this model is not CED")
+        load_matching_weights(network, init_from)
+    return network
+
+
+def build_module(cfg: DictConfig, datamodule: LightningDataModule) -> LightningModule:
+    network = build_network(cfg, datamodule.num_classes)
+    common: dict[str, Any] = {
+        "model": network,
+        "optimizer": instantiate(cfg.optim.optimizer),
+        "warmup_steps": cfg.optim.warmup_steps,
+        "min_lr_ratio": cfg.optim.min_lr_ratio,
+        "ema_decay": cfg.optim.ema_decay,
+        "class_names": datamodule.class_names,
+    }
+    if _check_task(cfg) == "distill":
+        from ced_lightning.modules.distill import StudentDistillModule
+
+        return StudentDistillModule(
+            recipe=datamodule.recipe,
+            loss=cfg.distill.loss,
+            temperature=cfg.distill.temperature,
+            target_fill=cfg.distill.target_fill,
+            label_weight=cfg.distill.label_weight,
+            **common,
+        )
+    from ced_lightning.modules.supervised import SupervisedModule
+
+    return SupervisedModule(
+        recipe=AugmentRecipe.from_config(cfg.augment),
+        mixup=cfg.data.schedule.mixup,
+        seed=cfg.seed,
+        **common,
+    )

@@ -1,0 +1,69 @@
+"""`python -m ced_lightning.train`: distil a student (task=distill) or train a teacher (task=supervised).
+
+Thin in the lightning-hydra-template manner: instantiate data, model, callbacks, loggers and trainer from
+the config, fit, test the chosen checkpoint, return the optimised metric to sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from ced_lightning import conf_dir
+from ced_lightning.runtime import (
+    build_callbacks,
+    build_loggers,
+    build_trainer,
+    finish_task,
+    log_hyperparameters,
+    prepare_ddp_relaunch,
+    quiet_non_zero_ranks,
+    test_checkpoint,
+)
+from ced_lightning.tasks import build_datamodule, build_module, ensure_inputs
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test as `cfg` says; returns the final metrics (`val/mAP`, `test/mAP`, ...)."""
+    ensure_inputs(cfg)  # builds the demo's missing artifacts, or stops at once naming the command to run
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers)
+    log_hyperparameters(cfg, module, trainer)
+
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.test:
+        ckpt = test_checkpoint(trainer, cfg.test_ckpt) if cfg.train else cfg.get("ckpt_path")
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics["tested_checkpoint"] = ckpt
+    metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if cfg.data.get("build_missing") and cfg.task == "distill" and trainer.is_global_zero:
+        from ced_lightning.pipeline import demo_summary, print_demo_summary
+
+        print_demo_summary(demo_summary(cfg, metrics))
+    return metrics
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    quiet_non_zero_ranks()
+    prepare_ddp_relaunch()
+    with finish_task(cfg):
+        metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The training read path: plans, worker/rank splits, exact resume, and what the batches hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ced_lightning.data.labeled import EqualLengthBatches, LabeledDataModule
+from ced_lightning.data.stream import ClipBatchStream, ResumableLoader, loader_order, plan_epoch
+from ced_lightning.store.audio import write_audio_store
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(53):
+        length = int(rng.integers(800, 2400))
+        clips.append((f"clip{i:03d}", rng.uniform(-0.5, 0.5, length).astype(np.float32), [i % 3]))
+    url = str(tmp_path_factory.mktemp("stream") / "s.zarr")
+    write_audio_store(url, clips, class_names=["a", "b", "c"])
+    return url
+
+
+def _flat(plan) -> np.ndarray:
+    return np.concatenate([b for window in plan.windows for b in window])
+
+
+def test_plan_visits_each_clip_once_and_ranks_are_disjoint() -> None:
+    plans = [plan_epoch(103, 8, seed=1, epoch=2, rank=r, world_size=3, span_clips=4) for r in range(3)]
+    counts = {p.num_batches for p in plans}
+    assert counts == {4}  # 103 clips over 3 ranks: every rank gets the same number of full batches
+    seen = np.concatenate([_flat(p) for p in plans])
+    assert len(seen) == len(np.unique(seen)) == 3 * 4 * 8
+    assert all(len(b) == 8 for p in plans for w in p.windows for b in w)
+
+
+def test_plan_is_deterministic_and_changes_per_epoch() -> None:
+    a = _flat(plan_epoch(200, 16, seed=3, epoch=0))
+    assert np.array_equal(a, _flat(plan_epoch(200, 16, seed=3, epoch=0)))
+    assert not np.array_equal(a, _flat(plan_epoch(200, 16, seed=3, epoch=1)))
+    assert not np.array_equal(a, _flat(plan_epoch(200, 16, seed=4, epoch=0)))
+    unshuffled = _flat(plan_epoch(200, 16, seed=3, epoch=0, shuffle=False))
+    assert np.array_equal(unshuffled, np.arange(192))
+
+
+def test_loader_order_round_robin_skips_exhausted_workers() -> None:
+    assert loader_order([2, 1]) == [(0, 0), (1, 0), (0, 1)]
+    assert loader_order([1, 3]) == [(0, 0), (1, 0), (1, 1), (1, 2)]
+
+
+def _batches(loader) -> list[tuple[np.ndarray, torch.Tensor]]:
+    return [(b["index"].numpy().copy(), b["waveform"].clone()) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_hold_the_clips_cropped_or_padded(store_url: str, workers: int) -> None:
+    from ced_lightning.store import AudioStore
+
+    store = AudioStore.open(store_url)
+    stream = ClipBatchStream(
+        store_url, 5, epoch=1, seed=0, clip_samples=1600, span_clips=4, shuffle_window=10
+    )
+    batches = _batches(ResumableLoader(stream, num_workers=workers))
+    assert len(batches) == len(stream) == 10
+    seen = np.concatenate([index for index, _ in batches])
+    assert sorted(seen) == sorted(_flat(stream.plan))
+    for index, waveform in batches[:3]:
+        assert waveform.shape == (5, 1600)
+        for row, i in enumerate(index):
+            clip = store.read(int(i))[:1600]
+            assert torch.equal(waveform[row, : len(clip)], clip)
+            assert not waveform[row, len(clip) :].any()
+
+
+def test_random_crop_is_keyed_by_clip(store_url: str) -> None:
+    a = ClipBatchStream(store_url, 4, epoch=0, seed=0, clip_samples=700, random_crop=True)
+    b = ClipBatchStream(store_url, 4, epoch=0, seed=0, clip_samples=700, random_crop=True, span_clips=1)
+    rows_a = {int(i): w for batch in a for i, w in zip(batch["index"], batch["waveform"])}
+    rows_b = {int(i): w for batch in b for i, w in zip(batch["index"], batch["waveform"])}
+    common = set(rows_a) & set(rows_b)
+    assert common and all(torch.equal(rows_a[i], rows_b[i]) for i in common)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_skips_consumed_batches_exactly(store_url: str, workers: int) -> None:
+    def loader() -> ResumableLoader:
+        stream = ClipBatchStream(
+            store_url, 4, epoch=3, seed=7, clip_samples=1000, span_clips=2, shuffle_window=8
+        )
+        return ResumableLoader(stream, num_workers=workers)
+
+    full = _batches(loader())
+    first = loader()
+    iterator = iter(first)
+    for _ in range(5):
+        next(iterator)
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 5}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = _batches(resumed)
+    assert len(rest) == len(full) - 5
+    for (i_full, w_full), (i_rest, w_rest) in zip(full[5:], rest):
+        assert np.array_equal(i_full, i_rest) and torch.equal(w_full, w_rest)
+    # Another epoch's state does not apply.
+    other = loader()
+    other.load_state_dict({"epoch": 2, "batches": 5})
+    assert len(_batches(other)) == len(full)
+
+
+def test_equal_length_batches_never_mix_lengths() -> None:
+    lengths = np.array([5, 3, 5, 5, 3, 7, 5])
+    batches = list(EqualLengthBatches(lengths, 2))
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len(set(lengths[b])) == 1 for b in batches)
+    split = [list(EqualLengthBatches(lengths, 2, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(i for part in split for b in part for i in b) == list(range(7))
+
+
+def test_labeled_datamodule_train_and_eval(store_url: str) -> None:
+    data = LabeledDataModule(train=store_url, val=store_url, batch_size=8, num_workers=0, clip_seconds=0.1)
+    assert data.num_classes == 3 and data.class_names == ["a", "b", "c"]
+    batch = next(iter(data.train_dataloader()))
+    assert batch["waveform"].shape == (8, 1600) and batch["target"].shape == (8, 3)
+    assert torch.equal(batch["target"].argmax(1), batch["index"] % 3)
+    total = 0
+    for batch in data.val_dataloader():
+        total += len(batch["index"])
+        assert (batch["length"] == batch["waveform"].shape[1]).all()
+        assert torch.equal(batch["target"].argmax(1), batch["index"] % 3)
+    assert total == 53

@@ -1,0 +1,196 @@
+"""The `train` entry point: every config composes, teachers and students run, resume is exact, multirun and
+offline W&B work. Tiny models and a tiny demo set; the real components throughout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ced_lightning import conf_dir
+from ced_lightning.models import create_ced, save_ced
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("data", ["demo", "audioset", "audioset_balanced"])
+def test_every_experiment_composes(experiment: str, data: str) -> None:
+    cfg = _compose([f"experiment={experiment}", f"data={data}"])
+    assert cfg.task in {"distill", "supervised"}
+    assert cfg.model._target_ and cfg.data.train and cfg.trainer.max_epochs > 0
+
+
+def test_released_recipe_values() -> None:
+    full = _compose(["experiment=ced_mini", "data=audioset"])
+    assert (full.data.batch_size, full.optim.optimizer.lr, full.optim.warmup_steps) == (128, 1e-3, 62500)
+    assert full.trainer.limit_train_batches == 6250 and full.trainer.check_val_every_n_epoch == 3
+    assert full.callbacks.early_stopping.patience == 10 and full.distill.mixup is None
+    assert _compose(["experiment=ced_small", "data=audioset"]).optim.optimizer.lr == 3e-4
+    balanced = _compose(["experiment=ced_mini", "data=audioset_balanced"])
+    assert (balanced.data.batch_size, balanced.distill.mixup, balanced.optim.warmup_steps) == (32, 0.5, 5000)
+
+
+@pytest.mark.parametrize(
+    "group", ["logger", "trainer", "optim", "model", "debug", "hparams_search", "augment"]
+)
+def test_every_group_option_composes(group: str) -> None:
+    for option in sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")):
+        _compose([f"{group}={option}"])
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> dict[str, str]:
+    """A tiny demo set, an untrained tiny teacher and its logit store, all through the real commands."""
+    from ced_lightning.data.demo import build_demo_stores
+
+    root = tmp_path_factory.mktemp("demo")
+    stores = build_demo_stores(str(root / "demo"), seed=0, train=40, val=16, test=16, clip_seconds=1.0)
+    num_classes = (
+        __import__("ced_lightning.store", fromlist=["AudioStore"])
+        .AudioStore.open(stores["train"])
+        .num_classes
+    )
+    teacher = root / "teacher.pt"
+    torch.manual_seed(0)
+    save_ced(create_ced("ced_tiny", depth=1, num_classes=num_classes), teacher)
+    logits = str(root / "logits.zarr")
+    from ced_lightning.extract import run_extract
+
+    cfg = _compose(
+        [
+            f"audio_store={stores['train']}",
+            f"output={logits}",
+            "teacher=ced",
+            f"teacher.checkpoints=[{teacher}]",
+            "epochs=2",
+            "topk=4",
+            "clip_seconds=1.0",
+        ],
+        output_dir=root / "extract_run",
+        config="extract",
+    )
+    run_extract(cfg)
+    return {**stores, "logits": logits, "root": str(root)}
+
+
+def _train_overrides(demo: dict[str, str], *extra: str) -> list[str]:
+    return [
+        "experiment=ced_mini",
+        "model=ced_tiny",
+        "+model.depth=1",
+        f"data.train={demo['train']}",
+        f"data.val={demo['val']}",
+        f"data.test={demo['test']}",
+        f"data.logits={demo['logits']}",
+        "data.build_missing=false",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "data.num_workers=0",
+        "data.clip_seconds=1.0",
+        "trainer=cpu",
+        "logger=csv",
+        "callbacks.progress_bar=null",
+        *extra,
+    ]
+
+
+def test_distill_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None:
+    from ced_lightning.train import train
+
+    cfg = _compose(_train_overrides(tiny_demo, "debug=fdr"), output_dir=tmp_path)
+    train(cfg)
+
+
+def test_teacher_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None:
+    from ced_lightning.train import train
+
+    overrides = _train_overrides(tiny_demo, "debug=fdr")
+    overrides[0] = "experiment=teacher_demo_cnn"
+    overrides[1] = "model=timm"
+    overrides[2] = "model.backbone=mobilenetv3_small_050"
+    cfg = _compose(overrides, output_dir=tmp_path)
+    train(cfg)
+
+
+def test_missing_user_store_names_the_command(tmp_path: Path) -> None:
+    from ced_lightning.tasks import ensure_inputs
+
+    cfg = _compose(["data=audioset", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"python -m ced_lightning\.prepare"):
+        ensure_inputs(cfg)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_continues_identically(tiny_demo: dict[str, str], tmp_path: Path) -> None:
+    """Two epochs straight equal one epoch, a checkpoint, and a resumed second epoch, bit for bit."""
+    from ced_lightning.train import train
+
+    common = [
+        "trainer.max_epochs=2",
+        "test=false",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.early_stopping=null",
+        "callbacks.average_best=null",
+        "data.schedule.warmup_steps=2",
+        "distill.mixup=0.5",
+    ]
+    straight = tmp_path / "straight"
+    train(_compose(_train_overrides(tiny_demo, *common), output_dir=straight))
+    first_epoch = straight / "checkpoints" / "epoch_000.ckpt"
+    assert first_epoch.is_file()
+    resumed = tmp_path / "resumed"
+    train(_compose(_train_overrides(tiny_demo, *common, f"ckpt_path={first_epoch}"), output_dir=resumed))
+    a, b = _final_weights(straight), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "CED_ROOT": str(cwd), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ced_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_multirun_two_jobs_and_offline_wandb(tiny_demo: dict[str, str], tmp_path: Path) -> None:
+    overrides = _train_overrides(
+        tiny_demo, "debug=limit", "trainer.max_epochs=1", "test=false", "logger=default"
+    )
+    result = _run_cli(["-m", *overrides, "distill.consistent=true,false"], tmp_path)
+    jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job in jobs:
+        assert list((job / "wandb").glob("offline-run-*")), f"no offline W&B run in {job}"
+    assert "logging offline" in result.stdout + result.stderr
