@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.quantize import max_abs_error
+from ced_lightning.store.logits import LogitStore
+
+N, E, K, C, BLOCK = 23, 2, 5, 12, 8
+LENGTHS = np.full(N, 16000)
+
+
+def _settings(**overrides: Any) -> dict[str, Any]:
+    settings = {
+        "num_clips": N,
+        "epochs": E,
+        "topk": K,
+        "num_classes": C,
+        "class_names": [f"c{i}" for i in range(C)],
+        "quantization": "float16",
+        "recipe": AugmentRecipe(),
+        "seed": 3,
+        "audio_fingerprint": "abc123",
+        "audio_url": "/somewhere/audio.zarr",
+        "clip_samples": 16000,
+        "teachers": [{"name": "t1", "checkpoint": "/x/t1.ckpt", "sha256": "aa"}],
+        "combine": "mean_prob",
+        "block_clips": BLOCK,
+    }
+    settings.update(overrides)
+    return settings
+
+
+def _block_data(store: LogitStore, b: int) -> tuple[np.ndarray, np.ndarray, list[AugmentParams]]:
+    start, stop = store.block_range(b)
+    rng = np.random.default_rng(b)
+    probs = rng.random((E, stop - start, C)).astype(np.float32)
+    indices = np.argsort(-probs, axis=-1)[..., :K]
+    top = np.take_along_axis(probs, indices, -1)
+    # Shuffle each row: the store must reorder rows itself.
+    perm = rng.permuted(np.tile(np.arange(K), (E, stop - start, 1)), axis=-1)
+    index = np.arange(start, stop)
+    params = [
+        sample_augment_params(store.recipe, store.seed, e, index, LENGTHS[start:stop]) for e in range(E)
+    ]
+    return np.take_along_axis(indices, perm, -1), np.take_along_axis(top, perm, -1), params
+
+
+@pytest.mark.parametrize("quantization", ["float16", "int8"])
+def test_write_read_round_trip(tmp_path: Path, quantization: str) -> None:
+    url = str(tmp_path / "logits.zarr")
+    store = LogitStore.create(url, **_settings(quantization=quantization))
+    assert store.num_blocks == 3 and store.block_range(2) == (16, 23)
+    assert store.missing_blocks() == [0, 1, 2] and not store.is_complete()
+    written = {b: _block_data(store, b) for b in range(store.num_blocks)}
+    for b in (2, 0, 1):  # any order
+        store.write_block(b, *written[b])
+    reopened = LogitStore.open(url)
+    assert reopened.is_complete() and len(reopened) == N
+    assert reopened.recipe == AugmentRecipe() and reopened.quantization == quantization
+    assert reopened.class_names == [f"c{i}" for i in range(C)]
+    for e in range(E):
+        epoch = reopened.read_epoch(e)
+        assert epoch.indices.shape == (N, K) and epoch.probs.dtype == np.float32 and len(epoch.params) == N
+        for b, (indices, probs, params) in written.items():
+            start, stop = reopened.block_range(b)
+            # Stored rows are by descending probability; compare as class -> probability maps.
+            got_idx, got_p = epoch.indices[start:stop], epoch.probs[start:stop]
+            order = np.argsort(-probs[e], axis=-1, kind="stable")
+            np.testing.assert_array_equal(got_idx, np.take_along_axis(indices[e], order, -1))
+            expected_p = np.take_along_axis(probs[e], order, -1)
+            assert (np.abs(got_p - expected_p) <= max_abs_error(expected_p, quantization)).all()
+            assert (np.diff(got_p, axis=-1) <= 0).all()
+            assert epoch.params.subset(np.arange(start, stop)) == params[e]
+        # read() agrees with read_epoch().
+        i = 17
+        idx, p, params = reopened.read(e, i)
+        assert idx.dtype == np.int64 and p.dtype == np.float32 and len(params) == 1
+        np.testing.assert_array_equal(idx, epoch.indices[i])
+        np.testing.assert_array_equal(p, epoch.probs[i])
+        assert params == epoch.params.subset(np.array([i]))
+
+
+def test_layout_blocks_own_their_shards(tmp_path: Path) -> None:
+    url = str(tmp_path / "logits.zarr")
+    store = LogitStore.create(url, **_settings())
+    group = zarr.open_group(url, mode="r")
+    for name in ("topk_indices", "topk_values", "params/shift", "params/time_start"):
+        array = group[name]
+        assert array.shards == (E, BLOCK, *array.shape[2:]), name
+        assert array.chunks == (1, BLOCK, *array.shape[2:]), name
+    assert group["topk_indices"].dtype == np.uint16 and group["topk_values"].dtype == np.float16
+    assert group["block_done"].chunks == (1,) and group["block_done"].shards is None
+    assert group.attrs["format_version"] == 1 and group.attrs["topk"] == K
+    # Writing block 1 creates block 1's shards only.
+    store.write_block(1, *_block_data(store, 1))
+    shard_files = sorted(p.name for p in (tmp_path / "logits.zarr" / "topk_values" / "c" / "0").iterdir())
+    assert shard_files == ["1"]
+    assert store.missing_blocks() == [0, 2]
+
+
+def test_incomplete_store_is_refused_by_read_epoch(tmp_path: Path) -> None:
+    store = LogitStore.create(str(tmp_path / "s.zarr"), **_settings())
+    store.write_block(0, *_block_data(store, 0))
+    with pytest.raises(ValueError, match=r"incomplete: 2 of 3 blocks missing \(1, 2\)"):
+        store.read_epoch(0)
+    with pytest.raises(ValueError, match="block 2, which is not extracted"):
+        store.read(0, 20)
+    assert store.read(1, 3)[0].shape == (K,)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"topk": 4}, "topk"),
+        ({"quantization": "int8"}, "quantization"),
+        ({"recipe": AugmentRecipe(time_masks=2)}, "augment_recipe"),
+        ({"teachers": [{"name": "t1", "checkpoint": "/x/t1.ckpt", "sha256": "bb"}]}, "teachers"),
+        ({"audio_fingerprint": "other"}, "audio_fingerprint"),
+        ({"seed": 4}, "seed"),
+        ({"epochs": 3}, "epochs"),
+    ],
+)
+def test_mismatch_is_refused_naming_the_difference(tmp_path: Path, change: dict, named: str) -> None:
+    url = str(tmp_path / "s.zarr")
+    LogitStore.create(url, **_settings())
+    with pytest.raises(
+        ValueError, match=rf"(?s)other settings:.*{named}: stored .*requested.*another output"
+    ):
+        LogitStore.create(url, **_settings(**change))
+
+
+def test_same_settings_reopen_and_moved_checkpoint_resumes(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    first = LogitStore.create(url, **_settings())
+    first.write_block(0, *_block_data(first, 0))
+    moved = [{"name": "t1", "checkpoint": "/elsewhere/t1.ckpt", "sha256": "aa"}]
+    again = LogitStore.create(url, **_settings(teachers=moved, audio_url="/moved/audio.zarr"))
+    assert again.missing_blocks() == [1, 2]
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no logit store at"):
+        LogitStore.open(str(tmp_path / "missing.zarr"))
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something"
+    with pytest.raises(ValueError, match="is not a logit store"):
+        LogitStore.open(str(tmp_path / "other.zarr"))
+
+
+def test_write_block_checks_shapes(tmp_path: Path) -> None:
+    store = LogitStore.create(str(tmp_path / "s.zarr"), **_settings())
+    indices, probs, params = _block_data(store, 0)
+    with pytest.raises(ValueError, match=r"expected indices and probs of shape \(2, 8, 5\)"):
+        store.write_block(0, indices[:, :4], probs[:, :4], params)
+    with pytest.raises(ValueError, match="one per epoch"):
+        store.write_block(0, indices, probs, params[:1])
+    with pytest.raises(ValueError, match="class indices outside"):
+        store.write_block(0, indices + C, probs, params)
+    assert store.missing_blocks() == [0, 1, 2]
+
+
+def test_memory_url_and_size(tmp_path: Path) -> None:
+    store = LogitStore.create("memory://ced-test/logits.zarr", **_settings(quantization="int8"))
+    for b in range(store.num_blocks):
+        store.write_block(b, *_block_data(store, b))
+    assert LogitStore.open("memory://ced-test/logits.zarr").is_complete()
+    assert store.nbytes_stored() > 0
+    assert 0 < store.bytes_per_clip_epoch() < 200
