@@ -1,11 +1,12 @@
 """Augmentation as parameters: deterministic draws, exact application, bit-identical replay across batches.
 
-Batch size and the STFT (measured on CPU, torch 2.13 / torchaudio 2.11, 1 and 2 threads): `torch.stft` and the
-mel matmul give bit-identical rows for a clip whatever the batch size or neighbours. What does depend on
-the batch is torchaudio's `AmplitudeToDB(top_db)`: on a 3-D `[B, n_mels, frames]` input it takes one
-`max - top_db` floor over the whole batch, so a clip's zero padding (-100 dB) is clamped differently next to
-a loud neighbour (up to ~37 dB difference here). `augmented_spectrogram` therefore runs the front end on
-`[B, 1, samples]` (per-clip floor); `test_front_end_3d_input_depends_on_neighbours` keeps that reason visible.
+Batch size and the STFT (measured on CPU with torch 2.11 and 2.13, torchaudio 2.11, 1 and 2 threads):
+`torch.stft` and the mel matmul give bit-identical rows for a clip whatever the batch size or neighbours.
+What does depend on the batch is torchaudio's `AmplitudeToDB(top_db)`: on a 3-D `[B, n_mels, frames]`
+input it takes one `max - top_db` floor over the whole batch, so a clip's zero padding (-100 dB) is clamped
+differently next to a loud neighbour (up to ~37 dB difference here). `augmented_spectrogram` therefore runs
+the front end on `[B, 1, samples]` (per-clip floor); `test_front_end_3d_input_depends_on_neighbours` keeps
+that reason visible.
 """
 
 from __future__ import annotations
