@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ class AverageBestCheckpoints(Callback):
         self.top_k = top_k
         self.path: Path | None = None
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         checkpoint_cb = trainer.checkpoint_callback
         if not isinstance(checkpoint_cb, ModelCheckpoint) or not checkpoint_cb.best_k_models:
@@ -49,10 +47,13 @@ class AverageBestCheckpoints(Callback):
         reverse = checkpoint_cb.mode == "max"
         ranked = sorted(checkpoint_cb.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=reverse)
         paths = [path for path, _ in ranked[: self.top_k]]
-        checkpoints = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-        averaged = dict(checkpoints[0])
-        averaged["state_dict"] = average_state_dicts([c["state_dict"] for c in checkpoints])
-        averaged["averaged_from"] = [str(p) for p in paths]
+        # Every rank learns the path (all of them test it next); rank 0 alone writes it.
         self.path = Path(paths[0]).parent / AVERAGED_CHECKPOINT
-        torch.save(averaged, self.path)
-        log.info("averaged the weights of %d best checkpoints into %s", len(paths), self.path)
+        if trainer.is_global_zero:
+            checkpoints = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+            averaged = dict(checkpoints[0])
+            averaged["state_dict"] = average_state_dicts([c["state_dict"] for c in checkpoints])
+            averaged["averaged_from"] = [str(p) for p in paths]
+            torch.save(averaged, self.path)
+            log.info("averaged the weights of %d best checkpoints into %s", len(paths), self.path)
+        trainer.strategy.barrier("average_best_checkpoints")

@@ -143,7 +143,7 @@ def ensemble_val_map(cfg: DictConfig) -> float:
 
     teachers = [load_model(m.checkpoint).eval() for m in cfg.teacher.members]
     data = LabeledDataModule(val=cfg.data.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
-    metrics = TaggingMetrics()
+    metrics = TaggingMetrics(teachers[0].num_classes)
     for batch in data.val_dataloader():
         logits = torch.stack([t(batch["waveform"]).float() for t in teachers])
         if cfg.teacher.get("combine", "mean_prob") == "mean_logit":

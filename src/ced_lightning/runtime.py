@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ced_lightning.callbacks import AverageBestCheckpoints
 
@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) or int(os.environ.get("NODE_RANK", 0))
+    """This process's rank as the launchers set it (0 before any launch); only `== 0` is relied upon."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
 
 
 def quiet_non_zero_ranks() -> None:
@@ -51,7 +54,7 @@ def prepare_ddp_relaunch() -> None:
         return
     hydra_cfg = HydraConfig.instance().cfg
     output_dir = hydra_cfg.hydra.runtime.output_dir
-    with open_dict(hydra_cfg):
+    with read_write(hydra_cfg.hydra.run):
         hydra_cfg.hydra.run.dir = output_dir
     if hydra_cfg.hydra.mode == RunMode.MULTIRUN:
         sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task, "hydra.mode=RUN"]

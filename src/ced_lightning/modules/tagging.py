@@ -45,8 +45,8 @@ class TaggingModule(LightningModule):
         self.ema_decay = ema_decay
         self.ema = _frozen_copy(model) if ema_decay else None
         self.class_names = list(class_names) if class_names else None
-        self.val_metrics = TaggingMetrics()
-        self.test_metrics = TaggingMetrics()
+        self.val_metrics = TaggingMetrics(model.num_classes)
+        self.test_metrics = TaggingMetrics(model.num_classes)
 
     # -- evaluation -------------------------------------------------------------------------------------
     @property
@@ -67,8 +67,11 @@ class TaggingModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         result = self._log_metrics("test", self.test_metrics)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "test_per_class_ap.csv"
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.log_dir
+        if self.trainer.is_global_zero and folder:
+            # Next to the checkpoints, where a reader of the results looks for it.
+            path = Path(folder) / "test_per_class_ap.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_per_class_csv(path, result["per_class_ap"], self.class_names, result["positives"])
             log.info("per-class AP table: %s", path)
 
