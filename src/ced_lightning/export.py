@@ -1,0 +1,246 @@
+"""Export a trained model to ONNX, with dynamic batch and time axes.
+
+    python -m ced_lightning.export ckpt=model.ckpt output=model.onnx [input=waveform|spectrogram] [opset=18]
+
+`input=waveform` takes `[batch, samples]` float32 audio at 16 kHz and includes the log-mel front end;
+`input=spectrogram` takes the front end's output `[batch, n_mels, frames]`. Both give `logits` and
+`probabilities` `[batch, classes]`.
+
+Two things the eager model does do not export as they are, so the exported graph computes them differently
+but to the same values:
+- the STFT (complex numbers): here a strided convolution with the windowed DFT basis, then |.|^2, the same
+  mel filterbank and dB conversion;
+- CED's "split clips longer than 10.12 s into pieces" is a Python `if` on the number of frames, which an
+  exporter would freeze at the example's length: here it is branch-free shape arithmetic (piece length
+  = min(frames, target_length), pieces = ceil(frames / piece length)), so one graph serves every length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from os import PathLike
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import ced_lightning
+from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.models.ced import CED, LogMelFrontEnd
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("waveform", "spectrogram")
+
+
+class DftLogMel(nn.Module):
+    """`LogMelFrontEnd` without complex numbers: same window, filterbank and dB conversion (its buffers).
+
+    torchaudio's dB conversion of a `[batch, mel, frames]` tensor clips at 120 dB below the maximum of the
+    whole batch (it reads the batch as channels of one clip); this module does the same, to stay equal.
+    """
+
+    def __init__(self, front_end: LogMelFrontEnd) -> None:
+        super().__init__()
+        config = front_end.config
+        mel, to_db = front_end[0], front_end[1]
+        spectrogram = mel.spectrogram
+        if spectrogram.power != 2.0 or spectrogram.normalized or spectrogram.pad:
+            raise ValueError("export supports the power-2, unnormalised, unpadded mel spectrogram of CED")
+        self.n_fft = config.n_fft
+        self.hop_length = config.hop_length
+        self.center = config.center
+        window = spectrogram.window.double()
+        left = (self.n_fft - window.numel()) // 2  # torch.stft centres a shorter window in n_fft
+        window = F.pad(window, (left, self.n_fft - window.numel() - left))
+        bins = self.n_fft // 2 + 1
+        angle = 2 * math.pi * torch.outer(torch.arange(bins).double(), torch.arange(self.n_fft).double())
+        angle = angle / self.n_fft
+        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])
+        self.register_buffer("basis", basis.float().unsqueeze(1), persistent=False)
+        self.register_buffer("mel_fb", mel.mel_scale.fb.float().clone(), persistent=False)
+        self.multiplier = float(to_db.multiplier)
+        self.amin = float(to_db.amin)
+        self.db_offset = float(to_db.multiplier * to_db.db_multiplier)
+        self.top_db = None if to_db.top_db is None else float(to_db.top_db)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        x = waveform.float().unsqueeze(1)
+        if self.center:
+            x = F.pad(x, (self.n_fft // 2, self.n_fft // 2), mode="reflect")
+        spec = F.conv1d(x, self.basis, stride=self.hop_length)
+        real, imag = spec.chunk(2, dim=1)
+        power = real * real + imag * imag
+        mel = torch.matmul(power.transpose(1, 2), self.mel_fb).transpose(1, 2)
+        db = self.multiplier * torch.log10(torch.clamp(mel, min=self.amin)) - self.db_offset
+        if self.top_db is not None:
+            db = torch.maximum(db, db.amax(dim=(0, 1, 2)) - self.top_db)
+        return db
+
+
+class _SplitCED(nn.Module):
+    """CED's `forward_spectrogram` with the long-clip split written as shape arithmetic (no Python `if`)."""
+
+    def __init__(self, model: CED) -> None:
+        super().__init__()
+        self.model = model
+        self.target_length = model.config.target_length
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.model.init_bn(mel.unsqueeze(1))
+        batch, _, n_mels, frames = x.shape
+        piece = torch.sym_min(frames, self.target_length)
+        pieces = (frames + piece - 1) // piece
+        x = F.pad(x, (0, pieces * piece - frames))
+        # [b, 1, f, pieces*piece] -> [pieces*b, 1, f, piece], piece-major as in CED.forward_spectrogram.
+        x = x.reshape(batch, 1, n_mels, pieces, piece).permute(3, 0, 1, 2, 4).reshape(-1, 1, n_mels, piece)
+        logits = self.model.forward_head(self.model.forward_features(x))
+        return logits.reshape(pieces, batch, -1).mean(0)
+
+
+class ExportableTagger(nn.Module):
+    """What goes into the ONNX file: (optional front end) -> network -> (logits, probabilities)."""
+
+    def __init__(self, model: nn.Module, input_kind: str = "waveform") -> None:
+        super().__init__()
+        if input_kind not in INPUT_KINDS:
+            raise ValueError(f"input={input_kind!r}: choose one of {list(INPUT_KINDS)}")
+        self.input_kind = input_kind
+        self.front_end = DftLogMel(model.front_end) if input_kind == "waveform" else None
+        self.network = _SplitCED(model) if isinstance(model, CED) else _Spectrogram(model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.front_end is not None:
+            x = self.front_end(x)
+        logits = self.network(x)
+        return logits, torch.sigmoid(logits)
+
+
+class _Spectrogram(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_spectrogram(mel)
+
+
+def example_input(model: nn.Module, input_kind: str, batch: int = 2, seconds: float = 12.0) -> torch.Tensor:
+    """A random input of the right kind; longer than CED's 10.12 s so the split path is traced."""
+    samples = int(seconds * SAMPLE_RATE)
+    generator = torch.Generator().manual_seed(0)
+    waveform = 0.1 * torch.randn(batch, samples, generator=generator)
+    if input_kind == "waveform":
+        return waveform
+    with torch.no_grad():
+        return model.front_end(waveform)
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | PathLike,
+    *,
+    input_kind: str = "waveform",
+    opset: int = 18,
+    example_seconds: float = 12.0,
+) -> Path:
+    """Write `model` (eval mode, float32, CPU) to `output` as ONNX; returns the path.
+
+    Inputs `waveform [batch, samples]` or `spectrogram [batch, n_mels, frames]`, outputs `logits` and
+    `probabilities [batch, classes]`; batch and time are dynamic axes. torch's exporter writes opset 18 or
+    newer; a lower `opset` is attempted by onnx's converter and left at 18 where that fails (logged).
+    """
+    wrapper = ExportableTagger(model.float().cpu().eval(), input_kind).eval()
+    example = example_input(model, input_kind, seconds=example_seconds)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1)
+    time = torch.export.Dim(
+        "samples" if input_kind == "waveform" else "frames", min=_min_time(model, input_kind)
+    )
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[input_kind],
+            output_names=["logits", "probabilities"],
+            dynamic_shapes=({0: batch, -1: time},),
+            opset_version=opset,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(output), external_data=False)
+    return output
+
+
+def _min_time(model: nn.Module, input_kind: str) -> int:
+    # The shortest input the network takes: one patch of frames (16 for CED), and in samples enough for
+    # the front end's reflect padding and that many frames.
+    patch = model.config.patch_size if isinstance(model, CED) else 16
+    if input_kind == "spectrogram":
+        return patch
+    hop = model.front_end.config.hop_length
+    return max(patch * hop, model.front_end.config.n_fft // 2 + 1)
+
+
+def onnx_session(path: str | PathLike):
+    """An onnxruntime CPU session for an exported file (onnxruntime is the `onnx` extra)."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            "onnxruntime is needed to run exported models: pip install 'ced-lightning[onnx]'"
+        ) from err
+    options = onnxruntime.SessionOptions()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) of an exported model for one batch."""
+    array = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    name = session.get_inputs()[0].name
+    logits, probs = session.run(["logits", "probabilities"], {name: array.astype(np.float32)})
+    return logits, probs
+
+
+@hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ced_lightning.models import load_model
+
+    for key in ("ckpt", "output"):
+        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
+            raise ValueError(
+                f"{key}= is required: python -m ced_lightning.export ckpt=PATH output=model.onnx"
+            )
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(cfg.ckpt)
+    path = export_onnx(model, cfg.output, input_kind=str(cfg.input), opset=int(cfg.opset))
+    message = f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input={cfg.input}, opset={cfg.opset})"
+    if cfg.verify:
+        message += "; " + verify_export(model, path, str(cfg.input))
+    print(message)
+
+
+def verify_export(model: nn.Module, path: str | PathLike, input_kind: str) -> str:
+    """Compare onnxruntime with PyTorch on a short and a long random clip; returns a one-line summary."""
+    session = onnx_session(path)
+    worst = 0.0
+    for seconds in (3.0, 25.0):
+        x = example_input(model, input_kind, batch=2, seconds=seconds)
+        with torch.no_grad():
+            expected = model(x) if input_kind == "waveform" else model.forward_spectrogram(x)
+        logits, _ = run_onnx(session, x)
+        worst = max(worst, float(np.abs(logits - expected.numpy()).max()))
+    return f"max |logits - PyTorch| on 3 s and 25 s inputs: {worst:.2e}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""ONNX export of the reference CED: onnxruntime equals PyTorch on short, long (> 10.12 s), batched input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # two torch.export runs: about 15-30 s on 2 cores
+
+from ced_lightning.export import DftLogMel, ExportableTagger, export_onnx, onnx_session, run_onnx  # noqa: E402
+from ced_lightning.models import create_ced, load_ced  # noqa: E402
+
+TOLERANCE = 1e-4  # max absolute difference of logits
+
+
+def _wav(path) -> torch.Tensor:
+    data, sr = sf.read(path, dtype="float32")
+    assert sr == 16000
+    return torch.from_numpy(data)[None]
+
+
+@pytest.fixture(scope="module")
+def reference_model(ced_reference):
+    return load_ced(ced_reference / "ced_tiny_depth2_random.pt")
+
+
+@pytest.fixture(scope="module")
+def sessions(reference_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return {
+        kind: onnx_session(export_onnx(reference_model, folder / f"{kind}.onnx", input_kind=kind))
+        for kind in ("waveform", "spectrogram")
+    }
+
+
+def test_dft_front_end_matches_torchaudio(reference_model, ced_reference):
+    audio = _wav(ced_reference / "long_25s.wav")
+    with torch.no_grad():
+        expected = reference_model.front_end(audio)
+        got = DftLogMel(reference_model.front_end)(audio)
+    assert got.shape == expected.shape
+    # dB of near-silent bins differ most; 1e-3 dB is far below anything the network resolves.
+    assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_split_path_equals_model_without_export(reference_model):
+    # The branch-free split is the same function as CED's `if`, for short, exact and long inputs.
+    wrapper = ExportableTagger(reference_model, "spectrogram").eval()
+    for frames in (101, 1012, 1013, 2501):
+        mel = torch.randn(2, 64, frames)
+        with torch.no_grad():
+            expected = reference_model.forward_spectrogram(mel)
+            logits, probs = wrapper(mel)
+        assert (logits - expected).abs().max().item() < 1e-5
+        assert torch.allclose(probs, torch.sigmoid(logits))
+
+
+@pytest.mark.parametrize("kind", ["waveform", "spectrogram"])
+@pytest.mark.parametrize("wav", ["snap_1s.wav", "long_25s.wav"])
+def test_onnx_matches_pytorch_on_reference_wavs(sessions, reference_model, ced_reference, kind, wav):
+    audio = _wav(ced_reference / wav)
+    expected_outputs = torch.load(ced_reference / "expected_outputs.pt", weights_only=True)
+    with torch.no_grad():
+        torch_logits = reference_model(audio)
+        x = audio if kind == "waveform" else reference_model.front_end(audio)
+    logits, probs = run_onnx(sessions[kind], x)
+    assert logits.shape == (1, 527)
+    assert np.abs(logits - torch_logits.numpy()).max() < TOLERANCE
+    # And the original CED implementation's logits (tests/data/ced_reference).
+    assert np.abs(logits - expected_outputs[wav.removesuffix(".wav")].numpy()).max() < TOLERANCE
+    assert np.abs(probs - torch.sigmoid(torch_logits).numpy()).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["waveform", "spectrogram"])
+def test_onnx_batch_of_two_with_another_length(sessions, reference_model, ced_reference, kind):
+    # Exported with a 12 s batch of 2; run 2 x 10 s (1001 frames, one piece) and 3 x 20.5 s (three pieces).
+    audio = _wav(ced_reference / "long_25s.wav")[0]
+    expected_outputs = torch.load(ced_reference / "expected_outputs.pt", weights_only=True)
+    for batch in (torch.stack([audio[:160_000], audio[160_000:320_000]]), audio[:328_000].repeat(3, 1)):
+        with torch.no_grad():
+            torch_logits = reference_model(batch)
+            x = batch if kind == "waveform" else reference_model.front_end(batch)
+        logits, _ = run_onnx(sessions[kind], x)
+        assert logits.shape == (batch.shape[0], 527)
+        assert np.abs(logits - torch_logits.numpy()).max() < TOLERANCE
+        if batch.shape[0] == 2:
+            assert np.abs(logits - expected_outputs["batch_two_10s"].numpy()).max() < TOLERANCE
+
+
+def test_unknown_input_kind_is_rejected():
+    with pytest.raises(ValueError, match="input='mel'"):
+        ExportableTagger(create_ced("ced_tiny", depth=1, num_classes=4), "mel")
