@@ -4,9 +4,8 @@ Batch size and the STFT (measured on CPU with torch 2.11 and 2.13, torchaudio 2.
 `torch.stft` and the mel matmul give bit-identical rows for a clip whatever the batch size or neighbours.
 What does depend on the batch is torchaudio's `AmplitudeToDB(top_db)`: on a 3-D `[B, n_mels, frames]`
 input it takes one `max - top_db` floor over the whole batch, so a clip's zero padding (-100 dB) is clamped
-differently next to a loud neighbour (up to ~37 dB difference here). `augmented_spectrogram` therefore runs
-the front end on `[B, 1, samples]` (per-clip floor); `test_front_end_3d_input_depends_on_neighbours` keeps
-that reason visible.
+differently next to a loud neighbour (up to ~37 dB difference here). `LogMelFrontEnd` therefore gives each
+clip its own floor; `test_front_end_floor_is_per_clip` checks it on a batch with a quiet clip.
 """
 
 from __future__ import annotations
@@ -334,12 +333,14 @@ def test_replay_is_bit_identical_across_batches(config: FrontEndConfig) -> None:
         assert torch.equal(batch8[i], alone[0]), i
 
 
-def test_front_end_3d_input_depends_on_neighbours() -> None:
-    # the reason augmented_spectrogram adds a channel axis (see the module docstring)
+def test_front_end_floor_is_per_clip() -> None:
+    # torchaudio's AmplitudeToDB alone takes one floor for a 3-D batch (see the module docstring)
     front_end = LogMelFrontEnd()
     wave, lengths = _clips(8, 32000, seed=3)
     quiet = int(lengths.argmin())
-    assert not torch.equal(front_end(wave)[quiet], front_end(wave[quiet : quiet + 1])[0])
+    batch_wide = front_end[1](front_end[0](wave))
+    assert not torch.equal(batch_wide[quiet], front_end(wave[quiet : quiet + 1])[0])
+    assert torch.equal(front_end(wave)[quiet], front_end(wave[quiet : quiet + 1])[0])
 
 
 def test_no_compile_needed() -> None:

@@ -436,11 +436,9 @@ def augmented_spectrogram(
 ) -> torch.Tensor:
     """The one function teachers and the student both call: shift/gain -> front end (float32) -> masks.
 
-    The front end runs on `[B, 1, samples]`: torchaudio's AmplitudeToDB applies `top_db` over the whole
-    tensor when it is 3-D, so with `[B, samples]` a clip's dB floor would depend on its batch neighbours
-    (zero padding at -100 dB is clamped to the loudest neighbour's max - top_db). With the channel axis the
-    floor is per clip, and each clip's spectrogram is bit-identical in any batch (checked in the tests).
+    The front end takes each clip's `top_db` floor on its own (`LogMelFrontEnd.forward`), so each clip's
+    spectrogram is bit-identical in any batch (checked in the tests).
     """
     audio = apply_waveform(waveform, lengths, params)
-    mel = front_end(audio.float().unsqueeze(1)).squeeze(1)
+    mel = front_end(audio.float())
     return apply_spectrogram_masks(mel, params, recipe, front_end.config)

@@ -58,7 +58,12 @@ class LogMelFrontEnd(nn.Sequential):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """`[batch, samples]` float waveform at `config.sample_rate` -> `[batch, n_mels, frames]` dB."""
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            return super().forward(waveform.float())
+            mel, to_db = self[0](waveform.float()), self[1]
+            # AmplitudeToDB's top_db floor is taken over everything but the first of 4-D input: give every
+            # clip its own channel axis so that a clip's output never depends on its batch neighbours.
+            if mel.dim() == 3:
+                return to_db(mel.unsqueeze(1)).squeeze(1)
+            return to_db(mel)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the front end produces for `num_samples` samples."""
