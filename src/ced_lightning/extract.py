@@ -1,0 +1,347 @@
+"""`python -m ced_lightning.extract`: run a teacher ensemble over an audio store into a logit store.
+
+    python -m ced_lightning.extract audio_store=STORE output=LOGIT_STORE teacher=CONFIG epochs=E topk=K \
+        [quantization=float16|int8] [trainer.devices=N strategy=ddp] [clip_seconds=10.0] [seed=0] [verify=200]
+
+Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
+With several devices every rank writes a disjoint, contiguous share of the missing blocks. `verify=N`
+re-runs the teachers on N random (epoch, clip) pairs from the stored parameters and reports the largest
+difference from the stored probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from ced_lightning import conf_dir
+from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.augment import AugmentRecipe
+from ced_lightning.models import checkpoint_class_names, load_model
+from ced_lightning.modules.ensemble import (
+    TeacherEnsembleModule,
+    check_teachers,
+    crop_clips,
+    ensemble_probabilities,
+)
+from ced_lightning.quantize import max_abs_error
+from ced_lightning.runtime import (
+    build_trainer,
+    finish_task,
+    global_rank,
+    prepare_ddp_relaunch,
+    quiet_non_zero_ranks,
+)
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.logits import LogitStore
+
+log = logging.getLogger(__name__)
+
+# How long ranks > 0 of an externally launched job (torchrun, SLURM) wait for rank 0 to create the store.
+_CREATE_WAIT_S = 600.0
+
+
+def file_sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(str(url), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A checksum of a model's weights (for members built from `_target_` rather than a file)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
+    """`teacher.members`, or one member per path of `teacher.checkpoints` (released CED files)."""
+    members = teacher_cfg.get("members")
+    if not members and teacher_cfg.get("checkpoints"):
+        paths = teacher_cfg.checkpoints
+        paths = list(paths) if isinstance(paths, (list, ListConfig)) else [paths]
+        return [{"name": Path(str(p)).stem, "checkpoint": str(p)} for p in paths]
+    if not members:
+        raise ValueError(
+            "the teacher config has neither `members` nor `checkpoints`: give e.g. teacher=ced "
+            "'teacher.checkpoints=[a.pt,b.pt]' or a conf/teacher/<name>.yaml with members"
+        )
+    out = []
+    for i, member in enumerate(members):
+        member = (
+            OmegaConf.to_container(member, resolve=True) if isinstance(member, DictConfig) else dict(member)
+        )
+        if "checkpoint" not in member and "_target_" not in member:
+            raise ValueError(
+                f"teacher.members[{i}] needs `checkpoint: PATH` or `_target_: CLASS` (got {member})"
+            )
+        member.setdefault("name", Path(str(member.get("checkpoint", f"member{i}"))).stem)
+        out.append(member)
+    names = [m["name"] for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher.members names must be unique, got {names}")
+    return out
+
+
+def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[str, Any]], list[str] | None]:
+    """(models in eval mode, their records for the store's `teachers` attribute, their class names)."""
+    models, records, class_lists = [], [], {}
+    for member in teacher_members(teacher_cfg):
+        if "checkpoint" in member:
+            path = str(member["checkpoint"])
+            if not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+                raise FileNotFoundError(f"teacher {member['name']}: no checkpoint at {path}")
+            model = load_model(path)
+            names = checkpoint_class_names(path)
+            if names:
+                class_lists[member["name"]] = names
+            record = {"name": member["name"], "checkpoint": path, "sha256": file_sha256(path)}
+        else:
+            spec = {k: v for k, v in member.items() if k != "name"}
+            model = instantiate(spec).eval()
+            record = {"name": member["name"], "target": spec, "sha256": state_dict_sha256(model)}
+        models.append(model)
+        records.append(record)
+    check_teachers(models, [r["name"] for r in records])
+    distinct = {tuple(v) for v in class_lists.values()}
+    if len(distinct) > 1:
+        raise ValueError(f"teachers were trained on different class lists: {sorted(class_lists)}")
+    return models, records, (list(next(iter(distinct))) if distinct else None)
+
+
+def _wait_for_store(url: str, timeout: float = _CREATE_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            LogitStore.open(url)
+            return
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def create_or_resume(
+    cfg: DictConfig, audio: AudioStore, records: list[dict], class_names: list[str] | None, num_classes: int
+) -> LogitStore:
+    """Rank 0 creates the store (or checks it matches); other ranks wait for it, then check it too."""
+    settings = {
+        "num_clips": len(audio),
+        "epochs": int(cfg.epochs),
+        "topk": int(cfg.topk),
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "quantization": str(cfg.quantization),
+        "recipe": AugmentRecipe.from_config(cfg.get("augment")),
+        "seed": int(cfg.seed),
+        "audio_fingerprint": audio.fingerprint,
+        "audio_url": audio.url,
+        "clip_samples": clip_samples(cfg),
+        "teachers": records,
+        "combine": str(cfg.teacher.get("combine", "mean_prob")),
+        "block_clips": int(cfg.block_clips),
+    }
+    if global_rank() != 0:
+        _wait_for_store(str(cfg.output))
+    return LogitStore.create(str(cfg.output), **settings)
+
+
+def clip_samples(cfg: DictConfig) -> int:
+    samples = round(float(cfg.clip_seconds) * SAMPLE_RATE)
+    if samples < 1:
+        raise ValueError(f"clip_seconds must be > 0, got {cfg.clip_seconds}")
+    return samples
+
+
+def _store_class_names(
+    teacher_names: list[str] | None, audio: AudioStore, num_classes: int
+) -> list[str] | None:
+    if teacher_names is not None:
+        if audio.class_names is not None and list(audio.class_names) != teacher_names:
+            log.warning("the teachers' class list differs from the audio store's; storing the teachers'")
+        return teacher_names
+    if audio.class_names is not None and len(audio.class_names) == num_classes:
+        return list(audio.class_names)
+    return None
+
+
+def run_extract(cfg: DictConfig) -> LogitStore:
+    """Extract (or finish extracting) the logit store `cfg.output`; returns it, complete."""
+    if cfg.get("output") in (None, "", "???"):
+        raise ValueError("output=PATH is required: where the logit store goes")
+    audio = AudioStore.open(str(cfg.audio_store))
+    teachers, records, teacher_classes = load_teachers(cfg.teacher)
+    num_classes = int(teachers[0].num_classes)
+    class_names = _store_class_names(teacher_classes, audio, num_classes)
+    store = create_or_resume(cfg, audio, records, class_names, num_classes)
+
+    module = TeacherEnsembleModule(
+        teachers,
+        store_url=store.url,
+        recipe=store.recipe,
+        seed=store.seed,
+        epochs=store.epochs,
+        topk=store.topk,
+        combine=store.combine,
+        micro_batch_size=int(cfg.micro_batch_size),
+        audio_url=audio.url,
+        num_workers=int(cfg.num_workers),
+        limit_blocks=cfg.get("limit_blocks"),
+        teacher_names=[r["name"] for r in records],
+    )
+    todo = module.blocks_to_do()
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    if todo:
+        clips = sum(stop - start for start, stop in map(store.block_range, todo))
+        log.info(
+            "%s: extracting %d of %d blocks (%d clips x %d epochs)",
+            store.url,
+            len(todo),
+            store.num_blocks,
+            clips,
+            store.epochs,
+        )
+        started = time.perf_counter()
+        trainer.predict(module, return_predictions=False)
+        seconds = time.perf_counter() - started
+    else:
+        clips, seconds = 0, 0.0
+        log.info("%s is complete already; nothing to extract", store.url)
+    if not trainer.is_global_zero:
+        return store
+
+    store = LogitStore.open(store.url)
+    if cfg.get("limit_blocks") is None and not store.is_complete():
+        raise RuntimeError(f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction")
+    stats = extraction_stats(store, audio, clips, seconds, trainer)
+    if int(cfg.get("verify") or 0) > 0 and store.is_complete():
+        # bf16 teachers differ from the float32 replay by about 1% of a logit, more than quantization.
+        slack = 1e-4 if "32" in str(trainer.precision) or "64" in str(trainer.precision) else 2e-2
+        stats["verify"] = verify_store(store, teachers, audio, int(cfg.verify), int(cfg.seed), slack)
+    report(store, stats)
+    return store
+
+
+def _du(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return int(fs.du(path, total=True))
+
+
+def extraction_stats(
+    store: LogitStore, audio: AudioStore, clips: int, seconds: float, trainer: Any | None = None
+) -> dict[str, Any]:
+    stored = store.nbytes_stored()
+    audio_bytes = _du(audio.url)
+    stats: dict[str, Any] = {
+        "clips_extracted": clips,
+        "seconds": round(seconds, 3),
+        "clips_per_s": round(clips / seconds, 2) if seconds > 0 else None,
+        "clip_epochs_per_s": round(clips * store.epochs / seconds, 2) if seconds > 0 else None,
+        "bytes_per_clip_epoch": round(store.bytes_per_clip_epoch(), 2),
+        "store_bytes": stored,
+        "audio_store_bytes": audio_bytes,
+        "percent_of_audio_store": round(100.0 * stored / max(audio_bytes, 1), 3),
+        "complete": store.is_complete(),
+    }
+    if trainer is not None:
+        stats["devices"] = int(trainer.world_size)
+        stats["precision"] = str(trainer.precision)
+    return stats
+
+
+def report(store: LogitStore, stats: dict[str, Any]) -> None:
+    """Print the figures and keep them next to the store (`<output>.stats.json`)."""
+    lines = [
+        f"logit store {store.url}: {store.num_clips} clips x {store.epochs} epochs, top-{store.topk}, "
+        f"{store.quantization}"
+    ]
+    lines += [f"  {key}: {value}" for key, value in stats.items() if key != "verify"]
+    if "verify" in stats:
+        v = stats["verify"]
+        lines.append(
+            f"  verify: {v['samples']} (epoch, clip) pairs, max |diff| {v['max_abs_diff']:.2e} "
+            f"(bound {v['bound']:.2e}) -> {'OK' if v['ok'] else 'MISMATCH'}"
+        )
+    print("\n".join(lines))
+    fs, path = fsspec.core.url_to_fs(store.url)
+    with fs.open(path.rstrip("/") + ".stats.json", "w") as handle:
+        json.dump(stats, handle, indent=2)
+
+
+@torch.no_grad()
+def verify_store(
+    store: LogitStore,
+    teachers: Sequence[nn.Module],
+    audio_store: AudioStore,
+    samples: int,
+    seed: int,
+    precision_slack: float = 1e-4,
+) -> dict[str, Any]:
+    """Replay `samples` random (epoch, clip) pairs from the stored parameters through the teachers (float32).
+
+    Compares the teachers' probabilities of the stored classes with the stored values: the largest absolute
+    difference must lie within the quantization error (plus `precision_slack` for float round-off, more for
+    a store extracted in bf16). Also reports how often the recomputed top-k has the stored classes.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(samples, store.num_clips * store.epochs)
+    picks = rng.choice(store.num_clips * store.epochs, size=n, replace=False)
+    device = next(teachers[0].parameters()).device
+    diffs, excess, agree = [], [], 0
+    for pick in picks:
+        epoch, i = divmod(int(pick), store.num_clips)
+        classes, stored, params = store.read(epoch, i)
+        flat, offsets = audio_store.read_span(i, i + 1)
+        wav, lengths = crop_clips(flat, offsets, store.clip_samples)
+        wav_t = torch.from_numpy(wav).to(device).float() / 32768.0
+        probs = (
+            ensemble_probabilities(
+                teachers, wav_t, torch.from_numpy(lengths).to(device), params, store.recipe, store.combine
+            )[0]
+            .cpu()
+            .numpy()
+        )
+        recomputed = probs[classes]
+        diff = np.abs(recomputed - stored)
+        diffs.append(diff.max())
+        excess.append((diff - max_abs_error(recomputed, store.quantization) - precision_slack).max())
+        top = np.argsort(-probs, kind="stable")[: store.topk]
+        agree += int(set(top.tolist()) == set(classes.tolist()))
+    bound = float(max_abs_error(1.0, store.quantization)) + precision_slack
+    return {
+        "samples": int(n),
+        "max_abs_diff": float(max(diffs)),
+        "mean_abs_diff": float(np.mean(diffs)),
+        "bound": bound,
+        "ok": bool(max(excess) <= 0),
+        "topk_set_agreement": agree / n,
+    }
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    quiet_non_zero_ranks()
+    prepare_ddp_relaunch()
+    with finish_task(cfg):
+        run_extract(cfg)
+
+
+if __name__ == "__main__":
+    main()

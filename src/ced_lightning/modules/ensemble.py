@@ -1,0 +1,274 @@
+"""TeacherEnsembleModule: runs a teacher ensemble over an audio store and fills a logit store, block by block.
+
+One DataLoader item is one block of the logit store (`block_clips` consecutive clips). `BlockSampler` hands
+each rank a contiguous share of the blocks still missing, so every block is written by exactly one process
+(never Lightning's interleaved DistributedSampler: set `use_distributed_sampler=False`). For every
+augmentation epoch the module draws the block's parameters from (seed, epoch, clip index), runs every
+teacher on the augmented spectrograms in micro-batches, combines them, keeps the top-k and writes the block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.logits import LogitStore
+
+log = logging.getLogger(__name__)
+
+COMBINES = ("mean_prob", "mean_logit")
+_INT16_SCALE = 32768.0  # the audio store's read-back scale (AudioStore.read)
+
+
+def crop_clips(flat: np.ndarray, offsets: np.ndarray, clip_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clips back to back (`flat`, `offsets` of length n + 1) -> int16 `[n, clip_samples]` and lengths.
+
+    Each clip is cut to its first `clip_samples` samples or zero-padded after its end; `lengths` are the
+    samples of real audio in each row (what augmentation positions are bounded by).
+    """
+    n = len(offsets) - 1
+    lengths = np.minimum(np.diff(offsets), clip_samples).astype(np.int64)
+    out = np.zeros((n, clip_samples), dtype=flat.dtype)
+    for row in range(n):
+        start = int(offsets[row])
+        out[row, : lengths[row]] = flat[start : start + lengths[row]]
+    return out, lengths
+
+
+class BlockDataset(Dataset):
+    """Item `b`: block `b` of the logit store, `{"block", "index" [n], "waveform" int16 [n, T], "length"}`.
+
+    Waveforms stay int16 until a micro-batch reaches the model: a 1024-clip block of 10 s clips is 330 MB
+    as int16, twice that as float32.
+    """
+
+    def __init__(self, audio_url: str, num_clips: int, block_clips: int, clip_samples: int) -> None:
+        self.audio_url = str(audio_url)
+        self.num_clips = num_clips
+        self.block_clips = block_clips
+        self.clip_samples = clip_samples
+        self._audio: AudioStore | None = None
+
+    def __len__(self) -> int:
+        return -(-self.num_clips // self.block_clips)
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        if self._audio is None:  # opened in the worker process that reads
+            self._audio = AudioStore.open(self.audio_url)
+        start = b * self.block_clips
+        stop = min(start + self.block_clips, self.num_clips)
+        flat, offsets = self._audio.read_span(start, stop)
+        waveform, lengths = crop_clips(flat, offsets, self.clip_samples)
+        return {
+            "block": b,
+            "index": torch.arange(start, stop, dtype=torch.int64),
+            "waveform": torch.from_numpy(waveform),
+            "length": torch.from_numpy(lengths),
+        }
+
+
+def rank_share(blocks: Sequence[int], num_replicas: int, rank: int) -> list[int]:
+    """Rank `rank`'s contiguous share of `blocks` (shares differ in size by at most one block)."""
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} out of range for {num_replicas} processes")
+    bounds = np.linspace(0, len(blocks), num_replicas + 1).round().astype(int)
+    return [int(b) for b in blocks[bounds[rank] : bounds[rank + 1]]]
+
+
+class BlockSampler(Sampler[int]):
+    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated)."""
+
+    def __init__(self, blocks: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
+        self.blocks = rank_share(list(blocks), num_replicas, rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
+    """Teachers' logits `[B, C]` each -> ensemble probabilities float32 `[B, C]`."""
+    stacked = torch.stack([t.float() for t in logits])
+    if combine == "mean_prob":
+        return torch.sigmoid(stacked).mean(0)
+    if combine == "mean_logit":
+        return torch.sigmoid(stacked.mean(0))
+    raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
+
+
+def ensemble_probabilities(
+    teachers: Sequence[nn.Module],
+    waveform: torch.Tensor,
+    lengths: torch.Tensor,
+    params: AugmentParams,
+    recipe: AugmentRecipe,
+    combine: str,
+) -> torch.Tensor:
+    """Every teacher on its own augmented spectrogram of the same draws, combined: float32 `[B, C]`.
+
+    Each teacher masks its own front end's output (other mel bins or hop), so the same stored parameters
+    cover the same part of the sound for all of them.
+    """
+    logits = []
+    for teacher in teachers:
+        mel = augmented_spectrogram(teacher.front_end, waveform, lengths, params, recipe)
+        logits.append(teacher.forward_spectrogram(mel))
+    return combine_probabilities(logits, combine)
+
+
+def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = None) -> int:
+    """The ensemble's class count; refuses teachers that disagree or lack the model interface."""
+    if not teachers:
+        raise ValueError("teacher.members is empty: the ensemble needs at least one teacher")
+    names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
+    for name, teacher in zip(names, teachers, strict=True):
+        for attr in ("front_end", "forward_spectrogram", "num_classes"):
+            if not hasattr(teacher, attr):
+                raise TypeError(f"{name}: a teacher needs .front_end, .forward_spectrogram and .num_classes")
+    counts = {name: int(t.num_classes) for name, t in zip(names, teachers, strict=True)}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"teachers predict different numbers of classes: {counts}; an ensemble needs one list"
+        )
+    return next(iter(counts.values()))
+
+
+class TeacherEnsembleModule(pl.LightningModule):
+    """Fills the logit store at `store_url` (created beforehand by `LogitStore.create`) in `predict_step`."""
+
+    def __init__(
+        self,
+        teachers: Sequence[nn.Module],
+        store_url: str,
+        recipe: AugmentRecipe,
+        seed: int,
+        epochs: int,
+        topk: int,
+        combine: str = "mean_prob",
+        micro_batch_size: int = 64,
+        audio_url: str | None = None,
+        num_workers: int = 1,
+        limit_blocks: int | None = None,
+        teacher_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if combine not in COMBINES:
+            raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.num_classes = check_teachers(teachers, teacher_names)
+        if not 1 <= topk <= self.num_classes:
+            raise ValueError(f"topk must be in [1, {self.num_classes}] (the teachers' classes), not {topk}")
+        self.teachers = nn.ModuleList(teachers).eval().requires_grad_(False)
+        self.store_url = str(store_url)
+        self.audio_url = audio_url
+        self.recipe = recipe
+        self.seed = int(seed)
+        self.epochs = int(epochs)
+        self.topk = int(topk)
+        self.combine = combine
+        self.micro_batch_size = int(micro_batch_size)
+        self.num_workers = int(num_workers)
+        self.limit_blocks = limit_blocks
+        self.store: LogitStore | None = None
+        self.clips_done = 0
+        self.blocks_done: list[int] = []
+
+    def _open_store(self) -> LogitStore:
+        if self.store is None:
+            store = LogitStore.open(self.store_url)
+            for key, ours in (
+                ("epochs", self.epochs),
+                ("topk", self.topk),
+                ("num_classes", self.num_classes),
+            ):
+                if getattr(store, key) != ours:
+                    raise ValueError(
+                        f"{self.store_url}: store has {key}={getattr(store, key)}, module {ours}"
+                    )
+            if store.recipe != self.recipe or store.seed != self.seed or store.combine != self.combine:
+                raise ValueError(f"{self.store_url}: recipe, seed or combine differ from the module's")
+            self.store = store
+        return self.store
+
+    def blocks_to_do(self) -> list[int]:
+        """Missing blocks, cut to `limit_blocks` (a debugging aid: interrupt after that many)."""
+        missing = self._open_store().missing_blocks()
+        return missing[: self.limit_blocks] if self.limit_blocks is not None else missing
+
+    def predict_dataloader(self) -> DataLoader:
+        store = self._open_store()
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        # Every rank must split the same list: read it after all ranks opened the store and before any
+        # rank writes (the second barrier).
+        if strategy is not None:
+            strategy.barrier("ced_extract_missing_read")
+        todo = self.blocks_to_do()
+        if strategy is not None:
+            strategy.barrier("ced_extract_missing_split")
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        )
+        sampler = BlockSampler(todo, num_replicas=world, rank=rank)
+        log.info("rank %d/%d: %d of %d missing blocks", rank, world, len(sampler), len(todo))
+        audio_url = self.audio_url or store.audio_url
+        dataset = BlockDataset(audio_url, len(store), store.block_clips, store.clip_samples)
+        return DataLoader(
+            dataset,
+            batch_size=None,  # one item is one whole block
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=1 if self.num_workers > 0 else None,
+        )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A whole block stays in host memory; micro-batches move to the device in predict_step.
+        return batch
+
+    @torch.no_grad()
+    def block_topk(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[AugmentParams]]:
+        """One block, all epochs: (indices int64 [E, n, k], probs float32 [E, n, k], params per epoch)."""
+        index = batch["index"].cpu().numpy()
+        lengths = batch["length"].cpu().numpy()
+        n, mb = len(index), self.micro_batch_size
+        all_idx = np.empty((self.epochs, n, self.topk), dtype=np.int64)
+        all_p = np.empty((self.epochs, n, self.topk), dtype=np.float32)
+        params = []
+        for epoch in range(self.epochs):
+            drawn = sample_augment_params(self.recipe, self.seed, epoch, index, lengths)
+            params.append(drawn)
+            for s in range(0, n, mb):
+                wav = batch["waveform"][s : s + mb].to(self.device, non_blocking=True).float() / _INT16_SCALE
+                lens = batch["length"][s : s + mb].to(self.device)
+                probs = ensemble_probabilities(
+                    self.teachers, wav, lens, drawn.subset(slice(s, s + mb)), self.recipe, self.combine
+                )
+                values, classes = torch.topk(probs, self.topk, dim=-1)
+                all_idx[epoch, s : s + mb] = classes.cpu().numpy()
+                all_p[epoch, s : s + mb] = values.float().cpu().numpy()
+        return all_idx, all_p, params
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        block = int(batch["block"])
+        indices, probs, params = self.block_topk(batch)
+        self._open_store().write_block(block, indices, probs, params)
+        self.clips_done += len(batch["index"])
+        self.blocks_done.append(block)
+        return None
+
+    def on_predict_end(self) -> None:
+        # Rank 0 reports completion only once every rank has written its share.
+        if self._trainer is not None:
+            self.trainer.strategy.barrier("ced_extract_done")

@@ -1,0 +1,244 @@
+"""End to end: a heterogeneous tiny ensemble (CED + timm CNN) over 40 one-second clips, E=2, k=5."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ced_lightning import conf_dir
+from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
+from ced_lightning.modules.ensemble import BlockSampler, check_teachers, crop_clips, rank_share
+from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.logits import LogitStore
+
+C, N_CLIPS, K, E, BLOCK = 6, 40, 5, 2, 8
+CLASSES = [f"class{i}" for i in range(C)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("extract")
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(N_CLIPS):
+        # Mostly 1 s, some shorter (zero-padded) and longer (cut) than clip_seconds=1.
+        samples = int(16000 * (0.6 + 0.6 * (i % 3) / 2))
+        t = np.arange(samples) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.05 * rng.standard_normal(samples)
+        clips.append((f"clip{i:02d}", wave.astype(np.float32), [i % C]))
+    write_audio_store(root / "audio.zarr", clips, class_names=CLASSES)
+    write_audio_store(root / "other_audio.zarr", clips[:-1], class_names=CLASSES)
+
+    torch.manual_seed(0)
+    ced = create_ced("ced_tiny", depth=1, num_classes=C)
+    save_ced(ced.eval(), root / "ced_tiny.pt")
+    cnn = TimmMelClassifier("mobilenetv3_small_050", num_classes=C).eval()
+    torch.save(
+        {
+            "model_spec": model_spec(cnn),
+            "class_names": CLASSES,
+            "state_dict": {f"model.{k}": v for k, v in cnn.state_dict().items()},
+        },
+        root / "mobilenet.ckpt",
+    )
+    assert isinstance(load_model(root / "mobilenet.ckpt"), TimmMelClassifier)
+    return root
+
+
+def _overrides(root: Path, output: str, *extra: str) -> list[str]:
+    return [
+        f"audio_store={root / 'audio.zarr'}",
+        f"output={output}",
+        f"paths.root_dir={root}",
+        f"teacher.members=[{{name: ced_tiny, checkpoint: {root / 'ced_tiny.pt'}}},"
+        f"{{name: mobilenet, checkpoint: {root / 'mobilenet.ckpt'}}}]",
+        f"epochs={E}",
+        f"topk={K}",
+        "quantization=float16",
+        "clip_seconds=1.0",
+        f"block_clips={BLOCK}",
+        "micro_batch_size=3",
+        "num_workers=0",
+        "seed=7",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def _cfg(root: Path, output: str, *extra: str) -> DictConfig:
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("extract", overrides=_overrides(root, output, *extra))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # The 2-process run uses one thread per process; so does the reference, so float sums agree bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> LogitStore:
+    from ced_lightning.extract import run_extract
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_extract(_cfg(workdir, str(workdir / "reference.zarr"), "verify=12"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same_store(a: str, b: str) -> None:
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    names = ["topk_indices", "topk_values", "block_done", *(f"params/{n}" for n in ga["params"].array_keys())]
+    for name in names:
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+    for key in ("teachers", "augment_recipe", "quantization", "audio_fingerprint", "class_names"):
+        assert ga.attrs[key] == gb.attrs[key]
+
+
+def test_heterogeneous_ensemble_extracts_and_verifies(reference: LogitStore, workdir: Path) -> None:
+    store = LogitStore.open(reference.url)
+    assert store.is_complete() and len(store) == N_CLIPS and store.num_blocks == 5
+    assert store.class_names == CLASSES and store.clip_samples == 16000
+    assert [t["name"] for t in store.teachers] == ["ced_tiny", "mobilenet"]
+    assert all(len(t["sha256"]) == 64 for t in store.teachers)
+    epoch = store.read_epoch(1)
+    assert epoch.indices.shape == (N_CLIPS, K) and (np.diff(epoch.probs, axis=1) <= 0).all()
+    assert ((epoch.probs > 0) & (epoch.probs < 1)).all()
+    # Epochs differ (other augmentation draws), so do their top-k probabilities.
+    assert not np.array_equal(store.read_epoch(0).probs, epoch.probs)
+    stats = (workdir / "reference.zarr.stats.json").read_text()
+    assert '"bytes_per_clip_epoch"' in stats and '"clips_per_s"' in stats
+    assert '"ok": true' in stats, stats
+
+
+def test_verify_detects_tampering(reference: LogitStore, workdir: Path) -> None:
+    from ced_lightning.extract import load_teachers, verify_store
+    from ced_lightning.store.audio import AudioStore
+
+    cfg = _cfg(workdir, reference.url)
+    teachers, _, _ = load_teachers(cfg.teacher)
+    audio = AudioStore.open(str(workdir / "audio.zarr"))
+    ok = verify_store(reference, teachers, audio, samples=6, seed=1)
+    assert ok["ok"] and ok["max_abs_diff"] <= ok["bound"] and ok["topk_set_agreement"] == 1.0
+    # A store whose values were shifted is caught.
+    tampered = str(workdir / "tampered.zarr")
+    src, dst = zarr.open_group(reference.url, mode="r"), zarr.open_group(tampered, mode="w")
+    dst.attrs.update(dict(src.attrs))
+    for name in [
+        "topk_indices",
+        "topk_values",
+        "block_done",
+        *(f"params/{n}" for n in src["params"].array_keys()),
+    ]:
+        data = src[name][:]
+        if name == "topk_values":
+            data = (data.astype(np.float32) * 0.9).astype(np.float16)
+        dst.create_array(name, data=data, chunks=src[name].chunks)
+    bad = verify_store(LogitStore.open(tampered), teachers, audio, samples=6, seed=1)
+    assert not bad["ok"] and bad["max_abs_diff"] > bad["bound"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(
+    reference: LogitStore, workdir: Path, one_thread
+) -> None:
+    from ced_lightning.extract import run_extract
+
+    out = str(workdir / "resumed.zarr")
+    partial = run_extract(_cfg(workdir, out, "limit_blocks=2"))
+    assert partial.missing_blocks() == [2, 3, 4]
+    # The interrupted store still refuses to be read as a whole.
+    with pytest.raises(ValueError, match="incomplete"):
+        partial.read_epoch(0)
+    run_extract(_cfg(workdir, out))
+    _assert_same_store(reference.url, out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["topk=4"], "topk"),
+        (["quantization=int8"], "quantization"),
+        (["augment.time_masks=2"], "augment_recipe"),
+        (["seed=8"], "seed"),
+        (["clip_seconds=0.5"], "clip_samples"),
+    ],
+)
+def test_mismatch_refused(reference: LogitStore, workdir: Path, extra: list[str], named: str) -> None:
+    from ced_lightning.extract import run_extract
+
+    with pytest.raises(ValueError, match=rf"(?s)other settings:.*{named}: stored"):
+        run_extract(_cfg(workdir, reference.url, *extra))
+
+
+def test_mismatch_refused_other_teachers_and_audio(reference: LogitStore, workdir: Path) -> None:
+    from ced_lightning.extract import run_extract
+
+    cfg = _cfg(
+        workdir, reference.url, f"teacher.members=[{{name: ced_tiny, checkpoint: {workdir / 'ced_tiny.pt'}}}]"
+    )
+    with pytest.raises(ValueError, match=r"(?s)teachers: stored .*mobilenet"):
+        run_extract(cfg)
+    cfg = _cfg(workdir, reference.url, f"audio_store={workdir / 'other_audio.zarr'}")
+    with pytest.raises(
+        ValueError, match=r"(?s)audio_fingerprint: stored.*num_clips: stored 40, requested 39"
+    ):
+        run_extract(cfg)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path) -> None:
+    out = str(workdir / "ddp.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ced_lightning.extract",
+        *_overrides(
+            workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'ddp_run'}"
+        ),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "devices: 2" in done.stdout
+    _assert_same_store(reference.url, out)
+
+
+def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:
+    blocks = [1, 2, 3, 5, 8, 9, 10]
+    shares = [rank_share(blocks, 3, r) for r in range(3)]
+    assert [b for share in shares for b in share] == blocks and [len(s) for s in shares] == [2, 3, 2]
+    assert list(BlockSampler(blocks, 3, 1)) == [3, 5, 8]
+    assert rank_share([4], 2, 0) + rank_share([4], 2, 1) == [4]
+    with pytest.raises(ValueError, match="rank 2 out of range"):
+        rank_share(blocks, 2, 2)
+
+
+def test_crop_clips_cuts_and_pads() -> None:
+    flat = np.arange(1, 11, dtype=np.int16)
+    wave, lengths = crop_clips(flat, np.array([0, 3, 10]), clip_samples=5)
+    np.testing.assert_array_equal(wave, [[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    np.testing.assert_array_equal(lengths, [3, 5])
+
+
+def test_teachers_with_different_class_counts_refused() -> None:
+    a, b = create_ced("ced_tiny", depth=1, num_classes=3), create_ced("ced_tiny", depth=1, num_classes=4)
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        check_teachers([a, b], ["a", "b"])
+    with pytest.raises(TypeError, match="forward_spectrogram"):
+        check_teachers([torch.nn.Linear(2, 2)])
