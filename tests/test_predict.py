@@ -1,0 +1,168 @@
+"""Tagging files: batching by length, formats and rates, a corrupt file among good ones, outputs, timeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from ced_lightning.audio import load_audio
+from ced_lightning.labels import audioset_classes
+from ced_lightning.models import checkpoint_class_names, create_ced, load_model, model_spec, save_ced
+from ced_lightning.predict import (
+    batches_by_length,
+    expand_inputs,
+    resolve_class_names,
+    segment_starts,
+    tag_files,
+    write_results,
+)
+
+CLASS_NAMES = ["dog", "cat", "bird", "rain"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return create_ced("ced_tiny", depth=1, num_classes=4).eval()
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    """Two 1 s mono wavs (same length: one batch), a 44.1 kHz stereo flac, a 12 s wav, and a corrupt file."""
+    folder = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    sf.write(folder / "a.wav", 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+    sf.write(folder / "b.wav", 0.2 * np.sin(np.arange(16000) / 5.0).astype(np.float32), 16000)
+    sf.write(folder / "c.flac", 0.1 * rng.standard_normal((44100 * 2, 2)).astype(np.float32), 44100)
+    sf.write(folder / "long.wav", 0.1 * rng.standard_normal(16000 * 12).astype(np.float32), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
+    (folder / "notes.txt").write_text("not audio, ignored when a folder is searched")
+    return folder
+
+
+def test_batches_by_length():
+    assert batches_by_length([5, 3, 5, 5, 3], batch_size=2) == [[1, 4], [0, 2], [3]]
+    assert batches_by_length([100, 101, 300], batch_size=8, tolerance=1) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="batch_size"):
+        batches_by_length([1], batch_size=0)
+
+
+def test_segment_starts():
+    assert segment_starts(16000 * 3, 16000, 16000) == [0, 16000, 32000]
+    assert segment_starts(16000 * 3 + 100, 16000, 16000) == [0, 16000, 32000, 32100]
+    assert segment_starts(8000, 16000, 8000) == [0]
+
+
+def test_expand_inputs(audio_dir):
+    found = [p.name for p in expand_inputs([audio_dir])]
+    assert found == ["a.wav", "b.wav", "broken.wav", "c.flac", "long.wav"]
+    with pytest.raises(FileNotFoundError, match=r"missing\.wav does not exist"):
+        expand_inputs([audio_dir / "missing.wav"])
+
+
+def test_class_names(tiny_model):
+    assert resolve_class_names(tiny_model, None) == ["class_0", "class_1", "class_2", "class_3"]
+    assert resolve_class_names(tiny_model, CLASS_NAMES) == CLASS_NAMES
+    assert resolve_class_names(create_ced("ced_tiny", depth=1), None)[0] == "Speech"
+    with pytest.raises(ValueError, match="class_names has 2 entries"):
+        resolve_class_names(tiny_model, ["x", "y"])
+
+
+def test_tag_files_keeps_good_files_and_reports_the_broken_one(tiny_model, audio_dir):
+    files = expand_inputs([audio_dir])
+    results, failures = tag_files(
+        tiny_model, files, topk=3, class_names=CLASS_NAMES, batch_size=4, device="cpu"
+    )
+    assert [Path(r["file"]).name for r in results] == ["a.wav", "b.wav", "c.flac", "long.wav"]
+    assert len(failures) == 1 and failures[0].path.endswith("broken.wav")
+    assert "broken.wav" in failures[0].reason
+    assert results[2]["duration_s"] == pytest.approx(2.0)
+    for result in results:
+        probs = [label["probability"] for label in result["labels"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+    # Batched (a.wav with b.wav) equals one file alone; the 12 s file goes through CED's split path.
+    for result in (results[0], results[3]):
+        with torch.no_grad():
+            alone = torch.sigmoid(tiny_model(load_audio(result["file"])[None]))[0]
+        top = result["labels"][0]
+        assert top["name"] == CLASS_NAMES[int(alone.argmax())]
+        assert top["probability"] == pytest.approx(float(alone.max()), abs=1e-5)
+
+
+def test_timeline_and_csv(tiny_model, audio_dir, tmp_path):
+    results, _ = tag_files(
+        tiny_model,
+        [audio_dir / "long.wav"],
+        topk=2,
+        class_names=CLASS_NAMES,
+        timeline_segments=True,
+        segment_seconds=2.0,
+        hop_seconds=1.0,
+        device="cpu",
+    )
+    segments = results[0]["segments"]
+    assert [s["start_s"] for s in segments] == [float(i) for i in range(11)]
+    assert segments[-1]["end_s"] == 12.0
+    assert results[0]["_segment_probs"].shape == (11, 4)
+    write_results(tmp_path / "tags.csv", results)
+    rows = list(csv.DictReader((tmp_path / "tags.csv").open()))
+    assert len(rows) == 2 + 11 * 2
+    assert rows[0]["start_s"] == "" and rows[2]["start_s"] == "0.0"
+    with pytest.raises(ValueError, match=r"\.jsonl or \.csv"):
+        write_results(tmp_path / "tags.txt", results)
+
+
+def test_command_tags_good_files_and_exits_non_zero(tiny_model, audio_dir, tmp_path):
+    # A checkpoint in our Lightning layout, carrying class names.
+    ckpt = tmp_path / "tiny.ckpt"
+    state = {f"model.{k}": v for k, v in tiny_model.state_dict().items()}
+    torch.save({"state_dict": state, "model_spec": model_spec(tiny_model), "class_names": CLASS_NAMES}, ckpt)
+    output = tmp_path / "out" / "tags.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ced_lightning.predict",
+            f"ckpt={ckpt}",
+            f"inputs=[{audio_dir / 'a.wav'},{audio_dir / 'broken.wav'},{audio_dir / 'long.wav'}]",
+            "topk=2",
+            f"output={output}",
+            "timeline=true",
+            f"timeline_dir={tmp_path / 'timelines'}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [Path(r["file"]).name for r in lines] == ["a.wav", "long.wav"]
+    assert {label["name"] for label in lines[0]["labels"]} <= set(CLASS_NAMES)
+    assert "segments" in lines[1] and "_segment_probs" not in lines[1]
+    assert "broken.wav" in proc.stdout + proc.stderr
+    pngs = sorted(p.name for p in (tmp_path / "timelines").iterdir())
+    assert pngs == ["0000_a.png", "0001_long.png"]
+
+
+def test_released_format_checkpoint_uses_audioset_names(audio_dir, tmp_path):
+    save_ced(create_ced("ced_tiny", depth=1), tmp_path / "released.pt")
+    model = load_model(tmp_path / "released.pt")
+    names = resolve_class_names(model, checkpoint_class_names(tmp_path / "released.pt"))
+    assert names == list(audioset_classes().names)
+    results, failures = tag_files(model, [audio_dir / "a.wav"], topk=5, class_names=names, device="cpu")
+    assert not failures
+    assert all(label["name"] in names for label in results[0]["labels"])
