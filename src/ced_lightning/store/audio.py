@@ -1,0 +1,590 @@
+"""The audio store: every clip of a data set as one flat int16 Zarr v3 array, plus per-clip metadata.
+
+Layout (a Zarr v3 group; `docs/` describes it for users):
+
+- attrs: `format_version`, `kind` ("ced-audio-store"), `sample_rate`, `source`, `config`, `fingerprint`,
+  `num_clips`, `num_samples`, `num_classes`, `has_labels`, `chunk_samples`, `shard_chunks`, `failures`
+  (files skipped at prepare time, a list of {"name"/"path", "reason"}), `complete`, and while writing,
+  `progress` (the last committed shard, for resuming).
+- `audio` int16 [total samples]: every clip back to back; chunks of 10.24 s so a random 10 s clip touches at
+  most two chunks, 64 chunks per shard so a store of millions of clips stays a few thousand objects.
+- `offsets`, `lengths` int64 [N]; `names` str [N]; labels in CSR form: `label_indptr` int64 [N+1] and
+  `label_indices` int32; `class_names`, `class_mids` str [C] when the store has a class list.
+
+The writer is resumable: audio goes to the store in whole shards only, and after each shard the per-clip
+metadata of the clips completed so far plus a `progress` attribute are written (the attribute last, so it
+is the commit point). A rerun with the same arguments reopens the store, drops anything past the last
+commit and carries on from there; the result is the same arrays as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from ced_lightning.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STORE_KIND = "ced-audio-store"
+# 10.24 s: a 10 s clip (AudioSet's length) starting anywhere spans at most two chunks.
+DEFAULT_CHUNK_SAMPLES = 163840
+# 64 chunks = 10.5 M samples (21 MB raw) per shard object: few objects on disk or in a bucket, and the
+# writer's buffer stays small.
+DEFAULT_SHARD_CHUNKS = 64
+# Per-clip metadata: 8192 entries per chunk keeps the per-shard append (a read-modify-write of the last
+# chunk) cheap, and even millions of clips stay a few hundred objects.
+_META_CHUNK = 8192
+
+
+def _normalize_url(url: str | os.PathLike) -> str:
+    return os.fspath(url).rstrip("/") or "/"
+
+
+def _zarr_store(url: str, *, read_only: bool) -> Any:
+    """A zarr store for a local path or any fsspec URL (`file://` maps to a plain local store: faster)."""
+    if url.startswith("file://"):
+        return zarr.storage.LocalStore(url[len("file://") :], read_only=read_only)
+    if "://" in url:
+        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+    return zarr.storage.LocalStore(url, read_only=read_only)
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    return zarr.open_group(store=_zarr_store(url, read_only=mode == "r"), mode=mode)
+
+
+def _fingerprint(names: Sequence[str], lengths: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode("utf-8"))
+        digest.update(b"\0")
+    digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _to_int16(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().numpy()
+    waveform = np.asarray(waveform)
+    if waveform.ndim != 1:
+        raise ValueError(f"clip {name!r}: expected a mono waveform [samples], got shape {waveform.shape}")
+    if waveform.dtype == np.int16:
+        return waveform
+    if not np.issubdtype(waveform.dtype, np.floating):
+        raise ValueError(f"clip {name!r}: expected float32 in [-1, 1] or int16 samples, got {waveform.dtype}")
+    # int16 / 32768 is the read-back scale, so +1.0 saturates to 32767 (one LSB of clipping, at most).
+    scaled = np.rint(waveform.astype(np.float64) * 32768.0)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
+
+
+class AudioStore:
+    """Read side of the audio store. Cheap to pickle: worker processes reopen the Zarr arrays lazily."""
+
+    def __init__(self, url: str, group: zarr.Group) -> None:
+        self.url = url
+        attrs = dict(group.attrs)
+        if attrs.get("kind") != STORE_KIND:
+            raise FileNotFoundError(f"{url}: not an audio store (no kind={STORE_KIND!r} in its attributes)")
+        if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{url}: audio store format {attrs['format_version']} is newer than this ced_lightning "
+                f"reads ({FORMAT_VERSION}); upgrade ced_lightning"
+            )
+        if not attrs.get("complete"):
+            raise FileNotFoundError(
+                f"{url}: the audio store is incomplete (its writer stopped before the end); rerun the same "
+                "`python -m ced_lightning.prepare ...` command to resume it"
+            )
+        self.attrs: dict[str, Any] = attrs
+        self.sample_rate = int(attrs["sample_rate"])
+        self.chunk_samples = int(attrs["chunk_samples"])
+        self.fingerprint: str = attrs["fingerprint"]
+        self.has_labels = bool(attrs.get("has_labels"))
+        self.names: list[str] = [str(n) for n in group["names"][:]]
+        self.lengths: np.ndarray = np.asarray(group["lengths"][:], dtype=np.int64)
+        self.offsets: np.ndarray = np.asarray(group["offsets"][:], dtype=np.int64)
+        self._ends = self.offsets + self.lengths
+        self._label_indptr: np.ndarray = np.asarray(group["label_indptr"][:], dtype=np.int64)
+        self._label_indices: np.ndarray = np.asarray(group["label_indices"][:], dtype=np.int64)
+        self.class_names: list[str] | None = (
+            [str(n) for n in group["class_names"][:]] if "class_names" in group else None
+        )
+        self.class_mids: list[str] | None = (
+            [str(n) for n in group["class_mids"][:]] if "class_mids" in group else None
+        )
+        self.num_classes: int | None = attrs.get("num_classes")
+        self._label_matrix: np.ndarray | None = None
+        self._audio: zarr.Array | None = group["audio"]
+
+    @classmethod
+    def open(cls, url: str | os.PathLike) -> AudioStore:
+        """Open a complete audio store at a local path or fsspec URL."""
+        url = _normalize_url(url)
+        try:
+            group = _open_group(url, "r")
+        except (
+            FileNotFoundError,
+            zarr.errors.GroupNotFoundError,
+            zarr.errors.NodeTypeValidationError,
+        ) as err:
+            raise FileNotFoundError(
+                f"{url}: no audio store there. Build one with: python -m ced_lightning.prepare "
+                f"input=<audio dir, file list or AudioSet CSV> output={url}"
+            ) from err
+        return cls(url, group)
+
+    # Pickling: worker processes get the numpy metadata and reopen the audio array on first read.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_audio"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def audio(self) -> zarr.Array:
+        if self._audio is None:
+            self._audio = _open_group(self.url, "r")["audio"]
+        return self._audio
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __repr__(self) -> str:
+        hours = float(self.lengths.sum()) / self.sample_rate / 3600
+        return f"AudioStore({self.url!r}, clips={len(self)}, hours={hours:.2f}, classes={self.num_classes})"
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.url}: clip index {i} out of range for {n} clips")
+        return i % n
+
+    def read(self, i: int) -> torch.Tensor:
+        """Clip `i` as float32 `[samples]` in [-1, 1)."""
+        i = self._check_index(int(i))
+        raw = self.audio[int(self.offsets[i]) : int(self._ends[i])]
+        return torch.from_numpy(np.asarray(raw, dtype=np.float32) / np.float32(32768.0))
+
+    def read_span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clips `[start, stop)` in one flat read: (int16 samples, int64 offsets into them [stop-start+1])."""
+        n = len(self)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"{self.url}: span [{start}, {stop}) out of range for {n} clips")
+        if start == stop:
+            return np.zeros(0, dtype=np.int16), np.zeros(1, dtype=np.int64)
+        first, last = int(self.offsets[start]), int(self._ends[stop - 1])
+        flat = np.asarray(self.audio[first:last], dtype=np.int16)
+        rel = np.empty(stop - start + 1, dtype=np.int64)
+        rel[:-1] = self.offsets[start:stop] - first
+        rel[-1] = last - first
+        return flat, rel
+
+    def labels(self, i: int) -> np.ndarray:
+        """Class indices of clip `i` (int64; empty when it has none)."""
+        i = self._check_index(int(i))
+        return self._label_indices[self._label_indptr[i] : self._label_indptr[i + 1]]
+
+    def label_matrix(self) -> np.ndarray:
+        """Multi-hot uint8 `[N, num_classes]` (built once)."""
+        if self._label_matrix is None:
+            if not self.num_classes:
+                raise ValueError(f"{self.url}: the store has no class list, so no label matrix")
+            matrix = np.zeros((len(self), self.num_classes), dtype=np.uint8)
+            rows = np.repeat(np.arange(len(self)), np.diff(self._label_indptr))
+            matrix[rows, self._label_indices] = 1
+            self._label_matrix = matrix
+        return self._label_matrix
+
+    def failures(self) -> list[dict]:
+        """Inputs skipped when the store was written, each `{"name" or "path": ..., "reason": ...}`."""
+        return list(self.attrs.get("failures", []))
+
+
+def _job_signature(
+    source: str,
+    config: dict | None,
+    class_names: Sequence[str] | None,
+    class_mids: Sequence[str] | None,
+    chunk_samples: int,
+    shard_chunks: int,
+) -> dict[str, Any]:
+    # What must match for a rerun to resume (or reuse) a store rather than refuse to touch it.
+    return json.loads(
+        json.dumps(
+            {
+                "source": source,
+                "config": config or {},
+                "class_names": list(class_names) if class_names is not None else None,
+                "class_mids": list(class_mids) if class_mids is not None else None,
+                "chunk_samples": int(chunk_samples),
+                "shard_chunks": int(shard_chunks),
+            },
+            default=str,
+        )
+    )
+
+
+class AudioStoreWriter:
+    """Appends clips in order; commits whole shards; resumes from the last commit of an earlier run.
+
+    Every array is created empty and grows by doubling its capacity (a metadata-only resize), because the
+    total length is unknown until every file is decoded (resampling changes lengths, files fail); `finish`
+    trims each to its exact size. Audio is only ever written in whole, shard-aligned pieces, so no shard is
+    rewritten, except the last, partial one at the end.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        *,
+        class_names: Sequence[str] | None = None,
+        class_mids: Sequence[str] | None = None,
+        source: str = "memory",
+        config: dict | None = None,
+        overwrite: bool = False,
+        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+        shard_chunks: int = DEFAULT_SHARD_CHUNKS,
+        sample_rate: int = SAMPLE_RATE,
+    ) -> None:
+        if chunk_samples <= 0 or shard_chunks <= 0:
+            raise ValueError(
+                f"chunk_samples and shard_chunks must be positive, not {chunk_samples}, {shard_chunks}"
+            )
+        if class_mids is not None and class_names is not None and len(class_mids) != len(class_names):
+            raise ValueError(
+                f"class_mids ({len(class_mids)}) and class_names ({len(class_names)}) differ in length"
+            )
+        if class_mids is not None and class_names is None:
+            class_names = list(class_mids)
+        self.url = _normalize_url(url)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.class_mids = list(class_mids) if class_mids is not None else None
+        self.num_classes = len(self.class_names) if self.class_names is not None else None
+        self.chunk_samples = int(chunk_samples)
+        self.shard_samples = int(chunk_samples) * int(shard_chunks)
+        self.sample_rate = int(sample_rate)
+        self.signature = _job_signature(
+            source, config, self.class_names, self.class_mids, chunk_samples, shard_chunks
+        )
+        self.base_attrs: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "kind": STORE_KIND,
+            "sample_rate": self.sample_rate,
+            "source": source,
+            "config": self.signature["config"],
+            "chunk_samples": self.chunk_samples,
+            "shard_chunks": int(shard_chunks),
+            "num_classes": self.num_classes,
+            "job": self.signature,
+        }
+        # Everything kept in memory: per-clip metadata of all clips so far; audio from `origin` onwards.
+        self.names: list[str] = []
+        self.lengths: list[int] = []
+        self.label_counts: list[int] = []
+        self.label_indices: list[int] = []
+        self.any_labels = False
+        self.failures: list[dict] = []
+        self.items_done = 0  # input items consumed (clips + failures) up to the last clip held
+        self.written = 0  # samples committed to `audio` (a multiple of shard_samples until the end)
+        self.committed_clips = 0
+        self.committed_items = 0
+        self.resumed_clips = 0
+        self.complete_store: AudioStore | None = None
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
+        self._origin = 0  # sample index of the first pending sample
+        self._seen: set[str] = set()
+        self.clip_items: list[int] = []  # input item index of each clip
+        self._committed_end = 0  # sample index where the committed clips end
+        self._label_start = 0  # label_indices entries of the committed clips
+        self._arrays: dict[str, zarr.Array] = {}
+        self._open(overwrite)
+
+    # -- opening / resuming ---------------------------------------------------------------------------------
+    def _open(self, overwrite: bool) -> None:
+        existing = None if overwrite else self._try_open_existing()
+        if existing is not None:
+            attrs = dict(existing.attrs)
+            if attrs.get("kind") != STORE_KIND:
+                raise FileExistsError(f"{self.url}: exists and is not an audio store; pick another output")
+            if attrs.get("job") != self.signature:
+                raise FileExistsError(
+                    f"{self.url}: an audio store written with other arguments is already there; pass "
+                    "overwrite=true to replace it, or choose another output"
+                )
+            if attrs.get("complete"):
+                log.info("%s: complete audio store with the same arguments exists; reusing it", self.url)
+                self.complete_store = AudioStore(self.url, existing)
+                return
+            self.group = _open_group(self.url, "r+")
+            self._resume(attrs.get("progress"))
+            return
+        self.group = _open_group(self.url, "w")
+        self._create_arrays()
+
+    def _try_open_existing(self) -> zarr.Group | None:
+        try:
+            return _open_group(self.url, "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return None
+
+    def _create_arrays(self) -> None:
+        g = self.group
+        g.attrs.update({**self.base_attrs, "complete": False, "progress": None})
+        compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        g.create_array(
+            "audio",
+            shape=(0,),
+            dtype="int16",
+            chunks=(self.chunk_samples,),
+            shards=(self.shard_samples,),
+            compressors=compressor,
+            fill_value=0,
+        )
+        for name, dtype in (
+            ("lengths", "int64"),
+            ("offsets", "int64"),
+            ("label_indptr", "int64"),
+            ("label_indices", "int32"),
+        ):
+            g.create_array(name, shape=(0,), dtype=dtype, chunks=(_META_CHUNK,), fill_value=0)
+        g.create_array("names", shape=(0,), dtype=str, chunks=(_META_CHUNK,))
+        for name, values in (("class_names", self.class_names), ("class_mids", self.class_mids)):
+            if values is not None:
+                # Variable-length UTF-8: the one string type with a Zarr v3 spec in zarr 3.1.
+                arr = g.create_array(name, shape=(len(values),), dtype=str, chunks=(max(1, len(values)),))
+                if values:
+                    arr[:] = np.array(values, dtype=object).astype(str)
+
+    def _resume(self, progress: dict | None) -> None:
+        g = self.group
+        if not progress:
+            # Killed before the first commit: nothing worth keeping, start clean.
+            self.group = _open_group(self.url, "w")
+            self._create_arrays()
+            return
+        n = int(progress["clips"])
+        self.names = [str(s) for s in g["names"][:n]]
+        self.lengths = [int(x) for x in g["lengths"][:n]]
+        indptr = np.asarray(g["label_indptr"][: n + 1], dtype=np.int64)
+        self.label_counts = np.diff(indptr).tolist()
+        self.label_indices = [int(x) for x in g["label_indices"][: int(indptr[-1])]] if n else []
+        self._label_start = len(self.label_indices)
+        self.clip_items = [-1] * n  # not needed for clips already committed
+        self.any_labels = bool(progress.get("any_labels"))
+        self.failures = list(progress.get("failures", []))
+        self.items_done = self.committed_items = int(progress["items"])
+        self.committed_clips = self.resumed_clips = n
+        self.written = int(progress["samples"])
+        self._origin = self._committed_end = int(sum(self.lengths))
+        self._seen = set(self.names)
+        if self._origin > self.written:
+            raise RuntimeError(f"{self.url}: corrupt progress record {progress}; rerun with overwrite=true")
+        # Samples [origin, written) already in the store are the start of the next clip: decoded again, it is
+        # appended whole and that region is never written twice (commits start at `written`).
+        log.info(
+            "%s: resuming after %d committed clips (%d input items, %.2f h of audio)",
+            self.url,
+            n,
+            self.items_done,
+            self._origin / self.sample_rate / 3600,
+        )
+
+    # -- appending --------------------------------------------------------------------------------
+    def add(self, name: str, waveform: np.ndarray | torch.Tensor, labels: Sequence[int] | None) -> None:
+        """Append one clip (float32 in [-1, 1] or int16, mono, at the store's sample rate)."""
+        if name in self._seen:
+            raise ValueError(f"{self.url}: duplicate clip name {name!r}")
+        samples = _to_int16(waveform, name)
+        if samples.size == 0:
+            raise ValueError(f"clip {name!r}: empty waveform")
+        label_list = [] if labels is None else [int(x) for x in labels]
+        if labels is not None:
+            self.any_labels = True
+        if label_list and self.num_classes is not None:
+            bad = [x for x in label_list if not 0 <= x < self.num_classes]
+            if bad:
+                raise ValueError(f"clip {name!r}: class indices {bad} outside 0..{self.num_classes - 1}")
+        self._seen.add(name)
+        self.names.append(name)
+        self.lengths.append(int(samples.size))
+        uniq = sorted(set(label_list))
+        self.label_counts.append(len(uniq))
+        self.label_indices.extend(uniq)
+        self.clip_items.append(self.items_done)
+        self.items_done += 1
+        self._pending.append(samples)
+        self._pending_samples += int(samples.size)
+        while self._origin + self._pending_samples >= self.written + self.shard_samples:
+            self._commit_shard()
+
+    def add_failure(self, record: dict) -> None:
+        """Record an input that could not become a clip (`{"path" or "name": ..., "reason": ...}`)."""
+        self.failures.append({**record, "_item": self.items_done})
+        self.items_done += 1
+
+    def _pending_array(self) -> np.ndarray:
+        if len(self._pending) != 1:
+            self._pending = [np.concatenate(self._pending)] if self._pending else [np.zeros(0, np.int16)]
+        return self._pending[0]
+
+    def _commit_shard(self) -> None:
+        buffer = self._pending_array()
+        start = self.written - self._origin
+        audio = self._array("audio")
+        self._grow(audio, self.written + self.shard_samples)
+        audio[self.written : self.written + self.shard_samples] = buffer[start : start + self.shard_samples]
+        self.written += self.shard_samples
+        # Clips that now lie wholly in committed shards leave the buffer and become resumable.
+        ends = np.cumsum(self.lengths[self.committed_clips :]) + self._committed_end
+        newly = int(np.searchsorted(ends, self.written, side="right"))
+        if newly:
+            drop = int(ends[newly - 1]) - self._origin
+            self._pending = [buffer[drop:]]
+            self._pending_samples -= drop
+            self._origin += drop
+            new_clips = self.committed_clips + newly
+            self._write_metadata(self.committed_clips, new_clips)
+            self.committed_clips = new_clips
+            self._committed_end = int(ends[newly - 1])
+            # Failures after the last committed clip are not committed: a resumed run meets them again.
+            self.committed_items = self.clip_items[new_clips - 1] + 1
+        self._write_progress()
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    @staticmethod
+    def _grow(arr: zarr.Array, size: int) -> None:
+        # Capacity doubles (a metadata-only resize) so that appends rarely touch array metadata; `finish`
+        # trims every array to its exact size.
+        if arr.shape[0] < size:
+            arr.resize((max(size, 2 * arr.shape[0]),))
+
+    def _write_metadata(self, start: int, stop: int) -> None:
+        # Always called for the clips right after the last committed one, so offsets continue from there.
+        lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
+        offsets = np.cumsum(lengths) - lengths + self._committed_end
+        label_lo = self._label_start
+        counts = np.asarray(self.label_counts[start:stop], dtype=np.int64)
+        # label_indptr has N+1 entries: entry `start` is rewritten (same value) so the array stays contiguous.
+        indptr = np.concatenate([[label_lo], label_lo + np.cumsum(counts)]).astype(np.int64)
+        label_hi = int(indptr[-1])
+        for name, data, lo in (
+            ("lengths", lengths, start),
+            ("offsets", offsets, start),
+            ("label_indptr", indptr, start),
+            ("label_indices", np.asarray(self.label_indices[label_lo:label_hi], dtype=np.int32), label_lo),
+            ("names", np.array(self.names[start:stop], dtype=object).astype(str), start),
+        ):
+            arr = self._array(name)
+            hi = int(lo) + len(data)
+            self._grow(arr, hi)
+            if len(data):
+                arr[int(lo) : hi] = data
+        self._label_start = label_hi
+
+    def _write_progress(self) -> None:
+        self.group.attrs["progress"] = {
+            "clips": self.committed_clips,
+            "items": self.committed_items,
+            "samples": self.written,
+            "any_labels": self.any_labels,
+            "failures": [f for f in self.failures if f["_item"] < self.committed_items],
+        }
+
+    def skip_items(self) -> int:
+        """How many input items an earlier run already committed (the caller skips that many)."""
+        return self.committed_items
+
+    # -- finishing --------------------------------------------------------------------------------
+    def finish(self) -> AudioStore:
+        """Write the last partial shard and the final metadata; mark the store complete."""
+        if self.complete_store is not None:
+            return self.complete_store
+        if not self.names:
+            raise ValueError(f"{self.url}: no clip could be written (all inputs failed or none were given)")
+        buffer = self._pending_array()
+        total = self._origin + self._pending_samples
+        audio = self._array("audio")
+        audio.resize((total,))
+        if total > self.written:
+            audio[self.written : total] = buffer[self.written - self._origin : total - self._origin]
+        self.written = total
+        self._write_metadata(self.committed_clips, len(self.names))
+        self.committed_clips = len(self.names)
+        n = len(self.names)
+        sizes = {"lengths": n, "offsets": n, "names": n, "label_indptr": n + 1}
+        sizes["label_indices"] = len(self.label_indices)
+        for name, size in sizes.items():
+            # Trim the doubled capacity (and whatever a killed run left past its last commit).
+            if self._array(name).shape[0] != size:
+                self._array(name).resize((size,))
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        failures = [{k: v for k, v in f.items() if k != "_item"} for f in self.failures]
+        self.group.attrs.update(
+            {
+                **self.base_attrs,
+                "fingerprint": _fingerprint(self.names, lengths),
+                "num_clips": len(self.names),
+                "num_samples": int(lengths.sum()),
+                "has_labels": self.any_labels,
+                "failures": failures,
+                "progress": None,
+                "complete": True,
+            }
+        )
+        return AudioStore.open(self.url)
+
+
+def write_audio_store(
+    url: str | os.PathLike,
+    clips: Iterable[tuple[str, np.ndarray | torch.Tensor, Sequence[int] | None]],
+    *,
+    class_names: Sequence[str] | None = None,
+    class_mids: Sequence[str] | None = None,
+    source: str = "memory",
+    config: dict | None = None,
+    overwrite: bool = False,
+    chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+    shard_chunks: int = DEFAULT_SHARD_CHUNKS,
+) -> AudioStore:
+    """Write `(name, waveform, labels)` clips (16 kHz mono, float32 in [-1, 1] or int16) to a new store.
+
+    A complete store at `url` written with the same source/config/classes is returned as it is, an
+    incomplete one resumes (the first clips it committed are skipped from `clips`); other stores there are
+    refused unless `overwrite`.
+    """
+    writer = AudioStoreWriter(
+        url,
+        class_names=class_names,
+        class_mids=class_mids,
+        source=source,
+        config=config,
+        overwrite=overwrite,
+        chunk_samples=chunk_samples,
+        shard_chunks=shard_chunks,
+    )
+    if writer.complete_store is not None:
+        return writer.complete_store
+    skip = writer.skip_items()
+    for k, (name, waveform, labels) in enumerate(clips):
+        if k < skip:
+            continue
+        writer.add(name, waveform, labels)
+    return writer.finish()

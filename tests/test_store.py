@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from ced_lightning.store.audio import (
+    DEFAULT_CHUNK_SAMPLES,
+    FORMAT_VERSION,
+    AudioStore,
+    AudioStoreWriter,
+    write_audio_store,
+)
+
+CHUNK, SHARD = 256, 4  # a 1024-sample shard: tiny clips still span several shards
+
+
+def make_clips(n: int = 40, seed: int = 0) -> list[tuple[str, np.ndarray, list[int]]]:
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        length = int(rng.integers(50, 1500))
+        labels = sorted({int(x) for x in rng.integers(0, 5, size=int(rng.integers(0, 3)))})
+        clips.append((f"clip_{i:03d}", rng.uniform(-0.9, 0.9, length).astype(np.float32), labels))
+    return clips
+
+
+def expected_int16(waveform: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(waveform.astype(np.float64) * 32768), -32768, 32767).astype(np.int16)
+
+
+def write(url, clips, **kwargs) -> AudioStore:
+    kwargs.setdefault("class_names", [f"c{k}" for k in range(5)])
+    return write_audio_store(url, clips, chunk_samples=CHUNK, shard_chunks=SHARD, **kwargs)
+
+
+def store_arrays(url: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(url, mode="r")
+    return {name: np.asarray(arr[:]) for name, arr in group.arrays()}
+
+
+def assert_same_store(a: str, b: str) -> None:
+    arrays_a, arrays_b = store_arrays(a), store_arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        assert arrays_a[name].shape == arrays_b[name].shape, name
+        assert np.array_equal(arrays_a[name], arrays_b[name]), name
+    assert dict(zarr.open_group(a, mode="r").attrs) == dict(zarr.open_group(b, mode="r").attrs)
+
+
+def test_roundtrip_read_span_labels(tmp_path: Path) -> None:
+    clips = make_clips()
+    store = write(tmp_path / "s.zarr", clips, class_mids=[f"/m/{k}" for k in range(5)])
+    assert len(store) == len(clips) and store.sample_rate == 16000
+    assert store.names == [c[0] for c in clips]
+    assert store.lengths.dtype == np.int64 and store.offsets.dtype == np.int64
+    assert np.array_equal(store.lengths, [len(c[1]) for c in clips])
+    assert np.array_equal(store.offsets, np.concatenate([[0], np.cumsum(store.lengths)[:-1]]))
+    for i, (_, wave, _) in enumerate(clips):
+        got = store.read(i)
+        assert got.dtype == torch.float32
+        assert np.array_equal(got.numpy(), expected_int16(wave) / np.float32(32768))
+    flat, offsets = store.read_span(5, 21)
+    assert flat.dtype == np.int16 and offsets.dtype == np.int64 and len(offsets) == 17
+    for k, i in enumerate(range(5, 21)):
+        assert np.array_equal(flat[offsets[k] : offsets[k + 1]], expected_int16(clips[i][1]))
+    assert offsets[-1] == len(flat)
+    empty, rel = store.read_span(3, 3)
+    assert len(empty) == 0 and list(rel) == [0]
+    with pytest.raises(IndexError):
+        store.read_span(0, len(clips) + 1)
+    with pytest.raises(IndexError):
+        store.read(len(clips))
+
+    assert store.has_labels and store.num_classes == 5
+    assert store.class_names == [f"c{k}" for k in range(5)] and store.class_mids == [
+        f"/m/{k}" for k in range(5)
+    ]
+    matrix = store.label_matrix()
+    assert matrix.dtype == np.uint8 and matrix.shape == (len(clips), 5)
+    for i, (_, _, labels) in enumerate(clips):
+        assert list(store.labels(i)) == labels
+        assert sorted(np.flatnonzero(matrix[i])) == labels
+    attrs = store.attrs
+    assert attrs["format_version"] == FORMAT_VERSION and attrs["num_clips"] == len(clips)
+    assert attrs["source"] == "memory" and store.failures() == []
+    assert store.chunk_samples == CHUNK
+
+
+def test_int16_and_tensor_input_and_no_labels(tmp_path: Path) -> None:
+    ints = np.array([-32768, -1, 0, 1, 32767], dtype=np.int16)
+    clips = [("a", ints, None), ("b", torch.tensor([1.0, -1.0, 0.5]), None)]
+    store = write_audio_store(tmp_path / "s.zarr", clips)
+    assert not store.has_labels and store.num_classes is None and store.class_names is None
+    assert np.array_equal(store.read_span(0, 1)[0], ints)
+    # +1.0 saturates one LSB below full scale; -1.0 is exact.
+    assert store.read(1).tolist() == [32767 / 32768, -1.0, 0.5]
+    assert len(store.labels(0)) == 0
+    with pytest.raises(ValueError, match="no class list"):
+        store.label_matrix()
+
+
+def test_default_layout_chunk_and_shard(tmp_path: Path) -> None:
+    store = write_audio_store(
+        tmp_path / "s.zarr", [("a", np.full(1000, 0.1, np.float32), [0])], class_names=["x"]
+    )
+    audio = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["audio"]
+    assert store.chunk_samples == DEFAULT_CHUNK_SAMPLES == 163840
+    assert audio.chunks == (163840,) and audio.shards == (163840 * 64,) and audio.dtype == np.int16
+    assert audio.shape == (1000,)
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path: Path) -> None:
+    clips = make_clips(10)
+    a = write(tmp_path / "a.zarr", clips)
+    b = write_audio_store(tmp_path / "b.zarr", clips)  # other layout, same names and lengths
+    renamed = [(f"x{name}", wave, labels) for name, wave, labels in clips]
+    c = write(tmp_path / "c.zarr", renamed)
+    shorter = [*clips[:-1], (clips[-1][0], clips[-1][1][:-1], clips[-1][2])]
+    d = write(tmp_path / "d.zarr", shorter)
+    assert len(a.fingerprint) >= 16 and a.fingerprint == b.fingerprint
+    assert a.fingerprint == AudioStore.open(tmp_path / "a.zarr").fingerprint
+    assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def test_pickle_reopens_lazily(tmp_path: Path) -> None:
+    clips = make_clips(8)
+    store = write(tmp_path / "s.zarr", clips)
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._audio is None  # no zarr handle crosses the process boundary
+    assert np.array_equal(clone.read(3).numpy(), store.read(3).numpy())
+    assert clone.names == store.names and clone.fingerprint == store.fingerprint
+
+
+def test_fsspec_urls(tmp_path: Path) -> None:
+    clips = make_clips(6)
+    memory = write("memory://ced-test/s.zarr", clips)
+    assert np.array_equal(AudioStore.open("memory://ced-test/s.zarr").read(2).numpy(), memory.read(2).numpy())
+    write(tmp_path / "f.zarr", clips)
+    via_url = AudioStore.open(f"file://{tmp_path}/f.zarr")
+    assert np.array_equal(via_url.read_span(0, 6)[0], memory.read_span(0, 6)[0])
+
+
+def test_open_errors_name_the_url(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.zarr"
+    with pytest.raises(FileNotFoundError, match=r"nope\.zarr"):
+        AudioStore.open(missing)
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(FileNotFoundError, match="not an audio store"):
+        AudioStore.open(tmp_path / "other.zarr")
+
+
+def test_existing_store_reused_refused_or_overwritten(tmp_path: Path) -> None:
+    url = tmp_path / "s.zarr"
+    clips = make_clips(5)
+    first = write(url, clips, config={"v": 1})
+    # Same arguments: the complete store is returned without consuming the clips.
+    again = write(url, iter(()), config={"v": 1})
+    assert again.fingerprint == first.fingerprint
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write(url, clips[:2], config={"v": 2})
+    replaced = write(url, clips[:2], config={"v": 2}, overwrite=True)
+    assert len(replaced) == 2
+    with pytest.raises(ValueError, match="duplicate clip name"):
+        write(tmp_path / "dup.zarr", [clips[0], clips[0]])
+    with pytest.raises(ValueError, match="outside"):
+        write(tmp_path / "bad.zarr", [("a", np.ones(10, np.float32) * 0.1, [7])])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted(clips, stop_after: int):
+    for k, clip in enumerate(clips):
+        if k == stop_after:
+            raise Interrupt  # what Ctrl-C does to a loop feeding the writer
+        yield clip
+
+
+@pytest.mark.parametrize("stop_after", [1, 9, 39])
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path: Path, stop_after: int) -> None:
+    clips = make_clips(40)
+    write(tmp_path / "ref.zarr", clips, config={"run": 1})
+    url = str(tmp_path / "resumed.zarr")
+    with pytest.raises(Interrupt):
+        write(url, interrupted(clips, stop_after), config={"run": 1})
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        AudioStore.open(url)
+    progress = dict(zarr.open_group(url, mode="r").attrs)["progress"]
+    committed = progress["clips"] if progress else 0
+    assert committed <= stop_after
+    if stop_after >= 7:
+        assert committed > 0, "several shards were full: some clips must be committed"
+    # The rerun must not re-add committed clips; feeding them again would raise "duplicate clip name".
+    write(url, clips, config={"run": 1})
+    assert_same_store(str(tmp_path / "ref.zarr"), url)
+
+
+def test_resume_with_failures_keeps_report(tmp_path: Path) -> None:
+    clips = make_clips(30)
+    bad = {4, 11, 12, 25}
+
+    def feed(writer: AudioStoreWriter, stop: int | None) -> AudioStore | None:
+        for k in range(writer.skip_items(), len(clips)):
+            if k == stop:
+                return None
+            if k in bad:
+                writer.add_failure({"name": clips[k][0], "reason": f"bad {k}"})
+            else:
+                writer.add(*clips[k])
+        return writer.finish()
+
+    def new_writer(url: Path) -> AudioStoreWriter:
+        return AudioStoreWriter(
+            url, class_names=[f"c{k}" for k in range(5)], chunk_samples=CHUNK, shard_chunks=SHARD
+        )
+
+    ref = feed(new_writer(tmp_path / "ref.zarr"), None)
+    assert ref is not None and [f["reason"] for f in ref.failures()] == [f"bad {k}" for k in sorted(bad)]
+    assert feed(new_writer(tmp_path / "r.zarr"), 20) is None
+    resumed_writer = new_writer(tmp_path / "r.zarr")
+    assert 0 < resumed_writer.skip_items() <= 20
+    feed(resumed_writer, None)
+    assert_same_store(str(tmp_path / "ref.zarr"), str(tmp_path / "r.zarr"))
