@@ -42,8 +42,8 @@ INPUT_KINDS = ("waveform", "spectrogram")
 class DftLogMel(nn.Module):
     """`LogMelFrontEnd` without complex numbers: same window, filterbank and dB conversion (its buffers).
 
-    torchaudio's dB conversion of a `[batch, mel, frames]` tensor clips at 120 dB below the maximum of the
-    whole batch (it reads the batch as channels of one clip); this module does the same, to stay equal.
+    The 120 dB floor (`top_db`) is taken per clip, as `LogMelFrontEnd` does, so a clip's output does not
+    depend on the other clips of its batch.
     """
 
     def __init__(self, front_end: LogMelFrontEnd) -> None:
@@ -80,7 +80,7 @@ class DftLogMel(nn.Module):
         mel = torch.matmul(power.transpose(1, 2), self.mel_fb).transpose(1, 2)
         db = self.multiplier * torch.log10(torch.clamp(mel, min=self.amin)) - self.db_offset
         if self.top_db is not None:
-            db = torch.maximum(db, db.amax(dim=(0, 1, 2)) - self.top_db)
+            db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - self.top_db)
         return db
 
 
