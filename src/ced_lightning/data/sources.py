@@ -1,0 +1,283 @@
+"""Inputs of `prepare`: an audio directory, a file list, or AudioSet segment CSVs matched to downloaded audio.
+
+Each becomes a `SourceList`: the clips to decode (`SourceItem`: name, path, class indices or None), the class
+list when the input has labels, and the segment-list rows that had no audio file.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ced_lightning.audio import AUDIO_EXTENSIONS
+from ced_lightning.labels import ClassList, audioset_classes, read_class_labels
+
+log = logging.getLogger(__name__)
+
+# How downloaded AudioSet files are commonly named; `Y` prefixed or not, any supported extension.
+SEGMENT_NAME_PATTERNS = ("{id}", "{id}_{start}", "{id}_{start}_{end}")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    name: str
+    path: str
+    labels: list[int] | None = None
+
+
+@dataclass
+class SourceList:
+    items: list[SourceItem]
+    class_list: ClassList | None = None
+    # Segment-list rows with no audio file, as "file:line YTID" strings.
+    unmatched: list[str] = field(default_factory=list)
+    kind: str = "directory"
+
+
+def _is_audio(name: str) -> bool:
+    return name.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def _scan_audio(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        found.extend(Path(folder) / f for f in files if _is_audio(f) and not f.startswith("."))
+    return sorted(found)
+
+
+def from_directory(root: str | os.PathLike) -> SourceList:
+    """Every audio file under `root` (recursively, sorted); name = relative path without extension."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"input={root}: not a directory")
+    items = [
+        SourceItem(name=p.relative_to(base).with_suffix("").as_posix(), path=str(p), labels=None)
+        for p in _scan_audio(base)
+    ]
+    if not items:
+        raise FileNotFoundError(f"input={root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under it")
+    return SourceList(items=items, class_list=None, kind="directory")
+
+
+def _sniff_delimiter(header: str, path: str | os.PathLike) -> str:
+    # The labels column may itself hold "," or ";" separated values, so count on the header line alone.
+    for delimiter in ("\t", ",", ";"):
+        if delimiter in header:
+            return delimiter
+    if header.strip():
+        return ","  # a single column (filename only)
+    raise ValueError(f"{path}: empty file list (expected a header with a `filename` column)")
+
+
+def _parse_labels(
+    text: str, class_list: ClassList | None, mid_index: dict[str, int], where: str
+) -> list[int]:
+    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    labels: list[int] = []
+    for part in parts:
+        if part.lstrip("-").isdigit():
+            index = int(part)
+            if class_list is not None and not 0 <= index < len(class_list):
+                raise ValueError(f"{where}: class index {index} outside 0..{len(class_list) - 1}")
+            if index < 0:
+                raise ValueError(f"{where}: negative class index {index}")
+            labels.append(index)
+        elif part in mid_index:
+            labels.append(mid_index[part])
+        else:
+            raise ValueError(
+                f"{where}: unknown class {part!r}: not an index and not a mid of the class list "
+                "(pass class_labels=<index,mid,display_name CSV>)"
+            )
+    return labels
+
+
+def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None) -> SourceList:
+    """A CSV/TSV with a `filename` column (relative to the list's folder, or absolute) and optional `labels`.
+
+    Labels are class indices or mids, separated by `;` or `,`. Without `class_list`, mids resolve against
+    AudioSet's classes, and pure indices get AudioSet's class list if they fit in it.
+    """
+    list_path = Path(path)
+    with open(list_path, encoding="utf-8", newline="") as handle:
+        text = handle.read()
+    header = text.splitlines()[0] if text else ""
+    reader = csv.DictReader(
+        text.splitlines(), delimiter=_sniff_delimiter(header, path), skipinitialspace=True
+    )
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    reader.fieldnames = fields
+    if "filename" not in fields:
+        raise ValueError(f"{path}: no `filename` column (columns: {fields})")
+    has_labels = "labels" in fields
+    classes = class_list if class_list is not None else (audioset_classes() if has_labels else None)
+    mid_index = classes.index_of_mid() if classes is not None else {}
+    items: list[SourceItem] = []
+    for line, row in enumerate(reader, start=2):
+        filename = (row.get("filename") or "").strip()
+        if not filename:
+            raise ValueError(f"{path}:{line}: empty filename")
+        file_path = Path(filename) if Path(filename).is_absolute() else list_path.parent / filename
+        name = Path(filename).with_suffix("").as_posix().lstrip("/")
+        labels = (
+            _parse_labels(row.get("labels") or "", classes, mid_index, f"{path}:{line}")
+            if has_labels
+            else None
+        )
+        items.append(SourceItem(name=name, path=str(file_path), labels=labels))
+    if not items:
+        raise ValueError(f"{path}: the file list has a header but no rows")
+    return SourceList(items=items, class_list=classes, kind="file_list")
+
+
+def _number_variants(text: str) -> dict[str, str]:
+    # Per style: "30.000" as written, "30" as an integer, "30.0" as Python prints it, "30000" in milliseconds.
+    text = text.strip()
+    variants = {"written": text}
+    try:
+        value = float(text)
+    except ValueError:
+        return variants
+    if value.is_integer():
+        variants["integer"] = str(int(value))
+    variants["python"] = repr(value)
+    variants["ms"] = str(round(value * 1000))
+    return variants
+
+
+def _segment_candidates(ytid: str, start: str, end: str) -> list[str]:
+    starts, ends = _number_variants(start), _number_variants(end)
+    stems = [ytid]
+    stems.extend(f"{ytid}_{s}" for s in starts.values())
+    # Start and end written in the same style: `_30_40`, `_30.000_40.000`.
+    stems.extend(f"{ytid}_{starts[k]}_{ends[k]}" for k in starts if k in ends)
+    stems = list(dict.fromkeys(stems))
+    return stems + [f"Y{stem}" for stem in stems]
+
+
+def index_audio_dir(audio_dir: str | os.PathLike) -> dict[str, str]:
+    """Stem -> path of every audio file under `audio_dir` (first in sorted order wins on duplicates)."""
+    root = Path(audio_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio_dir={audio_dir}: not a directory")
+    index: dict[str, str] = {}
+    duplicates = 0
+    for file in _scan_audio(root):
+        stem = file.name.rsplit(".", 1)[0]
+        if stem in index:
+            duplicates += 1
+            continue
+        index[stem] = str(file)
+    if duplicates:
+        log.warning(
+            "audio_dir=%s: %d files share a name with another (kept the first of each)", root, duplicates
+        )
+    return index
+
+
+def read_segment_csv(path: str | os.PathLike) -> list[tuple[int, str, str, str, list[str]]]:
+    """Rows of an AudioSet segment CSV: (line number, YTID, start, end, [mid, ...])."""
+    rows: list[tuple[int, str, str, str, list[str]]] = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = list(handle)
+    for line_no, fields in zip(
+        (n for n, text in enumerate(lines, 1) if text.strip() and not text.startswith("#")),
+        csv.reader(
+            (text for text in lines if text.strip() and not text.startswith("#")),
+            skipinitialspace=True,
+        ),
+        strict=True,
+    ):
+        if len(fields) < 4:
+            raise ValueError(
+                f'{path}:{line_no}: expected `YTID, start_seconds, end_seconds, "mid,mid"`, got {fields}'
+            )
+        ytid, start, end = (f.strip() for f in fields[:3])
+        mids = [m.strip() for m in ",".join(fields[3:]).split(",") if m.strip()]
+        rows.append((line_no, ytid, start, end, mids))
+    return rows
+
+
+def from_segment_csv(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    audio_dir: str | os.PathLike,
+    class_list: ClassList | None = None,
+) -> SourceList:
+    """AudioSet segment CSV rows matched to files in `audio_dir` (indexed once); name = YTID."""
+    csv_paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    classes = class_list if class_list is not None else audioset_classes()
+    mid_index = classes.index_of_mid()
+    files = index_audio_dir(audio_dir)
+    items: list[SourceItem] = []
+    unmatched: list[str] = []
+    for csv_path in csv_paths:
+        for line_no, ytid, start, end, mids in read_segment_csv(csv_path):
+            labels = []
+            for mid in mids:
+                if mid not in mid_index:
+                    raise ValueError(
+                        f"{csv_path}:{line_no} ({ytid}): unknown class mid {mid!r}; it is not in the class "
+                        "list (pass class_labels=<index,mid,display_name CSV> that has it)"
+                    )
+                labels.append(mid_index[mid])
+            match = next((files[s] for s in _segment_candidates(ytid, start, end) if s in files), None)
+            if match is None:
+                unmatched.append(f"{csv_path}:{line_no} {ytid}")
+                continue
+            items.append(SourceItem(name=ytid, path=match, labels=labels))
+    if unmatched:
+        example = _segment_candidates("<YTID>", "30.000", "40.000")
+        log.warning(
+            "%d of %d segment rows have no audio file in audio_dir=%s, e.g. %s. Names tried (any of %s): %s",
+            len(unmatched),
+            len(unmatched) + len(items),
+            audio_dir,
+            "; ".join(unmatched[:5]),
+            "/".join(AUDIO_EXTENSIONS),
+            ", ".join(example),
+        )
+    return SourceList(items=items, class_list=classes, unmatched=unmatched, kind="audioset_segments")
+
+
+def _looks_like_segment_csv(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for text in handle:
+            if text.startswith("#"):
+                if "YTID" in text:
+                    return True
+                continue
+            return False
+    return False
+
+
+def read_source(
+    input: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    audio_dir: str | os.PathLike | None = None,
+    class_labels: str | os.PathLike | None = None,
+) -> SourceList:
+    """Dispatch on the input: a directory, AudioSet segment CSV(s) (with `audio_dir`), or a file list."""
+    class_list = read_class_labels(class_labels) if class_labels else None
+    inputs = [input] if isinstance(input, str | os.PathLike) else list(input)
+    if not inputs:
+        raise ValueError("input: nothing given (a directory, a file list or AudioSet segment CSVs)")
+    paths = [Path(p) for p in inputs]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"input={p}: no such file or directory")
+    if len(paths) == 1 and paths[0].is_dir():
+        return from_directory(paths[0])
+    if all(p.is_file() and _looks_like_segment_csv(p) for p in paths):
+        if audio_dir is None:
+            raise ValueError(
+                f"input={inputs[0]} is an AudioSet segment CSV: also pass audio_dir=<downloaded audio>"
+            )
+        return from_segment_csv(paths, audio_dir, class_list)
+    if len(paths) == 1 and paths[0].is_file():
+        return from_file_list(paths[0], class_list)
+    raise ValueError(f"input={inputs}: expected one directory, one file list, or AudioSet segment CSVs")

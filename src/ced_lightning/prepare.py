@@ -1,0 +1,354 @@
+"""`python -m ced_lightning.prepare`: decode audio files into an audio store (or build the demo's stores).
+
+    python -m ced_lightning.prepare input=PATH output=STORE [audio_dir=DIR] [class_labels=CSV] [workers=N]
+    python -m ced_lightning.prepare source=demo output=DIR [demo.train=1200 demo.val=300 demo.test=300]
+
+`input` is an audio directory, a CSV/TSV file list, or AudioSet segment CSV(s) (with `audio_dir`). Files are
+decoded in worker processes and written by this one, in order. Bad files are skipped and listed in the
+store's failures report; a killed run resumes from its last committed shard when rerun with the same
+arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from multiprocessing import get_context
+from typing import Any
+
+import fsspec
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ced_lightning import conf_dir
+from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_lightning.data.sources import SourceItem, read_source
+from ced_lightning.labels import ClassList
+from ced_lightning.store.audio import (
+    DEFAULT_CHUNK_SAMPLES,
+    DEFAULT_SHARD_CHUNKS,
+    AudioStore,
+    AudioStoreWriter,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PrepareError(RuntimeError):
+    """`strict=true` and some inputs failed (the store is still complete, with its failures report)."""
+
+
+def wav_truncation(path: str) -> str | None:
+    """Why a WAV file is cut short (its `data` chunk declares more bytes than the file holds), or None.
+
+    libsndfile silently decodes what is there, so a half-downloaded file would pass as a shorter clip.
+    """
+    if not path.lower().endswith(".wav"):
+        return None
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None  # not a RIFF WAVE (RF64, or not audio at all): the decoder judges it
+            order = "little" if head[:4] == b"RIFF" else "big"
+            pos = 12
+            while pos + 8 <= size:
+                handle.seek(pos)
+                chunk = handle.read(8)
+                declared = int.from_bytes(chunk[4:8], order)
+                if chunk[:4] == b"data":
+                    available = size - pos - 8
+                    # 0 and 0xFFFFFFFF are placeholders written by streaming encoders: not truncation.
+                    if declared not in (0, 0xFFFFFFFF) and declared > available:
+                        return (
+                            f"{path}: truncated WAV (data chunk declares {declared} bytes, "
+                            f"file holds {available})"
+                        )
+                    return None
+                pos += 8 + declared + (declared & 1)
+    except OSError:
+        return None
+    return None
+
+
+def decode_item(item: SourceItem) -> tuple[np.ndarray | None, str | None]:
+    """(int16 samples at 16 kHz, None) or (None, reason): never raises for a bad file."""
+    truncated = wav_truncation(item.path)
+    if truncated:
+        return None, truncated
+    try:
+        waveform = load_audio(item.path).numpy()
+    except AudioDecodeError as err:
+        return None, str(err)
+    except Exception as err:  # a decoder crash on a hostile file must not stop a million-file run
+        return None, f"{item.path}: cannot decode audio ({type(err).__name__}: {err})"
+    if waveform.size == 0:
+        return None, f"{item.path}: empty audio after resampling"
+    if not np.isfinite(waveform).all():
+        return None, f"{item.path}: audio contains NaN or inf samples after resampling"
+    samples = np.clip(np.rint(waveform.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    if not samples.any():
+        # Audio so quiet it rounds to zero in int16 carries nothing a tagger could learn from.
+        return None, f"{item.path}: audio is silent at 16-bit resolution"
+    return samples, None
+
+
+def _worker_init() -> None:
+    # Each worker decodes one file at a time; torch's intra-op threads would only fight over the cores.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pool_context() -> Any:
+    # fork starts workers in milliseconds instead of re-importing torch in each; it is safe here for the
+    # reason it is in torch's DataLoader: each worker drops to one intra-op thread before any torch work.
+    # Elsewhere (macOS, Windows) spawn.
+    methods = multiprocessing.get_all_start_methods()
+    return get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
+
+
+def _decoded(items: Sequence[SourceItem], workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    if workers <= 0 or len(items) < 2:
+        yield from map(decode_item, items)
+        return
+    with _pool_context().Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap(decode_item, items, chunksize=max(1, min(32, len(items) // (workers * 8) or 1)))
+
+
+def _items_digest(items: Sequence[SourceItem]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.name, item.path, item.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _dedupe(items: Sequence[SourceItem]) -> tuple[list[SourceItem], list[dict]]:
+    seen: dict[str, str] = {}
+    kept: list[SourceItem] = []
+    skipped: list[dict] = []
+    for item in items:
+        if item.name in seen:
+            skipped.append(
+                {
+                    "name": item.name,
+                    "path": item.path,
+                    "kind": "skipped",
+                    "reason": f"duplicate name (kept {seen[item.name]})",
+                }
+            )
+            continue
+        seen[item.name] = item.path
+        kept.append(item)
+    return kept, skipped
+
+
+def _progress_bar(total: int, completed: int, enabled: bool | None) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    progress = Progress(
+        TextColumn("[bold]prepare"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
+        transient=False,
+    )
+    task = progress.add_task("decode", total=total, completed=completed)
+    return progress, task
+
+
+def prepare_store(
+    items: Sequence[SourceItem],
+    output: str | os.PathLike,
+    *,
+    class_list: ClassList | None = None,
+    workers: int = 0,
+    strict: bool = False,
+    overwrite: bool = False,
+    source: str = "files",
+    config: dict | None = None,
+    unmatched: Sequence[str] = (),
+    chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+    shard_chunks: int = DEFAULT_SHARD_CHUNKS,
+    throttle_s: float = 0.0,
+    progress: bool | None = None,
+) -> AudioStore:
+    """Decode `items` (in `workers` processes) into the audio store at `output`; resumes an interrupted run.
+
+    Bad files are skipped and listed in the store's `failures()`; duplicate names keep their first item.
+    Raises ValueError when no clip could be written, and PrepareError (after completing the store) when
+    `strict` and anything failed. `throttle_s` sleeps after each clip: only for testing kills mid-run.
+    """
+    kept, skipped = _dedupe(items)
+    job_config = {**(config or {}), "items": len(items), "items_sha": _items_digest(items)}
+    writer = AudioStoreWriter(
+        output,
+        class_names=list(class_list.names) if class_list is not None else None,
+        class_mids=list(class_list.mids) if class_list is not None else None,
+        source=source,
+        config=job_config,
+        overwrite=overwrite,
+        chunk_samples=chunk_samples,
+        shard_chunks=shard_chunks,
+    )
+    writer.base_attrs["unmatched_rows"] = len(unmatched)
+    writer.base_attrs["unmatched_examples"] = list(unmatched[:20])
+    if writer.complete_store is not None:
+        store = writer.complete_store
+    else:
+        if not any(f.get("_item", 0) < 0 for f in writer.failures):
+            # Duplicates are known before decoding; recorded once, also across resumes.
+            writer.failures.extend({**f, "_item": -1} for f in skipped)
+        done = writer.skip_items()
+        todo = kept[done:]
+        if done:
+            log.info("%s: %d of %d inputs were committed by an earlier run", writer.url, done, len(kept))
+        bar, task = _progress_bar(len(kept), done, progress)
+        with bar:
+            for item, (samples, reason) in zip(todo, _decoded(todo, workers), strict=True):
+                if samples is None:
+                    log.debug("skipped %s", reason)
+                    writer.add_failure(
+                        {"name": item.name, "path": item.path, "kind": "failed", "reason": reason}
+                    )
+                else:
+                    writer.add(item.name, samples, item.labels)
+                if throttle_s:
+                    time.sleep(throttle_s)
+                bar.advance(task)
+        store = writer.finish()
+    failed = [f for f in store.failures() if f.get("kind") == "failed"]
+    if failed:
+        log.warning(
+            "%d files could not be decoded (listed in the store's failures report), e.g. %s",
+            len(failed),
+            "; ".join(f["reason"] for f in failed[:5]),
+        )
+    if strict and store.failures():
+        raise PrepareError(
+            f"strict=true: {len(store.failures())} inputs were skipped or failed, "
+            f"e.g. {store.failures()[0]['reason']}"
+        )
+    return store
+
+
+def store_size_bytes(url: str) -> int:
+    """Bytes the store takes on disk (or in its bucket)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return int(fs.du(path, total=True))
+    except (FileNotFoundError, NotImplementedError):
+        return 0
+
+
+def summarize(store: AudioStore) -> dict[str, Any]:
+    """Counts for the closing summary: written, skipped, failed, hours, size, unmatched segment rows."""
+    failures = store.failures()
+    return {
+        "store": store.url,
+        "clips_written": len(store),
+        "skipped": sum(1 for f in failures if f.get("kind") == "skipped"),
+        "failed": sum(1 for f in failures if f.get("kind") != "skipped"),
+        "hours": float(store.lengths.sum()) / store.sample_rate / 3600,
+        "size_bytes": store_size_bytes(store.url),
+        "unmatched_rows": int(store.attrs.get("unmatched_rows", 0)),
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"prepare: {summary['store']}", show_header=False)
+    table.add_row("clips written", str(summary["clips_written"]))
+    table.add_row("skipped (duplicate names)", str(summary["skipped"]))
+    table.add_row("failed (undecodable)", str(summary["failed"]))
+    table.add_row("hours of audio", f"{summary['hours']:.3f}")
+    table.add_row("store size on disk", f"{summary['size_bytes'] / 2**20:.1f} MiB")
+    table.add_row("segment rows with no audio file", str(summary["unmatched_rows"]))
+    Console(stderr=True).print(table)
+    log.info("prepare summary: %s", json.dumps(summary))
+
+
+def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The whole command for a config; returns one summary per store written."""
+    if not cfg.get("output"):
+        raise ValueError(
+            "output: where to write the store (demo: the folder for train/val/test.zarr) is required"
+        )
+    workers = int(cfg.workers) if cfg.get("workers") is not None else min(8, os.cpu_count() or 1)
+    if cfg.source == "demo":
+        from ced_lightning.data.demo import build_demo_stores
+
+        urls = build_demo_stores(
+            str(cfg.output),
+            seed=int(cfg.demo.seed),
+            train=int(cfg.demo.train),
+            val=int(cfg.demo.val),
+            test=int(cfg.demo.test),
+            clip_seconds=float(cfg.demo.clip_seconds),
+            workers=workers,
+            overwrite=bool(cfg.overwrite),
+        )
+        summaries = [summarize(AudioStore.open(url)) for url in urls.values()]
+        for summary in summaries:
+            print_summary(summary)
+        return summaries
+    if cfg.source != "files":
+        raise ValueError(f"source={cfg.source!r}: expected `files` (with input=...) or `demo`")
+    if not cfg.get("input"):
+        raise ValueError("input: an audio directory, a file list, or AudioSet segment CSV(s) is required")
+    inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
+    sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
+    log.info("%s input: %d files", sources.kind, len(sources.items))
+    config = {
+        "input": inputs,
+        "audio_dir": cfg.get("audio_dir"),
+        "class_labels": cfg.get("class_labels"),
+        "sample_rate": SAMPLE_RATE,
+    }
+    store = prepare_store(
+        sources.items,
+        str(cfg.output),
+        class_list=sources.class_list,
+        workers=workers,
+        strict=False,
+        overwrite=bool(cfg.overwrite),
+        source=sources.kind,
+        config=config,
+        unmatched=sources.unmatched,
+        chunk_samples=int(cfg.chunk_samples),
+        shard_chunks=int(cfg.shard_chunks),
+        throttle_s=float(cfg.get("throttle_s") or 0.0),
+    )
+    summary = summarize(store)
+    print_summary(summary)
+    if cfg.strict and (store.failures() or sources.unmatched):
+        raise PrepareError(
+            f"strict=true: {summary['failed']} failed, {summary['skipped']} skipped, "
+            f"{summary['unmatched_rows']} segment rows without audio (see the store's failures report)"
+        )
+    return [summary]
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_prepare(cfg)
+    except (PrepareError, ValueError, FileNotFoundError, FileExistsError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
