@@ -147,7 +147,9 @@ class LabeledDataModule(LightningDataModule):
 
     @property
     def _reference(self) -> AudioStore | None:
-        return next(iter([self.train_store, *self.val_stores, *self.test_stores]), None)
+        return next(
+            (s for s in [self.train_store, *self.val_stores, *self.test_stores] if s is not None), None
+        )
 
     @property
     def num_classes(self) -> int:

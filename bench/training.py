@@ -1,0 +1,120 @@
+"""Training supply and demand: a CED-Mini distillation step (forward, backward, optimiser) in clips/s at batch
+32 on the CPU, against what `DistillDataModule` delivers for the same clips (audio read, logit target
+rebuilt, augmentation parameters replayed) with 0 and 2 workers."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import measure, rate
+from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.data.distill import DistillDataModule
+from ced_lightning.data.stream import ClipBatchStream
+from ced_lightning.losses import distill_loss
+from ced_lightning.models import create_ced
+from ced_lightning.store import LogitStore
+from ced_lightning.store.audio import write_audio_store
+from ced_lightning.targets import rebuild_targets
+
+CLASSES, TOPK, EPOCHS = 527, 20, 2
+
+
+def build_stores(root: Path, clips: int, seconds: float) -> tuple[str, str]:
+    """An audio store of noise clips and a logit store with plausible top-k rows for it."""
+    rng = np.random.default_rng(0)
+    samples = int(seconds * 16000)
+    audio_url, logits_url = str(root / "audio.zarr"), str(root / "logits.zarr")
+    audio = write_audio_store(
+        audio_url,
+        (
+            (f"c{i}", (rng.standard_normal(samples) * 0.1).astype(np.float32), [i % CLASSES])
+            for i in range(clips)
+        ),
+        class_names=[f"class{i}" for i in range(CLASSES)],
+    )
+    recipe = AugmentRecipe()
+    store = LogitStore.create(
+        logits_url,
+        num_clips=clips,
+        epochs=EPOCHS,
+        topk=TOPK,
+        num_classes=CLASSES,
+        class_names=audio.class_names,
+        quantization="int8",
+        recipe=recipe,
+        seed=0,
+        audio_fingerprint=audio.fingerprint,
+        audio_url=audio_url,
+        clip_samples=samples,
+        teachers=[{"name": "synthetic"}],
+        combine="mean_prob",
+        block_clips=256,
+    )
+    for b in range(store.num_blocks):
+        start, stop = store.block_range(b)
+        n = stop - start
+        indices = np.stack([np.argsort(rng.random((n, CLASSES)), 1)[:, :TOPK] for _ in range(EPOCHS)])
+        probs = np.sort(rng.beta(0.3, 3.0, (EPOCHS, n, TOPK)).astype(np.float32), -1)[..., ::-1]
+        lengths = audio.lengths[start:stop]
+        params = [sample_augment_params(recipe, 0, e, np.arange(start, stop), lengths) for e in range(EPOCHS)]
+        store.write_block(b, indices, probs, params)
+    return audio_url, logits_url
+
+
+def delivery_rate(audio_url: str, logits_url: str, workers: int, batch_size: int) -> dict[str, float]:
+    data = DistillDataModule(
+        train=audio_url, logits=logits_url, batch_size=batch_size, num_workers=workers, mixup=0.5
+    )
+    loader = data.train_dataloader()
+
+    def one_epoch() -> None:
+        for _ in loader:
+            pass
+
+    stream: ClipBatchStream = loader.dataset
+    seconds = measure(one_epoch, repeats=3, warmup=1)
+    return rate(seconds, len(stream) * batch_size)
+
+
+def step_rate(batch_size: int, seconds: float) -> dict[str, float]:
+    model = create_ced("ced_mini", num_classes=CLASSES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    recipe = AugmentRecipe()
+    samples = int(seconds * 16000)
+    wave = torch.randn(batch_size, samples) * 0.1
+    lengths = torch.full((batch_size,), samples)
+    params = sample_augment_params(recipe, 0, 0, np.arange(batch_size), lengths.numpy())
+    indices = torch.randint(0, CLASSES, (batch_size, TOPK))
+    probs = torch.rand(batch_size, TOPK)
+
+    def step() -> None:
+        mel = augmented_spectrogram(model.front_end, wave, lengths, params, recipe)
+        target = rebuild_targets(indices, probs, CLASSES, "zero")
+        loss = distill_loss("kl", model.forward_spectrogram(mel), target, 1.0).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return rate(measure(step, repeats=3, warmup=1), batch_size)
+
+
+def run(quick: bool = True) -> dict[str, Any]:
+    batch_size = 32
+    seconds = 10.0
+    clips = 512 if quick else 4096
+    with tempfile.TemporaryDirectory() as tmp:
+        audio_url, logits_url = build_stores(Path(tmp), clips, seconds)
+        step = step_rate(batch_size, seconds)
+        delivery = {w: delivery_rate(audio_url, logits_url, w, batch_size) for w in (0, 2)}
+    return {
+        "config": {"batch_size": batch_size, "clip_seconds": seconds, "clips": clips, "topk": TOPK},
+        "ced_mini step clips/s": step,
+        "delivery clips/s, 0 workers": delivery[0],
+        "delivery clips/s, 2 workers": delivery[2],
+        "ratios": {f"delivery / step, {w} workers": delivery[w]["median"] / step["median"] for w in (0, 2)},
+    }
