@@ -92,6 +92,9 @@ def test_onnx_batch_of_two_with_another_length(sessions, reference_model, ced_re
             assert np.abs(logits - expected_outputs["batch_two_10s"].numpy()).max() < TOLERANCE
 
 
-def test_unknown_input_kind_is_rejected():
+def test_bad_arguments_are_rejected(tmp_path):
+    tiny = create_ced("ced_tiny", depth=1, num_classes=4)
     with pytest.raises(ValueError, match="input='mel'"):
-        ExportableTagger(create_ced("ced_tiny", depth=1, num_classes=4), "mel")
+        ExportableTagger(tiny, "mel")
+    with pytest.raises(ValueError, match="opset=17"):
+        export_onnx(tiny, tmp_path / "x.onnx", opset=17)

@@ -37,6 +37,7 @@ from ced_lightning.models.ced import CED, LogMelFrontEnd
 log = logging.getLogger(__name__)
 
 INPUT_KINDS = ("waveform", "spectrogram")
+MIN_OPSET = 18
 
 
 class DftLogMel(nn.Module):
@@ -153,9 +154,14 @@ def export_onnx(
     """Write `model` (eval mode, float32, CPU) to `output` as ONNX; returns the path.
 
     Inputs `waveform [batch, samples]` or `spectrogram [batch, n_mels, frames]`, outputs `logits` and
-    `probabilities [batch, classes]`; batch and time are dynamic axes. torch's exporter writes opset 18 or
-    newer; a lower `opset` is attempted by onnx's converter and left at 18 where that fails (logged).
+    `probabilities [batch, classes]`; batch and time are dynamic axes. `opset` must be >= 18, the oldest
+    torch's exporter writes (onnxruntime has run opset 18 since 1.14).
     """
+    if opset < MIN_OPSET:
+        # onnx's down-converter has no adapter for Pad below 18: refuse clearly rather than half-convert.
+        raise ValueError(
+            f"opset={opset}: the ONNX exporter writes opset {MIN_OPSET} or newer; use opset={MIN_OPSET}"
+        )
     wrapper = ExportableTagger(model.float().cpu().eval(), input_kind).eval()
     example = example_input(model, input_kind, seconds=example_seconds)
     output = Path(output)
@@ -191,6 +197,14 @@ def _min_time(model: nn.Module, input_kind: str) -> int:
     return max(patch * hop, model.front_end.config.n_fft // 2 + 1)
 
 
+def file_opset(path: str | PathLike) -> int:
+    """The default-domain opset an ONNX file declares (the exporter may raise a requested one to 18)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def onnx_session(path: str | PathLike):
     """An onnxruntime CPU session for an exported file (onnxruntime is the `onnx` extra)."""
     try:
@@ -221,9 +235,14 @@ def main(cfg: DictConfig) -> None:
                 f"{key}= is required: python -m ced_lightning.export ckpt=PATH output=model.onnx"
             )
     torch.set_num_threads(os.cpu_count() or 1)
+    # The exporter's graph passes log every rewrite at INFO under Hydra's root logger: hundreds of lines.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     model = load_model(cfg.ckpt)
     path = export_onnx(model, cfg.output, input_kind=str(cfg.input), opset=int(cfg.opset))
-    message = f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input={cfg.input}, opset={cfg.opset})"
+    message = (
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input={cfg.input}, opset={file_opset(path)})"
+    )
     if cfg.verify:
         message += "; " + verify_export(model, path, str(cfg.input))
     print(message)
