@@ -1,0 +1,91 @@
+"""Audio store read path: random `read` per clip vs `read_span` of 16 neighbours vs an in-memory floor.
+
+A temporary store of synthetic 10 s clips (the demo generator, default layout: 10.24 s chunks, 64 per
+shard). Three ways to get float32 torch tensors of clips:
+
+- `read`: one random clip per call (what a naive map-style Dataset does);
+- `read_span`: 16 neighbouring clips per call, spans in shuffled order (the training stream's path);
+- floor: the same spans as one slice of an in-memory int16 array, converted to float32 (no store at all).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import measure, rate, ratio
+from ced_lightning.data.demo import generate_demo_clip
+from ced_lightning.store.audio import AudioStore, write_audio_store
+
+SPAN = 16
+
+
+def _make_store(root: Path, clips: int) -> AudioStore:
+    def gen():
+        for i in range(clips):
+            wave, labels = generate_demo_clip(0, i, 10.0)
+            yield f"clip_{i:05d}", wave, labels
+
+    return write_audio_store(root / "bench.zarr", gen(), source="bench", config={"clips": clips})
+
+
+def _to_tensors(flat: np.ndarray, offsets: np.ndarray) -> list[torch.Tensor]:
+    wave = torch.from_numpy(flat).to(torch.float32).div_(32768.0)
+    return list(torch.split(wave, np.diff(offsets).tolist()))
+
+
+def run(quick: bool = True) -> dict[str, Any]:
+    clips = 300 if quick else 1200
+    repeats = 3 if quick else 7
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _make_store(Path(tmp), clips)
+        memory = np.asarray(store.audio[:], dtype=np.int16)
+        order = rng.permutation(clips)
+        spans = [(s, min(s + SPAN, clips)) for s in rng.permutation(np.arange(0, clips, SPAN))]
+
+        def random_reads() -> None:
+            for i in order:
+                store.read(int(i))
+
+        def span_reads() -> None:
+            for start, stop in spans:
+                _to_tensors(*store.read_span(start, stop))
+
+        def floor_reads() -> None:
+            for start, stop in spans:
+                a, b = int(store.offsets[start]), int(store.offsets[stop - 1] + store.lengths[stop - 1])
+                _to_tensors(memory[a:b], np.append(store.offsets[start:stop], b) - a)
+
+        timings = {
+            "read (random, 1 clip per call)": measure(random_reads, repeats=repeats),
+            f"read_span ({SPAN} neighbours per call, shuffled spans)": measure(span_reads, repeats=repeats),
+            "floor (in-memory int16 slice -> float32)": measure(floor_reads, repeats=repeats),
+        }
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    rates = {name: rate(seconds, clips) for name, seconds in timings.items()}
+    names = list(rates)
+    result = {
+        "clips": clips,
+        "clip_seconds": 10.0,
+        "store_mib": round(size / 2**20, 1),
+        "clips_per_second": rates,
+        "ratios": {
+            "read_span / read (clips/s)": ratio(rates[names[1]], rates[names[0]]),
+            "floor / read_span (clips/s)": ratio(rates[names[2]], rates[names[1]]),
+            "floor / read (clips/s)": ratio(rates[names[2]], rates[names[0]]),
+        },
+    }
+    for name, value in rates.items():
+        print(f"{name}: {value['median']:.0f} clips/s (min {value['min']:.0f}, max {value['max']:.0f})")
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    run(quick=True)
