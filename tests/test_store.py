@@ -136,6 +136,27 @@ def test_pickle_reopens_lazily(tmp_path: Path) -> None:
     assert clone.names == store.names and clone.fingerprint == store.fingerprint
 
 
+def _read_in_child(store: AudioStore, queue) -> None:
+    queue.put(store.read_span(2, 5)[0])
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_processes_read(tmp_path: Path, method: str) -> None:
+    import multiprocessing
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    store = write(tmp_path / "s.zarr", make_clips(8))
+    store.read(0)  # the parent's handle is open before the child starts, as in a DataLoader
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(store, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and np.array_equal(got, store.read_span(2, 5)[0])
+
+
 def test_fsspec_urls(tmp_path: Path) -> None:
     clips = make_clips(6)
     memory = write("memory://ced-test/s.zarr", clips)

@@ -47,6 +47,17 @@ DEFAULT_SHARD_CHUNKS = 64
 _META_CHUNK = 8192
 
 
+# "No group here" across zarr 3.x releases (names checked so that a renamed class cannot break the import).
+_NOT_FOUND: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    *(
+        getattr(zarr.errors, name)
+        for name in ("GroupNotFoundError", "NodeTypeValidationError", "NodeNotFoundError")
+        if isinstance(getattr(zarr.errors, name, None), type)
+    ),
+)
+
+
 def _normalize_url(url: str | os.PathLike) -> str:
     return os.fspath(url).rstrip("/") or "/"
 
@@ -88,6 +99,12 @@ def _to_int16(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return np.clip(scaled, -32768, 32767).astype(np.int16)
 
 
+def _resize(arr: zarr.Array, size: int) -> None:
+    arr.resize((size,))
+    if arr.shape != (size,):  # resize is in place in zarr 3.1; fail loudly should a release change that
+        raise RuntimeError(f"zarr did not resize {arr.path} in place (shape {arr.shape}, wanted {size})")
+
+
 class AudioStore:
     """Read side of the audio store. Cheap to pickle: worker processes reopen the Zarr arrays lazily."""
 
@@ -126,6 +143,7 @@ class AudioStore:
         self.num_classes: int | None = attrs.get("num_classes")
         self._label_matrix: np.ndarray | None = None
         self._audio: zarr.Array | None = group["audio"]
+        self._audio_pid = os.getpid()
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> AudioStore:
@@ -133,11 +151,7 @@ class AudioStore:
         url = _normalize_url(url)
         try:
             group = _open_group(url, "r")
-        except (
-            FileNotFoundError,
-            zarr.errors.GroupNotFoundError,
-            zarr.errors.NodeTypeValidationError,
-        ) as err:
+        except _NOT_FOUND as err:
             raise FileNotFoundError(
                 f"{url}: no audio store there. Build one with: python -m ced_lightning.prepare "
                 f"input=<audio dir, file list or AudioSet CSV> output={url}"
@@ -155,8 +169,10 @@ class AudioStore:
 
     @property
     def audio(self) -> zarr.Array:
-        if self._audio is None:
+        """The flat int16 array, opened once per process (a forked worker reopens its own)."""
+        if self._audio is None or self._audio_pid != os.getpid():
             self._audio = _open_group(self.url, "r")["audio"]
+            self._audio_pid = os.getpid()
         return self._audio
 
     def __len__(self) -> int:
@@ -338,7 +354,7 @@ class AudioStoreWriter:
     def _try_open_existing(self) -> zarr.Group | None:
         try:
             return _open_group(self.url, "r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        except _NOT_FOUND:
             return None
 
     def _create_arrays(self) -> None:
@@ -476,7 +492,7 @@ class AudioStoreWriter:
         # Capacity doubles (a metadata-only resize) so that appends rarely touch array metadata; `finish`
         # trims every array to its exact size.
         if arr.shape[0] < size:
-            arr.resize((max(size, 2 * arr.shape[0]),))
+            _resize(arr, max(size, 2 * arr.shape[0]))
 
     def _write_metadata(self, start: int, stop: int) -> None:
         # Always called for the clips right after the last committed one, so offsets continue from there.
@@ -524,7 +540,7 @@ class AudioStoreWriter:
         buffer = self._pending_array()
         total = self._origin + self._pending_samples
         audio = self._array("audio")
-        audio.resize((total,))
+        _resize(audio, total)
         if total > self.written:
             audio[self.written : total] = buffer[self.written - self._origin : total - self._origin]
         self.written = total
@@ -536,7 +552,7 @@ class AudioStoreWriter:
         for name, size in sizes.items():
             # Trim the doubled capacity (and whatever a killed run left past its last commit).
             if self._array(name).shape[0] != size:
-                self._array(name).resize((size,))
+                _resize(self._array(name), size)
         lengths = np.asarray(self.lengths, dtype=np.int64)
         failures = [{k: v for k, v in f.items() if k != "_item"} for f in self.failures]
         self.group.attrs.update(
