@@ -24,7 +24,7 @@ demo:
 	$(BIN)/python -m ced_lightning.train experiment=ced_mini
 
 bench:
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS) && $(BIN)/python -m bench.readme
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -59,7 +59,17 @@ def test_roundtrip_read_span_labels(tmp_path: Path) -> None:
     assert store.names == [c[0] for c in clips]
     assert store.lengths.dtype == np.int64 and store.offsets.dtype == np.int64
     assert np.array_equal(store.lengths, [len(c[1]) for c in clips])
-    assert np.array_equal(store.offsets, np.concatenate([[0], np.cumsum(store.lengths)[:-1]]))
+    # Back to back, except that a clip which would cross a chunk boundary starts at the next chunk.
+    ends = store.offsets + store.lengths
+    assert store.offsets[0] == 0 and (store.offsets[1:] >= ends[:-1]).all()
+    gaps = store.offsets[1:] != ends[:-1]
+    assert gaps.any() and (store.offsets[1:][gaps] % store.chunk_samples == 0).all()
+    fits = store.lengths <= store.chunk_samples  # longer clips necessarily span several chunks
+    assert fits.any()
+    assert (store.offsets // store.chunk_samples == (ends - 1) // store.chunk_samples)[fits].all()
+    spans = store.chunk_spans()
+    assert spans[0] == 0 and spans[-1] == len(store)
+    assert len(spans) == len(np.unique(store.offsets // store.chunk_samples)) + 1
     for i, (_, wave, _) in enumerate(clips):
         got = store.read(i)
         assert got.dtype == torch.float32
@@ -109,8 +119,17 @@ def test_default_layout_chunk_and_shard(tmp_path: Path) -> None:
         tmp_path / "s.zarr", [("a", np.full(1000, 0.1, np.float32), [0])], class_names=["x"]
     )
     audio = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["audio"]
-    assert store.chunk_samples == DEFAULT_CHUNK_SAMPLES == 163840
-    assert audio.chunks == (163840,) and audio.shards == (163840 * 64,) and audio.dtype == np.int16
+    assert store.chunk_samples == DEFAULT_CHUNK_SAMPLES == 16 * 160_000  # 16 AudioSet clips per chunk
+    assert audio.chunks == (16 * 160_000,) and audio.shards == (4 * 16 * 160_000,) and audio.dtype == np.int16
+    assert audio.compressors == () and store.attrs["compression"] == "none"
+    zstd = write_audio_store(
+        tmp_path / "z.zarr",
+        [("a", np.full(1000, 0.1, np.float32), [0])],
+        class_names=["x"],
+        compression="zstd",
+    )
+    assert zarr.open_group(str(tmp_path / "z.zarr"), mode="r")["audio"].compressors
+    assert torch.equal(zstd.read(0), store.read(0))
     assert audio.shape == (1000,)
 
 

@@ -76,6 +76,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
         f"seed={cfg.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
         "logger=csv",
+        *list(cfg.data.get("teacher_overrides") or []),
         *list(member.get("overrides") or []),
     ]
     teacher_cfg = compose(config_name="train", overrides=overrides)
@@ -116,15 +117,13 @@ def extract_demo_logits(cfg: DictConfig) -> None:
 def demo_summary(cfg: DictConfig, student_metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """Rows of the closing table: each teacher's, the ensemble's and the student's validation mAP, and the
     logit store's size as a share of the audio store."""
-    rows: list[tuple[str, str]] = []
-    for member in cfg.teacher.members:
-        info = Path(member.checkpoint).with_suffix(".json")
-        mean_ap = json.loads(info.read_text()).get("val/mAP") if info.is_file() else None
-        rows.append((f"teacher {member.name}", _fmt(mean_ap)))
-    rows.append(("teacher ensemble", _fmt(ensemble_val_map(cfg))))
-    rows.append((f"student {cfg.model.get('name', 'CED')} (val)", _fmt(student_metrics.get("val/mAP"))))
+    teacher_maps = teacher_val_maps(cfg)
+    rows = [(f"teacher {name}", _fmt(value)) for name, value in teacher_maps.items()]
+    rows.append(
+        (f"student {cfg.model.get('name', 'CED')} (val, best epoch)", _fmt(student_metrics.get("val/mAP")))
+    )
     if "test/mAP" in student_metrics:
-        rows.append(("student (test, tested checkpoint)", _fmt(student_metrics.get("test/mAP"))))
+        rows.append((f"student (test, {cfg.test_ckpt} checkpoint)", _fmt(student_metrics.get("test/mAP"))))
     overhead = 100.0 * store_nbytes(cfg.data.logits) / max(store_nbytes(cfg.data.train), 1)
     rows.append(("logit store / audio store", f"{overhead:.2f} %"))
     return rows
@@ -135,23 +134,28 @@ def _fmt(value: Any) -> str:
 
 
 @torch.no_grad()
-def ensemble_val_map(cfg: DictConfig) -> float:
-    """The teacher ensemble's validation mAP, combined as the logit store combines it."""
+def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
+    """Validation mAP of each teacher checkpoint and of the ensemble, combined as the logit store combines it
+    (`teacher.combine`), all from one pass over the validation store."""
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.metrics import TaggingMetrics
     from ced_lightning.models import load_model
 
-    teachers = [load_model(m.checkpoint).eval() for m in cfg.teacher.members]
+    teachers = {m.name: load_model(m.checkpoint).eval() for m in cfg.teacher.members}
+    num_classes = next(iter(teachers.values())).num_classes
+    metrics = {name: TaggingMetrics(num_classes) for name in [*teachers, "ensemble"]}
     data = LabeledDataModule(val=cfg.data.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
-    metrics = TaggingMetrics(teachers[0].num_classes)
     for batch in data.val_dataloader():
-        logits = torch.stack([t(batch["waveform"]).float() for t in teachers])
+        logits = {name: t(batch["waveform"]).float() for name, t in teachers.items()}
+        for name, value in logits.items():
+            metrics[name].update(torch.sigmoid(value), batch["target"])
+        stacked = torch.stack(list(logits.values()))
         if cfg.teacher.get("combine", "mean_prob") == "mean_logit":
-            probs = torch.sigmoid(logits.mean(0))
+            ensemble = torch.sigmoid(stacked.mean(0))
         else:
-            probs = torch.sigmoid(logits).mean(0)
-        metrics.update(probs, batch["target"])
-    return float(metrics.compute()["mAP"])
+            ensemble = torch.sigmoid(stacked).mean(0)
+        metrics["ensemble"].update(ensemble, batch["target"])
+    return {("ensemble" if n == "ensemble" else n): float(m.compute()["mAP"]) for n, m in metrics.items()}
 
 
 def print_demo_summary(rows: list[tuple[str, str]]) -> None:

@@ -180,6 +180,7 @@ def prepare_store(
     unmatched: Sequence[str] = (),
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
     shard_chunks: int = DEFAULT_SHARD_CHUNKS,
+    compression: str = "none",
     throttle_s: float = 0.0,
     progress: bool | None = None,
 ) -> AudioStore:
@@ -200,6 +201,7 @@ def prepare_store(
         overwrite=overwrite,
         chunk_samples=chunk_samples,
         shard_chunks=shard_chunks,
+        compression=compression,
     )
     writer.base_attrs["unmatched_rows"] = len(unmatched)
     writer.base_attrs["unmatched_examples"] = list(unmatched[:20])
@@ -329,6 +331,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
         unmatched=sources.unmatched,
         chunk_samples=int(cfg.chunk_samples),
         shard_chunks=int(cfg.shard_chunks),
+        compression=str(cfg.get("compression", "none")),
         throttle_s=float(cfg.get("throttle_s") or 0.0),
     )
     summary = summarize(store)

@@ -1,14 +1,16 @@
 """The training read path: shuffled batches of clips read span by span from an `AudioStore`.
 
 One zarr read costs about the same whatever its size, so reading clips one call each wastes most of the
-time. Training order is therefore built from *spans* (runs of `span_clips` neighbouring clips, one read
-each) in a shuffled span order, shuffled again inside *windows* of about `shuffle_window` clips.
+time. Training order is therefore built from *spans* (by default the clips of one store chunk, read in one
+call; or runs of `span_clips` neighbouring clips) in a shuffled span order, shuffled again inside *windows*
+of about `shuffle_window` clips.
 
 Shuffle quality (a documented choice): every epoch visits every clip once in a new order; two clips that are
 neighbours in the store land in the same window (so possibly the same batch) more often than under a full
 shuffle. Clips sit in the store in the order of their source list, so keep that list unsorted by class (the
 AudioSet lists are sorted by YouTube id, which is random with respect to content). `span_clips=1` with
-`shuffle_window >= len(store)` is a full shuffle at the cost of one read per clip.
+`shuffle_window >= len(store)` is a full shuffle at the cost of one read per clip (and memory for the
+window).
 
 The plan of an epoch is a pure function of (seed, epoch, rank count, worker count), so a resumed run replays
 the same batches; `ResumableLoader` records how many batches were consumed and skips them on resume.
@@ -61,6 +63,7 @@ def plan_epoch(
     shuffle: bool = True,
     span_clips: int = 16,
     shuffle_window: int = 256,
+    span_bounds: np.ndarray | None = None,
 ) -> EpochPlan:
     """Split the epoch's clips into this rank's batches.
 
@@ -70,17 +73,22 @@ def plan_epoch(
     """
     if batch_size < 1 or span_clips < 1:
         raise ValueError("batch_size and span_clips must be at least 1")
-    starts = np.arange(0, num_clips, span_clips, dtype=np.int64)
+    if span_bounds is None:
+        span_bounds = np.append(np.arange(0, num_clips, span_clips, dtype=np.int64), num_clips)
+    span_bounds = np.asarray(span_bounds, dtype=np.int64)
+    if span_bounds[0] != 0 or span_bounds[-1] != num_clips or (np.diff(span_bounds) <= 0).any():
+        raise ValueError(f"span_bounds must rise strictly from 0 to {num_clips}")
+    spans = np.arange(len(span_bounds) - 1, dtype=np.int64)
     if shuffle:
-        starts = _hashed_order(seed, epoch, starts, _SPAN_ORDER)
-    rank_starts = [starts[r::world_size] for r in range(world_size)]
+        spans = _hashed_order(seed, epoch, spans, _SPAN_ORDER)
+    rank_spans = [spans[r::world_size] for r in range(world_size)]
 
-    def clips_of(span_starts: np.ndarray) -> np.ndarray:
-        if len(span_starts) == 0:
+    def clips_of(chosen: np.ndarray) -> np.ndarray:
+        if len(chosen) == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(s, min(s + span_clips, num_clips)) for s in span_starts])
+        return np.concatenate([np.arange(span_bounds[j], span_bounds[j + 1]) for j in chosen])
 
-    sequences = [clips_of(s) for s in rank_starts]
+    sequences = [clips_of(s) for s in rank_spans]
     num_batches = min(len(seq) for seq in sequences) // batch_size
     sequence = sequences[rank][: num_batches * batch_size]
     window_batches = max(1, math.ceil(shuffle_window / batch_size)) if shuffle else max(1, num_batches)
@@ -137,7 +145,7 @@ class ClipBatchStream(IterableDataset):
         clip_samples: int | None = None,
         random_crop: bool = False,
         shuffle: bool = True,
-        span_clips: int = 16,
+        span_clips: int | None = None,
         shuffle_window: int = 256,
         rank: int = 0,
         world_size: int = 1,
@@ -161,8 +169,10 @@ class ClipBatchStream(IterableDataset):
             rank=rank,
             world_size=world_size,
             shuffle=shuffle,
-            span_clips=span_clips,
             shuffle_window=shuffle_window,
+            # Default: the store's chunks, each one read (zarr is fastest reading whole chunks).
+            span_bounds=self.store.chunk_spans() if span_clips is None else None,
+            span_clips=span_clips or 16,
         )
 
     def __len__(self) -> int:
