@@ -147,3 +147,10 @@ def test_labeled_datamodule_train_and_eval(store_url: str) -> None:
         assert (batch["length"] == batch["waveform"].shape[1]).all()
         assert torch.equal(batch["target"].argmax(1), batch["index"] % 3)
     assert total == 53
+
+
+def test_one_chunk_store_still_feeds_every_rank() -> None:
+    bounds = np.array([0, 40])  # a tiny store: all clips in one chunk
+    plans = [plan_epoch(40, 4, seed=0, epoch=0, rank=r, world_size=2, span_bounds=bounds) for r in range(2)]
+    assert plans[0].num_batches == plans[1].num_batches >= 4
+    assert not set(_flat(plans[0])) & set(_flat(plans[1]))

@@ -194,3 +194,24 @@ def test_multirun_two_jobs_and_offline_wandb(tiny_demo: dict[str, str], tmp_path
     for job in jobs:
         assert list((job / "wandb").glob("offline-run-*")), f"no offline W&B run in {job}"
     assert "logging offline" in result.stdout + result.stderr
+
+
+def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_path: Path) -> None:
+    """DDP on the CPU (gloo, 2 processes re-executed by Lightning): one run folder, one log, rank-disjoint
+    batches, and the test step sees every clip once."""
+    overrides = _train_overrides(
+        tiny_demo,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "callbacks.early_stopping=null",
+        "hydra.run.dir=logs/ddp_run",
+    )
+    overrides.remove("trainer=cpu")
+    result = _run_cli(overrides, tmp_path)
+    runs = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
+    assert [p.name for p in runs] == ["ddp_run"], runs
+    assert len(list((tmp_path / "logs" / "ddp_run").glob("*.log"))) == 1
+    assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.ckpt").is_file()
+    assert "test/mAP" in result.stdout + result.stderr

@@ -97,7 +97,8 @@ class TaggingMetrics(torchmetrics.Metric):
         self.targets.append((targets.detach() > 0.5).to(torch.uint8))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.probs:
+        # After a DDP sync torchmetrics has already concatenated the list states into tensors.
+        if isinstance(self.probs, list) and not self.probs:
             raise RuntimeError("TaggingMetrics.compute() called before any update()")
         probs = dim_zero_cat(self.probs)
         targets = dim_zero_cat(self.targets)

@@ -138,12 +138,15 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     """`auto`: bf16-mixed where a CUDA device will be used, full 32-bit on the CPU."""
     if precision != "auto":
         return precision
-    on_gpu = accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if _on_gpu(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
@@ -152,6 +155,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         trainer_cfg.precision = resolve_precision(
             trainer_cfg.get("precision", "auto"), trainer_cfg.accelerator
         )
+        if trainer_cfg.get("sync_batchnorm") and not _on_gpu(trainer_cfg.accelerator):
+            trainer_cfg.sync_batchnorm = False  # torch's SyncBatchNorm runs on GPUs only (DDP on CPU: gloo)
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 

@@ -49,7 +49,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         metrics["tested_checkpoint"] = ckpt
     metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
-    if cfg.data.get("build_missing") and cfg.task == "distill" and trainer.is_global_zero:
+    # The demo ends with its table (teachers, ensemble, student, store overhead); `+summary=false` skips it.
+    if (
+        cfg.data.get("build_missing")
+        and cfg.task == "distill"
+        and cfg.get("summary", True)
+        and trainer.is_global_zero
+    ):
         from ced_lightning.pipeline import demo_summary, print_demo_summary
 
         print_demo_summary(demo_summary(cfg, metrics))

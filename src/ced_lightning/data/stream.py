@@ -78,6 +78,11 @@ def plan_epoch(
     span_bounds = np.asarray(span_bounds, dtype=np.int64)
     if span_bounds[0] != 0 or span_bounds[-1] != num_clips or (np.diff(span_bounds) <= 0).any():
         raise ValueError(f"span_bounds must rise strictly from 0 to {num_clips}")
+    # Small stores have few chunks: split long spans so that every rank still gets a fair share.
+    longest = max(1, num_clips // (8 * world_size))
+    if (np.diff(span_bounds) > longest).any():
+        pieces = [np.arange(a, b, longest) for a, b in zip(span_bounds[:-1], span_bounds[1:])]
+        span_bounds = np.append(np.concatenate(pieces), num_clips)
     spans = np.arange(len(span_bounds) - 1, dtype=np.int64)
     if shuffle:
         spans = _hashed_order(seed, epoch, spans, _SPAN_ORDER)
