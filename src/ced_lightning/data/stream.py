@@ -18,6 +18,7 @@ the same batches; `ResumableLoader` records how many batches were consumed and s
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def plan_epoch(
     # Small stores have few chunks: split long spans so that every rank still gets a fair share.
     longest = max(1, num_clips // (8 * world_size))
     if (np.diff(span_bounds) > longest).any():
-        pieces = [np.arange(a, b, longest) for a, b in zip(span_bounds[:-1], span_bounds[1:])]
+        pieces = [np.arange(a, b, longest) for a, b in itertools.pairwise(span_bounds)]
         span_bounds = np.append(np.concatenate(pieces), num_clips)
     spans = np.arange(len(span_bounds) - 1, dtype=np.int64)
     if shuffle:

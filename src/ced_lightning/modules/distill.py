@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
 
+from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
 from ced_lightning.losses import DistillLoss, distill_loss
 from ced_lightning.modules.tagging import TaggingModule
 from ced_lightning.targets import TargetFill, rebuild_targets
