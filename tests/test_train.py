@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -215,3 +216,40 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     assert len(list((tmp_path / "logs" / "ddp_run").glob("*.log"))) == 1
     assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.ckpt").is_file()
     assert "test/mAP" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("train_epoch", [0, 3])
+def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str], train_epoch: int) -> None:
+    """Through the real data path: the student's augmented spectrogram of each clip in a training batch is
+    bit-identical to the teacher-side one rebuilt from the audio store and the stored parameters of
+    augmentation epoch `train_epoch mod E`, and the targets are the stored top-k."""
+    from ced_lightning.augment import AugmentParams, augmented_spectrogram
+    from ced_lightning.data.distill import DistillDataModule
+    from ced_lightning.store import AudioStore, LogitStore
+
+    data = DistillDataModule(
+        train=tiny_demo["train"], logits=tiny_demo["logits"], batch_size=6, num_workers=0
+    )
+    logits, audio = LogitStore.open(tiny_demo["logits"]), AudioStore.open(tiny_demo["train"])
+
+    class _Trainer:  # the two attributes the data module reads from Lightning's Trainer
+        current_epoch, global_rank, world_size = train_epoch, 0, 1
+
+    data.trainer = _Trainer()
+    batch = next(iter(data.train_dataloader()))
+    student = create_ced("ced_tiny", depth=1, num_classes=logits.num_classes)
+    params = AugmentParams.from_torch(batch["augment"])
+    mel = augmented_spectrogram(student.front_end, batch["waveform"], batch["length"], params, logits.recipe)
+    aug_epoch = train_epoch % logits.epochs
+    for row, i in enumerate(batch["index"].tolist()):
+        indices, probs, stored = logits.read(aug_epoch, i)
+        clip = audio.read(i)[: logits.clip_samples]
+        wave = torch.zeros(1, logits.clip_samples)
+        wave[0, : len(clip)] = clip
+        teacher_side = augmented_spectrogram(
+            student.front_end, wave, torch.tensor([len(clip)]), stored, logits.recipe
+        )
+        assert torch.equal(mel[row], teacher_side[0])
+        assert params.subset(np.array([row])) == stored
+        assert torch.equal(batch["topk_indices"][row], torch.from_numpy(indices.astype(np.int64)))
+        assert torch.equal(batch["topk_probs"][row], torch.from_numpy(probs))

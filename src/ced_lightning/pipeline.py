@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from hydra import compose
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from ced_lightning.store import store_nbytes
 
@@ -76,6 +76,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
         f"seed={cfg.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
         "logger=csv",
+        *list(cfg.data.get("augment_overrides") or []),
         *list(cfg.data.get("teacher_overrides") or []),
         *list(member.get("overrides") or []),
     ]
@@ -107,11 +108,9 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"clip_seconds={cfg.data.clip_seconds}",
         f"seed={cfg.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
+        *list(cfg.data.get("augment_overrides") or []),
     ]
-    extract_cfg = compose(config_name="extract", overrides=overrides)
-    with open_dict(extract_cfg):
-        extract_cfg.augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    run_extract(extract_cfg)
+    run_extract(compose(config_name="extract", overrides=overrides))
 
 
 def demo_summary(cfg: DictConfig, student_metrics: dict[str, Any]) -> list[tuple[str, str]]:
