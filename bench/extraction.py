@@ -1,0 +1,97 @@
+"""Extraction: clips/s of `python -m ced_lightning.extract` for a 1-, 2- and 3-teacher ensemble (CED-Tiny,
+CED-Mini and a MobileNetV3 on 128-bin log-mel: three architectures, two front ends), and the scaling from 1 to
+2 processes (DDP, gloo on the CPU) for the 1-teacher case. Each figure is the real command in a subprocess,
+read from the store's `.stats.json` (time inside the extraction loop, without process start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ced_lightning.models import TimmMelClassifier, create_ced, save_ced
+from ced_lightning.store.audio import write_audio_store
+
+CLASSES = 527
+
+
+def _teachers(root: Path) -> list[Path]:
+    torch.manual_seed(0)
+    paths = []
+    for name in ("ced_tiny", "ced_mini"):
+        path = root / f"{name}.pt"
+        save_ced(create_ced(name, num_classes=CLASSES), path)
+        paths.append(path)
+    cnn = TimmMelClassifier("mobilenetv3_large_100", num_classes=CLASSES)
+    from ced_lightning.models import model_spec
+
+    path = root / "mobilenet.ckpt"
+    torch.save(
+        {"model_spec": model_spec(cnn), "state_dict": {f"model.{k}": v for k, v in cnn.state_dict().items()}},
+        path,
+    )
+    paths.append(path)
+    return paths
+
+
+def _extract(audio: str, out: str, teachers: list[Path], devices: int, clip_seconds: float) -> dict[str, Any]:
+    members = ",".join(f"{{name:t{i},checkpoint:'{p}'}}" for i, p in enumerate(teachers))
+    args = [
+        f"audio_store={audio}",
+        f"output={out}",
+        f"teacher.members=[{members}]",
+        "epochs=1",
+        "topk=20",
+        f"clip_seconds={clip_seconds}",
+        "block_clips=32",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={devices}",
+        f"strategy={'ddp' if devices > 1 else 'auto'}",
+        f"hydra.run.dir={Path(out).parent}/hydra_{Path(out).stem}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // devices))}
+    subprocess.run(
+        [sys.executable, "-m", "ced_lightning.extract", *args], check=True, env=env, capture_output=True
+    )
+    return json.loads(Path(out + ".stats.json").read_text())
+
+
+def run(quick: bool = True) -> dict[str, Any]:
+    clips, seconds = (128, 3.0) if quick else (1024, 10.0)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        audio = str(root / "audio.zarr")
+        samples = int(seconds * 16000)
+        write_audio_store(
+            audio,
+            ((f"c{i}", (rng.standard_normal(samples) * 0.1).astype(np.float32), None) for i in range(clips)),
+        )
+        teachers = _teachers(root)
+        rates = {}
+        for n in (1, 2, 3):
+            stats = _extract(audio, str(root / f"t{n}.zarr"), teachers[:n], 1, seconds)
+            rates[f"{n} teacher(s), 1 process"] = stats["clips_per_s"]
+        stats = _extract(audio, str(root / "ddp.zarr"), teachers[:1], 2, seconds)
+        rates["1 teacher, 2 processes"] = stats["clips_per_s"]
+    one = rates["1 teacher(s), 1 process"]
+    return {
+        "config": {
+            "clips": clips,
+            "clip_seconds": seconds,
+            "teachers": ["ced_tiny", "ced_mini", "mobilenet"],
+        },
+        "clips_per_s": rates,
+        "ratios": {
+            "2-teacher / 1-teacher clips/s": rates["2 teacher(s), 1 process"] / one,
+            "3-teacher / 1-teacher clips/s": rates["3 teacher(s), 1 process"] / one,
+            "2 processes / 1 process clips/s (1 teacher)": rates["1 teacher, 2 processes"] / one,
+        },
+    }
