@@ -252,3 +252,40 @@ def test_bf16_mixed_extraction_verifies(workdir: Path) -> None:
     assert store.is_complete()
     stats = Path(f"{out}.stats.json").read_text()
     assert '"precision": "bf16-mixed"' in stats and '"ok": true' in stats, stats
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference: LogitStore, workdir: Path) -> None:
+    """The real command, killed with SIGKILL after some blocks (one possibly half written), then run again."""
+    import signal
+    import time
+
+    out = str(workdir / "killed.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ced_lightning.extract",
+        *_overrides(workdir, out, f"hydra.run.dir={workdir}"),
+    ]
+    proc = subprocess.Popen([*cmd, "throttle_s=1.0"], env=env, cwd=workdir, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                done = int(zarr.open_group(out, mode="r")["block_done"][:].sum())
+            except Exception:  # the store is not created yet
+                continue
+            if done >= 2:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = LogitStore.open(out)
+    assert 2 <= partial.num_blocks - len(partial.missing_blocks()) < partial.num_blocks
+    rerun = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same_store(reference.url, out)

@@ -204,6 +204,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
         audio_url=audio.url,
         num_workers=int(cfg.num_workers),
         limit_blocks=cfg.get("limit_blocks"),
+        throttle_s=float(cfg.get("throttle_s") or 0.0),
         teacher_names=[r["name"] for r in records],
     )
     todo = module.blocks_to_do()

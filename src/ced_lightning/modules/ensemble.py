@@ -10,6 +10,7 @@ teacher on the augmented spectrograms in micro-batches, combines them, keeps the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -160,6 +161,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         audio_url: str | None = None,
         num_workers: int = 1,
         limit_blocks: int | None = None,
+        throttle_s: float = 0.0,
         teacher_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -181,6 +183,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         self.micro_batch_size = int(micro_batch_size)
         self.num_workers = int(num_workers)
         self.limit_blocks = limit_blocks
+        self.throttle_s = throttle_s
         self.store: LogitStore | None = None
         self.clips_done = 0
         self.blocks_done: list[int] = []
@@ -264,6 +267,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         block = int(batch["block"])
         indices, probs, params = self.block_topk(batch)
         self._open_store().write_block(block, indices, probs, params)
+        if self.throttle_s:
+            time.sleep(self.throttle_s)  # only for testing a kill in the middle of a run
         self.clips_done += len(batch["index"])
         self.blocks_done.append(block)
         return None
