@@ -23,6 +23,7 @@ import torch
 
 from bench.common import measure, rate, ratio
 from ced_lightning.data.demo import generate_demo_clip
+from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store.audio import AudioStore, write_audio_store
 
 ORIGINAL_HDF5_CLIPS_PER_S = 1260
@@ -73,25 +74,51 @@ def run(quick: bool = True) -> dict[str, Any]:
                 a, b = int(store.offsets[start]), int(store.offsets[stop - 1] + store.lengths[stop - 1])
                 _to_tensors(memory[a:b], np.append(store.offsets[start:stop], b) - a)
 
+        streamed = len(ClipBatchStream(store, 32, epoch=0, seed=0, clip_samples=160_000)) * 32
+
+        def stream_epoch(workers: int) -> None:
+            # The training path as a DataLoader delivers it: collated [32, 160000] float32 batches.
+            stream = ClipBatchStream(store, 32, epoch=0, seed=0, clip_samples=160_000, shuffle_window=64)
+            for _ in ResumableLoader(stream, num_workers=workers):
+                pass
+
         timings = {
+            "training stream, 0 workers": measure(lambda: stream_epoch(0), repeats=repeats),
+            "training stream, 2 workers": measure(lambda: stream_epoch(2), repeats=repeats),
             "read (random, 1 clip per call)": measure(random_reads, repeats=repeats),
             "read_span (one chunk per call, shuffled chunks)": measure(span_reads, repeats=repeats),
             "read_span, zstd store": measure(lambda: span_reads(zstd), repeats=repeats),
             "floor (in-memory int16 slice -> float32)": measure(floor_reads, repeats=repeats),
         }
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    rates = {name: rate(seconds, clips) for name, seconds in timings.items()}
-    names = list(rates)
+    delivered = {"training stream, 0 workers": streamed, "training stream, 2 workers": streamed}
+    rates = {name: rate(seconds, delivered.get(name, clips)) for name, seconds in timings.items()}
+
+    def r(a: str, b: str) -> float:
+        return ratio(rates[a], rates[b])
+
+    span, floor = (
+        "read_span (one chunk per call, shuffled chunks)",
+        "floor (in-memory int16 slice -> float32)",
+    )
     result = {
         "clips": clips,
         "clip_seconds": 10.0,
         "store_mib": round(size / 2**20, 1),
         "clips_per_second": rates,
         "ratios": {
-            "read_span / read (clips/s)": ratio(rates[names[1]], rates[names[0]]),
-            "floor / read_span (clips/s)": ratio(rates[names[3]], rates[names[1]]),
-            "read_span / read_span zstd (clips/s)": ratio(rates[names[1]], rates[names[2]]),
-            "read_span / original HDF5 reader (1,260 clips/s)": rates[names[1]]["median"]
+            "training stream 0 workers / floor": r("training stream, 0 workers", floor),
+            "training stream 2 workers / floor": r("training stream, 2 workers", floor),
+            "random read / floor": r("read (random, 1 clip per call)", floor),
+            "read_span / floor": r(span, floor),
+            "read_span / read_span of a zstd store": r(span, "read_span, zstd store"),
+            "training stream 0 workers / original HDF5 reader (1,260 clips/s)": rates[
+                "training stream, 0 workers"
+            ]["median"]
+            / ORIGINAL_HDF5_CLIPS_PER_S,
+            "training stream 2 workers / original HDF5 reader (1,260 clips/s)": rates[
+                "training stream, 2 workers"
+            ]["median"]
             / ORIGINAL_HDF5_CLIPS_PER_S,
         },
     }
