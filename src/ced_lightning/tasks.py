@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -103,7 +104,15 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
     return network
 
 
+def _check_optimizer(cfg: DictConfig) -> None:
+    target = str(cfg.optim.optimizer.get("_target_", ""))
+    module = target.split(".", 1)[0]
+    if module and importlib.util.find_spec(module) is None:
+        raise ImportError(f"optim.optimizer._target_={target} needs {module!r}: pip install {module}")
+
+
 def build_module(cfg: DictConfig, datamodule: LightningDataModule) -> LightningModule:
+    _check_optimizer(cfg)
     network = build_network(cfg, datamodule.num_classes)
     common: dict[str, Any] = {
         "model": network,
