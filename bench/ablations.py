@@ -88,11 +88,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "+summary=false",
     ]
     runs: dict[str, list[dict[str, float]]] = {}
+    only = args.get("only")  # rerun one condition (its index), keep the others' results from the last run
+    if only is not None and (HERE / "ablations.json").is_file():
+        previous = json.loads((HERE / "ablations.json").read_text())["results"]
+        runs = {
+            n: [{m: v["runs"][k] for m, v in r.items()} for k in range(len(seeds))]
+            for n, r in previous.items()
+        }
     root = HERE / "ablation_runs"
     start = time.perf_counter()
-    for name, extra in CONDITIONS.items():
+    for index, (name, extra) in enumerate(CONDITIONS.items()):
+        if only is not None and index != int(only):
+            continue
+        runs[name] = []
         for seed in seeds:
-            tag = f"{len(runs)}_{seed}"
+            tag = f"{index}_{seed}"
             print(f"== {name}, seed {seed}", flush=True)
             result = run_one([*common, *extra, f"seed={seed}"], root / tag)
             runs.setdefault(name, []).append(result)

@@ -106,7 +106,8 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"topk={cfg.data.extract.topk}",
         f"quantization={cfg.data.extract.quantization}",
         f"clip_seconds={cfg.data.clip_seconds}",
-        f"seed={cfg.seed}",
+        # The store's own seed: the student's training seed must not change what the teachers saw.
+        f"seed={cfg.data.extract.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
         *list(cfg.data.get("augment_overrides") or []),
     ]
