@@ -1,7 +1,8 @@
 """Extraction: clips/s of `python -m ced_lightning.extract` for a 1-, 2- and 3-teacher ensemble (CED-Tiny,
 CED-Mini and a MobileNetV3 on 128-bin log-mel: three architectures, two front ends), and the scaling from 1 to
 2 processes (DDP, gloo on the CPU) for the 1-teacher case. Each figure is the real command in a subprocess,
-read from the store's `.stats.json` (time inside the extraction loop, without process start-up)."""
+read from the store's `.stats.json`: the time of `trainer.predict`, which under DDP includes starting the
+second rank and the process group (seconds, so small quick runs understate multi-process scaling)."""
 
 from __future__ import annotations
 
