@@ -11,21 +11,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import measure, rate
+from bench.common import CLASSES, TOPK, measure, rate, write_synthetic_logit_store
 from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
 from ced_lightning.data.distill import DistillDataModule
 from ced_lightning.data.stream import ClipBatchStream
 from ced_lightning.losses import distill_loss
 from ced_lightning.models import create_ced
-from ced_lightning.store import LogitStore
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.targets import rebuild_targets
 
-CLASSES, TOPK, EPOCHS = 527, 20, 2
+EPOCHS = 2
 
 
 def build_stores(root: Path, clips: int, seconds: float) -> tuple[str, str]:
-    """An audio store of noise clips and a logit store with plausible top-k rows for it."""
+    """An audio store of noise clips and a logit store of AudioSet-shaped top-k rows for it."""
     rng = np.random.default_rng(0)
     samples = int(seconds * 16000)
     audio_url, logits_url = str(root / "audio.zarr"), str(root / "logits.zarr")
@@ -37,32 +36,16 @@ def build_stores(root: Path, clips: int, seconds: float) -> tuple[str, str]:
         ),
         class_names=[f"class{i}" for i in range(CLASSES)],
     )
-    recipe = AugmentRecipe()
-    store = LogitStore.create(
+    write_synthetic_logit_store(
         logits_url,
-        num_clips=clips,
+        audio.lengths,
         epochs=EPOCHS,
-        topk=TOPK,
-        num_classes=CLASSES,
-        class_names=audio.class_names,
         quantization="int8",
-        recipe=recipe,
-        seed=0,
         audio_fingerprint=audio.fingerprint,
         audio_url=audio_url,
-        clip_samples=samples,
-        teachers=[{"name": "synthetic"}],
-        combine="mean_prob",
         block_clips=256,
+        class_names=audio.class_names,
     )
-    for b in range(store.num_blocks):
-        start, stop = store.block_range(b)
-        n = stop - start
-        indices = np.stack([np.argsort(rng.random((n, CLASSES)), 1)[:, :TOPK] for _ in range(EPOCHS)])
-        probs = np.sort(rng.beta(0.3, 3.0, (EPOCHS, n, TOPK)).astype(np.float32), -1)[..., ::-1]
-        lengths = audio.lengths[start:stop]
-        params = [sample_augment_params(recipe, 0, e, np.arange(start, stop), lengths) for e in range(EPOCHS)]
-        store.write_block(b, indices, probs, params)
     return audio_url, logits_url
 
 

@@ -45,6 +45,7 @@ from ced_lightning.runtime import (
     prepare_ddp_relaunch,
     quiet_non_zero_ranks,
 )
+from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 
@@ -240,16 +241,11 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     return store
 
 
-def _du(url: str) -> int:
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return int(fs.du(path, total=True))
-
-
 def extraction_stats(
     store: LogitStore, audio: AudioStore, clips: int, seconds: float, trainer: Any | None = None
 ) -> dict[str, Any]:
     stored = store.nbytes_stored()
-    audio_bytes = _du(audio.url)
+    audio_bytes = store_nbytes(audio.url)
     stats: dict[str, Any] = {
         "clips_extracted": clips,
         "seconds": round(seconds, 3),

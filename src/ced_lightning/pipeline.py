@@ -19,22 +19,16 @@ import torch
 from hydra import compose
 from omegaconf import DictConfig
 
-from ced_lightning.store import store_nbytes
+from ced_lightning.store import store_exists, store_nbytes
 
 log = logging.getLogger(__name__)
-
-
-def _exists(url: str) -> bool:
-    from ced_lightning.tasks import store_exists
-
-    return store_exists(url)
 
 
 def build_demo_artifacts(cfg: DictConfig) -> None:
     """Build whatever the demo run `cfg` needs and lacks (stores, teachers, logit store)."""
     data = cfg.data
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    if not all(_exists(url) for url in splits.values()):
+    if not all(store_exists(url) for url in splits.values()):
         from ced_lightning.data.demo import build_demo_stores
 
         log.info("demo: building the demo audio stores in %s (not there yet; about 20 s)", data.root)
@@ -51,7 +45,7 @@ def build_demo_artifacts(cfg: DictConfig) -> None:
                 member.checkpoint,
             )
             train_demo_teacher(cfg, member)
-    if not _exists(data.logits):
+    if not store_exists(data.logits):
         log.info(
             "demo: extracting the teachers' top-%d over %d augmentation epochs into %s (not there yet)",
             data.extract.topk,
@@ -140,6 +134,7 @@ def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.metrics import TaggingMetrics
     from ced_lightning.models import load_model
+    from ced_lightning.modules.ensemble import combine_probabilities
 
     teachers = {m.name: load_model(m.checkpoint).eval() for m in cfg.teacher.members}
     num_classes = next(iter(teachers.values())).num_classes
@@ -149,13 +144,9 @@ def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
         logits = {name: t(batch["waveform"]).float() for name, t in teachers.items()}
         for name, value in logits.items():
             metrics[name].update(torch.sigmoid(value), batch["target"])
-        stacked = torch.stack(list(logits.values()))
-        if cfg.teacher.get("combine", "mean_prob") == "mean_logit":
-            ensemble = torch.sigmoid(stacked.mean(0))
-        else:
-            ensemble = torch.sigmoid(stacked).mean(0)
+        ensemble = combine_probabilities(list(logits.values()), cfg.teacher.get("combine", "mean_prob"))
         metrics["ensemble"].update(ensemble, batch["target"])
-    return {("ensemble" if n == "ensemble" else n): float(m.compute()["mAP"]) for n, m in metrics.items()}
+    return {name: float(m.compute()["mAP"]) for name, m in metrics.items()}
 
 
 def print_demo_summary(rows: list[tuple[str, str]]) -> None:

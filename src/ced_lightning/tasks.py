@@ -6,13 +6,13 @@ import importlib.util
 import logging
 from typing import Any
 
-import fsspec
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.models import CED, load_matching_weights
+from ced_lightning.store import store_exists
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ def ensure_inputs(cfg: DictConfig) -> None:
             raise FileNotFoundError(
                 f"{key}: no store at {url}. Build it with: {_build_command(key, url, cfg)}"
             )
-
-
-def store_exists(url: str) -> bool:
-    # Every Zarr v3 store has a root `zarr.json`; fsspec answers for local paths and remote URLs alike.
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 def _build_command(key: str, url: str, cfg: DictConfig) -> str:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AudioStore", "LogitStore", "store_nbytes"]
+__all__ = ["AudioStore", "LogitStore", "store_exists", "store_nbytes"]
+
+
+def store_exists(url: str) -> bool:
+    """Whether a Zarr v3 store is at `url` (every one has a root `zarr.json`; local paths and fsspec URLs)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 def store_nbytes(url: str) -> int:

@@ -29,6 +29,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
+from ced_lightning.store import store_exists, store_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class LogitStore:
                 "row_order": "probability_descending",
             }
         )
-        if _exists(url):
+        if store_exists(url):
             store = cls.open(url)
             old, new = _identity(store.attrs), _identity(attrs)
             differences = [
@@ -229,7 +230,7 @@ class LogitStore:
     def open(cls, url: str) -> LogitStore:
         """Open a logit store by path or fsspec URL."""
         url = str(url)
-        if not _exists(url):
+        if not store_exists(url):
             raise FileNotFoundError(
                 f"no logit store at {url} (no zarr.json). Make one with: python -m ced_lightning.extract "
                 f"audio_store=... output={url} teacher=..."
@@ -370,8 +371,7 @@ class LogitStore:
 
     def nbytes_stored(self) -> int:
         """Bytes on disk (or in the object store) of everything under the store's root."""
-        fs, path = fsspec.core.url_to_fs(self.url)
-        return int(fs.du(path, total=True))
+        return store_nbytes(self.url)
 
     def bytes_per_clip_epoch(self) -> float:
         """Stored bytes per (clip, epoch) of the data arrays (metadata and completion flags excluded)."""
@@ -392,11 +392,6 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
         {"name": t.get("name"), "sha256": t.get("sha256")} for t in (attrs.get("teachers") or [])
     ]
     return out
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 def read_attrs(url: str) -> Mapping[str, Any]:
