@@ -267,3 +267,72 @@ def test_resume_with_failures_keeps_report(tmp_path: Path) -> None:
     assert 0 < resumed_writer.skip_items() <= 20
     feed(resumed_writer, None)
     assert_same_store(str(tmp_path / "ref.zarr"), str(tmp_path / "r.zarr"))
+
+
+def _zarr_reference(url: str) -> np.ndarray:
+    return np.asarray(AudioStore.open(url).audio[:])
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_raw_shard_reads_equal_zarr_on_every_range(tmp_path: Path, where: str) -> None:
+    url = str(tmp_path / "s.zarr") if where == "local" else "memory://ced-test/raw.zarr"
+    store = write(url, make_clips(30), overwrite=True)
+    reference = _zarr_reference(url)
+    assert len(reference) % (CHUNK * SHARD)  # the last shard is a partial one
+    rng = np.random.default_rng(0)
+    bounds = [
+        *rng.integers(0, len(reference) + 1, size=(200, 2)),
+        (0, len(reference)),
+        (CHUNK - 1, CHUNK + 2),
+    ]
+    for a, b in bounds:
+        start, stop = sorted((int(a), int(b)))
+        assert np.array_equal(store.samples(start, stop), reference[start:stop]), (start, stop)
+    assert store._raw is not None and store._raw._local == (where == "local")
+    with pytest.raises(IndexError):
+        store.samples(0, len(reference) + 1)
+
+
+def test_raw_shard_reader_fill_value_chunks_and_partial_last_chunk(tmp_path: Path) -> None:
+    from ced_lightning.store.shards import RawShardReader
+
+    array = zarr.create_array(
+        str(tmp_path / "a.zarr"),
+        shape=(1000,),
+        chunks=(40,),
+        shards=(160,),
+        dtype="int16",
+        fill_value=7,
+        compressors=None,
+    )
+    data = np.random.default_rng(0).integers(-30000, 30000, 1000).astype(np.int16)
+    data[160:320] = 7  # a whole shard of fill value: zarr writes no object for it
+    data[400:440] = 7  # one inner chunk of fill value: an empty index entry
+    array[:] = data
+    array.resize((1003,))  # a partial last chunk; the new tail reads as fill value
+    reader = RawShardReader.for_array(zarr.open_array(str(tmp_path / "a.zarr"), mode="r"), str(tmp_path))
+    assert reader is not None
+    expected = np.concatenate([data, np.full(3, 7, np.int16)])
+    for start, stop in [(0, 1003), (150, 330), (399, 441), (990, 1003), (500, 500)]:
+        assert np.array_equal(reader.read(start, stop), expected[start:stop]), (start, stop)
+    assert reader._indexes[1] is None  # the fill-value shard has no object
+
+
+def test_raw_shard_reader_refuses_compressed_and_detects_corruption(tmp_path: Path) -> None:
+    from ced_lightning.store.shards import RawShardReader
+
+    zstd = write(tmp_path / "z.zarr", make_clips(6), compression="zstd")
+    assert RawShardReader.for_array(zstd.audio, zstd.url) is None
+    assert np.array_equal(zstd.samples(0, 900), _zarr_reference(zstd.url)[:900])  # zarr reads it
+
+    store = write(tmp_path / "s.zarr", make_clips(6))
+    shard = tmp_path / "s.zarr" / "audio" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # a bit flip in the shard index
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match=r"c/0: the shard index fails its CRC32C check"):
+        AudioStore.open(tmp_path / "s.zarr").samples(0, 10)
+    shard.write_bytes(bytes(raw[: CHUNK // 2]))  # truncated object
+    with pytest.raises(OSError, match=r"c/0"):
+        AudioStore.open(tmp_path / "s.zarr").samples(0, 10)
+    assert store.url.endswith("s.zarr")
