@@ -2,30 +2,96 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ced_lightning.audio import int16_to_float
 from ced_lightning.augment import AugmentRecipe, sample_augment_params
 from ced_lightning.store import LogitStore
 
 CLASSES, TOPK = 527, 20
 
 
-def measure(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, number: int = 1) -> dict[str, float]:
-    """Seconds per call of `fn`: median, min and max over `repeats` timings of `number` calls each."""
+def measure(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    number: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Seconds per call of `fn`: median, min and max over `repeats` timings of `number` calls each.
+
+    `sync` runs before every clock reading (e.g. `torch.cuda.synchronize`, whose kernels run queued)."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(number):
             fn()
+        sync()
         times.append((time.perf_counter() - start) / number)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+
+
+def stream_rate(
+    make_batches: Callable[[], Iterable[dict[str, Any]]], *, repeats: int = 3, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """Steady-state clips/s of a batch iterable (a DataLoader): from its first batch to its last, so that
+    starting worker processes (once per epoch, negligible on a real data set) is reported apart as
+    `first batch seconds`. Batches are `{"index", "waveform", ...}`; int16 waveforms are converted to float32
+    as the training process does (`TaggingModule.on_after_batch_transfer`, here on the CPU)."""
+    seconds, clips, first = [], [], []
+    for repeat in range(warmup + repeats):
+        start = time.perf_counter()
+        batches = iter(make_batches())
+        next(batches)
+        ready = time.perf_counter()
+        count = 0
+        for batch in batches:
+            if batch["waveform"].dtype == torch.int16:
+                int16_to_float(batch["waveform"])
+            count += len(batch["index"])
+        if repeat >= warmup:
+            first.append(ready - start)
+            seconds.append(time.perf_counter() - ready)
+            clips.append(count)
+    rates = [n / s for n, s in zip(clips, seconds)]
+    return {
+        "clips/s": {
+            "median": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "repeats": repeats,
+        },
+        "first batch seconds": {
+            "median": statistics.median(first),
+            "min": min(first),
+            "max": max(first),
+            "repeats": repeats,
+        },
+    }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def rate(seconds: dict[str, float], items: float) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """`python -m bench.readme`: write the README's performance table from `bench/results.json`.
 
 The table sits between `<!-- bench:start -->` and `<!-- bench:end -->` in README.md; only the ratios are
-shown there (absolute figures on a shared machine are noise), each with the machine and date it came from.
+shown there (absolute figures on a shared machine are noise), each with the machine and date it came from,
+followed by the benchmark issue's goals, each checked against its measured ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +17,45 @@ README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+# (section, ratio key or the start of several, comparison, threshold, the goal in words)
+GOALS: list[tuple[str, str, str, float, str]] = [
+    (
+        "audio_store",
+        "training stream 0 workers / original HDF5 reader",
+        ">=",
+        3.0,
+        "one reading process delivers 10 s float32 clips at 3x the original's rate",
+    ),
+    (
+        "inference",
+        "ced_tiny / mobilenetv3_large_100 time,",
+        "<=",
+        1.0,
+        "CED-Tiny at or below MobileNetV3-large",
+    ),
+    ("training", "delivery / step,", ">=", 5.0, "data delivery at least 5x the CED-Mini step rate"),
+    (
+        "storage",
+        "int8 bytes per clip-epoch / paper's 84",
+        "<=",
+        1.0,
+        "8-bit logit store no larger than the paper's",
+    ),
+]
+
+
+def goals(results: dict[str, Any]) -> list[str]:
+    lines = ["", "| goal | ratio | target | measured | met |", "|---|---|---|---|---|"]
+    for section, prefix, comparison, threshold, words in GOALS:
+        ratios = results["sections"].get(section, {}).get("ratios", {})
+        for key, value in ratios.items():
+            if key.startswith(prefix):
+                met = value >= threshold if comparison == ">=" else value <= threshold
+                verdict = "yes" if met else "**no**"
+                lines.append(f"| {words} | {key} | {comparison} {threshold:g} | {value:.3g} | {verdict} |")
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [
         "Generated from `bench/results.json` by `python -m bench.readme` (run `make bench` to remeasure).",
@@ -28,7 +68,7 @@ def table(results: dict[str, Any]) -> str:
         where = f"{m['cpu']}, {m['cores']} cores, {m.get('gpu') or 'no GPU'}, {m['date'][:10]}"
         for key, value in section.get("ratios", {}).items():
             lines.append(f"| {name} | {key} | {value:.3g} | {where} |")
-    return "\n".join(lines)
+    return "\n".join(lines + goals(results))
 
 
 def main() -> None:

@@ -11,13 +11,14 @@ import datetime as dt
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.common import cpu_name
 
 HERE = Path(__file__).parent
 SECTIONS = ("audio_store", "inference", "training", "storage", "extraction", "gpu")
@@ -36,17 +37,9 @@ def machine() -> dict[str, Any]:
     import torchaudio
     import zarr
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": sys.version.split()[0],

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import CLASSES, TOPK, measure, rate, write_synthetic_logit_store
+from bench.common import CLASSES, TOPK, measure, rate, stream_rate, write_synthetic_logit_store
 from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
 from ced_lightning.data.distill import DistillDataModule
-from ced_lightning.data.stream import ClipBatchStream
 from ced_lightning.losses import distill_loss
 from ced_lightning.models import create_ced
 from ced_lightning.store.audio import write_audio_store
@@ -49,19 +48,13 @@ def build_stores(root: Path, clips: int, seconds: float) -> tuple[str, str]:
     return audio_url, logits_url
 
 
-def delivery_rate(audio_url: str, logits_url: str, workers: int, batch_size: int) -> dict[str, float]:
+def delivery_rate(
+    audio_url: str, logits_url: str, workers: int, batch_size: int
+) -> dict[str, dict[str, float]]:
     data = DistillDataModule(
         train=audio_url, logits=logits_url, batch_size=batch_size, num_workers=workers, mixup=0.5
     )
-    loader = data.train_dataloader()
-
-    def one_epoch() -> None:
-        for _ in loader:
-            pass
-
-    stream: ClipBatchStream = loader.dataset
-    seconds = measure(one_epoch, repeats=3, warmup=1)
-    return rate(seconds, len(stream) * batch_size)
+    return stream_rate(data.train_dataloader, repeats=3, warmup=1)
 
 
 def step_rate(batch_size: int, seconds: float) -> dict[str, float]:
@@ -97,7 +90,8 @@ def run(quick: bool = True) -> dict[str, Any]:
     return {
         "config": {"batch_size": batch_size, "clip_seconds": seconds, "clips": clips, "topk": TOPK},
         "ced_mini step clips/s": step,
-        "delivery clips/s, 0 workers": delivery[0],
-        "delivery clips/s, 2 workers": delivery[2],
-        "ratios": {f"delivery / step, {w} workers": delivery[w]["median"] / step["median"] for w in (0, 2)},
+        **{f"delivery, {w} workers": delivery[w] for w in (0, 2)},
+        "ratios": {
+            f"delivery / step, {w} workers": delivery[w]["clips/s"]["median"] / step["median"] for w in (0, 2)
+        },
     }

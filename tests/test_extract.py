@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
+from ced_lightning.audio import pack_clips
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.modules.ensemble import BlockSampler, check_teachers, crop_clips, rank_share
+from ced_lightning.modules.ensemble import BlockSampler, check_teachers, rank_share
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
 
@@ -224,11 +225,16 @@ def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:
         rank_share(blocks, 2, 2)
 
 
-def test_crop_clips_cuts_and_pads() -> None:
+def test_pack_clips_cuts_and_pads() -> None:
     flat = np.arange(1, 11, dtype=np.int16)
-    wave, lengths = crop_clips(flat, np.array([0, 3, 10]), clip_samples=5)
+    wave, lengths = pack_clips([flat[0:3], flat[3:10]], 5)
     np.testing.assert_array_equal(wave, [[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
     np.testing.assert_array_equal(lengths, [3, 5])
+    out = np.full((2, 4), 99, dtype=np.int16)  # into a given buffer, from given starts, garbage overwritten
+    wave, lengths = pack_clips([flat[0:3], flat[3:10]], 4, starts=np.array([1, 5]), out=out)
+    assert wave is out
+    np.testing.assert_array_equal(wave, [[2, 3, 0, 0], [9, 10, 0, 0]])
+    np.testing.assert_array_equal(lengths, [2, 2])
 
 
 def test_teachers_with_different_class_counts_refused() -> None:

@@ -188,3 +188,9 @@ def test_load_model_from_lightning_style_checkpoint(tmp_path, arch):
     with torch.no_grad():
         assert torch.equal(loaded(wave), model(wave))
     assert checkpoint_class_names(tmp_path / "last.ckpt") == ["a", "b", "c", "d"]
+
+
+def test_front_end_refuses_int16_samples():
+    model = create_ced("ced_tiny", depth=1).eval()
+    with pytest.raises(TypeError, match="int16_to_float"):
+        model(torch.zeros(1, 8000, dtype=torch.int16))

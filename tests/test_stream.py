@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ced_lightning.audio import int16_to_float
 from ced_lightning.data.labeled import EqualLengthBatches, LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader, loader_order, plan_epoch
 from ced_lightning.store.audio import write_audio_store
@@ -83,10 +84,11 @@ def test_batches_hold_the_clips_cropped_or_padded(store_url: str, workers: int) 
     seen = np.concatenate([index for index, _ in batches])
     assert sorted(seen) == sorted(_flat(stream.plan))
     for index, waveform in batches[:3]:
-        assert waveform.shape == (5, 1600)
+        assert waveform.shape == (5, 1600) and waveform.dtype == torch.int16  # int16 until the device
         for row, i in enumerate(index):
-            clip = store.read(int(i))[:1600]
+            clip = torch.from_numpy(store.read_samples(int(i))[:1600])
             assert torch.equal(waveform[row, : len(clip)], clip)
+            assert torch.equal(int16_to_float(waveform[row, : len(clip)]), store.read(int(i))[:1600])
             assert not waveform[row, len(clip) :].any()
 
 

@@ -205,8 +205,9 @@ def file_opset(path: str | PathLike) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def onnx_session(path: str | PathLike):
-    """An onnxruntime CPU session for an exported file (onnxruntime is the `onnx` extra)."""
+def onnx_session(path: str | PathLike, threads: int | None = None):
+    """An onnxruntime CPU session for an exported file (onnxruntime is the `onnx` extra); `threads` caps
+    its intra-op threads (default: onnxruntime's, one per core)."""
     try:
         import onnxruntime
     except ImportError as err:
@@ -214,6 +215,9 @@ def onnx_session(path: str | PathLike):
             "onnxruntime is needed to run exported models: pip install 'ced-lightning[onnx]'"
         ) from err
     options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

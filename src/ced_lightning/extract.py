@@ -28,13 +28,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.models import checkpoint_class_names, load_model
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_teachers,
-    crop_clips,
     ensemble_probabilities,
 )
 from ced_lightning.quantize import max_abs_error
@@ -305,9 +304,11 @@ def verify_store(
     for pick in picks:
         epoch, i = divmod(int(pick), store.num_clips)
         classes, stored, params = store.read(epoch, i)
-        flat, offsets = audio_store.read_span(i, i + 1)
-        wav, lengths = crop_clips(flat, offsets, store.clip_samples)
-        wav_t = torch.from_numpy(wav).to(device).float() / 32768.0
+        clip = audio_store.samples(
+            int(audio_store.offsets[i]), int(audio_store.offsets[i] + audio_store.lengths[i])
+        )
+        wav, lengths = pack_clips([clip], store.clip_samples)
+        wav_t = int16_to_float(torch.from_numpy(wav).to(device))
         probs = (
             ensemble_probabilities(
                 teachers, wav_t, torch.from_numpy(lengths).to(device), params, store.recipe, store.combine

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.audio import SAMPLE_RATE, pack_clips
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store import AudioStore
 
@@ -32,7 +32,7 @@ class LabelTransform:
 
 
 class ClipDataset(Dataset):
-    """Exact random access to whole clips of one or more stores (evaluation, tooling)."""
+    """Exact random access to whole clips of one or more stores (evaluation, tooling); int16 waveforms."""
 
     def __init__(self, stores: Sequence[AudioStore], num_classes: int | None = None) -> None:
         self.stores = list(stores)
@@ -46,7 +46,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> Batch:
         s = int(np.searchsorted(self.bounds, i, side="right") - 1)
         store, local = self.stores[s], int(i - self.bounds[s])
-        item: Batch = {"index": i, "waveform": store.read(local)}
+        item: Batch = {"index": i, "waveform": store.read_samples(local)}
         if self.num_classes is not None:
             target = torch.zeros(self.num_classes)
             target[torch.from_numpy(store.labels(local).astype(np.int64))] = 1.0
@@ -74,15 +74,14 @@ class EqualLengthBatches(Sampler[list[int]]):
 
 
 def collate_clips(items: list[Batch]) -> Batch:
-    """Pad waveforms to the longest, with `length`; stack the rest."""
-    lengths = torch.tensor([len(item["waveform"]) for item in items], dtype=torch.int64)
-    waveform = torch.zeros(len(items), int(lengths.max()))
-    for row, item in enumerate(items):
-        waveform[row, : len(item["waveform"])] = item["waveform"]
+    """Pad the int16 waveforms to the longest, with `length`; stack the rest."""
+    waveform, lengths = pack_clips(
+        [item["waveform"] for item in items], max(len(i["waveform"]) for i in items)
+    )
     batch: Batch = {
         "index": torch.tensor([item["index"] for item in items]),
-        "waveform": waveform,
-        "length": lengths,
+        "waveform": torch.from_numpy(waveform),
+        "length": torch.from_numpy(lengths),
     }
     if "target" in items[0]:
         batch["target"] = torch.stack([item["target"] for item in items])

@@ -57,6 +57,12 @@ class LogMelFrontEnd(nn.Sequential):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """`[batch, samples]` float waveform at `config.sample_rate` -> `[batch, n_mels, frames]` dB."""
+        if not waveform.is_floating_point():
+            # int16 batches scaled by 1 would give plausible-looking spectrograms 90 dB too loud: refuse.
+            raise TypeError(
+                f"the front end takes float waveforms in [-1, 1), got {waveform.dtype}; convert stored int16 "
+                "samples with ced_lightning.audio.int16_to_float"
+            )
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             mel, to_db = self[0](waveform.float()), self[1]
             # AmplitudeToDB's top_db floor is taken over everything but the first of 4-D input: give every

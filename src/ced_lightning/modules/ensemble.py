@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
@@ -27,22 +28,6 @@ from ced_lightning.store.logits import LogitStore
 log = logging.getLogger(__name__)
 
 COMBINES = ("mean_prob", "mean_logit")
-_INT16_SCALE = 32768.0  # the audio store's read-back scale (AudioStore.read)
-
-
-def crop_clips(flat: np.ndarray, offsets: np.ndarray, clip_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clips back to back (`flat`, `offsets` of length n + 1) -> int16 `[n, clip_samples]` and lengths.
-
-    Each clip is cut to its first `clip_samples` samples or zero-padded after its end; `lengths` are the
-    samples of real audio in each row (what augmentation positions are bounded by).
-    """
-    n = len(offsets) - 1
-    lengths = np.minimum(np.diff(offsets), clip_samples).astype(np.int64)
-    out = np.zeros((n, clip_samples), dtype=flat.dtype)
-    for row in range(n):
-        start = int(offsets[row])
-        out[row, : lengths[row]] = flat[start : start + lengths[row]]
-    return out, lengths
 
 
 class BlockDataset(Dataset):
@@ -68,7 +53,8 @@ class BlockDataset(Dataset):
         start = b * self.block_clips
         stop = min(start + self.block_clips, self.num_clips)
         flat, offsets = self._audio.read_span(start, stop)
-        waveform, lengths = crop_clips(flat, offsets, self.clip_samples)
+        clips = [flat[offsets[k] : offsets[k + 1]] for k in range(stop - start)]
+        waveform, lengths = pack_clips(clips, self.clip_samples)
         return {
             "block": b,
             "index": torch.arange(start, stop, dtype=torch.int64),
@@ -253,7 +239,7 @@ class TeacherEnsembleModule(pl.LightningModule):
             drawn = sample_augment_params(self.recipe, self.seed, epoch, index, lengths)
             params.append(drawn)
             for s in range(0, n, mb):
-                wav = batch["waveform"][s : s + mb].to(self.device, non_blocking=True).float() / _INT16_SCALE
+                wav = int16_to_float(batch["waveform"][s : s + mb].to(self.device, non_blocking=True))
                 lens = batch["length"][s : s + mb].to(self.device)
                 probs = ensemble_probabilities(
                     self.teachers, wav, lens, drawn.subset(slice(s, s + mb)), self.recipe, self.combine

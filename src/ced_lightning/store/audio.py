@@ -35,7 +35,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.audio import SAMPLE_RATE, int16_to_float
 from ced_lightning.store.shards import RawShardReader
 
 log = logging.getLogger(__name__)
@@ -213,9 +213,12 @@ class AudioStore:
 
     def read(self, i: int) -> torch.Tensor:
         """Clip `i` as float32 `[samples]` in [-1, 1)."""
+        return int16_to_float(torch.from_numpy(self.read_samples(i)))
+
+    def read_samples(self, i: int) -> np.ndarray:
+        """Clip `i` as stored: int16 `[samples]`."""
         i = self._check_index(int(i))
-        raw = self.samples(int(self.offsets[i]), int(self._ends[i]))
-        return torch.from_numpy(raw).to(torch.float32).div_(32768.0)
+        return self.samples(int(self.offsets[i]), int(self._ends[i]))
 
     def chunk_spans(self) -> np.ndarray:
         """Clip index boundaries `[0, ..., N]` of the groups of clips that share a chunk (what one fast read
