@@ -336,3 +336,13 @@ def test_raw_shard_reader_refuses_compressed_and_detects_corruption(tmp_path: Pa
     with pytest.raises(OSError, match=r"c/0"):
         AudioStore.open(tmp_path / "s.zarr").samples(0, 10)
     assert store.url.endswith("s.zarr")
+
+
+def test_raw_shard_reads_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The positional-read fallback of systems without preadv (one copy more), same samples.
+    store = write(tmp_path / "s.zarr", make_clips(10))
+    reference = _zarr_reference(store.url)
+    monkeypatch.delattr("os.preadv")
+    fresh = AudioStore.open(store.url)
+    assert np.array_equal(fresh.samples(0, len(reference)), reference)
+    assert fresh._raw is not None

@@ -26,6 +26,15 @@ _EMPTY = np.uint64(2**64 - 1)
 _OPEN_FILES = 16
 
 
+def _pread_into(fd: int, out: memoryview, offset: int) -> int:
+    """Read at `offset` into `out` without moving a shared file position (safe from several threads)."""
+    if hasattr(os, "preadv"):  # Linux, BSDs: straight into the output array
+        return os.preadv(fd, [out], offset)
+    data = os.pread(fd, len(out), offset)  # other POSIX systems: one extra copy
+    out[: len(data)] = data
+    return len(data)
+
+
 class RawShardReader:
     """Reads `[start, stop)` of a 1-D sharded, uncompressed zarr array as a numpy array, without zarr.
 
@@ -96,6 +105,8 @@ class RawShardReader:
         store = array.store
         prefix = array.path
         if isinstance(store, zarr.storage.LocalStore):
+            if not hasattr(os, "pread"):  # Windows: no positional reads, stay with zarr
+                return None
             root = Path(store.root) / prefix
 
             def shard_path(shard: int) -> Any:
@@ -130,7 +141,7 @@ class RawShardReader:
     def _fd(self, shard: int) -> int:
         fd = self._files.pop(shard, None)
         if fd is None:
-            fd = os.open(self._shard_path(shard), os.O_RDONLY)
+            fd = os.open(self._shard_path(shard), os.O_RDONLY | getattr(os, "O_BINARY", 0))
             if len(self._files) >= _OPEN_FILES:
                 os.close(self._files.popitem(last=False)[1])
         self._files[shard] = fd
@@ -141,7 +152,7 @@ class RawShardReader:
         if self._local:
             fd, done = self._fd(shard), 0
             while done < len(out):
-                got = os.preadv(fd, [out[done:]], offset + done)
+                got = _pread_into(fd, out[done:], offset + done)
                 if got <= 0:
                     raise OSError(f"{self._shard_path(shard)}: shard ends before byte {offset + len(out)}")
                 done += got
