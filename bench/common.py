@@ -50,7 +50,7 @@ def stream_rate(
     """Steady-state clips/s of a batch iterable (a DataLoader): from its first batch to its last, so that
     starting worker processes (once per epoch, negligible on a real data set) is reported apart as
     `first batch seconds`. Batches are `{"index", "waveform", ...}`; int16 waveforms are converted to float32
-    as the training process does (`TaggingModule.on_after_batch_transfer`, here on the CPU)."""
+    as the training process does (`Int16Batches.on_after_batch_transfer`, here on the CPU)."""
     seconds, clips, first = [], [], []
     for repeat in range(warmup + repeats):
         start = time.perf_counter()

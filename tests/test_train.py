@@ -225,7 +225,6 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
     augmentation epoch `train_epoch mod E`, and the targets are the stored top-k."""
     from ced_lightning.augment import AugmentParams, augmented_spectrogram
     from ced_lightning.data.distill import DistillDataModule
-    from ced_lightning.modules.distill import StudentDistillModule
     from ced_lightning.store import AudioStore, LogitStore
 
     data = DistillDataModule(
@@ -238,8 +237,8 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
 
     data.trainer = _Trainer()
     student = create_ced("ced_tiny", depth=1, num_classes=logits.num_classes)
-    # What Lightning does to a batch before training_step: the module's after-transfer hook (int16 -> float).
-    batch = StudentDistillModule(student).on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
+    # What Lightning does to a batch before training_step: the data module's after-transfer hook.
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
     params = AugmentParams.from_torch(batch["augment"])
     mel = augmented_spectrogram(student.front_end, batch["waveform"], batch["length"], params, logits.recipe)
     aug_epoch = train_epoch % logits.epochs

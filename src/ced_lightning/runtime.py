@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,14 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "bf16-mixed" if _on_gpu(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
+# Warnings users can do nothing about, repeated every epoch: our streams give every worker its own windows,
+# so their length is exact; Lightning 2.6 calls a pytree API that torch 2.11 deprecated.
+_NOT_ACTIONABLE = (r"Your `IterableDataset` has `__len__` defined", r"`isinstance\(treespec, LeafSpec\)`")
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
+    for message in _NOT_ACTIONABLE:
+        warnings.filterwarnings("ignore", message=message)
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         trainer_cfg.precision = resolve_precision(

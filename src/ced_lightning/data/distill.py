@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
 from ced_lightning.data.labeled import LabeledDataModule
-from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
+from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.losses import sample_mixup_lambda
 from ced_lightning.store import AudioStore, LogitStore
 
@@ -73,7 +73,7 @@ class DistillBatchTransform:
         return batch
 
 
-class DistillDataModule(LightningDataModule):
+class DistillDataModule(Int16Batches, LightningDataModule):
     """Training batches for `StudentDistillModule`; validation/test batches from labeled stores.
 
     Training epoch n replays augmentation epoch n mod E of the logit store. Needs

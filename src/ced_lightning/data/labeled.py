@@ -12,7 +12,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ced_lightning.audio import SAMPLE_RATE, pack_clips
-from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
+from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.store import AudioStore
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _as_list(urls: str | Sequence[str] | None) -> list[str]:
     return [str(urls)] if isinstance(urls, str) else [str(u) for u in urls]
 
 
-class LabeledDataModule(LightningDataModule):
+class LabeledDataModule(Int16Batches, LightningDataModule):
     """Supervised training on `train` (random crop/pad to `clip_seconds`, fresh order each epoch) and
     evaluation on `val`/`test` (whole clips of any length, batched by equal length). Stores must carry
     labels and agree on their class list."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ced_lightning.audio import pack_clips
+from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.augment import counter_uniform
 from ced_lightning.store import AudioStore
 
@@ -138,8 +138,8 @@ def crop_offsets(
 class ClipBatchStream(IterableDataset):
     """Yields collated training batches `{"index", "waveform" [B, T] int16, "length"}` (+ `transform`).
 
-    Waveforms stay int16 until they reach the model's device (`TaggingModule.on_after_batch_transfer`
-    converts them with `ced_lightning.audio.int16_to_float`).
+    Waveforms stay int16 until they reach the model's device (`Int16Batches.on_after_batch_transfer`
+    converts them there).
 
     `clip_samples` fixes T: longer clips are cropped (from the start, or at a random offset keyed by
     (seed, epoch, clip) with `random_crop`), shorter ones zero-padded; `None` pads to the batch's longest.
@@ -248,6 +248,17 @@ class ClipBatchStream(IterableDataset):
             "length": torch.from_numpy(kept),
         }
         return self.transform(batch) if self.transform is not None else batch
+
+
+class Int16Batches:
+    """DataModule mixin for the batch convention of `ced_lightning.audio`: waveforms cross the workers'
+    shared memory and the host-device link as int16 and become float32 on the device (Lightning calls this
+    hook after moving each batch there)."""
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if batch["waveform"].dtype == torch.int16:
+            batch["waveform"] = int16_to_float(batch["waveform"])
+        return batch
 
 
 class ResumableLoader(DataLoader):

@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from ced_lightning.audio import int16_to_float
 from ced_lightning.metrics import TaggingMetrics, write_per_class_csv
 from ced_lightning.models import model_spec
 from ced_lightning.optim import build_optimizer, warmup_cosine
@@ -48,12 +47,6 @@ class TaggingModule(LightningModule):
         self.class_names = list(class_names) if class_names else None
         self.val_metrics = TaggingMetrics(model.num_classes)
         self.test_metrics = TaggingMetrics(model.num_classes)
-
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        # Batches travel as int16 (half the bytes through workers' shared memory and to the device).
-        if batch["waveform"].dtype == torch.int16:
-            batch["waveform"] = int16_to_float(batch["waveform"])
-        return batch
 
     # -- evaluation -------------------------------------------------------------------------------------
     @property
