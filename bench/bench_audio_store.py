@@ -6,7 +6,10 @@ A temporary store of synthetic 10 s clips (the demo generator, default layout: 1
 - `read`: one random clip per call (exact random access, what a naive map-style Dataset does);
 - `read_span`: the clips of one chunk per call, chunks in shuffled order (the training stream's path);
 - the same with the `zstd` compression option;
-- floor: the same spans as one slice of an in-memory int16 array, converted to float32 (no store at all).
+- floor: the same spans as one slice of an in-memory int16 array, converted to float32 (no store at all);
+- the training stream (`ClipBatchStream` in a DataLoader) with 0 and 2 workers, in steady state, and the
+  ceiling of a DataLoader with 2 workers on this machine: empty batches of the same shape and dtype, so
+  that what worker processes cost here (shared memory, pickling, scheduling) is visible on its own.
 
 The paper's HDF5 reader delivers ~1,260 random 10 s clips/s per process on this machine class (measured in
 the issue); the goal for the training path is at least 3x that.
@@ -27,6 +30,7 @@ from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store.audio import AudioStore, write_audio_store
 
 ORIGINAL_HDF5_CLIPS_PER_S = 1260
+_CEILING = "DataLoader ceiling, 2 workers (empty batches of the same shape)"
 
 
 def _make_store(root: Path, clips: int, compression: str = "none") -> AudioStore:
@@ -42,6 +46,22 @@ def _make_store(root: Path, clips: int, compression: str = "none") -> AudioStore
         config={"clips": clips},
         compression=compression,
     )
+
+
+class _EmptyBatches(torch.utils.data.IterableDataset):
+    """Batches shaped like the training stream's (int16 [32, 160000] in shared memory), with no reading: what
+    a DataLoader with worker processes can move at most on this machine."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        for _ in range(self.batches // workers):
+            waveform = torch.empty(32, 160_000, dtype=torch.int16).share_memory_()
+            waveform.fill_(0)
+            yield {"index": torch.arange(32), "waveform": waveform}
 
 
 def _to_tensors(flat: np.ndarray, offsets: np.ndarray) -> list[torch.Tensor]:
@@ -80,6 +100,10 @@ def run(quick: bool = True) -> dict[str, Any]:
             return ResumableLoader(stream, num_workers=workers)
 
         streams = {w: stream_rate(lambda w=w: stream_epoch(w), repeats=repeats) for w in (0, 2)}
+        ceiling = stream_rate(
+            lambda: torch.utils.data.DataLoader(_EmptyBatches(clips // 32), batch_size=None, num_workers=2),
+            repeats=repeats,
+        )
         timings = {
             "read (random, 1 clip per call)": measure(random_reads, repeats=repeats),
             "read_span (one chunk per call, shuffled chunks)": measure(span_reads, repeats=repeats),
@@ -90,6 +114,7 @@ def run(quick: bool = True) -> dict[str, Any]:
     rates = {name: rate(seconds, clips) for name, seconds in timings.items()}
     for workers, figures in streams.items():
         rates[f"training stream, {workers} workers"] = figures["clips/s"]
+    rates[_CEILING] = ceiling["clips/s"]
 
     def r(a: str, b: str) -> float:
         return ratio(rates[a], rates[b])
@@ -109,6 +134,9 @@ def run(quick: bool = True) -> dict[str, Any]:
         "ratios": {
             "training stream 0 workers / floor": r("training stream, 0 workers", floor),
             "training stream 2 workers / floor": r("training stream, 2 workers", floor),
+            "training stream 2 workers / DataLoader ceiling with 2 workers": r(
+                "training stream, 2 workers", _CEILING
+            ),
             "random read / floor": r("read (random, 1 clip per call)", floor),
             "read_span / floor": r(span, floor),
             "read_span / read_span of a zstd store": r(span, "read_span, zstd store"),

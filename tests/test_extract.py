@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def test_heterogeneous_ensemble_extracts_and_verifies(reference: LogitStore, wor
     assert not np.array_equal(store.read_epoch(0).probs, epoch.probs)
     stats = (workdir / "reference.zarr.stats.json").read_text()
     assert '"bytes_per_clip_epoch"' in stats and '"clips_per_s"' in stats
+    assert json.loads(stats)["steady_clips_per_s"] > 0
     assert '"ok": true' in stats, stats
 
 
@@ -213,6 +215,8 @@ def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "devices: 2" in done.stdout
     _assert_same_store(reference.url, out)
+    # Both ranks wrote two blocks or more: their rates after the first block, summed.
+    assert json.loads(Path(f"{out}.stats.json").read_text())["steady_clips_per_s"] > 0
 
 
 def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:

@@ -232,6 +232,8 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     if cfg.get("limit_blocks") is None and not store.is_complete():
         raise RuntimeError(f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction")
     stats = extraction_stats(store, audio, clips, seconds, trainer)
+    if todo and module.steady_clips_per_s is not None:
+        stats["steady_clips_per_s"] = round(module.steady_clips_per_s, 2)
     if int(cfg.get("verify") or 0) > 0 and store.is_complete():
         # bf16 teachers differ from the float32 replay by about 1% of a logit, more than quantization.
         slack = 1e-4 if "32" in str(trainer.precision) or "64" in str(trainer.precision) else 2e-2

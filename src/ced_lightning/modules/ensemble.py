@@ -173,6 +173,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         self.store: LogitStore | None = None
         self.clips_done = 0
         self.blocks_done: list[int] = []
+        self._block_ends: list[tuple[float, int]] = []  # (time a block was written, clips done by then)
+        self.steady_clips_per_s: float | None = None
 
     def _open_store(self) -> LogitStore:
         if self.store is None:
@@ -257,9 +259,24 @@ class TeacherEnsembleModule(pl.LightningModule):
             time.sleep(self.throttle_s)  # only for testing a kill in the middle of a run
         self.clips_done += len(batch["index"])
         self.blocks_done.append(block)
+        self._block_ends.append((time.perf_counter(), self.clips_done))
         return None
 
     def on_predict_end(self) -> None:
+        # Throughput after each rank's first block (so without starting processes, workers and the first
+        # read), summed over ranks that ran at the same time; None when no rank wrote two blocks.
+        clips = seconds = 0.0
+        if len(self._block_ends) >= 2:
+            (first_t, first_n), (last_t, last_n) = self._block_ends[0], self._block_ends[-1]
+            clips, seconds = float(last_n - first_n), last_t - first_t
+        rate = torch.tensor(
+            [clips / seconds if seconds > 0 else 0.0, float(seconds > 0)],
+            dtype=torch.float64,
+            device=self.device,  # the process group's device (NCCL reduces CUDA tensors only)
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            rate = self.trainer.strategy.reduce(rate, reduce_op="sum")
+        self.steady_clips_per_s = float(rate[0]) if rate[1] > 0 else None
         # Rank 0 reports completion only once every rank has written its share.
         if self._trainer is not None:
             self.trainer.strategy.barrier("ced_extract_done")
