@@ -171,8 +171,14 @@ def test_resume_continues_identically(tiny_demo: dict[str, str], tmp_path: Path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_cli(args: list[str], cwd: Path, wandb_auto: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "CED_ROOT": str(cwd), "OMP_NUM_THREADS": "1"}
+    if wandb_auto:  # a user who never ran `wandb login`: no WANDB_MODE, no key, an empty home
+        for key in ("WANDB_MODE", "WANDB_API_KEY"):
+            env.pop(key, None)
+        home = cwd / "home"
+        home.mkdir(exist_ok=True)
+        env.update(HOME=str(home), NETRC=str(home / ".netrc"))
     result = subprocess.run(
         [sys.executable, "-m", "ced_lightning.train", *args],
         cwd=cwd,
@@ -189,12 +195,28 @@ def test_multirun_two_jobs_and_offline_wandb(tiny_demo: dict[str, str], tmp_path
     overrides = _train_overrides(
         tiny_demo, "debug=limit", "trainer.max_epochs=1", "test=false", "logger=default"
     )
-    result = _run_cli(["-m", *overrides, "distill.consistent=true,false"], tmp_path)
+    result = _run_cli(["-m", *overrides, "distill.consistent=true,false"], tmp_path, wandb_auto=True)
     jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:
         assert list((job / "wandb").glob("offline-run-*")), f"no offline W&B run in {job}"
-    assert "logging offline" in result.stdout + result.stderr
+    assert "logging offline (not logged in" in result.stdout + result.stderr
+
+
+def test_wandb_offline_reason_finds_the_netrc_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ced_lightning.runtime import wandb_offline_reason
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.invalid")
+    netrc = tmp_path / ".netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_offline_reason(timeout=0.5) == "not logged in (wandb login)"
+    netrc.write_text("machine wandb.invalid\n  login user\n  password " + "0" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert wandb_offline_reason(timeout=0.5) == "wandb.invalid is unreachable"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline_reason() == "WANDB_MODE=offline"
 
 
 def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import netrc
 import os
 import socket
 import sys
@@ -78,24 +79,35 @@ def finish_task(cfg: DictConfig) -> Iterator[None]:
 
 
 def wandb_offline_reason(timeout: float = 3.0) -> str | None:
-    """Why W&B must log offline here (None: online works). Never prompts and never waits long."""
+    """Why W&B must log offline here (None: online works). Never prompts and never waits long.
+
+    Credentials are looked up where wandb keeps them (WANDB_API_KEY, the netrc file) without calling
+    `wandb.login`: with no key that call leaves wandb in a state where even an offline `wandb.init` asks for
+    one (wandb 0.31). `WANDB_MODE=online` skips the checks.
+    """
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in {"offline", "dryrun", "disabled"}:
         return f"WANDB_MODE={mode}"
-    import wandb
-
-    try:
-        logged_in = wandb.login(prompt=False, verify=False)
-    except Exception as err:
-        return f"no W&B login ({err})"
-    if not logged_in:
-        return "not logged in (wandb login)"
+    if mode == "online":
+        return None
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    if not _wandb_api_key_present(host):
+        return "not logged in (wandb login)"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError:
         return f"{host} is unreachable"
     return None
+
+
+def _wandb_api_key_present(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = os.environ.get("NETRC") or str(Path.home() / (".netrc" if os.name != "nt" else "_netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
