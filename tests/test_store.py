@@ -346,3 +346,18 @@ def test_raw_shard_reads_without_preadv(tmp_path: Path, monkeypatch: pytest.Monk
     fresh = AudioStore.open(store.url)
     assert np.array_equal(fresh.samples(0, len(reference)), reference)
     assert fresh._raw is not None
+
+
+def test_raw_shard_reads_from_many_threads(tmp_path: Path) -> None:
+    # More shards than open files are kept: threads evict each other's files while they read.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ced_lightning.store import shards
+
+    store = write(tmp_path / "s.zarr", make_clips(60))
+    reference = _zarr_reference(store.url)
+    assert len(reference) // (CHUNK * SHARD) > 2 * shards._OPEN_FILES
+    ranges = [sorted(map(int, r)) for r in np.random.default_rng(1).integers(0, len(reference), (400, 2))]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda r: store.samples(*r), ranges))
+    assert all(np.array_equal(got, reference[a:b]) for got, (a, b) in zip(results, ranges))

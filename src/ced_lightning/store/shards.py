@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def _pread_into(fd: int, out: memoryview, offset: int) -> int:
 class RawShardReader:
     """Reads `[start, stop)` of a 1-D sharded, uncompressed zarr array as a numpy array, without zarr.
 
-    Not shared between processes: `AudioStore` builds one per process, like its zarr handle.
+    Not shared between processes: `AudioStore` builds one per process, like its zarr handle. Threads of one
+    process may share it.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class RawShardReader:
         self._fs = fs
         self._indexes: dict[int, np.ndarray | None] = {}
         self._files: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_array(cls, array: zarr.Array, url: str) -> RawShardReader | None:
@@ -150,12 +153,17 @@ class RawShardReader:
     def _read_into(self, shard: int, offset: int, out: memoryview) -> None:
         """Bytes `[offset, offset + len(out))` of a shard object into `out`."""
         if self._local:
-            fd, done = self._fd(shard), 0
-            while done < len(out):
-                got = _pread_into(fd, out[done:], offset + done)
-                if got <= 0:
-                    raise OSError(f"{self._shard_path(shard)}: shard ends before byte {offset + len(out)}")
-                done += got
+            # Under the lock: another thread must not close (evict) this fd while it is read, nor have its
+            # number reused by another file in between.
+            with self._lock:
+                fd, done = self._fd(shard), 0
+                while done < len(out):
+                    got = _pread_into(fd, out[done:], offset + done)
+                    if got <= 0:
+                        raise OSError(
+                            f"{self._shard_path(shard)}: shard ends before byte {offset + len(out)}"
+                        )
+                    done += got
             return
         data = self._fs.cat_file(self._shard_path(shard), start=offset, end=offset + len(out))
         if len(data) != len(out):
@@ -164,7 +172,8 @@ class RawShardReader:
 
     def _shard_nbytes(self, shard: int) -> int:
         if self._local:
-            return os.fstat(self._fd(shard)).st_size
+            with self._lock:
+                return os.fstat(self._fd(shard)).st_size
         return int(self._fs.size(self._shard_path(shard)))
 
     def _index(self, shard: int) -> np.ndarray | None:
@@ -220,8 +229,9 @@ class RawShardReader:
         return out
 
     def close(self) -> None:
-        while self._files:
-            os.close(self._files.popitem()[1])
+        with self._lock:
+            while self._files:
+                os.close(self._files.popitem()[1])
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown `os` may be gone already
