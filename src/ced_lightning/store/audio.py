@@ -149,10 +149,10 @@ class AudioStore:
         )
         self.num_classes: int | None = attrs.get("num_classes")
         self._label_matrix: np.ndarray | None = None
-        self._audio: zarr.Array | None = group["audio"]
-        self._audio_pid = os.getpid()
+        self._audio: zarr.Array | None = None
         self._raw: RawShardReader | None = None
-        self._raw_pid: int | None = None
+        self._pid: int | None = None  # the process the two handles above belong to
+        self._open_handles(group["audio"])
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> AudioStore:
@@ -170,19 +170,24 @@ class AudioStore:
     # Pickling: worker processes get the numpy metadata and reopen the audio array on first read.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_audio"] = None
-        state["_raw"] = state["_raw_pid"] = None
+        state["_audio"] = state["_raw"] = state["_pid"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def _open_handles(self, audio: zarr.Array | None = None) -> None:
+        """Open the zarr array and the direct reader for this process (a forked worker opens its own)."""
+        self._audio = audio if audio is not None else _open_group(self.url, "r")["audio"]
+        # None for layouts the direct reader does not read (compressed stores): those go through zarr.
+        self._raw = RawShardReader.for_array(self._audio, self.url)
+        self._pid = os.getpid()
+
     @property
     def audio(self) -> zarr.Array:
-        """The flat int16 array, opened once per process (a forked worker reopens its own)."""
-        if self._audio is None or self._audio_pid != os.getpid():
-            self._audio = _open_group(self.url, "r")["audio"]
-            self._audio_pid = os.getpid()
+        """The flat int16 array, opened once per process."""
+        if self._pid != os.getpid():
+            self._open_handles()
         return self._audio
 
     def samples(self, start: int, stop: int) -> np.ndarray:
@@ -191,12 +196,10 @@ class AudioStore:
         Uncompressed stores (the default) are read straight from their shard files (`store.shards`), ~10x
         faster than through zarr; compressed ones go through zarr.
         """
-        if self._raw_pid != os.getpid():
-            self._raw = RawShardReader.for_array(self.audio, self.url)
-            self._raw_pid = os.getpid()
+        audio = self.audio
         if self._raw is not None:
             return self._raw.read(start, stop)
-        return np.asarray(self.audio[start:stop], dtype=np.int16)
+        return np.asarray(audio[start:stop], dtype=np.int16)
 
     def __len__(self) -> int:
         return len(self.lengths)
