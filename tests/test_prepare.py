@@ -80,6 +80,13 @@ def test_file_list_tsv_csv_labels(tmp_path: Path) -> None:
     csv_list = tmp_path / "list.csv"
     csv_list.write_text('filename,labels\nclips/x.wav,"0,2"\n')
     assert from_file_list(csv_list).items[0].labels == [0, 2]
+    unquoted = tmp_path / "unquoted.csv"  # labels last and not quoted: every one of them is kept
+    unquoted.write_text("filename,labels\nclips/x.wav,/m/09x0r,/m/05zppz,3\n")
+    assert from_file_list(unquoted).items[0].labels == [0, 1, 3]
+    extra = tmp_path / "extra.csv"  # extra fields with labels not last: refused, naming the line
+    extra.write_text("labels,filename\n0,clips/x.wav,oops\n")
+    with pytest.raises(ValueError, match=r"extra\.csv:2: 3 fields for 2 columns"):
+        from_file_list(extra)
     plain = tmp_path / "plain.csv"
     plain.write_text("filename\nclips/x.wav\n")
     assert read_source(plain).items[0].labels is None

@@ -124,11 +124,15 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
             raise ValueError(f"{path}:{line}: empty filename")
         file_path = Path(filename) if Path(filename).is_absolute() else list_path.parent / filename
         name = Path(filename).with_suffix("").as_posix().lstrip("/")
-        labels = (
-            _parse_labels(row.get("labels") or "", classes, mid_index, f"{path}:{line}")
-            if has_labels
-            else None
-        )
+        text_labels = row.get("labels") or ""
+        if None in row:  # more fields than columns: csv keeps the extra ones under the key None
+            if not (has_labels and fields[-1] == "labels"):
+                raise ValueError(
+                    f"{path}:{line}: {len(fields) + len(row[None])} fields for {len(fields)} columns {fields}"
+                )
+            # An unquoted "a.wav,/m/01,/m/02" with labels last: the extra fields are more labels.
+            text_labels = ",".join([text_labels, *row[None]])
+        labels = _parse_labels(text_labels, classes, mid_index, f"{path}:{line}") if has_labels else None
         items.append(SourceItem(name=name, path=str(file_path), labels=labels))
     if not items:
         raise ValueError(f"{path}: the file list has a header but no rows")
