@@ -28,13 +28,12 @@ def build_demo_artifacts(cfg: DictConfig) -> None:
     """Build whatever the demo run `cfg` needs and lacks (stores, teachers, logit store)."""
     data = cfg.data
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    if not all(store_exists(url) for url in splits.values()):
-        from ced_lightning.data.demo import build_demo_stores
+    from ced_lightning.data.demo import build_demo_stores
 
+    if not all(store_exists(url) for url in splits.values()):
         log.info("demo: building the demo audio stores in %s (not there yet; about 20 s)", data.root)
-        build_demo_stores(
-            str(data.root), seed=data.demo.seed, clip_seconds=data.clip_seconds, **data.demo.clips
-        )
+    # Always called: it keeps complete stores of this config, resumes interrupted ones and refuses others.
+    build_demo_stores(str(data.root), seed=data.demo.seed, clip_seconds=data.clip_seconds, **data.demo.clips)
     if cfg.task != "distill":
         return
     for member in cfg.teacher.members:

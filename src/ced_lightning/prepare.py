@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from multiprocessing import get_context
 from typing import Any
 
-import fsspec
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +30,7 @@ from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
 from ced_lightning.data.sources import SourceItem, read_source
 from ced_lightning.labels import ClassList
+from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import (
     DEFAULT_CHUNK_SAMPLES,
     DEFAULT_SHARD_CHUNKS,
@@ -236,21 +236,20 @@ def prepare_store(
             len(failed),
             "; ".join(f["reason"] for f in failed[:5]),
         )
-    if strict and store.failures():
-        raise PrepareError(
-            f"strict=true: {len(store.failures())} inputs were skipped or failed, "
-            f"e.g. {store.failures()[0]['reason']}"
-        )
+    if strict:
+        check_strict(store, unmatched)
     return store
 
 
-def store_size_bytes(url: str) -> int:
-    """Bytes the store takes on disk (or in its bucket)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        return int(fs.du(path, total=True))
-    except (FileNotFoundError, NotImplementedError):
-        return 0
+def check_strict(store: AudioStore, unmatched: Sequence[str] = ()) -> None:
+    """`strict=true`: refuse a store that skipped or failed inputs, or left segment rows without audio."""
+    failures = store.failures()
+    if failures or unmatched:
+        example = failures[0]["reason"] if failures else f"no audio for segment row {unmatched[0]}"
+        raise PrepareError(
+            f"strict=true: {len(failures)} inputs were skipped or failed and {len(unmatched)} segment rows "
+            f"have no audio (see the store's failures report), e.g. {example}"
+        )
 
 
 def summarize(store: AudioStore) -> dict[str, Any]:
@@ -262,7 +261,7 @@ def summarize(store: AudioStore) -> dict[str, Any]:
         "skipped": sum(1 for f in failures if f.get("kind") == "skipped"),
         "failed": sum(1 for f in failures if f.get("kind") != "skipped"),
         "hours": float(store.lengths.sum()) / store.sample_rate / 3600,
-        "size_bytes": store_size_bytes(store.url),
+        "size_bytes": store_nbytes(store.url),
         "unmatched_rows": int(store.attrs.get("unmatched_rows", 0)),
     }
 
@@ -336,11 +335,8 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     summary = summarize(store)
     print_summary(summary)
-    if cfg.strict and (store.failures() or sources.unmatched):
-        raise PrepareError(
-            f"strict=true: {summary['failed']} failed, {summary['skipped']} skipped, "
-            f"{summary['unmatched_rows']} segment rows without audio (see the store's failures report)"
-        )
+    if cfg.strict:
+        check_strict(store, sources.unmatched)  # after the summary, so that it is printed either way
     return [summary]
 
 

@@ -44,6 +44,7 @@ DEMO_CLASSES: list[str] = [
 DEMO_MIDS: list[str] = [f"/demo/{name}" for name in DEMO_CLASSES]
 # Bump when the generator's output changes: stores built by another version are then rebuilt, not reused.
 GENERATOR_VERSION = 1
+DEMO_CLIP_SECONDS = 2.0  # conf/data/demo.yaml's clip_seconds; `prepare source=demo` builds the same
 # Splits draw from disjoint index ranges of the same seed, so growing one split never changes another.
 SPLIT_INDEX_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 
@@ -193,7 +194,9 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     return out / (np.sqrt(np.mean(out**2)) + 1e-12)
 
 
-def generate_demo_clip(seed: int, index: int, clip_seconds: float = 3.0) -> tuple[np.ndarray, list[int]]:
+def generate_demo_clip(
+    seed: int, index: int, clip_seconds: float = DEMO_CLIP_SECONDS
+) -> tuple[np.ndarray, list[int]]:
     """Clip `index` of the demo for `seed`: (float32 waveform at 16 kHz, sorted class indices)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, not {seed}, {index}")
@@ -242,7 +245,7 @@ def build_demo_stores(
     train: int = 1200,
     val: int = 300,
     test: int = 300,
-    clip_seconds: float = 3.0,
+    clip_seconds: float = DEMO_CLIP_SECONDS,
     workers: int = 0,
     overwrite: bool = False,
 ) -> dict[str, str]:

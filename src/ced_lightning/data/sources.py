@@ -18,9 +18,6 @@ from ced_lightning.labels import ClassList, audioset_classes, read_class_labels
 
 log = logging.getLogger(__name__)
 
-# How downloaded AudioSet files are commonly named; `Y` prefixed or not, any supported extension.
-SEGMENT_NAME_PATTERNS = ("{id}", "{id}_{start}", "{id}_{start}_{end}")
-
 
 @dataclass(frozen=True)
 class SourceItem:

@@ -363,14 +363,12 @@ class AudioStoreWriter:
         self.written = 0  # samples committed to `audio` (a multiple of shard_samples until the end)
         self.committed_clips = 0
         self.committed_items = 0
-        self.resumed_clips = 0
         self.complete_store: AudioStore | None = None
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
         self._origin = 0  # sample index of the first pending sample
         self._seen: set[str] = set()
         self.clip_items: list[int] = []  # input item index of each clip
-        self._committed_end = 0  # sample index where the committed clips end
         self._label_start = 0  # label_indices entries of the committed clips
         self._arrays: dict[str, zarr.Array] = {}
         self._open(overwrite)
@@ -453,9 +451,9 @@ class AudioStoreWriter:
         self.any_labels = bool(progress.get("any_labels"))
         self.failures = list(progress.get("failures", []))
         self.items_done = self.committed_items = int(progress["items"])
-        self.committed_clips = self.resumed_clips = n
+        self.committed_clips = n
         self.written = int(progress["samples"])
-        self._origin = self._committed_end = self.offsets[-1] + self.lengths[-1] if n else 0
+        self._origin = self.offsets[-1] + self.lengths[-1] if n else 0
         self._seen = set(self.names)
         if self._origin > self.written:
             raise RuntimeError(f"{self.url}: corrupt progress record {progress}; rerun with overwrite=true")
@@ -538,7 +536,6 @@ class AudioStoreWriter:
             new_clips = self.committed_clips + newly
             self._write_metadata(self.committed_clips, new_clips)
             self.committed_clips = new_clips
-            self._committed_end = int(ends[newly - 1])
             # Failures after the last committed clip are not committed: a resumed run meets them again.
             self.committed_items = self.clip_items[new_clips - 1] + 1
         self._write_progress()
