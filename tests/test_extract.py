@@ -199,6 +199,16 @@ def test_mismatch_refused_other_teachers_and_audio(reference: LogitStore, workdi
         run_extract(cfg)
 
 
+def test_bad_combine_refused_before_any_store_exists(workdir: Path) -> None:
+    from ced_lightning.extract import run_extract
+    from ced_lightning.store import store_exists
+
+    out = str(workdir / "typo.zarr")
+    with pytest.raises(ValueError, match=r"teacher\.combine must be one of .*'mean_probs'"):
+        run_extract(_cfg(workdir, out, "teacher.combine=mean_probs"))
+    assert not store_exists(out)  # so the corrected command is not refused
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path) -> None:
     out = str(workdir / "ddp.zarr")

@@ -32,6 +32,7 @@ from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.models import checkpoint_class_names, load_model
 from ced_lightning.modules.ensemble import (
+    COMBINES,
     TeacherEnsembleModule,
     check_teachers,
     ensemble_probabilities,
@@ -142,6 +143,9 @@ def create_or_resume(
     cfg: DictConfig, audio: AudioStore, records: list[dict], class_names: list[str] | None, num_classes: int
 ) -> LogitStore:
     """Rank 0 creates the store (or checks it matches); other ranks wait for it, then check it too."""
+    combine = str(cfg.teacher.get("combine", "mean_prob"))
+    if combine not in COMBINES:  # before the store exists: a store made with a typo would refuse the fix
+        raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
     settings = {
         "num_clips": len(audio),
         "epochs": int(cfg.epochs),
@@ -155,7 +159,7 @@ def create_or_resume(
         "audio_url": audio.url,
         "clip_samples": clip_samples(cfg),
         "teachers": records,
-        "combine": str(cfg.teacher.get("combine", "mean_prob")),
+        "combine": combine,
         "block_clips": int(cfg.block_clips),
     }
     if global_rank() != 0:
@@ -306,10 +310,7 @@ def verify_store(
     for pick in picks:
         epoch, i = divmod(int(pick), store.num_clips)
         classes, stored, params = store.read(epoch, i)
-        clip = audio_store.samples(
-            int(audio_store.offsets[i]), int(audio_store.offsets[i] + audio_store.lengths[i])
-        )
-        wav, lengths = pack_clips([clip], store.clip_samples)
+        wav, lengths = pack_clips([audio_store.read_samples(i)], store.clip_samples)
         wav_t = int16_to_float(torch.from_numpy(wav).to(device))
         probs = (
             ensemble_probabilities(

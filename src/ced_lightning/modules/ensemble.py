@@ -172,7 +172,6 @@ class TeacherEnsembleModule(pl.LightningModule):
         self.throttle_s = throttle_s
         self.store: LogitStore | None = None
         self.clips_done = 0
-        self.blocks_done: list[int] = []
         self._block_ends: list[tuple[float, int]] = []  # (time a block was written, clips done by then)
         self.steady_clips_per_s: float | None = None
 
@@ -236,19 +235,21 @@ class TeacherEnsembleModule(pl.LightningModule):
         n, mb = len(index), self.micro_batch_size
         all_idx = np.empty((self.epochs, n, self.topk), dtype=np.int64)
         all_p = np.empty((self.epochs, n, self.topk), dtype=np.float32)
-        params = []
-        for epoch in range(self.epochs):
-            drawn = sample_augment_params(self.recipe, self.seed, epoch, index, lengths)
-            params.append(drawn)
-            for s in range(0, n, mb):
-                wav = int16_to_float(batch["waveform"][s : s + mb].to(self.device, non_blocking=True))
-                lens = batch["length"][s : s + mb].to(self.device)
+        params = [
+            sample_augment_params(self.recipe, self.seed, e, index, lengths) for e in range(self.epochs)
+        ]
+        for s in range(0, n, mb):
+            rows = slice(s, s + mb)
+            # Moved and converted once per micro-batch, for all epochs (augmentation does not modify it).
+            wav = int16_to_float(batch["waveform"][rows].to(self.device, non_blocking=True))
+            lens = batch["length"][rows].to(self.device)
+            for epoch, drawn in enumerate(params):
                 probs = ensemble_probabilities(
-                    self.teachers, wav, lens, drawn.subset(slice(s, s + mb)), self.recipe, self.combine
+                    self.teachers, wav, lens, drawn.subset(rows), self.recipe, self.combine
                 )
                 values, classes = torch.topk(probs, self.topk, dim=-1)
-                all_idx[epoch, s : s + mb] = classes.cpu().numpy()
-                all_p[epoch, s : s + mb] = values.float().cpu().numpy()
+                all_idx[epoch, rows] = classes.cpu().numpy()
+                all_p[epoch, rows] = values.float().cpu().numpy()
         return all_idx, all_p, params
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -258,7 +259,6 @@ class TeacherEnsembleModule(pl.LightningModule):
         if self.throttle_s:
             time.sleep(self.throttle_s)  # only for testing a kill in the middle of a run
         self.clips_done += len(batch["index"])
-        self.blocks_done.append(block)
         self._block_ends.append((time.perf_counter(), self.clips_done))
         return None
 
