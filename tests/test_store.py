@@ -361,3 +361,14 @@ def test_raw_shard_reads_from_many_threads(tmp_path: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda r: store.samples(*r), ranges))
     assert all(np.array_equal(got, reference[a:b]) for got, (a, b) in zip(results, ranges))
+
+
+def test_read_clips_are_views_of_one_read_across_chunks(tmp_path: Path) -> None:
+    store = write(tmp_path / "s.zarr", make_clips(30))
+    clips = store.read_clips(3, 27)  # crosses several chunk boundaries (gaps between clips)
+    assert len(clips) == 24 and store.read_clips(5, 5) == []
+    for i, clip in zip(range(3, 27), clips, strict=True):
+        assert np.array_equal(clip, store.read_samples(i))
+    assert all(c.base is clips[0].base is not None for c in clips)  # slices of one array: no copies
+    with pytest.raises(IndexError, match="out of range"):
+        store.read_clips(0, 31)

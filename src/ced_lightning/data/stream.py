@@ -222,9 +222,7 @@ class ClipBatchStream(IterableDataset):
         clips: dict[int, np.ndarray] = {}
         for run in np.split(ordered, breaks):
             start, stop = int(run[0]), int(run[-1]) + 1
-            flat, offsets = self.store.read_span(start, stop)
-            for k in range(stop - start):
-                clips[start + k] = flat[offsets[k] : offsets[k + 1]]
+            clips.update(enumerate(self.store.read_clips(start, stop), start=start))
         return clips
 
     def _collate(self, indices: np.ndarray, clips: dict[int, np.ndarray]) -> Batch:

@@ -52,9 +52,7 @@ class BlockDataset(Dataset):
             self._audio = AudioStore.open(self.audio_url)
         start = b * self.block_clips
         stop = min(start + self.block_clips, self.num_clips)
-        flat, offsets = self._audio.read_span(start, stop)
-        clips = [flat[offsets[k] : offsets[k + 1]] for k in range(stop - start)]
-        waveform, lengths = pack_clips(clips, self.clip_samples)
+        waveform, lengths = pack_clips(self._audio.read_clips(start, stop), self.clip_samples)
         return {
             "block": b,
             "index": torch.arange(start, stop, dtype=torch.int64),

@@ -242,11 +242,26 @@ class AudioStore:
         lengths = self.lengths[start:stop]
         rel = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         if rel[-1] != len(flat):
-            # The span crosses a chunk boundary with a gap before it: close the gap (spans of `chunk_spans`
-            # never do, so the training path stays copy-free).
-            starts = self.offsets[start:stop] - first
-            flat = np.concatenate([flat[a : a + n] for a, n in zip(starts, lengths)])
+            # The span crosses a chunk boundary with a gap before it: close the gap (one copy; `read_clips`
+            # makes none).
+            flat = np.concatenate(self._slice_clips(flat, first, start, stop))
         return flat, rel
+
+    def read_clips(self, start: int, stop: int) -> list[np.ndarray]:
+        """Clips `[start, stop)` as int16 arrays, from one read and without copying (views into it)."""
+        n = len(self)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"{self.url}: span [{start}, {stop}) out of range for {n} clips")
+        if start == stop:
+            return []
+        first = int(self.offsets[start])
+        return self._slice_clips(self.samples(first, int(self._ends[stop - 1])), first, start, stop)
+
+    def _slice_clips(self, flat: np.ndarray, first: int, start: int, stop: int) -> list[np.ndarray]:
+        return [
+            flat[int(a) - first : int(b) - first]
+            for a, b in zip(self.offsets[start:stop], self._ends[start:stop])
+        ]
 
     def labels(self, i: int) -> np.ndarray:
         """Class indices of clip `i` (int64; empty when it has none)."""
