@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bench.common import measure, rate, ratio, stream_rate
+from ced_lightning.audio import int16_to_float
 from ced_lightning.data.demo import generate_demo_clip
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store.audio import AudioStore, write_audio_store
@@ -65,7 +66,7 @@ class _EmptyBatches(torch.utils.data.IterableDataset):
 
 
 def _to_tensors(flat: np.ndarray, offsets: np.ndarray) -> list[torch.Tensor]:
-    wave = torch.from_numpy(flat).to(torch.float32).div_(32768.0)
+    wave = int16_to_float(torch.from_numpy(flat))
     return list(torch.split(wave, np.diff(offsets).tolist()))
 
 
@@ -95,7 +96,8 @@ def run(quick: bool = True) -> dict[str, Any]:
                 _to_tensors(memory[a:b], np.append(store.offsets[start:stop], b) - a)
 
         def stream_epoch(workers: int) -> ResumableLoader:
-            # The training path as a DataLoader delivers it: collated [32, 160000] float32 batches.
+            # The training path as a DataLoader delivers it: collated [32, 160000] int16 batches, made float32
+            # by `stream_rate` as the training process does.
             stream = ClipBatchStream(store, 32, epoch=0, seed=0, clip_samples=160_000, shuffle_window=64)
             return ResumableLoader(stream, num_workers=workers)
 

@@ -3,6 +3,7 @@ offline W&B work. Tiny models and a tiny demo set; the real components throughou
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -276,3 +277,13 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
         assert params.subset(np.array([row])) == stored
         assert torch.equal(batch["topk_indices"][row], torch.from_numpy(indices.astype(np.int64)))
         assert torch.equal(batch["topk_probs"][row], torch.from_numpy(probs))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_missing_optimizer_package_stops_before_the_demo_builds_anything(tmp_path: Path) -> None:
+    from ced_lightning.tasks import ensure_inputs
+
+    cfg = _compose(["experiment=ced_mini", "optim=adam8bit", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(ImportError, match=r"optim\.optimizer\._target_=bitsandbytes"):
+        ensure_inputs(cfg)
+    assert not any(tmp_path.iterdir())  # no demo store, teacher or logit store was started

@@ -63,6 +63,12 @@ def int16_to_float(samples: torch.Tensor) -> torch.Tensor:
     return samples.to(torch.float32).mul_(1.0 / INT16_SCALE)
 
 
+def float_to_int16(waveform: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16, rounded; +1.0 saturates to 32767 (one LSB of clipping at most)."""
+    scaled = np.rint(np.asarray(waveform, dtype=np.float64) * INT16_SCALE)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
+
+
 def pack_clips(
     clips: Sequence[np.ndarray],
     width: int,

@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, float_to_int16, load_audio
 from ced_lightning.data.sources import SourceItem, read_source
 from ced_lightning.labels import ClassList
 from ced_lightning.store import store_nbytes
@@ -94,7 +94,7 @@ def decode_item(item: SourceItem) -> tuple[np.ndarray | None, str | None]:
         return None, f"{item.path}: empty audio after resampling"
     if not np.isfinite(waveform).all():
         return None, f"{item.path}: audio contains NaN or inf samples after resampling"
-    samples = np.clip(np.rint(waveform.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    samples = float_to_int16(waveform)
     if not samples.any():
         # Audio so quiet it rounds to zero in int16 carries nothing a tagger could learn from.
         return None, f"{item.path}: audio is silent at 16-bit resolution"

@@ -28,6 +28,7 @@ def _check_task(cfg: DictConfig) -> str:
 def ensure_inputs(cfg: DictConfig) -> None:
     """The demo builds whatever it lacks; a user's data must exist, or the run stops at once."""
     task = _check_task(cfg)
+    _check_optimizer(cfg)  # before the demo spends minutes on teachers and a logit store
     if cfg.data.get("build_missing"):
         from ced_lightning.pipeline import build_demo_artifacts
 
@@ -106,7 +107,6 @@ def _check_optimizer(cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig, datamodule: LightningDataModule) -> LightningModule:
-    _check_optimizer(cfg)
     network = build_network(cfg, datamodule.num_classes)
     common: dict[str, Any] = {
         "model": network,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.audio import SAMPLE_RATE, float_to_int16
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _clip_job(job: tuple[int, int, float, str]) -> tuple[str, np.ndarray, list[i
     seed, index, clip_seconds, name = job
     waveform, labels = generate_demo_clip(seed, index, clip_seconds)
     # int16 halves what crosses the process boundary; the writer stores int16 anyway.
-    return name, np.clip(np.rint(waveform * 32768.0), -32768, 32767).astype(np.int16), labels
+    return name, float_to_int16(waveform), labels
 
 
 def _split_jobs(split: str, seed: int, count: int, clip_seconds: float) -> list[tuple[int, int, float, str]]:

@@ -35,7 +35,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from ced_lightning.audio import SAMPLE_RATE, int16_to_float
+from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
 from ced_lightning.store.shards import RawShardReader
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ def _to_int16(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         return waveform
     if not np.issubdtype(waveform.dtype, np.floating):
         raise ValueError(f"clip {name!r}: expected float32 in [-1, 1] or int16 samples, got {waveform.dtype}")
-    # int16 / 32768 is the read-back scale, so +1.0 saturates to 32767 (one LSB of clipping, at most).
-    scaled = np.rint(waveform.astype(np.float64) * 32768.0)
-    return np.clip(scaled, -32768, 32767).astype(np.int16)
+    return float_to_int16(waveform)
 
 
 def _resize(arr: zarr.Array, size: int) -> None:
