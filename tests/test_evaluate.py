@@ -101,3 +101,10 @@ def test_command_line(model, store_url, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "clips: 8  mAP: " in printed and "d-prime: " in printed
     assert (out / "per_class_ap.csv").exists() and (out / "per_class_ap.png").exists()
+    # output_dir=null: the scores only, no files and no error after the whole evaluation.
+    monkeypatch.setattr(
+        sys, "argv", [*argv[:-1], "output_dir=null", f"paths.root_dir={tmp_path}", "device=cpu"]
+    )
+    main()
+    printed = capsys.readouterr().out
+    assert "clips: 8  mAP: " in printed and "per-class AP" not in printed

@@ -161,3 +161,15 @@ def test_released_format_checkpoint_uses_audioset_names(audio_dir, tmp_path):
     results, failures = tag_files(model, [audio_dir / "a.wav"], topk=5, class_names=names, device="cpu")
     assert not failures
     assert all(label["name"] in names for label in results[0]["labels"])
+
+
+def test_bad_output_name_refused_before_loading_or_tagging(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ced_lightning.predict import predict
+
+    cfg = OmegaConf.create(
+        {"ckpt": str(tmp_path / "not_read.ckpt"), "inputs": [str(tmp_path)], "topk": 5, "output": "tags.txt"}
+    )
+    with pytest.raises(ValueError, match=r"output=tags\.txt: use a \.jsonl or \.csv"):
+        predict(cfg)  # the checkpoint does not even exist: the name is checked first

@@ -147,7 +147,8 @@ def main(cfg: DictConfig) -> None:
         progress=bool(cfg.progress),
     )
     print(format_summary(result))
-    print(f"per-class AP: {result['per_class_csv']}  chart: {result['per_class_png']}")
+    if "per_class_csv" in result:  # output_dir=null writes no files
+        print(f"per-class AP: {result['per_class_csv']}  chart: {result['per_class_png']}")
 
 
 if __name__ == "__main__":

@@ -254,6 +254,7 @@ def write_results(path: str | PathLike, results: Sequence[dict[str, Any]]) -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
+    _check_output_suffix(path)
     if suffix in (".jsonl", ".json"):
         with path.open("w", encoding="utf-8") as handle:
             for result in results:
@@ -269,7 +270,10 @@ def write_results(path: str | PathLike, results: Sequence[dict[str, Any]]) -> No
                     for rank, label in enumerate(labels, start=1):
                         row = [result["file"], start, end, rank, label["index"], label["name"]]
                         writer.writerow([*row, label["probability"]])
-    else:
+
+
+def _check_output_suffix(path: Path) -> None:
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"output={path}: use a .jsonl or .csv file name")
 
 
@@ -320,6 +324,8 @@ def predict(cfg: DictConfig) -> list[Failure]:
         inputs = [inputs]
     if cfg.topk < 1:
         raise ValueError(f"topk must be >= 1, got {cfg.topk}")
+    if cfg.get("output"):
+        _check_output_suffix(Path(cfg.output))  # before tagging, not after
     model = load_model(cfg.ckpt)
     class_names = resolve_class_names(model, checkpoint_class_names(cfg.ckpt))
     files = expand_inputs(inputs)
