@@ -24,6 +24,7 @@ from ced_lightning.augment import (
     apply_spectrogram_masks,
     apply_waveform,
     augmented_spectrogram,
+    augmented_spectrograms,
     counter_uniform,
     sample_augment_params,
 )
@@ -331,6 +332,22 @@ def test_replay_is_bit_identical_across_batches(config: FrontEndConfig) -> None:
         )
         assert torch.equal(batch8[i], batch3[1]), i
         assert torch.equal(batch8[i], alone[0]), i
+
+
+def test_ensemble_front_ends_share_equal_spectrograms() -> None:
+    # Teachers with equal front ends share one spectrogram; each result is what it alone would give.
+    ced_a, ced_b, timm = LogMelFrontEnd(), LogMelFrontEnd(), LogMelFrontEnd(TIMM_FRONT_END)
+    altered = LogMelFrontEnd()
+    altered[0].mel_scale.fb.mul_(1.5)  # same config, other weights: must not be shared
+    wave, lengths = _clips(4, 32000, seed=5)
+    params = sample_augment_params(RECIPE, 3, 1, np.arange(4), lengths.numpy())
+    front_ends = [ced_a, timm, ced_b, altered]
+    mels = augmented_spectrograms(front_ends, wave, lengths, params, RECIPE)
+    for front_end, mel in zip(front_ends, mels, strict=True):
+        assert torch.equal(mel, augmented_spectrogram(front_end, wave, lengths, params, RECIPE))
+    assert mels[2] is mels[0]
+    assert mels[1] is not mels[0] and mels[3] is not mels[0]
+    assert not torch.equal(mels[3], mels[0])
 
 
 def test_front_end_floor_is_per_clip() -> None:

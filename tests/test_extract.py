@@ -259,10 +259,14 @@ def test_teachers_with_different_class_counts_refused() -> None:
         check_teachers([torch.nn.Linear(2, 2)])
 
 
-def test_bf16_mixed_extraction_verifies(workdir: Path) -> None:
+def test_bf16_mixed_extraction_verifies(reference: LogitStore, workdir: Path) -> None:
     # What GPUs run (bf16 autocast, float32 front end), here on the CPU (slow there: 4 clips, 1 epoch): it
-    # works and replays within bf16 slack.
-    from ced_lightning.extract import run_extract
+    # works and replays within bf16 slack. Each block's `block_done` code records the precision, so a later
+    # float32 run verifies the store with bf16's tolerance (and a float32 store keeps the tight one).
+    from ced_lightning.extract import REPLAY_SLACK, load_teachers, run_extract, verify_store
+    from ced_lightning.quantize import max_abs_error
+    from ced_lightning.store.audio import AudioStore
+    from ced_lightning.store.logits import BLOCK_FULL_PRECISION, BLOCK_REDUCED_PRECISION
 
     out = workdir / "bf16.zarr"
     small = f"audio_store={workdir / 'small_audio.zarr'}"
@@ -272,6 +276,14 @@ def test_bf16_mixed_extraction_verifies(workdir: Path) -> None:
     assert store.is_complete()
     stats = Path(f"{out}.stats.json").read_text()
     assert '"precision": "bf16-mixed"' in stats and '"ok": true' in stats, stats
+    assert [store.block_precision(b) for b in range(store.num_blocks)] == [BLOCK_REDUCED_PRECISION]
+    assert {reference.block_precision(b) for b in range(reference.num_blocks)} == {BLOCK_FULL_PRECISION}
+
+    teachers, _, _ = load_teachers(_cfg(workdir, str(out)).teacher)  # float32, as a later CPU run has them
+    replay = verify_store(store, teachers, AudioStore.open(str(workdir / "small_audio.zarr")), 4, seed=2)
+    assert replay["ok"], replay
+    # ... which a float32 tolerance would have called a mismatch.
+    assert replay["max_abs_diff"] > max_abs_error(1.0, "float16") + REPLAY_SLACK[False], replay
 
 
 @pytest.mark.slow

@@ -152,6 +152,35 @@ def test_open_errors(tmp_path: Path) -> None:
         LogitStore.open(str(tmp_path / "other.zarr"))
 
 
+def test_creation_killed_midway_is_created_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = str(tmp_path / "s.zarr")
+    create_array, made = zarr.Group.create_array, []
+
+    def dies_after_two_arrays(self: zarr.Group, *args: Any, **kwargs: Any) -> Any:
+        if len(made) == 2:
+            raise KeyboardInterrupt  # the process is killed while creating the store
+        made.append(args or kwargs.get("name"))
+        return create_array(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.Group, "create_array", dies_after_two_arrays)
+        with pytest.raises(KeyboardInterrupt):
+            LogitStore.create(url, **_settings())
+    with pytest.raises(ValueError, match=r"creation was interrupted.*run again"):
+        LogitStore.open(url)
+    store = LogitStore.create(url, **_settings())  # the same command again
+    assert store.missing_blocks() == [0, 1, 2] and "creation_incomplete" not in store.attrs
+    store.write_block(0, *_block_data(store, 0))
+    assert LogitStore.create(url, **_settings()).missing_blocks() == [1, 2]
+
+    # A group that is not ours (no mark) is never recreated: refused, left as it was.
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").create_array("data", shape=(3,), dtype="int8")
+    with pytest.raises(ValueError, match="is not a logit store"):
+        LogitStore.create(str(foreign), **_settings())
+    assert (foreign / "data" / "zarr.json").exists()
+
+
 def test_write_block_checks_shapes(tmp_path: Path) -> None:
     store = LogitStore.create(str(tmp_path / "s.zarr"), **_settings())
     indices, probs, params = _block_data(store, 0)

@@ -427,6 +427,42 @@ def apply_spectrogram_masks(
     return mel.masked_fill(masked, recipe.mask_value)
 
 
+def same_front_end(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two front ends compute the same function: same class and config, equal buffers."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or getattr(a, "config", None) != getattr(b, "config", None):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def augmented_spectrograms(
+    front_ends: Sequence[torch.nn.Module],
+    waveform: torch.Tensor,
+    lengths: torch.Tensor,
+    params: AugmentParams,
+    recipe: AugmentRecipe,
+) -> list[torch.Tensor]:
+    """`augmented_spectrogram` for several front ends (a teacher ensemble) from one waveform augmentation.
+
+    Front ends that compute the same function (`same_front_end`, e.g. every released CED) share one
+    spectrogram: the same computation on the same input, so the result is what each would have produced.
+    """
+    audio = apply_waveform(waveform, lengths, params).float()
+    computed: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    out = []
+    for front_end in front_ends:
+        mel = next((m for other, m in computed if same_front_end(other, front_end)), None)
+        if mel is None:
+            mel = apply_spectrogram_masks(front_end(audio), params, recipe, front_end.config)
+            computed.append((front_end, mel))
+        out.append(mel)
+    return out
+
+
 def augmented_spectrogram(
     front_end: torch.nn.Module,
     waveform: torch.Tensor,
@@ -439,6 +475,4 @@ def augmented_spectrogram(
     The front end takes each clip's `top_db` floor on its own (`LogMelFrontEnd.forward`), so each clip's
     spectrogram is bit-identical in any batch (checked in the tests).
     """
-    audio = apply_waveform(waveform, lengths, params)
-    mel = front_end(audio.float())
-    return apply_spectrogram_masks(mel, params, recipe, front_end.config)
+    return augmented_spectrograms([front_end], waveform, lengths, params, recipe)[0]

@@ -36,6 +36,7 @@ from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_teachers,
     ensemble_probabilities,
+    reduced_precision,
 )
 from ced_lightning.quantize import max_abs_error
 from ced_lightning.runtime import (
@@ -47,9 +48,13 @@ from ced_lightning.runtime import (
 )
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.logits import LogitStore
+from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
 
 log = logging.getLogger(__name__)
+
+# Largest replay difference beyond quantization, by whether either side computed in reduced precision:
+# bf16 teachers differ from a float32 replay by about 1% of a probability, float32 ones by round-off.
+REPLAY_SLACK = {False: 1e-4, True: 2e-2}
 
 # How long ranks > 0 of an externally launched job (torchrun, SLURM) wait for rank 0 to create the store.
 _CREATE_WAIT_S = 600.0
@@ -239,9 +244,15 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     if todo and module.steady_clips_per_s is not None:
         stats["steady_clips_per_s"] = round(module.steady_clips_per_s, 2)
     if int(cfg.get("verify") or 0) > 0 and store.is_complete():
-        # bf16 teachers differ from the float32 replay by about 1% of a logit, more than quantization.
-        slack = 1e-4 if "32" in str(trainer.precision) or "64" in str(trainer.precision) else 2e-2
-        stats["verify"] = verify_store(store, teachers, audio, int(cfg.verify), int(cfg.seed), slack)
+        device = next(teachers[0].parameters()).device
+        stats["verify"] = verify_store(
+            store,
+            teachers,
+            audio,
+            int(cfg.verify),
+            int(cfg.seed),
+            replay_reduced=reduced_precision(trainer.precision, device),
+        )
     report(store, stats)
     return store
 
@@ -294,21 +305,26 @@ def verify_store(
     audio_store: AudioStore,
     samples: int,
     seed: int,
-    precision_slack: float = 1e-4,
+    replay_reduced: bool = False,
 ) -> dict[str, Any]:
-    """Replay `samples` random (epoch, clip) pairs from the stored parameters through the teachers (float32).
+    """Replay `samples` random (epoch, clip) pairs from the stored parameters through the teachers.
 
     Compares the teachers' probabilities of the stored classes with the stored values: the largest absolute
-    difference must lie within the quantization error (plus `precision_slack` for float round-off, more for
-    a store extracted in bf16). Also reports how often the recomputed top-k has the stored classes.
+    difference must lie within the quantization error plus a slack for arithmetic, `REPLAY_SLACK[True]` where
+    the pair's block was extracted in reduced precision (its `block_done` code) or the replay itself runs in
+    it (`replay_reduced`), float round-off otherwise. Also reports how often the recomputed top-k has the
+    stored classes.
     """
     rng = np.random.default_rng(seed)
     n = min(samples, store.num_clips * store.epochs)
     picks = rng.choice(store.num_clips * store.epochs, size=n, replace=False)
     device = next(teachers[0].parameters()).device
-    diffs, excess, agree = [], [], 0
+    diffs, excess, agree, slacks = [], [], 0, []
     for pick in picks:
         epoch, i = divmod(int(pick), store.num_clips)
+        block_reduced = store.block_precision(i // store.block_clips) == BLOCK_REDUCED_PRECISION
+        slack = REPLAY_SLACK[block_reduced or replay_reduced]
+        slacks.append(slack)
         classes, stored, params = store.read(epoch, i)
         wav, lengths = pack_clips([audio_store.read_samples(i)], store.clip_samples)
         wav_t = int16_to_float(torch.from_numpy(wav).to(device))
@@ -322,10 +338,10 @@ def verify_store(
         recomputed = probs[classes]
         diff = np.abs(recomputed - stored)
         diffs.append(diff.max())
-        excess.append((diff - max_abs_error(recomputed, store.quantization) - precision_slack).max())
+        excess.append((diff - max_abs_error(recomputed, store.quantization) - slack).max())
         top = np.argsort(-probs, kind="stable")[: store.topk]
         agree += int(set(top.tolist()) == set(classes.tolist()))
-    bound = float(max_abs_error(1.0, store.quantization)) + precision_slack
+    bound = float(max_abs_error(1.0, store.quantization)) + max(slacks)
     return {
         "samples": int(n),
         "max_abs_diff": float(max(diffs)),

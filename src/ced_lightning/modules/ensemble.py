@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ced_lightning.audio import int16_to_float, pack_clips
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrograms, sample_augment_params
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 
@@ -103,13 +103,22 @@ def ensemble_probabilities(
     """Every teacher on its own augmented spectrogram of the same draws, combined: float32 `[B, C]`.
 
     Each teacher masks its own front end's output (other mel bins or hop), so the same stored parameters
-    cover the same part of the sound for all of them.
+    cover the same part of the sound for all of them. The waveform is augmented once, and teachers with the
+    same front end share its spectrogram.
     """
-    logits = []
-    for teacher in teachers:
-        mel = augmented_spectrogram(teacher.front_end, waveform, lengths, params, recipe)
-        logits.append(teacher.forward_spectrogram(mel))
+    mels = augmented_spectrograms([t.front_end for t in teachers], waveform, lengths, params, recipe)
+    logits = [teacher.forward_spectrogram(mel) for teacher, mel in zip(teachers, mels, strict=True)]
     return combine_probabilities(logits, combine)
+
+
+def reduced_precision(precision: str | None, device: torch.device | str) -> bool:
+    """Whether teachers run at `precision` (Lightning's string) on `device` compute below float32: 16-bit
+    formats, or float32 matmuls in TF32 on CUDA (`torch.set_float32_matmul_precision`). A replay can then
+    differ by about 1% of a probability instead of float round-off."""
+    precision = str(precision or "32-true")
+    if not any(bits in precision for bits in ("32", "64")):
+        return True
+    return torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
 
 
 def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = None) -> int:
@@ -253,7 +262,10 @@ class TeacherEnsembleModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         block = int(batch["block"])
         indices, probs, params = self.block_topk(batch)
-        self._open_store().write_block(block, indices, probs, params)
+        precision = self.trainer.precision if self._trainer is not None else None
+        self._open_store().write_block(
+            block, indices, probs, params, reduced_precision=reduced_precision(precision, self.device)
+        )
         if self.throttle_s:
             time.sleep(self.throttle_s)  # only for testing a kill in the middle of a run
         self.clips_done += len(batch["index"])

@@ -6,7 +6,8 @@ Layout (documented for other tools in `docs/logit_store.md`):
     topk_indices   uint16  [E, N, k] class indices, each row by descending probability
     topk_values    float16 | uint8 [E, N, k] quantized probabilities (`ced_lightning.quantize`)
     params/<name>  field dtype [E, N, *shape] one array per augmentation parameter field
-    block_done     uint8   [num_blocks] 1 once block b's rows are written (chunk size 1, unsharded)
+    block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
+                                        size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
 
 Every data array is sharded by block: one shard holds all E epochs of `block_clips` consecutive clips, split
 into one inner chunk per epoch. A block is written by exactly one process in one call that covers whole
@@ -54,6 +55,11 @@ IDENTITY_KEYS: tuple[str, ...] = (
 )
 
 _ZSTD_LEVEL = 9
+_CREATING = "creation_incomplete"  # attribute present only while `LogitStore.create` runs
+
+# `block_done` values: how the block's teachers computed, which decides how closely a replay can match it.
+BLOCK_FULL_PRECISION = 1  # float32/float64 matmuls (stores written before codes existed hold 1 as well)
+BLOCK_REDUCED_PRECISION = 2  # bf16/fp16 (mixed or true) or TF32 matmuls
 
 
 @dataclass
@@ -172,7 +178,7 @@ class LogitStore:
                 "row_order": "probability_descending",
             }
         )
-        if store_exists(url):
+        if store_exists(url) and not _interrupted_creation(url):
             store = cls.open(url)
             old, new = _identity(store.attrs), _identity(attrs)
             differences = [
@@ -190,7 +196,10 @@ class LogitStore:
                 log.info("resuming %s (same audio fingerprint, audio store now at %s)", url, audio_url)
             return store
 
-        group = zarr.open_group(url, mode="w", zarr_format=3)
+        if store_exists(url):
+            log.info("%s: its creation was interrupted before it held any block; creating it again", url)
+        # Marked as ours and unfinished first, so that a run killed before the end can recreate it.
+        group = zarr.open_group(url, mode="w", zarr_format=3, attributes={"format": FORMAT, _CREATING: True})
         shape = (epochs, num_clips)
         blocks = -(-num_clips // block_clips)
 
@@ -222,8 +231,8 @@ class LogitStore:
             fill_value=0,
             dimension_names=("block",),
         )
-        # Attributes last: a store without them is an interrupted creation, recognisably incomplete.
-        group.attrs.update(attrs)
+        # Attributes last, in one write that also drops the creation mark.
+        group.attrs.put(attrs)
         return cls(zarr.open_group(url, mode="r+", zarr_format=3), url)
 
     @classmethod
@@ -241,10 +250,15 @@ class LogitStore:
             group = zarr.open_group(url, mode="r", zarr_format=3)
         except Exception as err:
             raise ValueError(f"{url} is not a Zarr v3 group: {err}") from err
+        if group.attrs.get(_CREATING):
+            raise ValueError(
+                f"{url}: its creation was interrupted (it holds no block yet); the extract command run again "
+                "creates it anew"
+            )
         if group.attrs.get("format") != FORMAT:
             raise ValueError(
                 f"{url} is not a logit store (attribute 'format' is {group.attrs.get('format')!r}, expected "
-                f"{FORMAT!r}); an interrupted creation leaves this too: delete it and run extract again"
+                f"{FORMAT!r}); choose another output, or delete it if it is a leftover"
             )
         version = group.attrs.get("format_version")
         if version != FORMAT_VERSION:
@@ -274,6 +288,11 @@ class LogitStore:
     def done_mask(self) -> np.ndarray:
         return np.asarray(self._group["block_done"][:]).astype(bool)
 
+    def block_precision(self, b: int) -> int:
+        """Block `b`'s `block_done` code: 0 missing, `BLOCK_FULL_PRECISION` or `BLOCK_REDUCED_PRECISION`."""
+        self.block_range(b)  # range check with a clear message
+        return int(self._group["block_done"][b])
+
     def missing_blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(~self.done_mask())]
 
@@ -286,8 +305,9 @@ class LogitStore:
         indices: np.ndarray,
         probs: np.ndarray,
         params: Sequence[AugmentParams],
+        reduced_precision: bool = False,
     ) -> None:
-        """Quantize and write block `b` for all epochs, then mark it done.
+        """Quantize and write block `b` for all epochs, then mark it done with its precision code.
 
         `indices` and `probs` are `[E, n, k]` (n = the block's clip count, any row order), `params` one
         `AugmentParams` of length n per epoch. The completion flag is written after the data, so a process
@@ -330,7 +350,7 @@ class LogitStore:
                     )
                 stacked.append(value.astype(dtype, copy=False))
             self._group[f"params/{name}"][region] = np.stack(stacked)
-        self._group["block_done"][b] = 1
+        self._group["block_done"][b] = BLOCK_REDUCED_PRECISION if reduced_precision else BLOCK_FULL_PRECISION
 
     # ----------------------------------------------------------------------------------------------- reading
     def _check_epoch(self, epoch: int) -> None:
@@ -392,6 +412,11 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
         {"name": t.get("name"), "sha256": t.get("sha256")} for t in (attrs.get("teachers") or [])
     ]
     return out
+
+
+def _interrupted_creation(url: str) -> bool:
+    attrs = read_attrs(url)
+    return attrs.get("format") == FORMAT and bool(attrs.get(_CREATING))
 
 
 def read_attrs(url: str) -> Mapping[str, Any]:
