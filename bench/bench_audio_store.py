@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import measure, rate, ratio, stream_rate
+from bench.common import CLIP_SAMPLES, CLIP_SECONDS, measure, rate, ratio, stream_rate
 from ced_lightning.audio import int16_to_float
 from ced_lightning.data.demo import generate_demo_clip
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
@@ -37,7 +37,7 @@ _CEILING = "DataLoader ceiling, 2 workers (empty batches of the same shape)"
 def _make_store(root: Path, clips: int, compression: str = "none") -> AudioStore:
     def gen():
         for i in range(clips):
-            wave, labels = generate_demo_clip(0, i, 10.0)
+            wave, labels = generate_demo_clip(0, i, CLIP_SECONDS)
             yield f"clip_{i:05d}", wave, labels
 
     return write_audio_store(
@@ -60,7 +60,7 @@ class _EmptyBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info is not None else 1
         for _ in range(self.batches // workers):
-            waveform = torch.empty(32, 160_000, dtype=torch.int16).share_memory_()
+            waveform = torch.empty(32, CLIP_SAMPLES, dtype=torch.int16).share_memory_()
             waveform.fill_(0)
             yield {"index": torch.arange(32), "waveform": waveform}
 
@@ -98,7 +98,7 @@ def run(quick: bool = True) -> dict[str, Any]:
         def stream_epoch(workers: int) -> ResumableLoader:
             # The training path as a DataLoader delivers it: collated [32, 160000] int16 batches, made float32
             # by `stream_rate` as the training process does.
-            stream = ClipBatchStream(store, 32, epoch=0, seed=0, clip_samples=160_000, shuffle_window=64)
+            stream = ClipBatchStream(store, 32, epoch=0, seed=0, clip_samples=CLIP_SAMPLES, shuffle_window=64)
             return ResumableLoader(stream, num_workers=workers)
 
         streams = {w: stream_rate(lambda w=w: stream_epoch(w), repeats=repeats) for w in (0, 2)}
@@ -127,7 +127,7 @@ def run(quick: bool = True) -> dict[str, Any]:
     )
     result = {
         "clips": clips,
-        "clip_seconds": 10.0,
+        "clip_seconds": CLIP_SECONDS,
         "store_mib": round(size / 2**20, 1),
         "clips_per_second": rates,
         "training stream seconds to the first batch (not in the rates)": {

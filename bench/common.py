@@ -1,22 +1,33 @@
-"""Shared by the benchmark sections: timing with repeats, and the result record."""
+"""Shared by the benchmark sections: timing with repeats, FLOP counting, the result record, and the synthetic
+inputs (noise clips, AudioSet-shaped teacher rows, the stores made of them, the distillation step)."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from ced_lightning.audio import int16_to_float
-from ced_lightning.augment import AugmentRecipe, sample_augment_params
+from ced_lightning.audio import SAMPLE_RATE, int16_to_float
+from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.labels import audioset_classes
+from ced_lightning.losses import distill_loss
 from ced_lightning.store import LogitStore
+from ced_lightning.store.audio import AudioStore, write_audio_store
+from ced_lightning.targets import rebuild_targets
 
-CLASSES, TOPK = 527, 20
+CLASSES = len(audioset_classes())  # the released teachers' outputs
+TOPK = 20  # the paper's stored top-k
+CLIP_SECONDS = 10.0  # an AudioSet clip
+CLIP_SAMPLES = round(CLIP_SECONDS * SAMPLE_RATE)
+NOISE_RMS = 0.1  # -20 dBFS: a plausible level, far from int16's clipping
 
 
 def measure(
@@ -81,6 +92,16 @@ def stream_rate(
             "repeats": repeats,
         },
     }
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call of `fn`: matrix products and convolutions, forward and backward, 2 a multiply-add.
+
+    SDPA runs on its math backend while counting: the fused CPU kernel is not in the counter's table, so
+    attention's two matrix products (QKᵀ and AV) would otherwise count as zero."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def cpu_name() -> str:
@@ -161,3 +182,63 @@ def write_synthetic_logit_store(
         params = [sample_augment_params(recipe, 0, e, index, lengths[start:stop]) for e in range(epochs)]
         store.write_block(b, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), params)
     return store
+
+
+def noise(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise waveforms at `NOISE_RMS`: inputs whose content the figures do not depend on."""
+    return torch.randn(*shape, generator=generator) * NOISE_RMS
+
+
+def write_noise_audio_store(url: str, clips: int, seconds: float) -> AudioStore:
+    """An audio store of `clips` noise clips of `seconds`, each labelled with one of `CLASSES` classes."""
+    generator = torch.Generator().manual_seed(0)
+    samples = round(seconds * SAMPLE_RATE)
+
+    def rows() -> Iterator[tuple[str, torch.Tensor, list[int]]]:
+        # one clip at a time: a full-size run (thousands of 10 s clips) would not fit in memory at once
+        for i in range(clips):
+            yield f"c{i}", noise(samples, generator=generator), [i % CLASSES]
+
+    return write_audio_store(url, rows(), class_names=[f"class{i}" for i in range(CLASSES)])
+
+
+# waveform [B, T], lengths [B], augmentation parameters, top-k indices and probabilities [B, k]
+DistillBatch = tuple[torch.Tensor, torch.Tensor, AugmentParams, torch.Tensor, torch.Tensor]
+
+
+def distill_batch(
+    batch_size: int, samples: int, recipe: AugmentRecipe, device: torch.device | str = "cpu"
+) -> DistillBatch:
+    """Noise clips, their lengths and augmentation parameters, and stored-like top-k teacher rows."""
+    generator = torch.Generator().manual_seed(0)
+    wave = noise(batch_size, samples, generator=generator)
+    lengths = np.full(batch_size, samples, dtype=np.int64)
+    params = sample_augment_params(recipe, 0, 0, np.arange(batch_size), lengths)
+    probs, indices = torch.rand(batch_size, CLASSES, generator=generator).topk(TOPK, dim=-1)
+    return (
+        wave.to(device),
+        torch.from_numpy(lengths).to(device),
+        params,
+        indices.to(device),
+        probs.to(device),
+    )
+
+
+def distill_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: DistillBatch,
+    recipe: AugmentRecipe,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """One distillation step of a CED student: augmented spectrogram, forward (under autocast to `dtype`,
+    if given), dense target rebuilt from the top-k rows, KL loss, backward, optimiser step."""
+    wave, lengths, params, indices, probs = batch
+    with torch.autocast(wave.device.type, dtype=dtype, enabled=dtype is not None):
+        mel = augmented_spectrogram(model.front_end, wave, lengths, params, recipe)
+        logits = model.forward_spectrogram(mel)
+    target = rebuild_targets(indices, probs, CLASSES, "zero")
+    loss = distill_loss("kl", logits, target, 1.0).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()

@@ -15,13 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ced_lightning.models import TimmMelClassifier, create_ced, save_ced
-from ced_lightning.store.audio import write_audio_store
-
-CLASSES = 527
+from bench.common import CLASSES, TOPK, write_noise_audio_store
+from ced_lightning.models import TimmMelClassifier, create_ced, model_spec, save_ced
 
 
 def _teachers(root: Path) -> list[Path]:
@@ -32,8 +29,6 @@ def _teachers(root: Path) -> list[Path]:
         save_ced(create_ced(name, num_classes=CLASSES), path)
         paths.append(path)
     cnn = TimmMelClassifier("mobilenetv3_large_100", num_classes=CLASSES)
-    from ced_lightning.models import model_spec
-
     path = root / "mobilenet.ckpt"
     torch.save(
         {"model_spec": model_spec(cnn), "state_dict": {f"model.{k}": v for k, v in cnn.state_dict().items()}},
@@ -52,7 +47,7 @@ def _extract(
         f"output={out}",
         f"teacher.members=[{members}]",
         "epochs=1",
-        "topk=20",
+        f"topk={TOPK}",
         f"clip_seconds={clip_seconds}",
         f"block_clips={block_clips}",
         "trainer.accelerator=cpu",
@@ -70,15 +65,10 @@ def _extract(
 def run(quick: bool = True) -> dict[str, Any]:
     clips, seconds = (128, 3.0) if quick else (1024, 10.0)
     block_clips = clips // 8  # 4 blocks per rank with 2 processes: 3 of them timed in steady state
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         audio = str(root / "audio.zarr")
-        samples = int(seconds * 16000)
-        write_audio_store(
-            audio,
-            ((f"c{i}", (rng.standard_normal(samples) * 0.1).astype(np.float32), None) for i in range(clips)),
-        )
+        write_noise_audio_store(audio, clips, seconds)
         teachers = _teachers(root)
         rates, whole = {}, {}
         for n in (1, 2, 3):

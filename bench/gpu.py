@@ -26,17 +26,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import CLASSES, TOPK, cpu_name, measure, rate
+from bench.common import (
+    CLASSES,
+    CLIP_SECONDS,
+    TOPK,
+    DistillBatch,
+    count_flops,
+    cpu_name,
+    distill_batch,
+    distill_step,
+    measure,
+    noise,
+    rate,
+)
 from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.losses import distill_loss
+from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
 from ced_lightning.models import create_ced
 from ced_lightning.models.ced import LogMelFrontEnd
 from ced_lightning.modules.ensemble import ensemble_probabilities
-from ced_lightning.targets import rebuild_targets
 
 MODELS = ("ced_mini", "ced_base")
 REPLAY_TOLERANCE_DB = 0.01
@@ -77,13 +85,6 @@ def matmul_tflops(device: torch.device, n: int, repeats: int) -> dict[str, float
     return rate(seconds, 2 * n**3 / 1e12)
 
 
-def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs of one call of `fn` (matrix products and convolutions, forward and backward)."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -95,7 +96,7 @@ def replay_check(device: torch.device, clip_seconds: float, batch_size: int) -> 
     recipe = AugmentRecipe(gain_db=6.0)
     samples = int(clip_seconds * SAMPLE_RATE)
     n = max(2, min(batch_size, 8))
-    wave = torch.randn(n, samples, generator=torch.Generator().manual_seed(1)) * 0.1
+    wave = noise(n, samples, generator=torch.Generator().manual_seed(1))
     lengths = np.linspace(samples // 2, samples, n).astype(np.int64)
     wave[torch.arange(samples)[None, :] >= torch.from_numpy(lengths)[:, None]] = 0.0  # padded batch
     params = sample_augment_params(recipe, 1, 0, np.arange(n), lengths)
@@ -123,32 +124,12 @@ def replay_check(device: torch.device, clip_seconds: float, batch_size: int) -> 
     }
 
 
-# waveform [B, T], lengths [B], augmentation parameters, top-k indices and probabilities [B, k]
-Batch = tuple[torch.Tensor, torch.Tensor, AugmentParams, torch.Tensor, torch.Tensor]
-
-
-def _batch(batch_size: int, samples: int, device: torch.device, recipe: AugmentRecipe) -> Batch:
-    """Noise clips, their lengths and augmentation parameters, and stored-like top-k teacher rows."""
-    generator = torch.Generator().manual_seed(0)
-    wave = torch.randn(batch_size, samples, generator=generator) * 0.1
-    lengths = np.full(batch_size, samples, dtype=np.int64)
-    params = sample_augment_params(recipe, 0, 0, np.arange(batch_size), lengths)
-    probs, indices = torch.rand(batch_size, CLASSES, generator=generator).topk(TOPK, dim=-1)
-    return (
-        wave.to(device),
-        torch.from_numpy(lengths).to(device),
-        params,
-        indices.to(device),
-        probs.to(device),
-    )
-
-
 def run(
     quick: bool = True,
     device: str | None = None,
     *,
     batch_size: int | None = None,
-    clip_seconds: float = 10.0,
+    clip_seconds: float = CLIP_SECONDS,
     models: Sequence[str] = MODELS,
     model_overrides: Mapping[str, Any] | None = None,
     repeats: int = 10,
@@ -186,30 +167,18 @@ def run(
         # the model's median rate against the best matrix-product rate seen (the card's achievable peak)
         return flops / seconds["median"] / 1e12 / peak["max"]
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-
     recipe = AugmentRecipe()
-    inputs = _batch(batch, samples, dev, recipe)
+    inputs = distill_batch(batch, samples, recipe, dev)
     # FLOPs are linear in the batch: counted on a few clips (less memory: SDPA's math backend keeps the
     # attention matrices) and scaled.
     few = min(batch, 8)
-    few_inputs, scale = _batch(few, samples, dev, recipe), batch / few
+    few_inputs, scale = distill_batch(few, samples, recipe, dev), batch / few
 
-    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: Batch) -> None:
-        wave, lengths, params, indices, probs = inputs
-        with autocast():
-            mel = augmented_spectrogram(model.front_end, wave, lengths, params, recipe)
-            logits = model.forward_spectrogram(mel)
-        target = rebuild_targets(indices, probs, CLASSES, "zero")
-        loss = distill_loss("kl", logits, target, 1.0).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    train = partial(distill_step, recipe=recipe, dtype=torch.bfloat16)
 
-    def extract(teachers: list[torch.nn.Module], inputs: Batch) -> None:
+    def extract(teachers: list[torch.nn.Module], inputs: DistillBatch) -> None:
         wave, lengths, params, _, _ = inputs
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
             ensemble = ensemble_probabilities(teachers, wave, lengths, params, recipe, "mean_prob")
             torch.topk(ensemble, TOPK, dim=-1)
 

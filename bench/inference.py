@@ -3,8 +3,8 @@
 CED-Tiny and CED-Mini from the waveform (front end included) against timm's `mobilenetv3_large_100` on a
 128 x 1001 log-mel input (front end excluded, which favours the CNN), three ways each: eager PyTorch,
 `torch.compile`d, and ONNX Runtime on the file `python -m ced_lightning.export` writes (for the CNN, the same
-exporter). Each model's multiply-accumulates (torch's FLOP counter) are recorded too, so the time ratios can
-be read as "work" x "speed per unit of work".
+exporter). Each model's multiply-accumulates (`bench.common.count_flops`, attention's matrix products
+included) are recorded too, so the time ratios can be read as "work" x "speed per unit of work".
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import measure, ratio
+from bench.common import CLASSES, CLIP_SAMPLES, count_flops, measure, noise, ratio
 from ced_lightning.export import export_onnx, onnx_session
 from ced_lightning.models import create_ced
+from ced_lightning.models.ced import LogMelFrontEnd
+from ced_lightning.models.timm_mel import TIMM_FRONT_END
 
 CNN = "mobilenetv3_large_100"
 CEDS = ("ced_tiny", "ced_mini")
@@ -31,23 +32,24 @@ MODES = ("eager", "compiled", "onnxruntime")
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    wave = torch.randn(1, 160_000, generator=generator) * 0.1
-    mel = torch.randn(1, 1, 128, 1001, generator=generator)
+    wave = noise(1, CLIP_SAMPLES, generator=generator)
+    # the log-mel a CNN teacher's front end makes of the same clip: 128 bins x 1001 frames
+    frames = LogMelFrontEnd(TIMM_FRONT_END).num_frames(CLIP_SAMPLES)
+    mel = torch.randn(1, 1, TIMM_FRONT_END.n_mels, frames, generator=generator)
     return wave, mel
 
 
 def _networks() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
     wave, mel = _inputs()
     networks = {name: (create_ced(name).eval(), wave) for name in CEDS}
-    cnn = timm.create_model(CNN, pretrained=False, num_classes=527, in_chans=1).eval()
+    cnn = timm.create_model(CNN, pretrained=False, num_classes=CLASSES, in_chans=1).eval()
     networks[CNN] = (cnn, mel)
     return networks
 
 
 def _macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(x)
-    return counter.get_total_flops() / 2
+    with torch.inference_mode():
+        return count_flops(lambda: model(x)) / 2
 
 
 def _onnx_runner(name: str, model: torch.nn.Module, x: torch.Tensor, folder: Path, threads: int):

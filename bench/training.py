@@ -5,36 +5,36 @@ rebuilt, augmentation parameters replayed) with 0 and 2 workers."""
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from bench.common import CLASSES, TOPK, measure, rate, stream_rate, write_synthetic_logit_store
-from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+from bench.common import (
+    CLASSES,
+    CLIP_SECONDS,
+    TOPK,
+    distill_batch,
+    distill_step,
+    measure,
+    rate,
+    stream_rate,
+    write_noise_audio_store,
+    write_synthetic_logit_store,
+)
+from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.augment import AugmentRecipe
 from ced_lightning.data.distill import DistillDataModule
-from ced_lightning.losses import distill_loss
 from ced_lightning.models import create_ced
-from ced_lightning.store.audio import write_audio_store
-from ced_lightning.targets import rebuild_targets
 
 EPOCHS = 2
 
 
 def build_stores(root: Path, clips: int, seconds: float) -> tuple[str, str]:
     """An audio store of noise clips and a logit store of AudioSet-shaped top-k rows for it."""
-    rng = np.random.default_rng(0)
-    samples = int(seconds * 16000)
     audio_url, logits_url = str(root / "audio.zarr"), str(root / "logits.zarr")
-    audio = write_audio_store(
-        audio_url,
-        (
-            (f"c{i}", (rng.standard_normal(samples) * 0.1).astype(np.float32), [i % CLASSES])
-            for i in range(clips)
-        ),
-        class_names=[f"class{i}" for i in range(CLASSES)],
-    )
+    audio = write_noise_audio_store(audio_url, clips, seconds)
     write_synthetic_logit_store(
         logits_url,
         audio.lengths,
@@ -61,27 +61,15 @@ def step_rate(batch_size: int, seconds: float) -> dict[str, float]:
     model = create_ced("ced_mini", num_classes=CLASSES)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     recipe = AugmentRecipe()
-    samples = int(seconds * 16000)
-    wave = torch.randn(batch_size, samples) * 0.1
-    lengths = torch.full((batch_size,), samples)
-    params = sample_augment_params(recipe, 0, 0, np.arange(batch_size), lengths.numpy())
-    indices = torch.randint(0, CLASSES, (batch_size, TOPK))
-    probs = torch.rand(batch_size, TOPK)
-
-    def step() -> None:
-        mel = augmented_spectrogram(model.front_end, wave, lengths, params, recipe)
-        target = rebuild_targets(indices, probs, CLASSES, "zero")
-        loss = distill_loss("kl", model.forward_spectrogram(mel), target, 1.0).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    batch = distill_batch(batch_size, round(seconds * SAMPLE_RATE), recipe)
+    # no autocast: float32, what `trainer.precision=auto` resolves to on the CPU
+    step = partial(distill_step, model, optimizer, batch, recipe)
     return rate(measure(step, repeats=3, warmup=1), batch_size)
 
 
 def run(quick: bool = True) -> dict[str, Any]:
     batch_size = 32
-    seconds = 10.0
+    seconds = CLIP_SECONDS
     clips = 512 if quick else 4096
     with tempfile.TemporaryDirectory() as tmp:
         audio_url, logits_url = build_stores(Path(tmp), clips, seconds)

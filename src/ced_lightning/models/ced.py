@@ -17,7 +17,7 @@ import torchaudio
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-SAMPLE_RATE = 16000
+from ced_lightning.audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
