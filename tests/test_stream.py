@@ -53,13 +53,28 @@ def test_chunk_spans_are_the_default_spans(store_url: str) -> None:
     store = AudioStore.open(store_url)
     bounds = store.chunk_spans()
     stream = ClipBatchStream(store, 4, epoch=0, seed=0, shuffle_window=4)
-    for window in stream.plan.windows:
-        # a window of one span: all its clips come from one chunk
-        chunks = {int(store.offsets[i] // store.chunk_samples) for batch in window for i in batch}
-        assert len(chunks) <= 2  # a window may straddle two spans of the shuffled order
+    by_chunks = plan_epoch(len(store), 4, seed=0, epoch=0, shuffle_window=4, span_bounds=bounds)
+    assert np.array_equal(_flat(stream.plan), _flat(by_chunks))
     assert np.array_equal(
         np.sort(_flat(plan_epoch(len(store), 1, seed=0, epoch=0, span_bounds=bounds))), np.arange(len(store))
     )
+
+
+def test_short_clips_sorted_by_class_still_mix_in_batches(tmp_path) -> None:
+    # 1 s keyword-like clips from class folders: 40 clips per chunk, the store sorted by class (one class per
+    # chunk). A window of `shuffle_window=16` clips would be one chunk, so every batch one class; windows
+    # hold at least `MIN_WINDOW_SPANS` spans instead.
+    from ced_lightning.store import AudioStore
+
+    clips = [(f"c{k:02d}/{i:03d}", np.full(100, 0.1, np.float32), [k]) for k in range(16) for i in range(40)]
+    url = str(tmp_path / "sorted.zarr")
+    write_audio_store(url, clips, class_names=[str(k) for k in range(16)], chunk_samples=4000)
+    store = AudioStore.open(url)
+    assert np.array_equal(store.chunk_spans(), np.arange(0, 641, 40))
+    stream = ClipBatchStream(store, 8, epoch=0, seed=0, shuffle_window=16)
+    classes = [len(np.unique(b // 40)) for w in stream.plan.windows for b in w]
+    assert np.mean(classes) > 5, classes  # 8 clips drawn from 16 classes: 6.5 on average
+    assert len(stream.plan.windows) == 1  # MIN_WINDOW_SPANS chunks: here all of them
 
 
 def test_loader_order_round_robin_skips_exhausted_workers() -> None:

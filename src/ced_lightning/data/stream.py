@@ -4,7 +4,8 @@ A read has a fixed cost whatever its size (0.5 ms through zarr, less for the dir
 stores, more on object storage), so reading clips one call each wastes time. Training order is therefore
 built from *spans* (by default the clips of one store chunk, read in one call; or runs of `span_clips`
 neighbouring clips) in a shuffled span order, shuffled again inside *windows* of about `shuffle_window`
-clips.
+clips, and of at least `MIN_WINDOW_SPANS` spans: a chunk of short clips holds many (160 clips of 1 s), and a
+window of one or two spans would fill whole batches with neighbours in the store.
 
 Shuffle quality (a documented choice): every epoch visits every clip once in a new order; two clips that are
 neighbours in the store land in the same window (so possibly the same batch) more often than under a full
@@ -37,6 +38,8 @@ Batch = dict[str, Any]
 
 # Stream ids of counter_uniform draws made here (augmentation uses its own).
 _SPAN_ORDER, _RANK_SPLIT, _WINDOW_ORDER, _CROP = 0x5A01, 0x5A02, 0x5A03, 0x5A04
+
+MIN_WINDOW_SPANS = 16
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def plan_epoch(
     sequences = [clips_of(s) for s in rank_spans]
     num_batches = min(len(seq) for seq in sequences) // batch_size
     sequence = sequences[rank][: num_batches * batch_size]
-    window_batches = max(1, math.ceil(shuffle_window / batch_size)) if shuffle else max(1, num_batches)
+    window = max(shuffle_window, MIN_WINDOW_SPANS * int(np.diff(span_bounds).max()))
+    window_batches = max(1, math.ceil(window / batch_size)) if shuffle else max(1, num_batches)
     window_clips = window_batches * batch_size
     windows = []
     for w, begin in enumerate(range(0, len(sequence), window_clips)):
@@ -182,8 +186,11 @@ class ClipBatchStream(IterableDataset):
             shuffle=shuffle,
             shuffle_window=shuffle_window,
             # Default: the store's chunks, one read each.
-            span_bounds=self.store.chunk_spans() if span_clips is None else None,
-            span_clips=span_clips or 16,
+            **(
+                {"span_bounds": self.store.chunk_spans()}
+                if span_clips is None
+                else {"span_clips": span_clips}
+            ),
         )
 
     def __len__(self) -> int:
