@@ -265,8 +265,15 @@ def test_resume_with_failures_keeps_report(tmp_path: Path) -> None:
     assert feed(new_writer(tmp_path / "r.zarr"), 20) is None
     resumed_writer = new_writer(tmp_path / "r.zarr")
     assert 0 < resumed_writer.skip_items() <= 20
+    # The committed failures came back from the store's `failures` array, in order.
+    committed = [f["reason"] for f in resumed_writer.failures]
+    assert committed == [f"bad {k}" for k in sorted(bad) if k < resumed_writer.skip_items()]
     feed(resumed_writer, None)
     assert_same_store(str(tmp_path / "ref.zarr"), str(tmp_path / "r.zarr"))
+    resumed = AudioStore.open(str(tmp_path / "r.zarr"))
+    assert resumed.failures() == ref.failures() and resumed.attrs["num_failures"] == len(bad)
+    # Kept out of the attributes, which every open of the store parses.
+    assert "failures" not in resumed.attrs
 
 
 def _zarr_reference(url: str) -> np.ndarray:
@@ -372,3 +379,14 @@ def test_read_clips_are_views_of_one_read_across_chunks(tmp_path: Path) -> None:
     assert all(c.base is clips[0].base is not None for c in clips)  # slices of one array: no copies
     with pytest.raises(IndexError, match="out of range"):
         store.read_clips(0, 31)
+
+
+def test_failures_of_a_store_from_before_the_failures_array(tmp_path: Path) -> None:
+    # Earlier versions kept the report as a list attribute; such stores still read.
+    url = str(tmp_path / "old.zarr")
+    write_audio_store(url, make_clips(3))
+    group = zarr.open_group(url, mode="r+")
+    record = {"name": "x", "path": "/a/x.wav", "kind": "failed", "reason": "cannot decode"}
+    group.attrs.update({"failures": [record]})
+    del group.attrs["num_failures"]
+    assert AudioStore.open(url).failures() == [record]

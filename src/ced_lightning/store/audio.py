@@ -3,9 +3,8 @@
 Layout (a Zarr v3 group; `docs/` describes it for users):
 
 - attrs: `format_version`, `kind` ("ced-audio-store"), `sample_rate`, `source`, `config`, `fingerprint`,
-  `num_clips`, `num_samples`, `num_classes`, `has_labels`, `chunk_samples`, `shard_chunks`, `failures`
-  (files skipped at prepare time, a list of {"name"/"path", "reason"}), `complete`, and while writing,
-  `progress` (the last committed shard, for resuming).
+  `num_clips`, `num_samples`, `num_classes`, `has_labels`, `chunk_samples`, `shard_chunks`,
+  `num_failures`, `complete`, and while writing, `progress` (the last committed shard, for resuming).
 - `audio` int16 [total samples]: every clip back to back, uncompressed by default, in chunks of 160 s
   (16 AudioSet clips) and shards of 4 chunks (20 MB objects: a store of 2 M clips is ~31 k objects). A clip
   that would cross a chunk boundary starts at the next chunk instead (zero gap; at most one clip's length
@@ -13,7 +12,8 @@ Layout (a Zarr v3 group; `docs/` describes it for users):
   one chunk, and the training stream reads whole chunks (`chunk_spans`). Uncompressed stores are read
   straight from their shard files (`store.shards`), compressed ones through zarr.
 - `offsets`, `lengths` int64 [N]; `names` str [N]; labels in CSR form: `label_indptr` int64 [N+1] and
-  `label_indices` int32; `class_names`, `class_mids` str [C] when the store has a class list.
+  `label_indices` int32; `class_names`, `class_mids` str [C] when the store has a class list; `failures`
+  str [num_failures]: the inputs skipped at prepare time, one JSON record (name, path, kind, reason) each.
 
 The writer is resumable: audio goes to the store in whole shards only, and after each shard the per-clip
 metadata of the clips completed so far plus a `progress` attribute are written (the attribute last, so it
@@ -52,6 +52,7 @@ COMPRESSIONS = ("none", "zstd")
 # Per-clip metadata: 8192 entries per chunk keeps the per-shard append (a read-modify-write of the last
 # chunk) cheap, and even millions of clips stay a few hundred objects.
 _META_CHUNK = 8192
+_FAILURES_CHUNK = 1024
 
 
 # "No group here" across zarr 3.x releases (names checked so that a renamed class cannot break the import).
@@ -102,6 +103,14 @@ def _to_int16(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     if not np.issubdtype(waveform.dtype, np.floating):
         raise ValueError(f"clip {name!r}: expected float32 in [-1, 1] or int16 samples, got {waveform.dtype}")
     return float_to_int16(waveform)
+
+
+def _failure_record(text: str, keep_item: bool = False) -> dict:
+    """One entry of the `failures` array; `_item` (the input's position, for resuming) is the writer's."""
+    record = json.loads(str(text))
+    if not keep_item:
+        record.pop("_item", None)
+    return record
 
 
 def _resize(arr: zarr.Array, size: int) -> None:
@@ -279,7 +288,12 @@ class AudioStore:
 
     def failures(self) -> list[dict]:
         """Inputs skipped when the store was written, each `{"name" or "path": ..., "reason": ...}`."""
-        return list(self.attrs.get("failures", []))
+        if isinstance(self.attrs.get("failures"), list):  # stores written before the `failures` array
+            return list(self.attrs["failures"])
+        group = _open_group(self.url, "r")
+        if "failures" not in group or not self.attrs.get("num_failures"):
+            return []
+        return [_failure_record(text) for text in group["failures"][: int(self.attrs["num_failures"])]]
 
 
 def _job_signature(
@@ -372,6 +386,7 @@ class AudioStoreWriter:
         self.label_indices: list[int] = []
         self.any_labels = False
         self.failures: list[dict] = []
+        self._failures_written = 0  # entries of the `failures` array that hold `self.failures[i]`
         self.items_done = 0  # input items consumed (clips + failures) up to the last clip held
         self.written = 0  # samples committed to `audio` (a multiple of shard_samples until the end)
         self.committed_clips = 0
@@ -438,6 +453,9 @@ class AudioStoreWriter:
         ):
             g.create_array(name, shape=(0,), dtype=dtype, chunks=(_META_CHUNK,), fill_value=0)
         g.create_array("names", shape=(0,), dtype=str, chunks=(_META_CHUNK,))
+        # One JSON record per entry, appended at each commit: in the attributes the list would be rewritten
+        # whole at every shard commit and parsed by every later open of the store.
+        g.create_array("failures", shape=(0,), dtype=str, chunks=(_FAILURES_CHUNK,))
         for name, values in (("class_names", self.class_names), ("class_mids", self.class_mids)):
             if values is not None:
                 # Variable-length UTF-8: the one string type with a Zarr v3 spec in zarr 3.1.
@@ -462,7 +480,14 @@ class AudioStoreWriter:
         self._label_start = len(self.label_indices)
         self.clip_items = [-1] * n  # not needed for clips already committed
         self.any_labels = bool(progress.get("any_labels"))
-        self.failures = list(progress.get("failures", []))
+        committed_failures = progress.get("failures", 0)
+        if isinstance(committed_failures, list):  # begun by a version that kept them in the attributes
+            self.failures = list(committed_failures)
+            if "failures" not in g:
+                g.create_array("failures", shape=(0,), dtype=str, chunks=(_FAILURES_CHUNK,))
+        else:
+            self.failures = [_failure_record(t, keep_item=True) for t in g["failures"][:committed_failures]]
+            self._failures_written = len(self.failures)
         self.items_done = self.committed_items = int(progress["items"])
         self.committed_clips = n
         self.written = int(progress["samples"])
@@ -588,13 +613,29 @@ class AudioStoreWriter:
                 arr[int(lo) : hi] = data
         self._label_start = label_hi
 
+    def _write_failures(self, stop: int) -> None:
+        """Append `self.failures[written:stop]` to the `failures` array (only new records are written)."""
+        if stop > self._failures_written:
+            arr = self._array("failures")
+            self._grow(arr, stop)
+            records = self.failures[self._failures_written : stop]
+            arr[self._failures_written : stop] = np.array(
+                [json.dumps(f) for f in records], dtype=object
+            ).astype(str)
+            self._failures_written = stop
+
     def _write_progress(self) -> None:
+        # Failures come in input order (duplicates, known first, carry item -1): the committed ones lead.
+        committed = self._failures_written
+        while committed < len(self.failures) and self.failures[committed]["_item"] < self.committed_items:
+            committed += 1
+        self._write_failures(committed)
         self.group.attrs["progress"] = {
             "clips": self.committed_clips,
             "items": self.committed_items,
             "samples": self.written,
             "any_labels": self.any_labels,
-            "failures": [f for f in self.failures if f["_item"] < self.committed_items],
+            "failures": committed,
         }
 
     def skip_items(self) -> int:
@@ -617,15 +658,16 @@ class AudioStoreWriter:
         self.written = total
         self._write_metadata(self.committed_clips, len(self.names))
         self.committed_clips = len(self.names)
+        self._write_failures(len(self.failures))
         n = len(self.names)
         sizes = {"lengths": n, "offsets": n, "names": n, "label_indptr": n + 1}
         sizes["label_indices"] = len(self.label_indices)
+        sizes["failures"] = len(self.failures)
         for name, size in sizes.items():
             # Trim the doubled capacity (and whatever a killed run left past its last commit).
             if self._array(name).shape[0] != size:
                 _resize(self._array(name), size)
         lengths = np.asarray(self.lengths, dtype=np.int64)
-        failures = [{k: v for k, v in f.items() if k != "_item"} for f in self.failures]
         self.group.attrs.update(
             {
                 **self.base_attrs,
@@ -633,7 +675,7 @@ class AudioStoreWriter:
                 "num_clips": len(self.names),
                 "num_samples": int(lengths.sum()),
                 "has_labels": self.any_labels,
-                "failures": failures,
+                "num_failures": len(self.failures),
                 "progress": None,
                 "complete": True,
             }
