@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
+from typing import ClassVar
 
+import fsspec
 import pytest
 import soundfile as sf
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
 from ced_lightning.models import (
     CED,
     TimmMelClassifier,
-    checkpoint_class_names,
     create_ced,
     list_ced,
     load_ced,
+    load_checkpoint,
     load_matching_weights,
     load_model,
     model_spec,
@@ -187,7 +192,75 @@ def test_load_model_from_lightning_style_checkpoint(tmp_path, arch):
     wave = torch.randn(1, 16000)
     with torch.no_grad():
         assert torch.equal(loaded(wave), model(wave))
-    assert checkpoint_class_names(tmp_path / "last.ckpt") == ["a", "b", "c", "d"]
+    assert load_checkpoint(tmp_path / "last.ckpt").class_names == ["a", "b", "c", "d"]
+
+
+class CountingMemoryFileSystem(MemoryFileSystem):
+    """An in-memory filesystem under its own protocol that records every read of a file, as a stand-in for
+    object storage where each read of a checkpoint is a download."""
+
+    protocol = "countingmemory"
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    reads: ClassVar[list[str]] = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix(f"{cls.protocol}://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            self.reads.append(self._strip_protocol(path))
+        return super()._open(path, mode, **kwargs)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        self.reads.append(self._strip_protocol(path))
+        return super().cat_file(path, start, end, **kwargs)
+
+
+@pytest.fixture
+def counting_fs():
+    protocol = CountingMemoryFileSystem.protocol
+    fsspec.register_implementation(protocol, CountingMemoryFileSystem, clobber=True)
+    fs = fsspec.filesystem(protocol)
+    yield fs
+    fs.store.clear()
+    fs.reads.clear()
+
+
+@pytest.mark.parametrize("layout", ["released", "save_ced", "lightning"])
+def test_load_checkpoint_reads_the_file_once(counting_fs, layout):
+    model = create_ced("ced_tiny", depth=1, num_classes=4).eval()
+    url = f"{counting_fs.protocol}://checkpoints/{layout}.pt"
+    if layout == "save_ced":
+        save_ced(model, url)
+    else:
+        checkpoint = (
+            {"model": model.state_dict()}
+            if layout == "released"
+            else {
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "model_spec": model_spec(model),
+                "class_names": ["a", "b", "c", "d"],
+            }
+        )
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        counting_fs.pipe(url, buffer.getvalue())
+
+    loaded = load_checkpoint(url)
+    assert counting_fs.reads == [f"/checkpoints/{layout}.pt"]
+    counting_fs.reads.clear()
+    assert load_model(url).num_classes == 4
+    assert len(counting_fs.reads) == 1  # released files used to be loaded twice: once to look, once to build
+
+    assert loaded.sha256 == hashlib.sha256(counting_fs.cat(url)).hexdigest()
+    assert loaded.source == url
+    assert loaded.class_names == (["a", "b", "c", "d"] if layout == "lightning" else None)
+    assert not loaded.model.training
+    wave = torch.randn(1, 16000)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(wave), model(wave))
 
 
 def test_front_end_refuses_int16_samples():

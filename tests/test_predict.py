@@ -13,12 +13,12 @@ import soundfile as sf
 import torch
 
 from ced_lightning.audio import load_audio
-from ced_lightning.labels import audioset_classes
-from ced_lightning.models import checkpoint_class_names, create_ced, load_model, model_spec, save_ced
+from ced_lightning.data.sources import from_directory
+from ced_lightning.labels import audioset_classes, resolve_class_names
+from ced_lightning.models import create_ced, load_checkpoint, model_spec, save_ced
 from ced_lightning.predict import (
     batches_by_length,
     expand_inputs,
-    resolve_class_names,
     segment_starts,
     tag_files,
     write_results,
@@ -67,12 +67,47 @@ def test_expand_inputs(audio_dir):
         expand_inputs([audio_dir / "missing.wav"])
 
 
-def test_class_names(tiny_model):
-    assert resolve_class_names(tiny_model, None) == ["class_0", "class_1", "class_2", "class_3"]
-    assert resolve_class_names(tiny_model, CLASS_NAMES) == CLASS_NAMES
-    assert resolve_class_names(create_ced("ced_tiny", depth=1), None)[0] == "Speech"
-    with pytest.raises(ValueError, match="class_names has 2 entries"):
-        resolve_class_names(tiny_model, ["x", "y"])
+def test_expand_inputs_skips_dotfiles_and_keeps_every_readable_format(tmp_path):
+    folder = tmp_path / "copied_from_a_mac"
+    (folder / "sub").mkdir(parents=True)
+    tone = 0.1 * np.sin(np.arange(16000) / 5.0).astype(np.float32)
+    sf.write(folder / "song.wav", tone, 16000)
+    sf.write(folder / "sub" / "LOUD.WAV", tone, 16000)
+    sf.write(folder / "take.aiff", tone, 16000)
+    # AppleDouble metadata: the audio's name and extension, but not audio.
+    (folder / "._song.wav").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (folder / "sub" / ".hidden.flac").write_bytes(b"not audio either")
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    sf.write(linked / "via_link.wav", tone, 16000)
+    (folder / "link").symlink_to(linked, target_is_directory=True)
+
+    found = [p.relative_to(folder).as_posix() for p in expand_inputs([folder])]
+    assert found == ["link/via_link.wav", "song.wav", "sub/LOUD.WAV", "take.aiff"]
+    results, failures = tag_files(
+        create_ced("ced_tiny", depth=1, num_classes=4).eval(),
+        expand_inputs([folder]),
+        class_names=CLASS_NAMES,
+        device="cpu",
+    )
+    assert not failures and len(results) == 4
+    # prepare shares the walk and the dotfile rule but keeps its own, narrower set of formats.
+    assert [i.name for i in from_directory(folder).items] == ["link/via_link", "song", "sub/LOUD"]
+
+
+def test_resolve_class_names():
+    assert resolve_class_names(4) == ["class_0", "class_1", "class_2", "class_3"]
+    assert resolve_class_names(4, placeholders=False) is None
+    assert resolve_class_names(4, CLASS_NAMES) == CLASS_NAMES
+    assert resolve_class_names(527)[0] == "Speech"
+    # The checkpoint's names define the outputs: they win over the store's, and a wrong count is an error.
+    assert resolve_class_names(4, CLASS_NAMES, list("abcd")) == CLASS_NAMES
+    with pytest.raises(ValueError, match="class_names has 2 entries but the model has 4"):
+        resolve_class_names(4, ["x", "y"], CLASS_NAMES)
+    # The store's names only where their count fits the model.
+    assert resolve_class_names(4, None, list("abcd")) == list("abcd")
+    assert resolve_class_names(4, None, list("abc"), placeholders=False) is None
+    assert resolve_class_names(527, None, list("abc")) == list(audioset_classes().names)
 
 
 def test_tag_files_keeps_good_files_and_reports_the_broken_one(tiny_model, audio_dir):
@@ -155,8 +190,9 @@ def test_command_tags_good_files_and_exits_non_zero(tiny_model, audio_dir, tmp_p
 
 def test_released_format_checkpoint_uses_audioset_names(audio_dir, tmp_path):
     save_ced(create_ced("ced_tiny", depth=1), tmp_path / "released.pt")
-    model = load_model(tmp_path / "released.pt")
-    names = resolve_class_names(model, checkpoint_class_names(tmp_path / "released.pt"))
+    checkpoint = load_checkpoint(tmp_path / "released.pt")
+    model = checkpoint.model
+    names = resolve_class_names(model.num_classes, checkpoint.class_names)
     assert names == list(audioset_classes().names)
     results, failures = tag_files(model, [audio_dir / "a.wav"], topk=5, class_names=names, device="cpu")
     assert not failures

@@ -21,23 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.labels import audioset_classes
+from ced_lightning.labels import resolve_class_names
 from ced_lightning.metrics import TaggingMetrics, plot_per_class_ap, write_per_class_csv
 from ced_lightning.predict import batches_by_length, default_device, run_model
 
 log = logging.getLogger(__name__)
-
-
-def _class_names(
-    ckpt_names: list[str] | None, store_names: list[str] | None, num_classes: int
-) -> list[str] | None:
-    """Checkpoint first (it defines the model's outputs), then the store, then AudioSet for 527 classes."""
-    for names in (ckpt_names, store_names):
-        if names and len(names) == num_classes:
-            return list(names)
-    if num_classes == len(audioset_classes()):
-        return list(audioset_classes().names)
-    return None
 
 
 def evaluate_checkpoint(
@@ -56,10 +44,11 @@ def evaluate_checkpoint(
     (floats, int, tensors, list; `probabilities` is `[clips, classes]` in store order) and, with `output_dir`,
     the paths `"per_class_csv"` and `"per_class_png"`.
     """
-    from ced_lightning.models import checkpoint_class_names, load_model
+    from ced_lightning.models import load_checkpoint
     from ced_lightning.store.audio import AudioStore
 
-    model = load_model(ckpt)
+    checkpoint = load_checkpoint(ckpt)
+    model = checkpoint.model
     store = AudioStore.open(store_url)
     if not store.has_labels:
         raise ValueError(f"store={store_url}: has no labels; evaluation needs a labelled store")
@@ -70,11 +59,12 @@ def evaluate_checkpoint(
             f"store={store_url} has {labels.shape[1]} classes but ckpt={ckpt} predicts {num_classes}"
         )
     store_names = list(store.class_names) if store.class_names is not None else None
-    ckpt_names = checkpoint_class_names(ckpt)
-    if ckpt_names and store_names and list(ckpt_names) != store_names:
+    ckpt_names = checkpoint.class_names
+    if ckpt_names and store_names and ckpt_names != store_names:
         # Same count, different order or vocabulary: the numbers would be silently wrong.
         raise ValueError(f"ckpt={ckpt} and store={store_url} list different class names (or orders)")
-    class_names = _class_names(ckpt_names, store_names, num_classes)
+    # No placeholder names: unnamed classes stay unnamed in the per-class table and chart.
+    class_names = resolve_class_names(num_classes, ckpt_names, store_names, placeholders=False)
 
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()

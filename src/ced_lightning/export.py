@@ -231,7 +231,7 @@ def run_onnx(session, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndar
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ced_lightning.models import load_model
+    from ced_lightning.models import load_checkpoint
 
     for key in ("ckpt", "output"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
@@ -242,7 +242,7 @@ def main(cfg: DictConfig) -> None:
     # The exporter's graph passes log every rewrite at INFO under Hydra's root logger: hundreds of lines.
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    model = load_model(cfg.ckpt)
+    model = load_checkpoint(cfg.ckpt).model
     path = export_onnx(model, cfg.output, input_kind=str(cfg.input), opset=int(cfg.opset))
     message = (
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input={cfg.input}, opset={file_opset(path)})"

@@ -30,7 +30,8 @@ from torch import nn
 from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe
-from ced_lightning.models import checkpoint_class_names, load_model
+from ced_lightning.labels import resolve_class_names
+from ced_lightning.models import load_checkpoint
 from ced_lightning.modules.ensemble import (
     COMBINES,
     TeacherEnsembleModule,
@@ -58,14 +59,6 @@ REPLAY_SLACK = {False: 1e-4, True: 2e-2}
 
 # How long ranks > 0 of an externally launched job (torchrun, SLURM) wait for rank 0 to create the store.
 _CREATE_WAIT_S = 600.0
-
-
-def file_sha256(url: str) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(str(url), "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -114,11 +107,11 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
             path = str(member["checkpoint"])
             if not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
                 raise FileNotFoundError(f"teacher {member['name']}: no checkpoint at {path}")
-            model = load_model(path)
-            names = checkpoint_class_names(path)
-            if names:
-                class_lists[member["name"]] = names
-            record = {"name": member["name"], "checkpoint": path, "sha256": file_sha256(path)}
+            loaded = load_checkpoint(path)
+            model = loaded.model
+            if loaded.class_names:
+                class_lists[member["name"]] = loaded.class_names
+            record = {"name": member["name"], "checkpoint": path, "sha256": loaded.sha256}
         else:
             spec = {k: v for k, v in member.items() if k != "name"}
             model = instantiate(spec).eval()
@@ -182,13 +175,13 @@ def clip_samples(cfg: DictConfig) -> int:
 def _store_class_names(
     teacher_names: list[str] | None, audio: AudioStore, num_classes: int
 ) -> list[str] | None:
-    if teacher_names is not None:
-        if audio.class_names is not None and list(audio.class_names) != teacher_names:
-            log.warning("the teachers' class list differs from the audio store's; storing the teachers'")
-        return teacher_names
-    if audio.class_names is not None and len(audio.class_names) == num_classes:
-        return list(audio.class_names)
-    return None
+    if (
+        teacher_names is not None
+        and audio.class_names is not None
+        and list(audio.class_names) != teacher_names
+    ):
+        log.warning("the teachers' class list differs from the audio store's; storing the teachers'")
+    return resolve_class_names(num_classes, teacher_names, audio.class_names, placeholders=False)
 
 
 def run_extract(cfg: DictConfig) -> LogitStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from os import PathLike
@@ -42,3 +43,29 @@ def read_class_labels(path: str | PathLike = AUDIOSET_CLASS_LABELS) -> ClassList
 def audioset_classes() -> ClassList:
     """AudioSet's 527 classes in the order of the released CED checkpoints' outputs."""
     return read_class_labels(AUDIOSET_CLASS_LABELS)
+
+
+def resolve_class_names(
+    num_classes: int,
+    checkpoint_names: Sequence[str] | None = None,
+    store_names: Sequence[str] | None = None,
+    *,
+    placeholders: bool = True,
+) -> list[str] | None:
+    """Names of a model's `num_classes` outputs.
+
+    The checkpoint's names first (they define the outputs, so a count that differs from the model's is an
+    error), then the store's when their count fits, then AudioSet's for a 527-class model, then `class_<i>`,
+    or None with `placeholders=False`.
+    """
+    if checkpoint_names is not None:
+        if len(checkpoint_names) != num_classes:
+            raise ValueError(
+                f"checkpoint class_names has {len(checkpoint_names)} entries but the model has {num_classes}"
+            )
+        return list(checkpoint_names)
+    if store_names is not None and len(store_names) == num_classes:
+        return list(store_names)
+    if num_classes == len(audioset_classes()):
+        return list(audioset_classes().names)
+    return [f"class_{i}" for i in range(num_classes)] if placeholders else None

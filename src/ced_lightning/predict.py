@@ -28,7 +28,8 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from ced_lightning.labels import audioset_classes
+from ced_lightning.data.sources import scan_audio_files
+from ced_lightning.labels import resolve_class_names
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def _readable_extensions() -> set[str]:
 
 
 def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
-    """Files as given, and the audio files found (recursively, sorted) in folders.
+    """Files as given, and the audio files found in folders (`scan_audio_files`: recursive, sorted, no
+    dotfiles) in every format the installed libsndfile reads.
 
     A path that does not exist raises `FileNotFoundError` naming it: a typo should not silently tag nothing.
     """
@@ -90,7 +92,7 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            found = scan_audio_files(path, extensions)
             if not found:
                 log.warning("inputs: %s contains no audio files (%s)", path, ", ".join(sorted(extensions)))
             files.extend(found)
@@ -99,21 +101,6 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
         else:
             raise FileNotFoundError(f"inputs: {path} does not exist")
     return files
-
-
-def resolve_class_names(model: nn.Module, checkpoint_names: list[str] | None) -> list[str]:
-    """The checkpoint's class names, else AudioSet's for a 527-class model, else `class_<i>`."""
-    num_classes = int(model.num_classes)
-    if checkpoint_names is not None:
-        if len(checkpoint_names) != num_classes:
-            raise ValueError(
-                f"checkpoint class_names has {len(checkpoint_names)} entries but the model has {num_classes}"
-            )
-        return list(checkpoint_names)
-    audioset = audioset_classes()
-    if num_classes == len(audioset):
-        return list(audioset.names)
-    return [f"class_{i}" for i in range(num_classes)]
 
 
 # --------------------------------------------------------------------------------------------- tagging
@@ -313,7 +300,7 @@ def timeline_png_name(index: int, file: str) -> str:
 
 def predict(cfg: DictConfig) -> list[Failure]:
     """The `predict` command without Hydra's wrapper: tag, write, plot; returns the failures."""
-    from ced_lightning.models import checkpoint_class_names, load_model
+    from ced_lightning.models import load_checkpoint
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise ValueError("ckpt=PATH is required (a .ckpt of ours, a save_ced file or a released CED .pt)")
@@ -326,8 +313,9 @@ def predict(cfg: DictConfig) -> list[Failure]:
         raise ValueError(f"topk must be >= 1, got {cfg.topk}")
     if cfg.get("output"):
         _check_output_suffix(Path(cfg.output))  # before tagging, not after
-    model = load_model(cfg.ckpt)
-    class_names = resolve_class_names(model, checkpoint_class_names(cfg.ckpt))
+    checkpoint = load_checkpoint(cfg.ckpt)
+    model = checkpoint.model
+    class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
     files = expand_inputs(inputs)
     log.info("tagging %d files with %s", len(files), cfg.ckpt)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,15 +35,19 @@ class SourceList:
     kind: str = "directory"
 
 
-def _is_audio(name: str) -> bool:
-    return name.lower().endswith(AUDIO_EXTENSIONS)
+def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Files under `root` whose names end in one of `extensions` (any case): recursive, sorted, following
+    symlinked folders.
 
-
-def _scan_audio(root: Path) -> list[Path]:
+    Dotfiles are skipped: macOS leaves `._name.wav` AppleDouble metadata next to copied audio, which has the
+    audio's extension but does not decode.
+    """
+    suffixes = tuple(e.lower() for e in extensions)
     found: list[Path] = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        found.extend(Path(folder) / f for f in files if _is_audio(f) and not f.startswith("."))
+    for folder, _, files in os.walk(root, followlinks=True):
+        found.extend(
+            Path(folder) / f for f in files if not f.startswith(".") and f.lower().endswith(suffixes)
+        )
     return sorted(found)
 
 
@@ -54,7 +58,7 @@ def from_directory(root: str | os.PathLike) -> SourceList:
         raise FileNotFoundError(f"input={root}: not a directory")
     items = [
         SourceItem(name=p.relative_to(base).with_suffix("").as_posix(), path=str(p), labels=None)
-        for p in _scan_audio(base)
+        for p in scan_audio_files(base)
     ]
     if not items:
         raise FileNotFoundError(f"input={root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under it")
@@ -168,7 +172,7 @@ def index_audio_dir(audio_dir: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(f"audio_dir={audio_dir}: not a directory")
     index: dict[str, str] = {}
     duplicates = 0
-    for file in _scan_audio(root):
+    for file in scan_audio_files(root):
         stem = file.name.rsplit(".", 1)[0]
         if stem in index:
             duplicates += 1

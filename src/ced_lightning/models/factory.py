@@ -1,10 +1,13 @@
-"""Small factory and checkpoint helpers, in the manner of timm: `create_ced`, `load_ced`."""
+"""Small factory and checkpoint helpers in the manner of timm: `create_ced`, `load_ced`, `load_checkpoint`."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
@@ -48,9 +51,20 @@ def read_state_dict(
     Accepts `{'model': sd}` (released files), a bare state dict, and Lightning checkpoints whose
     `state_dict` keys are prefixed (e.g. `student.`); local paths and fsspec URLs.
     """
-    with fsspec.open(str(path), "rb") as handle:
-        obj = torch.load(handle, map_location=map_location, weights_only=True)
+    obj, _ = _read_checkpoint(path, map_location)
     return state_dict_from_checkpoint(obj, source=str(path))
+
+
+def _read_checkpoint(path: str | PathLike, map_location: str | torch.device) -> tuple[Any, str]:
+    """The loaded checkpoint object and the sha256 of the file's bytes, from one read of the file.
+
+    Checkpoints may be fsspec URLs on object storage and hundreds of MB: one sequential read feeds both the
+    hash and `torch.load` instead of reading the file once for each.
+    """
+    with fsspec.open(str(path), "rb") as handle:
+        data = handle.read()
+    sha256 = hashlib.sha256(data).hexdigest()
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), sha256
 
 
 def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -121,9 +135,13 @@ def load_ced(
     Works with the released `audiotransformer_*_mAP_*.pt` files and with this project's checkpoints (which
     also store the exact `CEDConfig`, e.g. a non-default front end).
     """
-    with fsspec.open(str(path), "rb") as handle:
-        obj = torch.load(handle, map_location=map_location, weights_only=True)
-    sd = state_dict_from_checkpoint(obj, source=str(path))
+    obj, _ = _read_checkpoint(path, map_location)
+    model = _ced_from_checkpoint(obj, str(path), config)
+    return model.eval() if eval_mode else model
+
+
+def _ced_from_checkpoint(obj: Any, source: str, config: CEDConfig | None = None) -> CED:
+    sd = state_dict_from_checkpoint(obj, source=source)
     if config is None:
         stored = obj.get("ced_config") if isinstance(obj, Mapping) else None
         config = CEDConfig.from_dict(stored) if stored else config_from_state_dict(sd)
@@ -131,8 +149,8 @@ def load_ced(
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: does not load into {config}: {err}") from err
-    return model.eval() if eval_mode else model
+        raise ValueError(f"{source}: does not load into {config}: {err}") from err
+    return model
 
 
 def save_ced(model: CED, path: str | PathLike) -> None:
@@ -191,25 +209,49 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"unknown model arch {spec['arch']!r} in model_spec")
 
 
-def load_model(path: str | PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Any checkpoint this project understands, in eval mode: a released CED file, `save_ced` output, or a
-    Lightning checkpoint of our supervised or distillation training (CED or a timm backbone)."""
-    with fsspec.open(str(path), "rb") as handle:
-        obj = torch.load(handle, map_location=map_location, weights_only=True)
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `load_checkpoint` read from one checkpoint file."""
+
+    model: nn.Module  # in eval mode
+    class_names: list[str] | None  # stored by our training; None in released files and `save_ced` output
+    sha256: str  # of the file's bytes: identifies a teacher in a logit store
+    source: str
+
+
+def load_checkpoint(path: str | PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Any checkpoint this project understands, read once: its model (eval mode), class names and sha256.
+
+    Reads a released CED file, `save_ced` output, or a Lightning checkpoint of our supervised or distillation
+    training (CED or a timm backbone); local paths and fsspec URLs.
+    """
+    source = str(path)
+    obj, sha256 = _read_checkpoint(path, map_location)
+    return LoadedCheckpoint(
+        model=_model_from_checkpoint(obj, source),
+        class_names=_stored_class_names(obj),
+        sha256=sha256,
+        source=source,
+    )
+
+
+def _model_from_checkpoint(obj: Any, source: str) -> nn.Module:
     spec = obj.get("model_spec") if isinstance(obj, Mapping) else None
     if spec is None:
-        return load_ced(path, map_location=map_location)
+        return _ced_from_checkpoint(obj, source).eval()
     model = build_model(spec)
     try:
-        model.load_state_dict(state_dict_from_checkpoint(obj, source=str(path)), strict=True)
+        model.load_state_dict(state_dict_from_checkpoint(obj, source=source), strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match its model_spec: {err}") from err
+        raise ValueError(f"{source}: weights do not match its model_spec: {err}") from err
     return model.eval()
 
 
-def checkpoint_class_names(path: str | PathLike) -> list[str] | None:
-    """Class names stored in one of our checkpoints (`class_names`), or None (released files have none)."""
-    with fsspec.open(str(path), "rb") as handle:
-        obj = torch.load(handle, map_location="cpu", weights_only=True)
+def _stored_class_names(obj: Any) -> list[str] | None:
     names = obj.get("class_names") if isinstance(obj, Mapping) else None
     return list(names) if names else None
+
+
+def load_model(path: str | PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The model of `load_checkpoint(path)`, in eval mode."""
+    return load_checkpoint(path, map_location).model
