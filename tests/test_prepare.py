@@ -64,6 +64,14 @@ def test_directory_source_recursive_sorted(tmp_path: Path) -> None:
         from_directory(empty)
 
 
+def test_directory_source_survives_symlink_loops(tmp_path: Path) -> None:
+    # os.walk(followlinks=True) alone never ends on a loop; a folder linked twice is also read once.
+    write_wav(tmp_path / "a" / "one.wav")
+    (tmp_path / "a" / "back").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "z_again").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert [i.name for i in from_directory(tmp_path).items] == ["a/one"]
+
+
 def test_file_list_tsv_csv_labels(tmp_path: Path) -> None:
     write_wav(tmp_path / "clips" / "x.wav")
     absolute = write_wav(tmp_path / "elsewhere" / "y.flac")

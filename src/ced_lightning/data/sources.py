@@ -40,11 +40,20 @@ def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_
     symlinked folders.
 
     Dotfiles are skipped: macOS leaves `._name.wav` AppleDouble metadata next to copied audio, which has the
-    audio's extension but does not decode.
+    audio's extension but does not decode. A folder reached a second time through a symlink (a loop, or two
+    links to one folder) is scanned once.
     """
     suffixes = tuple(e.lower() for e in extensions)
     found: list[Path] = []
-    for folder, _, files in os.walk(root, followlinks=True):
+    visited: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in visited:
+            log.warning("%s: scanned already through another path (a symlink); skipped", folder)
+            dirs[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        dirs.sort()  # which path of a folder linked twice is kept must not depend on the file system
         found.extend(
             Path(folder) / f for f in files if not f.startswith(".") and f.lower().endswith(suffixes)
         )
