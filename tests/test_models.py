@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import shutil
+from dataclasses import replace
 from typing import ClassVar
 
 import fsspec
@@ -17,6 +19,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from ced_lightning.models import (
     CED,
     TimmMelClassifier,
+    average_pieces,
     create_ced,
     list_ced,
     load_ced,
@@ -79,12 +82,15 @@ def test_load_infers_depth_and_length(reference_model):
         ("long_25s.first10s", "long_25s.wav", 160_000),
     ],
 )
-def test_reproduces_reference_logits(reference_model, expected, ced_reference, name, wav, crop):
+def test_reproduces_reference_logits(expected, ced_reference, name, wav, crop):
+    # The reference was made with the original's pooling="logit": long clips average their pieces' logits.
+    path = ced_reference / "ced_tiny_depth2_random.pt"
+    model = load_ced(path, config=replace(load_ced(path).config, piece_average="logit"))
     audio = _wav(ced_reference / wav)
     if crop:
         audio = audio[:, :crop]
     with torch.no_grad():
-        logits = reference_model(audio)
+        logits = model(audio)
     assert logits.shape == (1, 527)
     assert (logits - expected[name]).abs().max() <= 1e-4
 
@@ -140,8 +146,40 @@ def test_variable_length_and_spectrogram_entry():
     with torch.no_grad():
         short = model(torch.randn(2, 8000))
         exact_two_pieces = model.forward_spectrogram(torch.randn(1, 64, 2024))
-    assert short.shape == (2, 527)
+        # Shorter than one 16-frame patch (the original fails): zero-padded after BatchNorm.
+        tiny = model(torch.randn(2, 1000))
+        tiny_mel = model.forward_spectrogram(model.front_end(torch.randn(1, 1000)))
+    assert short.shape == (2, 527) and tiny.shape == (2, 527) and tiny_mel.shape == (1, 527)
     assert exact_two_pieces.shape == (1, 527)
+    assert torch.isfinite(tiny).all()
+
+
+def test_long_clip_pieces_average_probabilities_like_the_released_models(reference_model, ced_reference):
+    # The original's default pooling="mean" puts a sigmoid on each piece and averages the probabilities.
+    path = ced_reference / "ced_tiny_depth2_random.pt"
+    by_logit = load_ced(path, config=replace(reference_model.config, piece_average="logit"))
+    mel = torch.randn(2, 64, 2024) * 20 - 40  # two whole pieces, each also a valid input on its own
+    with torch.no_grad():
+        first, second = (reference_model.forward_spectrogram(mel[..., s : s + 1012]) for s in (0, 1012))
+        p = (torch.sigmoid(first) + torch.sigmoid(second)) / 2
+        assert (torch.sigmoid(reference_model.forward_spectrogram(mel)) - p).abs().max() < 1e-6
+        assert (by_logit.forward_spectrogram(mel) - (first + second) / 2).abs().max() < 1e-5
+    assert (first - second).abs().max() > 0.1  # so the two averages differ
+
+
+def test_average_pieces_keeps_extreme_probabilities():
+    logits = torch.tensor([[[40.0, -40.0, 0.0, 3.0]], [[30.0, -50.0, 0.0, -1.0]]])
+    got = average_pieces(logits, "probability")
+    assert torch.isfinite(got).all()
+    expected = torch.logit(torch.sigmoid(logits.double()).mean(0))
+    assert torch.allclose(got.double()[:, 2:], expected[:, 2:], atol=1e-6)
+    # Near 1 a float32 logit(mean p) is inf; in log space it is log(2) - log(e^-40 + e^-30).
+    near_one = math.log(2) - torch.logsumexp(torch.tensor([-40.0, -30.0]), 0).item()
+    near_zero = torch.logsumexp(torch.tensor([-40.0, -50.0]), 0).item() - math.log(2)
+    assert abs(got[0, 0].item() - near_one) < 1e-4 and abs(got[0, 1].item() - near_zero) < 1e-4
+    assert average_pieces(logits, "logit").equal(logits.mean(0))
+    with pytest.raises(ValueError, match="piece_average"):
+        average_pieces(logits, "max")
 
 
 def test_bf16_autocast_keeps_front_end_in_float32():

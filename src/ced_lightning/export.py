@@ -32,7 +32,7 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.models.ced import CED, LogMelFrontEnd
+from ced_lightning.models.ced import CED, LogMelFrontEnd, average_pieces
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ class _SplitCED(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.model.init_bn(mel.unsqueeze(1))
+        patch = self.model.config.patch_size
+        x = F.pad(x, (0, torch.sym_max(frames := x.shape[-1], patch) - frames))  # shorter than one patch
         batch, _, n_mels, frames = x.shape
         piece = torch.sym_min(frames, self.target_length)
         pieces = (frames + piece - 1) // piece
@@ -102,7 +104,7 @@ class _SplitCED(nn.Module):
         # [b, 1, f, pieces*piece] -> [pieces*b, 1, f, piece], piece-major as in CED.forward_spectrogram.
         x = x.reshape(batch, 1, n_mels, pieces, piece).permute(3, 0, 1, 2, 4).reshape(-1, 1, n_mels, piece)
         logits = self.model.forward_head(self.model.forward_features(x))
-        return logits.reshape(pieces, batch, -1).mean(0)
+        return average_pieces(logits.reshape(pieces, batch, -1), self.model.config.piece_average)
 
 
 class ExportableTagger(nn.Module):

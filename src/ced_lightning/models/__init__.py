@@ -1,6 +1,6 @@
 """Models as plain `nn.Module`s: CED students/teachers and timm backbones on log-mel input."""
 
-from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig, LogMelFrontEnd
+from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig, LogMelFrontEnd, average_pieces
 from ced_lightning.models.factory import (
     CED_SIZES,
     LoadedCheckpoint,
@@ -26,6 +26,7 @@ __all__ = [
     "LoadedCheckpoint",
     "LogMelFrontEnd",
     "TimmMelClassifier",
+    "average_pieces",
     "build_model",
     "config_from_state_dict",
     "create_ced",

@@ -19,6 +19,8 @@ from torch import nn
 
 from ced_lightning.audio import SAMPLE_RATE
 
+PIECE_AVERAGES = ("probability", "logit")
+
 
 @dataclass(frozen=True)
 class FrontEndConfig:
@@ -153,7 +155,17 @@ class CEDConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # How the pieces of a clip longer than `target_length` combine: "probability" as the released models do
+    # by default (the original's pooling="mean": the mean of the pieces' probabilities), "logit" as its
+    # pooling="logit" (the mean logit).
+    piece_average: str = "probability"
     front_end: FrontEndConfig = field(default_factory=FrontEndConfig)
+
+    def __post_init__(self) -> None:
+        if self.piece_average not in PIECE_AVERAGES:
+            raise ValueError(
+                f"piece_average must be one of {list(PIECE_AVERAGES)}, not {self.piece_average!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +181,8 @@ class CED(nn.Module):
     """CED student/teacher. `forward(waveform [B, samples] @16 kHz) -> logits [B, classes]`.
 
     Clips longer than `target_length` frames are cut after BatchNorm into `target_length`-frame pieces (the
-    last zero-padded) whose logits are averaged; shorter clips use the first time positions.
+    last zero-padded) combined by `average_pieces`; shorter clips use the first time positions, and clips
+    shorter than one patch (0.15 s) are zero-padded to one after BatchNorm, where the original fails.
     """
 
     def __init__(self, config: CEDConfig | None = None, **overrides) -> None:
@@ -226,6 +239,8 @@ class CED(nn.Module):
         x = self.init_bn(mel.unsqueeze(1))
         batch, frames = x.shape[0], x.shape[-1]
         length = self.config.target_length
+        if frames < self.config.patch_size:
+            x = F.pad(x, (0, self.config.patch_size - frames))
         if frames <= length:
             return self.forward_head(self.forward_features(x))
         pieces = math.ceil(frames / length)
@@ -233,7 +248,7 @@ class CED(nn.Module):
         # [b, 1, f, pieces*length] -> [pieces*b, 1, f, length], piece-major like the original.
         x = x.unflatten(-1, (pieces, length)).permute(3, 0, 1, 2, 4).flatten(0, 1)
         logits = self.forward_head(self.forward_features(x))
-        return logits.unflatten(0, (pieces, batch)).mean(0)
+        return average_pieces(logits.unflatten(0, (pieces, batch)), self.config.piece_average)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised `[b, 1, mel, t]` -> token features `[b, tokens, embed_dim]`."""
@@ -245,6 +260,19 @@ class CED(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.outputlayer(features.mean(1))
+
+
+def average_pieces(logits: torch.Tensor, how: str = "probability") -> torch.Tensor:
+    """`[pieces, batch, classes]` logits of a long clip's pieces -> the clip's logits `[batch, classes]`.
+
+    "logit": their mean. "probability": the logit of the pieces' mean probability, from log-sigmoids
+    (log mean p - log mean (1 - p)), so that probabilities near 0 or 1 keep their precision.
+    """
+    if how == "logit":
+        return logits.mean(0)
+    if how == "probability":
+        return torch.logsumexp(F.logsigmoid(logits), 0) - torch.logsumexp(F.logsigmoid(-logits), 0)
+    raise ValueError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
 
 
 def _init_weights(module: nn.Module) -> None:
