@@ -179,6 +179,13 @@ def test_creation_killed_midway_is_created_again(tmp_path: Path, monkeypatch: py
     with pytest.raises(ValueError, match="is not a logit store"):
         LogitStore.create(str(foreign), **_settings())
     assert (foreign / "data" / "zarr.json").exists()
+    # Nor is a folder of other files: `extract output=` pointed at data is refused, not emptied.
+    data = tmp_path / "audioset"
+    (data / "train.zarr").mkdir(parents=True)
+    (data / "train.zarr" / "zarr.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        LogitStore.create(str(data), **_settings())
+    assert (data / "train.zarr" / "zarr.json").read_text() == "{}"
 
 
 def test_write_block_checks_shapes(tmp_path: Path) -> None:

@@ -390,3 +390,23 @@ def test_failures_of_a_store_from_before_the_failures_array(tmp_path: Path) -> N
     group.attrs.update({"failures": [record]})
     del group.attrs["num_failures"]
     assert AudioStore.open(url).failures() == [record]
+
+
+def test_writer_never_deletes_data_that_is_not_an_audio_store(tmp_path: Path) -> None:
+    # zarr's mode="w" empties the folder: `prepare input=/data/wavs output=/data/wavs` must keep the audio.
+    folder = tmp_path / "wavs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.wav").write_bytes(b"RIFF")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds other files"):
+            write_audio_store(folder, make_clips(2), overwrite=overwrite)
+    assert (folder / "sub" / "a.wav").read_bytes() == b"RIFF"
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").attrs["kind"] = "someone-else"
+    with pytest.raises(FileExistsError, match="another Zarr store"):
+        write_audio_store(other, make_clips(2), overwrite=True)
+    assert zarr.open_group(str(other), mode="r").attrs["kind"] == "someone-else"
+    # An empty folder is fine, and overwrite=true still replaces an audio store.
+    (tmp_path / "empty").mkdir()
+    write_audio_store(tmp_path / "empty", make_clips(2))
+    assert len(write_audio_store(tmp_path / "empty", make_clips(3), overwrite=True)) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AudioStore", "LogitStore", "store_exists", "store_nbytes"]
+__all__ = ["AudioStore", "LogitStore", "check_free_for_store", "store_exists", "store_nbytes"]
 
 
 def store_exists(url: str) -> bool:
@@ -13,6 +13,35 @@ def store_exists(url: str) -> bool:
 
     fs, path = fsspec.core.url_to_fs(str(url))
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
+def check_free_for_store(url: str, what: str, ours: bool) -> None:
+    """Refuse to create a store where opening it for writing would delete someone's data.
+
+    zarr's `mode="w"` empties the whole folder or prefix first. So the target must not exist, be an empty
+    folder, or be a store the caller may replace (`ours`, judged from its attributes by the caller).
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        return
+    if fs.isfile(path):
+        raise FileExistsError(f"{url} is a file; give a folder (or object prefix) for the {what}")
+    if store_exists(url):
+        if ours:
+            return
+        raise FileExistsError(
+            f"{url} holds another Zarr store, not a {what}; choose another output (it is left as it is)"
+        )
+    entries = fs.ls(path, detail=False)
+    if entries:
+        example = str(entries[0]).rstrip("/").rsplit("/", 1)[-1]
+        raise FileExistsError(
+            f"{url} exists and holds other files (e.g. {example!r}); writing a {what} there would delete "
+            "them. Choose a new or empty folder."
+        )
 
 
 def store_nbytes(url: str) -> int:

@@ -36,6 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
+from ced_lightning.store import check_free_for_store
 from ced_lightning.store.shards import RawShardReader
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,10 @@ class AudioStoreWriter:
 
     # -- opening / resuming ---------------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
-        existing = None if overwrite else self._try_open_existing()
+        existing = self._try_open_existing()
+        if overwrite:
+            # Replaces an audio store only: any other data there is refused below, never deleted.
+            ours, existing = existing is not None and existing.attrs.get("kind") == STORE_KIND, None
         if existing is not None:
             attrs = dict(existing.attrs)
             if attrs.get("kind") != STORE_KIND:
@@ -420,6 +424,7 @@ class AudioStoreWriter:
             self.group = _open_group(self.url, "r+")
             self._resume(attrs.get("progress"))
             return
+        check_free_for_store(self.url, "audio store", ours=overwrite and ours)
         self.group = _open_group(self.url, "w")
         self._create_arrays()
 

@@ -30,7 +30,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
-from ced_lightning.store import store_exists, store_nbytes
+from ced_lightning.store import check_free_for_store, store_exists, store_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class LogitStore:
 
         if store_exists(url):
             log.info("%s: its creation was interrupted before it held any block; creating it again", url)
+        check_free_for_store(url, "logit store", ours=True)  # a store here is our interrupted creation
         # Marked as ours and unfinished first, so that a run killed before the end can recreate it.
         group = zarr.open_group(url, mode="w", zarr_format=3, attributes={"format": FORMAT, _CREATING: True})
         shape = (epochs, num_clips)
