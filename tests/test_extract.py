@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ced_lightning import conf_dir
 from ced_lightning.audio import pack_clips
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.modules.ensemble import BlockSampler, check_teachers, rank_share
+from ced_lightning.modules.ensemble import NO_BLOCK, BlockSampler, check_teachers, rank_share
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
 
@@ -228,6 +228,24 @@ def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path
     # Both ranks wrote two blocks or more: their rates after the first block, summed.
     assert json.loads(Path(f"{out}.stats.json").read_text())["steady_clips_per_s"] > 0
 
+    # Finishing one missing block with two processes: rank 0's share is empty, and Lightning skips its whole
+    # prediction loop; the ranks must still meet and finish (this hung, or rank 0 reported missing blocks).
+    from ced_lightning.extract import run_extract
+
+    last = str(workdir / "ddp_last_block.zarr")
+    assert run_extract(_cfg(workdir, last, "limit_blocks=4")).missing_blocks() == [4]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ced_lightning.extract",
+        *_overrides(
+            workdir, last, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'ddp_run2'}"
+        ),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    _assert_same_store(reference.url, last)
+
 
 def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:
     blocks = [1, 2, 3, 5, 8, 9, 10]
@@ -235,6 +253,7 @@ def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:
     assert [b for share in shares for b in share] == blocks and [len(s) for s in shares] == [2, 3, 2]
     assert list(BlockSampler(blocks, 3, 1)) == [3, 5, 8]
     assert rank_share([4], 2, 0) + rank_share([4], 2, 1) == [4]
+    assert list(BlockSampler([4], 2, 0)) == [NO_BLOCK] and list(BlockSampler([4], 2, 1)) == [4]
     with pytest.raises(ValueError, match="rank 2 out of range"):
         rank_share(blocks, 2, 2)
 

@@ -223,6 +223,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
         )
         started = time.perf_counter()
         trainer.predict(module, return_predictions=False)
+        module.finish(trainer)
         seconds = time.perf_counter() - started
     else:
         clips, seconds = 0, 0.0
@@ -237,7 +238,8 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     if todo and module.steady_clips_per_s is not None:
         stats["steady_clips_per_s"] = round(module.steady_clips_per_s, 2)
     if int(cfg.get("verify") or 0) > 0 and store.is_complete():
-        device = next(teachers[0].parameters()).device
+        device = trainer.strategy.root_device  # Lightning moved the teachers back to the CPU after predict
+        teachers = [teacher.to(device) for teacher in teachers]
         stats["verify"] = verify_store(
             store,
             teachers,

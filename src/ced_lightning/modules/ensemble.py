@@ -28,6 +28,7 @@ from ced_lightning.store.logits import LogitStore
 log = logging.getLogger(__name__)
 
 COMBINES = ("mean_prob", "mean_logit")
+NO_BLOCK = -1  # the one item of a rank with nothing to extract
 
 
 class BlockDataset(Dataset):
@@ -48,6 +49,8 @@ class BlockDataset(Dataset):
         return -(-self.num_clips // self.block_clips)
 
     def __getitem__(self, b: int) -> dict[str, Any]:
+        if b == NO_BLOCK:
+            return {"block": NO_BLOCK}
         if self._audio is None:  # opened in the worker process that reads
             self._audio = AudioStore.open(self.audio_url)
         start = b * self.block_clips
@@ -70,16 +73,20 @@ def rank_share(blocks: Sequence[int], num_replicas: int, rank: int) -> list[int]
 
 
 class BlockSampler(Sampler[int]):
-    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated)."""
+    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated).
+
+    An empty share (fewer missing blocks than ranks, e.g. near the end of a resumed run) yields `NO_BLOCK`
+    once: Lightning refuses a rank whose predict loader is empty, and the other ranks would wait for it.
+    """
 
     def __init__(self, blocks: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
         self.blocks = rank_share(list(blocks), num_replicas, rank)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.blocks)
+        return iter(self.blocks or [NO_BLOCK])
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return max(1, len(self.blocks))
 
 
 def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
@@ -218,7 +225,7 @@ class TeacherEnsembleModule(pl.LightningModule):
             (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
         )
         sampler = BlockSampler(todo, num_replicas=world, rank=rank)
-        log.info("rank %d/%d: %d of %d missing blocks", rank, world, len(sampler), len(todo))
+        log.info("rank %d/%d: %d of %d missing blocks", rank, world, len(sampler.blocks), len(todo))
         audio_url = self.audio_url or store.audio_url
         dataset = BlockDataset(audio_url, len(store), store.block_clips, store.clip_samples)
         return DataLoader(
@@ -261,6 +268,8 @@ class TeacherEnsembleModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         block = int(batch["block"])
+        if block == NO_BLOCK:
+            return None
         indices, probs, params = self.block_topk(batch)
         precision = self.trainer.precision if self._trainer is not None else None
         self._open_store().write_block(
@@ -272,7 +281,12 @@ class TeacherEnsembleModule(pl.LightningModule):
         self._block_ends.append((time.perf_counter(), self.clips_done))
         return None
 
-    def on_predict_end(self) -> None:
+    def finish(self, trainer: pl.Trainer) -> None:
+        """After `trainer.predict`, on every rank: sums the ranks' steady rates, so also waits for all ranks.
+
+        Not in `on_predict_end`: Lightning skips the whole prediction loop, hooks included, on a rank whose
+        share is empty (one missing block, two ranks), and the other ranks would wait for it forever.
+        """
         # Throughput after each rank's first block (so without starting processes, workers and the first
         # read), summed over ranks that ran at the same time; None when no rank wrote two blocks.
         clips = seconds = 0.0
@@ -282,11 +296,9 @@ class TeacherEnsembleModule(pl.LightningModule):
         rate = torch.tensor(
             [clips / seconds if seconds > 0 else 0.0, float(seconds > 0)],
             dtype=torch.float64,
-            device=self.device,  # the process group's device (NCCL reduces CUDA tensors only)
+            device=trainer.strategy.root_device,  # NCCL reduces CUDA tensors only (the module is on the CPU)
         )
-        if self._trainer is not None and self.trainer.world_size > 1:
-            rate = self.trainer.strategy.reduce(rate, reduce_op="sum")
+        if trainer.world_size > 1:
+            # Returns on each rank once every rank has contributed, so once all shares are written.
+            rate = trainer.strategy.reduce(rate, reduce_op="sum")
         self.steady_clips_per_s = float(rate[0]) if rate[1] > 0 else None
-        # Rank 0 reports completion only once every rank has written its share.
-        if self._trainer is not None:
-            self.trainer.strategy.barrier("ced_extract_done")
