@@ -410,3 +410,23 @@ def test_writer_never_deletes_data_that_is_not_an_audio_store(tmp_path: Path) ->
     (tmp_path / "empty").mkdir()
     write_audio_store(tmp_path / "empty", make_clips(2))
     assert len(write_audio_store(tmp_path / "empty", make_clips(3), overwrite=True)) == 3
+
+
+def test_resume_rewrites_the_shard_where_an_uncommitted_clip_began(tmp_path: Path) -> None:
+    # Clip x began in committed shards but was not committed itself; on the rerun it fails to decode, and the
+    # next clip takes its place. The shards holding x's head must be written again, not kept.
+    def writer() -> AudioStoreWriter:
+        return AudioStoreWriter(tmp_path / "s.zarr", chunk_samples=100, shard_chunks=1)
+
+    first = writer()
+    first.add("a", np.full(50, 1, np.int16), None)
+    first.add("x", np.full(230, 7, np.int16), None)  # samples 50..280: shards [0, 100) and [100, 200) commit
+    assert first.committed_clips == 1  # killed here
+    resumed = writer()
+    assert resumed.skip_items() == 1
+    resumed.add_failure({"name": "x", "reason": "cannot decode any more"})
+    resumed.add("y", np.full(240, 3, np.int16), None)
+    store = resumed.finish()
+    assert store.names == ["a", "y"]
+    np.testing.assert_array_equal(store.read_samples(0), np.full(50, 1))
+    np.testing.assert_array_equal(store.read_samples(1), np.full(240, 3))

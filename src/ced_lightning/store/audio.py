@@ -500,8 +500,15 @@ class AudioStoreWriter:
         self._seen = set(self.names)
         if self._origin > self.written:
             raise RuntimeError(f"{self.url}: corrupt progress record {progress}; rerun with overwrite=true")
-        # Samples [origin, written) already in the store are the start of the next clip: decoded again, it is
-        # appended whole and that region is never written twice (commits start at `written`).
+        # Samples [origin, written) in the store began a clip that was not committed. The rerun may not write
+        # that clip again (it may fail to decode now, or have changed), so the shard where it began is written
+        # again: it goes back to the pending buffer, its committed clips' samples read from the store, and is
+        # rewritten whole (shard objects are replaced whole, so a kill in between leaves the old one).
+        shard_start = self._origin // self.shard_samples * self.shard_samples
+        if shard_start < self.written:
+            self._pending = [np.asarray(self._array("audio")[shard_start : self._origin], dtype=np.int16)]
+            self._pending_samples = self._origin - shard_start
+            self._origin = self.written = shard_start
         log.info(
             "%s: resuming after %d committed clips (%d input items, %.2f h of audio)",
             self.url,
