@@ -430,3 +430,19 @@ def test_resume_rewrites_the_shard_where_an_uncommitted_clip_began(tmp_path: Pat
     assert store.names == ["a", "y"]
     np.testing.assert_array_equal(store.read_samples(0), np.full(50, 1))
     np.testing.assert_array_equal(store.read_samples(1), np.full(240, 3))
+
+
+def test_a_missing_shard_is_reported_not_read_as_silence(tmp_path: Path) -> None:
+    url = tmp_path / "s.zarr"
+    clips = [
+        (f"c{i}", np.zeros(150, np.float32) if i == 2 else np.full(150, 0.5, np.float32), None)
+        for i in range(6)
+    ]
+    store = write_audio_store(url, clips, chunk_samples=100, shard_chunks=2)
+    np.testing.assert_array_equal(store.read_samples(2), np.zeros(150, np.int16))  # zeros are stored too
+    shard = next(p for p in sorted((url / "audio" / "c").iterdir()) if p.name == "1")
+    shard.unlink()  # a failed upload, an incomplete copy
+    reopened = AudioStore.open(str(url))
+    with pytest.raises(OSError, match=r"audio/c/1 is missing, though every chunk of this store was written"):
+        reopened.read_samples(1)  # samples 150..300, partly in shard 1 (200..400)
+    np.testing.assert_array_equal(reopened.read_samples(0), np.full(150, 16384, np.int16))

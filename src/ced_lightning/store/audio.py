@@ -188,7 +188,9 @@ class AudioStore:
         """Open the zarr array and the direct reader for this process (a forked worker opens its own)."""
         self._audio = audio if audio is not None else _open_group(self.url, "r")["audio"]
         # None for layouts the direct reader does not read (compressed stores): those go through zarr.
-        self._raw = RawShardReader.for_array(self._audio, self.url)
+        self._raw = RawShardReader.for_array(
+            self._audio, self.url, all_chunks_written=bool(self.attrs.get("all_chunks_written"))
+        )
         self._pid = os.getpid()
 
     @property
@@ -376,6 +378,7 @@ class AudioStoreWriter:
             "chunk_samples": self.chunk_samples,
             "shard_chunks": int(shard_chunks),
             "compression": compression,
+            "all_chunks_written": True,  # zeros too: see `_array`
             "num_classes": self.num_classes,
             "job": self.signature,
         }
@@ -592,7 +595,12 @@ class AudioStoreWriter:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            array = self.group[name]
+            if name == "audio":
+                # Zeros too (zarr skips chunks equal to the fill value by default): then a missing shard in
+                # a complete store is damage that readers report, not 160 s of silence.
+                array = array.with_config({"write_empty_chunks": True})
+            self._arrays[name] = array
         return self._arrays[name]
 
     @staticmethod

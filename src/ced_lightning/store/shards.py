@@ -56,6 +56,7 @@ class RawShardReader:
         shard_path: Any,
         local: bool,
         fs: Any = None,
+        all_chunks_written: bool = False,
     ) -> None:
         self.dtype = dtype
         self.size = size
@@ -67,6 +68,8 @@ class RawShardReader:
         self._index_crc32c = index_crc32c
         self._index_nbytes = 16 * self.chunks_per_shard + (4 if index_crc32c else 0)
         self._shard_path = shard_path  # shard number -> path (local) or fsspec path
+        # Written with zarr's write_empty_chunks: a missing shard or chunk is damage, not silence.
+        self.all_chunks_written = all_chunks_written
         self._local = local
         self._fs = fs
         self._indexes: dict[int, np.ndarray | None] = {}
@@ -74,8 +77,13 @@ class RawShardReader:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_array(cls, array: zarr.Array, url: str) -> RawShardReader | None:
-        """A reader for `array` (opened from `url`), or None when its layout is not one this reads."""
+    def for_array(
+        cls, array: zarr.Array, url: str, all_chunks_written: bool = False
+    ) -> RawShardReader | None:
+        """A reader for `array` (opened from `url`), or None when its layout is not one this reads.
+
+        `all_chunks_written`: the writer stored every chunk, zeros too, so a missing one is an error.
+        """
         from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
         from zarr.codecs.sharding import ShardingCodecIndexLocation
 
@@ -137,6 +145,7 @@ class RawShardReader:
             shard_path=shard_path,
             local=local,
             fs=fs,
+            all_chunks_written=all_chunks_written,
         )
 
     # -- bytes -------------------------------------------------------------------------------------------
@@ -214,6 +223,13 @@ class RawShardReader:
             target = out[position - start : chunk_end - start]
             entry = None if index is None else index[local_chunk]
             if entry is None or (entry[0] == _EMPTY and entry[1] == _EMPTY):
+                if self.all_chunks_written:
+                    what = "is missing" if entry is None else f"has no chunk {local_chunk}"
+                    raise OSError(
+                        f"{self._shard_path(shard)} {what}, though every chunk of this store was written "
+                        f"(elements from {chunk * self.chunk_size} on): the store is damaged or incompletely "
+                        "copied"
+                    )
                 target[:] = self.fill_value
             else:
                 # Inner chunks are stored whole (the array's last chunk too), so nbytes must match.
