@@ -130,7 +130,13 @@ def test_resume_skips_consumed_batches_exactly(store_url: str, workers: int) -> 
     for _ in range(5):
         next(iterator)
     state = first.state_dict()
-    assert state == {"epoch": 3, "batches": 5}
+    assert state == {
+        "epoch": 3,
+        "batches": 5,
+        "epoch_batches": len(full),
+        "num_workers": max(1, workers),
+        "world_size": 1,
+    }
     resumed = loader()
     resumed.load_state_dict(state)
     rest = _batches(resumed)
@@ -141,6 +147,81 @@ def test_resume_skips_consumed_batches_exactly(store_url: str, workers: int) -> 
     other = loader()
     other.load_state_dict({"epoch": 2, "batches": 5})
     assert len(_batches(other)) == len(full)
+    # A state saved before the worker and rank counts were recorded resumes as before.
+    legacy = loader()
+    legacy.load_state_dict({"epoch": 3, "batches": 5})
+    assert [i.tolist() for i, _ in _batches(legacy)] == [i.tolist() for i, _ in full[5:]]
+
+
+def _small_window_loader(store_url: str, workers: int, skip_from: dict | None = None) -> ResumableLoader:
+    # One clip per span and 16-clip windows: 13 batches in 4 windows (4, 4, 4, 1), so the worker count
+    # changes the order.
+    stream = ClipBatchStream(store_url, 4, epoch=2, seed=5, clip_samples=900, span_clips=1, shuffle_window=16)
+    loader = ResumableLoader(stream, num_workers=workers)
+    if skip_from is not None:
+        loader.load_state_dict(skip_from)
+    return loader
+
+
+def state_after(store_url: str, workers: int, consumed: int) -> dict[str, int]:
+    loader = _small_window_loader(store_url, workers)
+    iterator = iter(loader)
+    for _ in range(consumed):
+        next(iterator)
+    return loader.state_dict()
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 0), (0, 2), (2, 3)])
+def test_resume_with_another_worker_count_continues_the_interrupted_order(
+    store_url: str, before: int, after: int
+) -> None:
+    """Moved to a machine with another `data.num_workers`: the rest of the epoch is exactly the batches the
+    interrupted run had left, in its order (what `limit_train_batches` cuts short stays the same too)."""
+    full = _batches(_small_window_loader(store_url, before))
+    assert len(full) == 13
+    other_order = [i for i, _ in _batches(_small_window_loader(store_url, after))]
+    assert [i.tolist() for i, _ in full] != [i.tolist() for i in other_order]  # the count matters
+    for consumed in (1, 5, 12):
+        state = state_after(store_url, before, consumed)
+        rest = _batches(_small_window_loader(store_url, after, skip_from=state))
+        assert len(rest) == len(full) - consumed
+        for (i_full, w_full), (i_rest, w_rest) in zip(full[consumed:], rest):
+            assert np.array_equal(i_full, i_rest) and torch.equal(w_full, w_rest)
+    # Interrupted again in that epoch: the second resume continues the same (first run's) order.
+    resumed = _small_window_loader(store_url, after, skip_from=state_after(store_url, before, 5))
+    iterator = iter(resumed)
+    for _ in range(3):
+        next(iterator)
+    state = resumed.state_dict()
+    del iterator
+    assert state["batches"] == 8 and state["num_workers"] == max(1, before)
+    again = [i.tolist() for i, _ in _batches(_small_window_loader(store_url, after, skip_from=state))]
+    assert again == [i.tolist() for i, _ in full[8:]]
+
+
+def test_resume_on_another_rank_count_names_the_setting(store_url: str) -> None:
+    def loader(world_size: int, epoch: int = 0) -> ResumableLoader:
+        stream = ClipBatchStream(store_url, 4, epoch=epoch, seed=0, span_clips=1, world_size=world_size)
+        return ResumableLoader(stream)
+
+    two_ranks = loader(2)
+    iterator = iter(two_ranks)
+    next(iterator)
+    state = two_ranks.state_dict()
+    assert state["world_size"] == 2 and state["batches"] == 1
+    one_rank = loader(1)
+    # Loading alone does not fail: Lightning also hands the state of an epoch that ended early under
+    # `limit_train_batches` to that epoch's loader, which it then replaces unread with the next epoch's.
+    one_rank.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"trainer\.devices x trainer\.num_nodes.*Resume with 2 ranks"):
+        next(iter(one_rank))
+    # A finished epoch, or another epoch's state, resumes on any rank count.
+    finished = loader(1)
+    finished.load_state_dict({**state, "batches": state["epoch_batches"]})
+    assert _batches(finished) == []
+    next_epoch = loader(1, epoch=1)
+    next_epoch.load_state_dict(state)
+    assert len(_batches(next_epoch)) == len(next_epoch.dataset)
 
 
 def test_equal_length_batches_never_mix_lengths() -> None:

@@ -15,7 +15,9 @@ AudioSet lists are sorted by YouTube id, which is random with respect to content
 window).
 
 The plan of an epoch is a pure function of (seed, epoch, rank count, worker count), so a resumed run replays
-the same batches; `ResumableLoader` records how many batches were consumed and skips them on resume.
+the same batches; `ResumableLoader` records how many batches were consumed (and by how many workers and
+ranks) and skips them on resume. With another `data.num_workers` the rest of the epoch follows the recorded
+workers' order; another rank count is refused mid-epoch (end-of-epoch checkpoints resume on any).
 """
 
 from __future__ import annotations
@@ -176,6 +178,10 @@ class ClipBatchStream(IterableDataset):
         self.random_crop = random_crop
         self.transform = transform
         self.skip_batches = skip_batches
+        # How many DataLoader workers consumed those `skip_batches` (None: as many as now). The batch order
+        # depends on it (windows are dealt to workers round robin).
+        self.skip_workers: int | None = None
+        self.rank, self.world_size = rank, world_size
         self.plan = plan_epoch(
             len(self.store),
             batch_size,
@@ -199,6 +205,10 @@ class ClipBatchStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        consumed_with = self.skip_workers or num_workers
+        if self.skip_batches and consumed_with != num_workers:
+            yield from self._continue_order(worker, num_workers, consumed_with)
+            return
         # The DataLoader asks worker 0 first; after skipping, the next batch may be another worker's, so
         # physical workers take the logical roles rotated to start there.
         logical, skip = self._resume_role(worker, num_workers)
@@ -221,6 +231,39 @@ class ClipBatchStream(IterableDataset):
         first = order[self.skip_batches][0] if self.skip_batches < len(order) else 0
         logical = (worker + first) % num_workers
         return logical, skips[logical]
+
+    def _continue_order(self, worker: int, num_workers: int, consumed_with: int) -> Iterator[Batch]:
+        """The rest of the batch order of `consumed_with` workers, which consumed `skip_batches`, yielded by
+        `num_workers` workers: the resumed epoch trains exactly the batches the interrupted run had left, in
+        its order (so also under `limit_train_batches`, which cuts the order short).
+
+        The remaining order is dealt to the workers round robin, which the DataLoader's round robin yields
+        back in that order. A worker's batches then come from several windows (one per old worker at a
+        time): it reads from each window only the clips of its own batches, once, and drops them after its
+        last batch from that window. Used for the rest of one epoch; the next one plans for `num_workers`.
+        """
+        streams = [
+            [
+                (k + consumed_with * j, batch)
+                for j, window in enumerate(worker_windows(self.plan, k, consumed_with))
+                for batch in window
+            ]
+            for k in range(consumed_with)
+        ]
+        order = loader_order([len(s) for s in streams])[self.skip_batches :]
+        mine = [streams[k][b] for k, b in order[worker::num_workers]]
+        needed: dict[int, list[np.ndarray]] = {}
+        last_use: dict[int, int] = {}
+        for i, (window_id, batch_indices) in enumerate(mine):
+            needed.setdefault(window_id, []).append(batch_indices)
+            last_use[window_id] = i
+        cached: dict[int, dict[int, np.ndarray]] = {}
+        for i, (window_id, batch_indices) in enumerate(mine):
+            if window_id not in cached:
+                cached[window_id] = self._read_window(np.concatenate(needed.pop(window_id)))
+            yield self._collate(batch_indices, cached[window_id])
+            if last_use[window_id] == i:
+                del cached[window_id]
 
     def _read_window(self, indices: np.ndarray) -> dict[int, np.ndarray]:
         """All clips of a window, one read per run of neighbouring clips."""
@@ -275,24 +318,73 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, stream: ClipBatchStream, **kwargs: Any) -> None:
         kwargs.setdefault("persistent_workers", False)
+        # Each iteration draws the workers' base seed from `generator`, by default torch's global one: a run
+        # resumed mid-epoch would draw it again after the restore of that generator (saved after the draw),
+        # and its dropout would differ from the uninterrupted run's. Keyed by (seed, epoch, rank) instead.
+        seed = np.random.SeedSequence([stream.seed, stream.epoch, stream.rank]).generate_state(1)[0]
+        kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))
         if kwargs.get("num_workers", 0) == 0:
             kwargs.pop("persistent_workers")
             kwargs.pop("prefetch_factor", None)
         super().__init__(stream, batch_size=None, **kwargs)
         self._consumed = 0
+        # The worker count whose order this epoch follows: another one after a resume with another
+        # data.num_workers, kept for the rest of that epoch so that a second resume skips the same order.
+        self._order_of = self._order_workers
+        self._refusal: str | None = None  # why the loaded state cannot resume here (see load_state_dict)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._refusal is not None:
+            raise ValueError(self._refusal)
         stream: ClipBatchStream = self.dataset
         self._consumed = stream.skip_batches
+        self._order_of = (stream.skip_workers if stream.skip_batches else None) or self._order_workers
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
-        stream.skip_batches = 0
+        stream.skip_batches, stream.skip_workers = 0, None
+
+    @property
+    def _order_workers(self) -> int:
+        """The number of interleaved worker orders: 0 workers (the main process) reads like 1."""
+        return max(1, self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.dataset.epoch, "batches": self._consumed}
+        stream: ClipBatchStream = self.dataset
+        return {
+            "epoch": stream.epoch,
+            "batches": self._consumed,
+            "epoch_batches": len(stream),
+            "num_workers": self._order_of,
+            "world_size": stream.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         stream: ClipBatchStream = self.dataset
-        if state.get("epoch") == stream.epoch:
-            stream.skip_batches = int(state.get("batches", 0))
+        if state.get("epoch") != stream.epoch:
+            return  # saved at the end of an epoch (or before it began): the new epoch starts from its start
+        batches = int(state.get("batches", 0))
+        # States saved before these keys existed: assume the same workers and ranks (all one could resume).
+        world_size = int(state.get("world_size", stream.world_size))
+        workers = int(state.get("num_workers", self._order_workers))
+        if world_size != stream.world_size and batches > 0:
+            if batches >= int(state.get("epoch_batches", batches + 1)):
+                batches = len(stream)  # that epoch was over: nothing of it is left
+            else:
+                # The ranks' shares of the epoch (and the batches per step) depend on the rank count, and
+                # Lightning counts the rest of the epoch in steps: no continuation on another count trains
+                # each remaining clip once and ends the epoch where Lightning expects. Refuse rather than
+                # repeat or drop clips silently. Only when iterated: after an end-of-epoch checkpoint under
+                # `limit_train_batches` (fewer batches than the epoch's), Lightning first builds that epoch's
+                # loader and hands it this state, then replaces it with the next epoch's without reading it.
+                self._refusal = (
+                    f"this checkpoint was saved {batches} batches into epoch {stream.epoch} of a run on "
+                    f"{world_size} ranks (trainer.devices x trainer.num_nodes), and this run has "
+                    f"{stream.world_size}: the rest of that epoch cannot be split over {stream.world_size} "
+                    f"ranks without training some clips twice and skipping others. Resume with {world_size} "
+                    "ranks, or from a checkpoint saved at the end of an epoch (those resume on any number of "
+                    "ranks and data.num_workers)."
+                )
+        # Another data.num_workers is fine: the stream continues the order of the workers that consumed them.
+        stream.skip_batches, stream.skip_workers = batches, workers
+        self._consumed, self._order_of = batches, workers

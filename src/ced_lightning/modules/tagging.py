@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ced_lightning.metrics import TaggingMetrics, write_per_class_csv
@@ -88,7 +89,12 @@ class TaggingModule(LightningModule):
     # -- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.make_optimizer, self.model)
+        # Lightning's estimate: max_epochs x (batches per epoch after `limit_train_batches`, over
+        # `accumulate_grad_batches`), capped by `max_steps`. It builds epoch 0's training loader to count.
         total = int(self.trainer.estimated_stepping_batches)
+        if self.trainer.ckpt_path:
+            # Here the checkpoint's loop state is not restored yet (restored after configure_optimizers).
+            _rebuild_train_loader_after_restore(self.trainer)
         factor = partial(
             warmup_cosine, warmup_steps=self.warmup_steps, total_steps=total, min_lr_ratio=self.min_lr_ratio
         )
@@ -115,11 +121,31 @@ class TaggingModule(LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer  # None in `load_from_checkpoint`
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            # Strategies that restore after setup (FSDP, DeepSpeed) call configure_optimizers before this,
+            # when `trainer.ckpt_path` is not known yet: drop the loader it built here instead.
+            _rebuild_train_loader_after_restore(trainer)
+        # The torch generator is restored before the first training batch, and only what happens at the same
+        # point of an uninterrupted run draws from it until then: `ResumableLoader` iterates without drawing
+        # (its own generator), the sanity check runs under Lightning's `isolate_rng`.
         states = checkpoint.get("rng_states") or {}
         if "torch" in states:
             torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _rebuild_train_loader_after_restore(trainer: Trainer) -> None:
+    """Have the fit loop build its training loader again after it restores the checkpoint's loop state.
+
+    `estimated_stepping_batches` builds the loader before the restore (so for epoch 0), and the fit loop keeps
+    a loader it already has unless it reloads for a new epoch: resumed in epoch 0 (or without
+    `reload_dataloaders_every_n_epochs`), it would never receive the checkpoint's loader state, train the
+    epoch's first batches again and drop the rest (Lightning issue #20550). Without a loader, the fit loop
+    builds one for the restored epoch and loads the saved state into it, as it does without the estimate.
+    """
+    trainer.fit_loop._combined_loader = None
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
