@@ -340,3 +340,34 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference: LogitStore, w
     rerun = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same_store(reference.url, out)
+
+
+def test_non_finite_teacher_output_names_the_teacher_and_clips() -> None:
+    from ced_lightning.augment import AugmentRecipe
+    from ced_lightning.modules.ensemble import TeacherEnsembleModule
+
+    torch.manual_seed(0)
+    good, broken = (create_ced("ced_tiny", depth=1, num_classes=C).eval() for _ in range(2))
+    with torch.no_grad():
+        broken.outputlayer[1].bias[2] = float("nan")  # e.g. a checkpoint that overflowed in training
+    module = TeacherEnsembleModule(
+        [good, broken],
+        store_url="unused",
+        recipe=AugmentRecipe(),
+        seed=0,
+        epochs=1,
+        topk=3,
+        micro_batch_size=2,
+        teacher_names=["good", "broken"],
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "block": 3,
+        "index": torch.arange(24, 27),
+        "waveform": torch.from_numpy(rng.integers(-3000, 3000, (3, 16000), dtype=np.int16)),
+        "length": torch.full((3,), 16000),
+    }
+    with pytest.raises(
+        ValueError, match=r"teacher broken .* clips \[24, 25\] \(augmentation epoch 0\).*\(3\)"
+    ):
+        module.block_topk(batch)

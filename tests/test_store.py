@@ -446,3 +446,18 @@ def test_a_missing_shard_is_reported_not_read_as_silence(tmp_path: Path) -> None
     with pytest.raises(OSError, match=r"audio/c/1 is missing, though every chunk of this store was written"):
         reopened.read_samples(1)  # samples 150..300, partly in shard 1 (200..400)
     np.testing.assert_array_equal(reopened.read_samples(0), np.full(150, 16384, np.int16))
+
+
+def test_read_clips_heads_of_long_recordings(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    clips = [
+        (f"c{i}", rng.uniform(-0.5, 0.5, n).astype(np.float32), None)
+        for i, n in enumerate([50, 5000, 80, 9000])
+    ]
+    store = write_audio_store(tmp_path / "s.zarr", clips, chunk_samples=100, shard_chunks=4)
+    whole = store.read_clips(0, 4)
+    for max_samples in (10, 60, 100_000):  # per-clip heads (the span is mostly unused), then one read
+        heads = store.read_clips(0, 4, max_samples=max_samples)
+        assert [len(h) for h in heads] == [min(n, max_samples) for n in (50, 5000, 80, 9000)]
+        for head, clip in zip(heads, whole, strict=True):
+            np.testing.assert_array_equal(head, clip[:max_samples])

@@ -265,6 +265,11 @@ class ClipBatchStream(IterableDataset):
             if last_use[window_id] == i:
                 del cached[window_id]
 
+    @property
+    def _needed(self) -> int | None:
+        """Samples used of each clip: its head when cropped from the start, all of it for a random crop."""
+        return None if self.random_crop or self.clip_samples is None else self.clip_samples
+
     def _read_window(self, indices: np.ndarray) -> dict[int, np.ndarray]:
         """All clips of a window, one read per run of neighbouring clips."""
         ordered = np.sort(indices)
@@ -272,7 +277,7 @@ class ClipBatchStream(IterableDataset):
         clips: dict[int, np.ndarray] = {}
         for run in np.split(ordered, breaks):
             start, stop = int(run[0]), int(run[-1]) + 1
-            clips.update(enumerate(self.store.read_clips(start, stop), start=start))
+            clips.update(enumerate(self.store.read_clips(start, stop, max_samples=self._needed), start=start))
         return clips
 
     def _collate(self, indices: np.ndarray, clips: dict[int, np.ndarray]) -> Batch:

@@ -55,7 +55,9 @@ class BlockDataset(Dataset):
             self._audio = AudioStore.open(self.audio_url)
         start = b * self.block_clips
         stop = min(start + self.block_clips, self.num_clips)
-        waveform, lengths = pack_clips(self._audio.read_clips(start, stop), self.clip_samples)
+        # Teachers see each clip's first clip_samples: an hour-long recording is not read whole.
+        clips = self._audio.read_clips(start, stop, max_samples=self.clip_samples)
+        waveform, lengths = pack_clips(clips, self.clip_samples)
         return {
             "block": b,
             "index": torch.arange(start, stop, dtype=torch.int64),
@@ -115,7 +117,19 @@ def ensemble_probabilities(
     """
     mels = augmented_spectrograms([t.front_end for t in teachers], waveform, lengths, params, recipe)
     logits = [teacher.forward_spectrogram(mel) for teacher, mel in zip(teachers, mels, strict=True)]
+    for i, teacher_logits in enumerate(logits):
+        finite = torch.isfinite(teacher_logits).all(-1)
+        if not bool(finite.all()):
+            raise NonFiniteTeacherOutput(i, torch.nonzero(~finite).flatten().tolist())
     return combine_probabilities(logits, combine)
+
+
+class NonFiniteTeacherOutput(ValueError):
+    """A teacher gave NaN or inf logits for some rows of a batch (quantizing them fails, or stores junk)."""
+
+    def __init__(self, teacher: int, rows: list[int]) -> None:
+        super().__init__(f"teacher {teacher} gave NaN or inf logits for batch rows {rows}")
+        self.teacher, self.rows = teacher, rows
 
 
 def reduced_precision(precision: str | None, device: torch.device | str) -> bool:
@@ -170,6 +184,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.num_classes = check_teachers(teachers, teacher_names)
+        self.teacher_names = list(teacher_names or (f"#{i}" for i in range(len(teachers))))
         if not 1 <= topk <= self.num_classes:
             raise ValueError(f"topk must be in [1, {self.num_classes}] (the teachers' classes), not {topk}")
         self.teachers = nn.ModuleList(teachers).eval().requires_grad_(False)
@@ -258,9 +273,18 @@ class TeacherEnsembleModule(pl.LightningModule):
             wav = int16_to_float(batch["waveform"][rows].to(self.device, non_blocking=True))
             lens = batch["length"][rows].to(self.device)
             for epoch, drawn in enumerate(params):
-                probs = ensemble_probabilities(
-                    self.teachers, wav, lens, drawn.subset(rows), self.recipe, self.combine
-                )
+                try:
+                    probs = ensemble_probabilities(
+                        self.teachers, wav, lens, drawn.subset(rows), self.recipe, self.combine
+                    )
+                except NonFiniteTeacherOutput as err:
+                    clips = index[rows][err.rows].tolist()
+                    raise ValueError(
+                        f"teacher {self.teacher_names[err.teacher]} gave NaN or inf logits for clips {clips} "
+                        f"(augmentation epoch {epoch}); nothing of their block ({int(batch['block'])}) was "
+                        "written. A model that overflows in 16-bit precision may run with "
+                        "trainer.precision=32-true."
+                    ) from err
                 values, classes = torch.topk(probs, self.topk, dim=-1)
                 all_idx[epoch, rows] = classes.cpu().numpy()
                 all_p[epoch, rows] = values.float().cpu().numpy()

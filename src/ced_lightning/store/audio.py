@@ -257,15 +257,25 @@ class AudioStore:
             flat = np.concatenate(self._slice_clips(flat, first, start, stop))
         return flat, rel
 
-    def read_clips(self, start: int, stop: int) -> list[np.ndarray]:
-        """Clips `[start, stop)` as int16 arrays, from one read and without copying (views into it)."""
+    def read_clips(self, start: int, stop: int, max_samples: int | None = None) -> list[np.ndarray]:
+        """Clips `[start, stop)` as int16 arrays, from one read and without copying (views into it).
+
+        With `max_samples`, each clip's first `max_samples` only; where long recordings make the span much
+        longer than that, each clip's head is read on its own instead of everything in one read.
+        """
         n = len(self)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"{self.url}: span [{start}, {stop}) out of range for {n} clips")
         if start == stop:
             return []
-        first = int(self.offsets[start])
-        return self._slice_clips(self.samples(first, int(self._ends[stop - 1])), first, start, stop)
+        first, last = int(self.offsets[start]), int(self._ends[stop - 1])
+        if max_samples is not None:
+            heads = np.minimum(self.lengths[start:stop], max_samples)
+            if last - first > 2 * int(heads.sum()) + self.chunk_samples:
+                offsets = self.offsets[start:stop]
+                return [self.samples(int(o), int(o) + int(h)) for o, h in zip(offsets, heads, strict=True)]
+        clips = self._slice_clips(self.samples(first, last), first, start, stop)
+        return clips if max_samples is None else [clip[:max_samples] for clip in clips]
 
     def _slice_clips(self, flat: np.ndarray, first: int, start: int, stop: int) -> list[np.ndarray]:
         return [
