@@ -209,21 +209,22 @@ def test_bad_combine_refused_before_any_store_exists(workdir: Path) -> None:
     assert not store_exists(out)  # so the corrected command is not refused
 
 
+def _extract_with_two_processes(workdir: Path, out: str, run_dir: str) -> str:
+    """The real command with trainer.devices=2 (DDP on the CPU with gloo); returns its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    overrides = _overrides(
+        workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / run_dir}"
+    )
+    cmd = [sys.executable, "-m", "ced_lightning.extract", *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path) -> None:
     out = str(workdir / "ddp.zarr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ced_lightning.extract",
-        *_overrides(
-            workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'ddp_run'}"
-        ),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "devices: 2" in done.stdout
+    assert "devices: 2" in _extract_with_two_processes(workdir, out, "ddp_run")
     _assert_same_store(reference.url, out)
     # Both ranks wrote two blocks or more: their rates after the first block, summed.
     assert json.loads(Path(f"{out}.stats.json").read_text())["steady_clips_per_s"] > 0
@@ -234,16 +235,7 @@ def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path
 
     last = str(workdir / "ddp_last_block.zarr")
     assert run_extract(_cfg(workdir, last, "limit_blocks=4")).missing_blocks() == [4]
-    cmd = [
-        sys.executable,
-        "-m",
-        "ced_lightning.extract",
-        *_overrides(
-            workdir, last, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'ddp_run2'}"
-        ),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    _extract_with_two_processes(workdir, last, "ddp_run2")
     _assert_same_store(reference.url, last)
 
 
