@@ -3,8 +3,10 @@ offline W&B work. Tiny models and a tiny demo set; the real components throughou
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,12 @@ def test_released_recipe_values() -> None:
 def test_every_group_option_composes(group: str) -> None:
     for option in sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")):
         _compose([f"{group}={option}"])
+
+
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (conf_dir() / "trainer").glob("*.yaml")))
+def test_no_trainer_config_lets_lightning_inject_a_distributed_sampler(trainer: str) -> None:
+    # Our loaders shard by rank; Lightning's DistributedSampler breaks `EqualLengthBatches` (a TypeError).
+    assert _compose([f"trainer={trainer}", "trainer.devices=4"]).trainer.use_distributed_sampler is False
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +171,55 @@ def test_resume_continues_identically(tiny_demo: dict[str, str], tmp_path: Path)
     ]
     straight = tmp_path / "straight"
     train(_compose(_train_overrides(tiny_demo, *common), output_dir=straight))
-    first_epoch = straight / "checkpoints" / "epoch_000.ckpt"
-    assert first_epoch.is_file()
+    # An interrupted run: its folder holds the first epoch's checkpoint, which the resume continues beside.
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    first_epoch = interrupted / "checkpoints" / "epoch_000.ckpt"
+    shutil.copyfile(straight / "checkpoints" / "epoch_000.ckpt", first_epoch)
     resumed = tmp_path / "resumed"
     train(_compose(_train_overrides(tiny_demo, *common, f"ckpt_path={first_epoch}"), output_dir=resumed))
-    a, b = _final_weights(straight), _final_weights(resumed)
+    a, b = _final_weights(straight), _final_weights(interrupted)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _logged(out: Path, key: str) -> list[float]:
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_resume_keeps_the_best_checkpoints_and_the_best_score(
+    tiny_demo: dict[str, str], tmp_path: Path
+) -> None:
+    """`ckpt_path=<run>/checkpoints/last.ckpt` from a new run folder: checkpoints continue in the old folder,
+    the best-k of before the resume stay known (averaged.ckpt is built from them too), and the returned
+    val/mAP is the best validation of the whole run, not the last one."""
+    from ced_lightning.train import train
+
+    common = ["test=false", "callbacks.early_stopping=null", "data.schedule.warmup_steps=2"]
+    first = tmp_path / "first"
+    train(_compose(_train_overrides(tiny_demo, *common, "trainer.max_epochs=2"), output_dir=first))
+    folder = first / "checkpoints"
+    before = {folder / "epoch_000.ckpt", folder / "epoch_001.ckpt"}
+    assert all(p.is_file() for p in before)
+    resumed = tmp_path / "resumed"
+    metrics = train(
+        _compose(
+            _train_overrides(tiny_demo, *common, "trainer.max_epochs=4", f"ckpt_path={folder / 'last.ckpt'}"),
+            output_dir=resumed,
+        )
+    )
+    assert metrics["checkpoint_dir"] == os.path.realpath(folder) and not (resumed / "checkpoints").exists()
+    state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    (checkpoint_state,) = (v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    best_k = {Path(p) for p in checkpoint_state["best_k_models"]}
+    assert {p.resolve() for p in before} <= {p.resolve() for p in best_k} and len(best_k) == 4
+    averaged = torch.load(folder / "averaged.ckpt", map_location="cpu", weights_only=False)
+    assert {Path(p).resolve() for p in averaged["averaged_from"]} == {p.resolve() for p in best_k}
+    validations = _logged(first, "val/mAP") + _logged(resumed, "val/mAP")
+    # Here the best validation is one from before the resume, and the last one is worse.
+    assert len(validations) == 4 and validations[-1] < max(validations[:2])
+    assert metrics["val/mAP"] == pytest.approx(max(validations))
 
 
 def _run_cli(args: list[str], cwd: Path, wandb_auto: bool = False) -> subprocess.CompletedProcess:
@@ -222,17 +272,16 @@ def test_wandb_offline_reason_finds_the_netrc_key(tmp_path: Path, monkeypatch: p
 
 def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_path: Path) -> None:
     """DDP on the CPU (gloo, 2 processes re-executed by Lightning): one run folder, one log, rank-disjoint
-    batches, and the test step sees every clip once."""
+    batches, and the test step sees every clip once. Only `trainer.devices=2`, not `trainer=ddp`: Lightning
+    picks DDP itself, and must not inject its DistributedSampler into our evaluation batches (the
+    `trainer=gpu trainer.devices=4` case, which failed at the first validation)."""
     overrides = _train_overrides(
         tiny_demo,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_epochs=1",
         "callbacks.early_stopping=null",
         "hydra.run.dir=logs/ddp_run",
     )
-    overrides.remove("trainer=cpu")
     result = _run_cli(overrides, tmp_path)
     runs = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
     assert [p.name for p in runs] == ["ddp_run"], runs
@@ -287,3 +336,88 @@ def test_missing_optimizer_package_stops_before_the_demo_builds_anything(tmp_pat
     with pytest.raises(ImportError, match=r"optim\.optimizer\._target_=bitsandbytes"):
         ensure_inputs(cfg)
     assert not any(tmp_path.iterdir())  # no demo store, teacher or logit store was started
+
+
+def test_evaluation_store_with_another_class_list_is_refused_up_front(
+    tiny_demo: dict[str, str], tmp_path: Path
+) -> None:
+    from ced_lightning.data.distill import DistillDataModule
+    from ced_lightning.store import AudioStore
+    from ced_lightning.store.audio import write_audio_store
+
+    names = list(AudioStore.open(tiny_demo["val"]).class_names)
+    clips = [(f"c{i}", np.zeros(16000, np.float32), [0]) for i in range(2)]
+    reordered = str(tmp_path / "reordered.zarr")
+    write_audio_store(reordered, clips, class_names=[names[1], names[0], *names[2:]])
+    fewer = str(tmp_path / "fewer.zarr")
+    write_audio_store(fewer, clips, class_names=names[:-1])
+    common = {"train": tiny_demo["train"], "logits": tiny_demo["logits"], "num_workers": 0}
+    with pytest.raises(ValueError, match=rf"data\.val={reordered} names its classes differently.*logits"):
+        DistillDataModule(val=reordered, **common)
+    with pytest.raises(ValueError, match=rf"data\.test={fewer} has {len(names) - 1} classes.*logit store"):
+        DistillDataModule(test=fewer, **common)
+
+
+@pytest.mark.parametrize("world_size", [1, 4, 8, 23])
+def test_every_rank_gets_evaluation_batches_with_every_clip_once(world_size: int) -> None:
+    """3 batches of 64 equal-length clips for up to 23 ranks (the demo's 300 val clips on 8 GPUs had 5):
+    every rank gets one, and the ranks together hold every clip once (the gathered mAP stays exact)."""
+    from ced_lightning.data.labeled import EqualLengthBatches
+
+    lengths = np.array([32000] * 20 + [16000] * 3)
+    per_rank = [list(EqualLengthBatches(lengths, 64, rank, world_size)) for rank in range(world_size)]
+    assert all(per_rank)
+    assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(set(lengths[b])) == 1 for batches in per_rank for b in batches)
+    with pytest.raises(ValueError, match="23 clips cannot give each of 24 ranks a batch"):
+        EqualLengthBatches(lengths, 64, 0, 24)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["test_ckpt=avg"], r"test_ckpt must be one of best, last, averaged, not 'avg'"),
+        (["train=false"], r"train=false test=true .* ckpt_path is null"),
+        (["ckpt_path=/nowhere/last.ckpt"], r"ckpt_path=/nowhere/last\.ckpt: no such checkpoint file"),
+        (
+            ["hydra.mode=MULTIRUN", "trainer=ddp", "trainer.accelerator=cpu"],
+            r"multirun .* trainer\.devices=2 x trainer\.num_nodes=1 \(2 processes\).* one job per launch",
+        ),
+        (
+            ["augment=none", "augment.time_mask_frames=50"],
+            r"task=distill takes its augmentation from the logit store .*, so augment=none "
+            r"augment\.time_mask_frames=50 would change nothing",
+        ),
+    ],
+    ids=["test_ckpt-typo", "test-untrained-weights", "missing-ckpt", "multirun-ddp", "distill-augment"],
+)
+def test_run_options_are_refused_before_anything_starts(
+    overrides: list[str], error: str, tmp_path: Path
+) -> None:
+    from ced_lightning.tasks import ensure_inputs
+
+    cfg = _compose(["experiment=ced_mini", f"paths.data_dir={tmp_path}", *overrides])
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        ensure_inputs(cfg)
+    assert not any(tmp_path.iterdir())  # the demo built nothing
+
+
+def test_multirun_ddp_is_allowed_when_a_cluster_launcher_started_the_ranks() -> None:
+    from ced_lightning.runtime import check_multirun_ddp, launched_externally, requested_processes
+
+    cfg = _compose(["hydra.mode=MULTIRUN", "trainer=cpu", "trainer.devices=1"])
+    check_multirun_ddp(cfg)  # one process per job: nothing to relaunch
+    assert requested_processes(_compose(["trainer.devices='0,1'", "trainer.num_nodes=2"]).trainer) == 4
+    assert launched_externally({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert launched_externally({"TORCHELASTIC_RUN_ID": "x"}) and launched_externally({"SLURM_NTASKS": "8"})
+    assert not launched_externally({"SLURM_NTASKS": "1"})
+
+
+def test_documented_wandb_resume_overrides_reach_the_logger(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ced_lightning.runtime import build_loggers
+
+    cfg = _compose(["+logger.wandb.id=abc123", "+logger.wandb.resume=allow"], output_dir=tmp_path)
+    (wandb_logger,) = (lg for lg in build_loggers(cfg) if isinstance(lg, WandbLogger))
+    assert wandb_logger.version == "abc123"  # the run W&B continues; `resume` goes to wandb.init

@@ -13,7 +13,12 @@ DistillLoss = Literal["kl", "bce"]
 
 
 def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Teacher probabilities at temperature T: `sigmoid(logit(p) / T)`; exact (no epsilon) at T = 1."""
+    """Teacher probabilities at temperature T: `sigmoid(logit(p) / T)`; exact (no epsilon) at T = 1.
+
+    On targets rebuilt from a stored top-k (`targets.rebuild_targets`), T != 1 is not the paper's (it uses
+    T = 1) and distorts them: the stored classes move towards 0.5 while the unstored ones stay at their fill
+    (0 with `zero` fill stays exactly 0), unlike softening the teachers' full output.
+    """
     if temperature == 1.0:
         return probs
     # logit(0) = -inf and logit(1) = inf map back to exactly 0 and 1.

@@ -51,7 +51,8 @@ def quiet_non_zero_ranks() -> None:
 def prepare_ddp_relaunch() -> None:
     """Lightning's DDP launcher re-executes `sys.argv` for ranks > 0 with `hydra.run.dir` set to the run
     folder template. Point that at this job's folder, and in a multirun replay only this job's overrides:
-    the sweep's own argv would start the whole sweep again on every rank."""
+    the sweep's own argv would start the whole sweep again on every rank. (That makes the first job of a
+    multirun work; `train` refuses multirun DDP anyway, see `check_multirun_ddp`.)"""
     if not HydraConfig.initialized() or global_rank() != 0:
         return
     hydra_cfg = HydraConfig.instance().cfg
@@ -60,6 +61,78 @@ def prepare_ddp_relaunch() -> None:
         hydra_cfg.hydra.run.dir = output_dir
     if hydra_cfg.hydra.mode == RunMode.MULTIRUN:
         sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task, "hydra.mode=RUN"]
+
+
+# The environment as this process started. Lightning's DDP launcher leaves LOCAL_RANK/WORLD_SIZE set after a
+# fit, so later in the same process they no longer say whether a cluster launcher started us.
+_STARTUP_ENV = dict(os.environ)
+
+
+def launched_externally(environ: dict[str, str] | None = None) -> bool:
+    """Whether torchrun, SLURM's srun or a hand launch started this process as one of several ranks (in
+    which case Lightning starts no processes of its own). `environ`: the startup environment by default."""
+    env = _STARTUP_ENV if environ is None else environ
+    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+
+
+def requested_processes(trainer_cfg: DictConfig) -> int:
+    """How many processes `trainer.devices` x `trainer.num_nodes` asks for (`auto`/-1: every visible GPU
+    on a GPU accelerator, one process on the CPU, as Lightning decides)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:  # "0,1": GPU ids
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif isinstance(devices, str | int) and str(devices).strip() in {"auto", "-1"}:
+        count = torch.cuda.device_count() if _on_gpu(str(trainer_cfg.get("accelerator", "auto"))) else 1
+    elif isinstance(devices, str | int):
+        count = int(devices)
+    else:  # a list of GPU ids
+        count = len(devices)
+    return max(count, 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def check_multirun_ddp(cfg: DictConfig) -> None:
+    """Refuse a Hydra multirun whose jobs would each start DDP processes through Lightning's launcher: the
+    launcher leaves LOCAL_RANK/WORLD_SIZE in the environment after the first job, so the second job takes
+    itself for an externally launched rank, starts no processes and waits for them forever."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    processes = requested_processes(cfg.trainer)
+    if processes > 1 and not launched_externally():
+        raise ValueError(
+            f"a multirun (-m, hydra.mode=MULTIRUN, hparams_search) cannot train with trainer.devices="
+            f"{cfg.trainer.get('devices')} x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)} "
+            f"({processes} processes): Lightning starts the DDP processes of the first job only, and the "
+            "second job would wait for them forever. Run one job per launch (one command per setting, "
+            "without -m), or a Hydra launcher plugin that starts every job in a fresh process "
+            "(e.g. hydra/launcher=submitit_slurm), or train each job on one device (trainer.devices=1)."
+        )
+
+
+# Values of `test_ckpt`: which checkpoint of the fit `trainer.test` evaluates (see `test_checkpoint`).
+TEST_CHECKPOINTS = ("best", "last", "averaged")
+# `ckpt_path` values that Lightning resolves itself rather than reading a file.
+_LIGHTNING_CKPT_NAMES = {"best", "last", "hpc"}
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """The train config's own switches, checked before anything long starts (a typo found after a fit of
+    hours loses the test of it)."""
+    if cfg.test_ckpt not in TEST_CHECKPOINTS:
+        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {cfg.test_ckpt!r}")
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.test and not cfg.train and not ckpt_path:
+        raise ValueError(
+            "train=false test=true tests the weights of ckpt_path, but ckpt_path is null (that would test "
+            "untrained weights): set ckpt_path=<run>/checkpoints/averaged.ckpt (or a best/last checkpoint)"
+        )
+    if (
+        ckpt_path
+        and str(ckpt_path) not in _LIGHTNING_CKPT_NAMES
+        and "://" not in str(ckpt_path)
+        and not Path(ckpt_path).is_file()
+    ):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    check_multirun_ddp(cfg)
 
 
 @contextlib.contextmanager
@@ -180,6 +253,31 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
+def continue_in_checkpoint_folder(callbacks: list[Callback], ckpt_path: str | None) -> None:
+    """Resuming from `ckpt_path`: checkpoint into its folder, not the new run's. Lightning restores a
+    ModelCheckpoint's best-k bookkeeping (`best_k_models`, `best_model_score`) only into the same `dirpath`,
+    and the averaged checkpoint and the sweep objective are built from that bookkeeping."""
+    if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return
+    folder = os.path.realpath(Path(ckpt_path).parent)  # as ModelCheckpoint resolves its own dirpath
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = folder
+            log.info("resuming: checkpoints continue in %s (the folder of ckpt_path)", folder)
+    # Expected when resuming into it; Lightning warns about it at every resume otherwise.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def best_monitored(trainer: pl.Trainer) -> dict[str, float]:
+    """`{monitor: best value}` of the checkpoint callback over the whole run (a resumed one included): the
+    best validation, where the last one is up to `patience` validations past it after early stopping.
+    Empty without a monitored checkpoint callback or before any validation."""
+    checkpoint_cb = trainer.checkpoint_callback
+    if not isinstance(checkpoint_cb, ModelCheckpoint) or checkpoint_cb.best_model_score is None:
+        return {}
+    return {checkpoint_cb.monitor: float(checkpoint_cb.best_model_score)} if checkpoint_cb.monitor else {}
+
+
 def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
     """The checkpoint to test after fitting: `best`, `last` or `averaged` (falls back to best)."""
     checkpoint_cb = trainer.checkpoint_callback
@@ -190,8 +288,8 @@ def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
         if averaged is not None and Path(averaged).is_file():
             return str(averaged)
         which = "best"
-    if which not in {"best", "last"}:
-        raise ValueError(f"test_ckpt must be best, last or averaged, not {which!r}")
+    if which not in TEST_CHECKPOINTS:
+        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {which!r}")
     path = checkpoint_cb.best_model_path if which == "best" else checkpoint_cb.last_model_path
     return path or None
 

@@ -17,6 +17,8 @@ def rebuild_targets(
     Stored classes get their dequantized probability. Every other class gets 0 (`zero`, what the released
     recipes use) or the smallest stored probability divided by the number of unstored classes
     (`last_mean`: the teacher's mass below the top-k, spread evenly, bounded by what was cut off).
+    Softening the result at a temperature T != 1 (`losses.soften`) treats the fill as if the teachers had
+    output it, so it distorts these targets; the paper distils at T = 1.
     """
     if indices.shape != probs.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and probs {tuple(probs.shape)} differ in shape")

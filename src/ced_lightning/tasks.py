@@ -6,12 +6,14 @@ import importlib.util
 import logging
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.models import CED, load_matching_weights
+from ced_lightning.runtime import check_run_options
 from ced_lightning.store import store_exists
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,11 @@ def _check_task(cfg: DictConfig) -> str:
 def ensure_inputs(cfg: DictConfig) -> None:
     """The demo builds whatever it lacks; a user's data must exist, or the run stops at once."""
     task = _check_task(cfg)
-    _check_optimizer(cfg)  # before the demo spends minutes on teachers and a logit store
+    # Before the demo spends minutes on teachers and a logit store.
+    check_run_options(cfg)
+    _check_optimizer(cfg)
+    if task == "distill":
+        _refuse_augment_overrides(cfg)
     if cfg.data.get("build_missing"):
         from ced_lightning.pipeline import build_demo_artifacts
 
@@ -42,6 +48,25 @@ def ensure_inputs(cfg: DictConfig) -> None:
             raise FileNotFoundError(
                 f"{key}: no store at {url}. Build it with: {_build_command(key, url, cfg)}"
             )
+
+
+def _refuse_augment_overrides(cfg: DictConfig) -> None:
+    """A student replays the augmentation recipe stored in the logit store; the `augment` group would be
+    silently ignored, so overriding it on the command line is refused."""
+    if not HydraConfig.initialized():
+        return
+    overrides = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0] == "augment"
+    ]
+    if overrides:
+        raise ValueError(
+            f"task=distill takes its augmentation from the logit store {cfg.data.logits} (the teachers' "
+            f"recipe, replayed exactly), so {' '.join(overrides)} would change nothing. Another augmentation "
+            "needs another logit store: python -m ced_lightning.extract ... "
+            f"{' '.join(overrides)}; distill.consistent=false draws fresh parameters from the stored recipe"
+        )
 
 
 def _build_command(key: str, url: str, cfg: DictConfig) -> str:

@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
 from ced_lightning.runtime import (
+    best_monitored,
     build_callbacks,
     build_loggers,
     build_trainer,
+    continue_in_checkpoint_folder,
     finish_task,
     log_hyperparameters,
     prepare_ddp_relaunch,
@@ -30,12 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit and test as `cfg` says; returns the final metrics (`val/mAP`, `test/mAP`, ...)."""
+    """Fit and test as `cfg` says; returns the metrics: the monitored one (`val/mAP`) at its best
+    validation, the others (`test/mAP`, ...) as last logged."""
     ensure_inputs(cfg)  # builds the demo's missing artifacts, or stops at once naming the command to run
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     callbacks = build_callbacks(cfg)
+    if cfg.train:
+        continue_in_checkpoint_folder(callbacks, cfg.get("ckpt_path"))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers)
     log_hyperparameters(cfg, module, trainer)
@@ -48,6 +53,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         metrics["tested_checkpoint"] = ckpt
+    # The sweep objective and the demo table: the best validation (the monitored one), not the last.
+    best = best_monitored(trainer)
+    if cfg.train and cfg.optimized_metric in metrics and cfg.optimized_metric not in best:
+        log.warning(
+            "%s: the last validation's value (no checkpoint callback monitors it, so the best is unknown)",
+            cfg.optimized_metric,
+        )
+    metrics.update(best)
     metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
     # The demo ends with its table (teachers, ensemble, student, store overhead); `+summary=false` skips it.
     if (

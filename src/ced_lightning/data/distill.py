@@ -121,6 +121,14 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             pin_memory=pin_memory,
             seed=seed,
         )
+        # Here, not at the first validation hours in: the student predicts the teachers' classes, and mAP
+        # compares prediction column c with label column c of the evaluation stores.
+        for key, urls, stores in (
+            ("data.val", self.eval_data.val_urls, self.eval_data.val_stores),
+            ("data.test", self.eval_data.test_urls, self.eval_data.test_stores),
+        ):
+            for url, store in zip(urls, stores):
+                check_eval_classes_match_logits(self.logits, store, self.logits_url, f"{key}={url}")
 
     @property
     def num_classes(self) -> int:
@@ -185,4 +193,26 @@ def check_logits_match_audio(logits: LogitStore, audio: AudioStore, logits_url: 
             f"(fingerprint {logits.audio_fingerprint}, {len(logits)} clips; the audio store has "
             f"{audio.fingerprint}, {len(audio)} clips). Rebuild it: python -m ced_lightning.extract "
             f"audio_store={audio_url} output={logits_url} teacher=..."
+        )
+
+
+def check_eval_classes_match_logits(
+    logits: LogitStore, store: AudioStore, logits_url: str, where: str
+) -> None:
+    """Refuse an evaluation store whose class list differs from the logit store's (the student's outputs):
+    another count, or the same count with other names or another order (which would give a wrong mAP)."""
+    if store.num_classes != logits.num_classes:
+        raise ValueError(
+            f"{where} has {store.num_classes} classes, but the logit store {logits_url} (the student's "
+            f"outputs) has {logits.num_classes}; evaluate on a store with the teachers' class list"
+        )
+    if store.class_names is None or logits.class_names is None:
+        return
+    names, teacher_names = list(store.class_names), list(logits.class_names)
+    if names != teacher_names:
+        c = next(i for i, (a, b) in enumerate(zip(names, teacher_names)) if a != b)
+        raise ValueError(
+            f"{where} names its classes differently from the logit store {logits_url} (class {c}: "
+            f"{names[c]!r} there, {teacher_names[c]!r} in the logit store); mAP would compare the wrong "
+            "columns. Evaluate on a store with the teachers' class list in the same order"
         )

@@ -56,14 +56,25 @@ class ClipDataset(Dataset):
 
 class EqualLengthBatches(Sampler[list[int]]):
     """Batches of clips of exactly equal length, so padding never changes a clip's output; rank r of N
-    takes every N-th batch (no duplicated clips, unlike a padded DistributedSampler)."""
+    takes every N-th batch (no duplicated clips, unlike a padded DistributedSampler).
+
+    With fewer batches than ranks the largest batches are halved until every rank has one: Lightning
+    refuses an evaluation loader that is empty on one rank only, and smaller batches keep every clip in
+    exactly one batch of one rank, so the gathered mAP stays exact. Needs at least as many clips as ranks.
+    """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if len(lengths) < world_size:
+            raise ValueError(f"{len(lengths)} clips cannot give each of {world_size} ranks a batch")
         order = np.argsort(lengths, kind="stable")
         batches: list[list[int]] = []
         for length in np.unique(lengths):
             group = order[lengths[order] == length]
             batches += [group[b : b + batch_size].tolist() for b in range(0, len(group), batch_size)]
+        while len(batches) < world_size:
+            i = max(range(len(batches)), key=lambda b: len(batches[b]))
+            half = len(batches[i]) // 2
+            batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
         self.batches = batches[rank::world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -191,6 +202,12 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
     def eval_dataloader(self, stores: Sequence[AudioStore]) -> DataLoader:
         dataset = ClipDataset(stores, self.num_classes)
         rank, world = self._rank_world()
+        if len(dataset) < world:
+            raise ValueError(
+                f"{', '.join(s.url for s in stores)}: {len(dataset)} evaluation clips for {world} processes "
+                "(trainer.devices x trainer.num_nodes); every process needs at least one. Evaluate with "
+                "fewer devices or on a larger store"
+            )
         sampler = EqualLengthBatches(dataset.lengths, self.eval_batch_size, rank, world)
         return DataLoader(
             dataset,
