@@ -421,3 +421,23 @@ def test_documented_wandb_resume_overrides_reach_the_logger(tmp_path: Path) -> N
     cfg = _compose(["+logger.wandb.id=abc123", "+logger.wandb.resume=allow"], output_dir=tmp_path)
     (wandb_logger,) = (lg for lg in build_loggers(cfg) if isinstance(lg, WandbLogger))
     assert wandb_logger.version == "abc123"  # the run W&B continues; `resume` goes to wandb.init
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 3),  # torchrun (or Lightning after setup)
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 5),  # srun: every task ran as rank 0 before
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "LOCAL_RANK": "2"}, 2),  # one task; Lightning's children
+        ({"LOCAL_RANK": "1", "NODE_RANK": "2"}, 3),
+    ],
+)
+def test_global_rank_before_lightning_sets_it(monkeypatch: pytest.MonkeyPatch, env: dict, rank: int) -> None:
+    from ced_lightning.runtime import global_rank
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert global_rank() == rank

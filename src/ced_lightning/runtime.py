@@ -30,9 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def global_rank() -> int:
-    """This process's rank as the launchers set it (0 before any launch); only `== 0` is relied upon."""
+    """This process's rank as the launchers set it (0 before any launch); only `== 0` is relied upon.
+
+    torchrun sets RANK, SLURM's srun SLURM_PROCID (Lightning sets RANK only later, in `trainer.fit`), and
+    Lightning's own launcher LOCAL_RANK and NODE_RANK.
+    """
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
     return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
 
 
@@ -52,8 +58,11 @@ def prepare_ddp_relaunch() -> None:
     """Lightning's DDP launcher re-executes `sys.argv` for ranks > 0 with `hydra.run.dir` set to the run
     folder template. Point that at this job's folder, and in a multirun replay only this job's overrides:
     the sweep's own argv would start the whole sweep again on every rank. (That makes the first job of a
-    multirun work; `train` refuses multirun DDP anyway, see `check_multirun_ddp`.)"""
-    if not HydraConfig.initialized() or global_rank() != 0:
+    multirun work; `train` refuses multirun DDP anyway, see `check_multirun_ddp`.)
+
+    Runs in every launching process: on a multi-node job, node k's (global rank k x devices) as well.
+    """
+    if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:  # a process a launcher started
         return
     hydra_cfg = HydraConfig.instance().cfg
     output_dir = hydra_cfg.hydra.runtime.output_dir
@@ -236,13 +245,28 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
 
 
 # Warnings users can do nothing about, repeated every epoch: our streams give every worker its own windows,
-# so their length is exact; Lightning 2.6 calls a pytree API that torch 2.11 deprecated.
-_NOT_ACTIONABLE = (r"Your `IterableDataset` has `__len__` defined", r"`isinstance\(treespec, LeafSpec\)`")
+# so their length is exact; Lightning 2.6 calls a pytree API that torch 2.11 deprecated; extraction's
+# predict_step writes its blocks and returns None on purpose.
+_NOT_ACTIONABLE = (
+    r"Your `IterableDataset` has `__len__` defined",
+    r"`isinstance\(treespec, LeafSpec\)`",
+    r"predict returned None if it was on purpose",
+)
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning 2.6's "💡 Tip: ... try installing litlogger" line, printed by every Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
     for message in _NOT_ACTIONABLE:
         warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_NoAdvertisements())
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         trainer_cfg.precision = resolve_precision(
