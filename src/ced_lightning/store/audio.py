@@ -4,7 +4,8 @@ Layout (a Zarr v3 group; `docs/` describes it for users):
 
 - attrs: `format_version`, `kind` ("ced-audio-store"), `sample_rate`, `source`, `config`, `fingerprint`,
   `num_clips`, `num_samples`, `num_classes`, `has_labels`, `chunk_samples`, `shard_chunks`,
-  `num_failures`, `complete`, and while writing, `progress` (the last committed shard, for resuming).
+  `all_chunks_written`, `num_failures`, `complete`, and while writing, `progress` (the last committed shard,
+  for resuming).
 - `audio` int16 [total samples]: every clip back to back, uncompressed by default, in chunks of 160 s
   (16 AudioSet clips) and shards of 4 chunks (20 MB objects: a store of 2 M clips is ~31 k objects). A clip
   that would cross a chunk boundary starts at the next chunk instead (zero gap; at most one clip's length
