@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ced_lightning import conf_dir
 from ced_lightning.audio import pack_clips
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.modules.ensemble import NO_BLOCK, BlockSampler, check_teachers, rank_share
+from ced_lightning.modules.ensemble import BlockSampler, check_teachers, rank_share
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
 
@@ -245,7 +245,7 @@ def test_block_sampler_shares_are_disjoint_and_contiguous() -> None:
     assert [b for share in shares for b in share] == blocks and [len(s) for s in shares] == [2, 3, 2]
     assert list(BlockSampler(blocks, 3, 1)) == [3, 5, 8]
     assert rank_share([4], 2, 0) + rank_share([4], 2, 1) == [4]
-    assert list(BlockSampler([4], 2, 0)) == [NO_BLOCK] and list(BlockSampler([4], 2, 1)) == [4]
+    assert list(BlockSampler([4], 2, 0)) == [] and list(BlockSampler([4], 2, 1)) == [4]
     with pytest.raises(ValueError, match="rank 2 out of range"):
         rank_share(blocks, 2, 2)
 
@@ -287,8 +287,8 @@ def test_bf16_mixed_extraction_verifies(reference: LogitStore, workdir: Path) ->
     assert store.is_complete()
     stats = Path(f"{out}.stats.json").read_text()
     assert '"precision": "bf16-mixed"' in stats and '"ok": true' in stats, stats
-    assert [store.block_precision(b) for b in range(store.num_blocks)] == [BLOCK_REDUCED_PRECISION]
-    assert {reference.block_precision(b) for b in range(reference.num_blocks)} == {BLOCK_FULL_PRECISION}
+    assert store.block_codes().tolist() == [BLOCK_REDUCED_PRECISION]
+    assert set(reference.block_codes().tolist()) == {BLOCK_FULL_PRECISION}
 
     teachers, _, _ = load_teachers(_cfg(workdir, str(out)).teacher)  # float32, as a later CPU run has them
     replay = verify_store(store, teachers, AudioStore.open(str(workdir / "small_audio.zarr")), 4, seed=2)

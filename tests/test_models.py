@@ -286,7 +286,7 @@ def test_load_checkpoint_reads_the_file_once(counting_fs, layout):
         torch.save(checkpoint, buffer)
         counting_fs.pipe(url, buffer.getvalue())
 
-    loaded = load_checkpoint(url)
+    loaded = load_checkpoint(url, sha256=True)
     assert counting_fs.reads == [f"/checkpoints/{layout}.pt"]
     counting_fs.reads.clear()
     assert load_model(url).num_classes == 4

@@ -439,28 +439,35 @@ def same_front_end(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     )
 
 
+def front_end_sources(front_ends: Sequence[torch.nn.Module]) -> list[int]:
+    """For each front end, the first of `front_ends` that computes the same function (`same_front_end`)."""
+    fes = list(front_ends)
+    return [next(j for j in range(i + 1) if same_front_end(fes[j], fe)) for i, fe in enumerate(fes)]
+
+
 def augmented_spectrograms(
     front_ends: Sequence[torch.nn.Module],
     waveform: torch.Tensor,
     lengths: torch.Tensor,
     params: AugmentParams,
     recipe: AugmentRecipe,
+    sources: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """`augmented_spectrogram` for several front ends (a teacher ensemble) from one waveform augmentation.
 
-    Front ends that compute the same function (`same_front_end`, e.g. every released CED) share one
-    spectrogram: the same computation on the same input, so the result is what each would have produced.
+    Front ends that compute the same function (every released CED) share one spectrogram: the same
+    computation on the same input, so the result is what each would have produced. `sources` is
+    `front_end_sources(front_ends)`, worked out once by callers that run many batches.
     """
+    sources = front_end_sources(front_ends) if sources is None else sources
     audio = apply_waveform(waveform, lengths, params).float()
-    computed: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    out = []
-    for front_end in front_ends:
-        mel = next((m for other, m in computed if same_front_end(other, front_end)), None)
-        if mel is None:
-            mel = apply_spectrogram_masks(front_end(audio), params, recipe, front_end.config)
-            computed.append((front_end, mel))
-        out.append(mel)
-    return out
+    mels: list[torch.Tensor] = []
+    for i, front_end in enumerate(front_ends):
+        if sources[i] == i:
+            mels.append(apply_spectrogram_masks(front_end(audio), params, recipe, front_end.config))
+        else:
+            mels.append(mels[sources[i]])
+    return mels
 
 
 def augmented_spectrogram(

@@ -130,7 +130,6 @@ def _fmt(value: Any) -> str:
 def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
     """Validation mAP of each teacher checkpoint and of the ensemble, combined as the logit store combines it
     (`teacher.combine`), all from one pass over the validation store."""
-    from ced_lightning.audio import int16_to_float
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.metrics import TaggingMetrics
     from ced_lightning.models import load_model
@@ -141,8 +140,8 @@ def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
     metrics = {name: TaggingMetrics(num_classes) for name in [*teachers, "ensemble"]}
     data = LabeledDataModule(val=cfg.data.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
     for batch in data.val_dataloader():
-        waveform = int16_to_float(batch["waveform"])
-        logits = {name: t(waveform).float() for name, t in teachers.items()}
+        batch = data.on_after_batch_transfer(batch, 0)  # int16 -> float32, as in training
+        logits = {name: t(batch["waveform"]).float() for name, t in teachers.items()}
         for name, value in logits.items():
             metrics[name].update(torch.sigmoid(value), batch["target"])
         ensemble = combine_probabilities(list(logits.values()), cfg.teacher.get("combine", "mean_prob"))

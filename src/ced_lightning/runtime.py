@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -37,7 +37,7 @@ def global_rank() -> int:
     """
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+    if _slurm_tasks(os.environ) > 1 and "SLURM_PROCID" in os.environ:
         return int(os.environ["SLURM_PROCID"])
     return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
 
@@ -81,7 +81,12 @@ def launched_externally(environ: dict[str, str] | None = None) -> bool:
     """Whether torchrun, SLURM's srun or a hand launch started this process as one of several ranks (in
     which case Lightning starts no processes of its own). `environ`: the startup environment by default."""
     env = _STARTUP_ENV if environ is None else environ
-    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or _slurm_tasks(env) > 1
+
+
+def _slurm_tasks(env: Mapping[str, str]) -> int:
+    """Tasks of the SLURM job step (`srun -n`); 1 outside SLURM."""
+    return int(env.get("SLURM_NTASKS", "1") or 1)
 
 
 def requested_processes(trainer_cfg: DictConfig) -> int:
@@ -134,12 +139,7 @@ def check_run_options(cfg: DictConfig) -> None:
             "train=false test=true tests the weights of ckpt_path, but ckpt_path is null (that would test "
             "untrained weights): set ckpt_path=<run>/checkpoints/averaged.ckpt (or a best/last checkpoint)"
         )
-    if (
-        ckpt_path
-        and str(ckpt_path) not in _LIGHTNING_CKPT_NAMES
-        and "://" not in str(ckpt_path)
-        and not Path(ckpt_path).is_file()
-    ):
+    if _local_checkpoint_file(ckpt_path) and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     check_multirun_ddp(cfg)
 
@@ -277,11 +277,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
+def _local_checkpoint_file(ckpt_path: str | None) -> bool:
+    """Whether `ckpt_path` names a local file (not Lightning's "best"/"last"/"hpc", nor an fsspec URL)."""
+    return bool(ckpt_path) and str(ckpt_path) not in _LIGHTNING_CKPT_NAMES and "://" not in str(ckpt_path)
+
+
 def continue_in_checkpoint_folder(callbacks: list[Callback], ckpt_path: str | None) -> None:
     """Resuming from `ckpt_path`: checkpoint into its folder, not the new run's. Lightning restores a
     ModelCheckpoint's best-k bookkeeping (`best_k_models`, `best_model_score`) only into the same `dirpath`,
     and the averaged checkpoint and the sweep objective are built from that bookkeeping."""
-    if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+    if not _local_checkpoint_file(ckpt_path):
         return
     folder = os.path.realpath(Path(ckpt_path).parent)  # as ModelCheckpoint resolves its own dirpath
     for callback in callbacks:

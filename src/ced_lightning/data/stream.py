@@ -39,7 +39,7 @@ from ced_lightning.store import AudioStore
 Batch = dict[str, Any]
 
 # Stream ids of counter_uniform draws made here (augmentation uses its own).
-_SPAN_ORDER, _RANK_SPLIT, _WINDOW_ORDER, _CROP = 0x5A01, 0x5A02, 0x5A03, 0x5A04
+_SPAN_ORDER, _WINDOW_ORDER, _CROP = 0x5A01, 0x5A03, 0x5A04
 
 MIN_WINDOW_SPANS = 16
 
@@ -205,37 +205,18 @@ class ClipBatchStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        consumed_with = self.skip_workers or num_workers
-        if self.skip_batches and consumed_with != num_workers:
-            yield from self._continue_order(worker, num_workers, consumed_with)
+        if self.skip_batches:
+            yield from self._continue_order(worker, num_workers, self.skip_workers or num_workers)
             return
-        # The DataLoader asks worker 0 first; after skipping, the next batch may be another worker's, so
-        # physical workers take the logical roles rotated to start there.
-        logical, skip = self._resume_role(worker, num_workers)
-        for window in worker_windows(self.plan, logical, num_workers):
-            if skip >= len(window):
-                skip -= len(window)
-                continue
+        for window in worker_windows(self.plan, worker, num_workers):
             clips = self._read_window(np.concatenate(window))
-            for batch_indices in window[skip:]:
+            for batch_indices in window:
                 yield self._collate(batch_indices, clips)
-            skip = 0
-
-    def _resume_role(self, worker: int, num_workers: int) -> tuple[int, int]:
-        """(logical worker, batches it skips) for physical `worker` after `skip_batches` were consumed."""
-        counts = [sum(len(w) for w in worker_windows(self.plan, k, num_workers)) for k in range(num_workers)]
-        order = loader_order(counts)
-        skips = [0] * num_workers
-        for logical, _ in order[: self.skip_batches]:
-            skips[logical] += 1
-        first = order[self.skip_batches][0] if self.skip_batches < len(order) else 0
-        logical = (worker + first) % num_workers
-        return logical, skips[logical]
 
     def _continue_order(self, worker: int, num_workers: int, consumed_with: int) -> Iterator[Batch]:
         """The rest of the batch order of `consumed_with` workers, which consumed `skip_batches`, yielded by
-        `num_workers` workers: the resumed epoch trains exactly the batches the interrupted run had left, in
-        its order (so also under `limit_train_batches`, which cuts the order short).
+        `num_workers` workers (the same number or another): the resumed epoch trains exactly the batches the
+        interrupted run had left, in its order (so also under `limit_train_batches`, which cuts it short).
 
         The remaining order is dealt to the workers round robin, which the DataLoader's round robin yields
         back in that order. A worker's batches then come from several windows (one per old worker at a

@@ -55,16 +55,22 @@ def read_state_dict(
     return state_dict_from_checkpoint(obj, source=str(path))
 
 
-def _read_checkpoint(path: str | PathLike, map_location: str | torch.device) -> tuple[Any, str]:
-    """The loaded checkpoint object and the sha256 of the file's bytes, from one read of the file.
+def _read_checkpoint(
+    path: str | PathLike, map_location: str | torch.device, sha256: bool = False
+) -> tuple[Any, str | None]:
+    """The loaded checkpoint object and, with `sha256`, the sha256 of the file's bytes: one read of the file.
 
-    Checkpoints may be fsspec URLs on object storage and hundreds of MB: one sequential read feeds both the
-    hash and `torch.load` instead of reading the file once for each.
+    Checkpoints may be fsspec URLs on object storage and hundreds of MB: with the hash, one sequential read
+    feeds both it and `torch.load` (holding the bytes once in memory); without, the file streams into
+    `torch.load`.
     """
     with fsspec.open(str(path), "rb") as handle:
+        if not sha256:
+            return torch.load(handle, map_location=map_location, weights_only=True), None
         data = handle.read()
-    sha256 = hashlib.sha256(data).hexdigest()
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), sha256
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), hashlib.sha256(
+        data
+    ).hexdigest()
 
 
 def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -215,22 +221,25 @@ class LoadedCheckpoint:
 
     model: nn.Module  # in eval mode
     class_names: list[str] | None  # stored by our training; None in released files and `save_ced` output
-    sha256: str  # of the file's bytes: identifies a teacher in a logit store
+    sha256: str | None  # of the file's bytes (identifies a teacher in a logit store), when asked for
     source: str
 
 
-def load_checkpoint(path: str | PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Any checkpoint this project understands, read once: its model (eval mode), class names and sha256.
+def load_checkpoint(
+    path: str | PathLike, map_location: str | torch.device = "cpu", sha256: bool = False
+) -> LoadedCheckpoint:
+    """Any checkpoint this project understands, read once: its model (eval mode), class names and, with
+    `sha256`, the file's sha256.
 
     Reads a released CED file, `save_ced` output, or a Lightning checkpoint of our supervised or distillation
     training (CED or a timm backbone); local paths and fsspec URLs.
     """
     source = str(path)
-    obj, sha256 = _read_checkpoint(path, map_location)
+    obj, digest = _read_checkpoint(path, map_location, sha256)
     return LoadedCheckpoint(
         model=_model_from_checkpoint(obj, source),
         class_names=_stored_class_names(obj),
-        sha256=sha256,
+        sha256=digest,
         source=source,
     )
 

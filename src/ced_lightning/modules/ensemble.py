@@ -21,14 +21,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ced_lightning.audio import int16_to_float, pack_clips
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrograms, sample_augment_params
+from ced_lightning.augment import (
+    AugmentParams,
+    AugmentRecipe,
+    augmented_spectrograms,
+    front_end_sources,
+    sample_augment_params,
+)
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
 
 COMBINES = ("mean_prob", "mean_logit")
-NO_BLOCK = -1  # the one item of a rank with nothing to extract
+
+
+def check_combine(combine: str) -> None:
+    if combine not in COMBINES:
+        raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
 
 
 class BlockDataset(Dataset):
@@ -49,8 +59,6 @@ class BlockDataset(Dataset):
         return -(-self.num_clips // self.block_clips)
 
     def __getitem__(self, b: int) -> dict[str, Any]:
-        if b == NO_BLOCK:
-            return {"block": NO_BLOCK}
         if self._audio is None:  # opened in the worker process that reads
             self._audio = AudioStore.open(self.audio_url)
         start = b * self.block_clips
@@ -75,30 +83,32 @@ def rank_share(blocks: Sequence[int], num_replicas: int, rank: int) -> list[int]
 
 
 class BlockSampler(Sampler[int]):
-    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated).
-
-    An empty share (fewer missing blocks than ranks, e.g. near the end of a resumed run) yields `NO_BLOCK`
-    once: Lightning refuses a rank whose predict loader is empty, and the other ranks would wait for it.
-    """
+    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated)."""
 
     def __init__(self, blocks: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
         self.blocks = rank_share(list(blocks), num_replicas, rank)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.blocks or [NO_BLOCK])
+        return iter(self.blocks)
 
     def __len__(self) -> int:
-        return max(1, len(self.blocks))
+        return len(self.blocks)
 
 
 def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
-    """Teachers' logits `[B, C]` each -> ensemble probabilities float32 `[B, C]`."""
+    """Teachers' logits `[B, C]` each -> ensemble probabilities float32 `[B, C]`.
+
+    Raises `NonFiniteTeacherOutput` for NaN or inf logits (one check for all teachers: one device sync).
+    """
+    check_combine(combine)
     stacked = torch.stack([t.float() for t in logits])
+    finite = torch.isfinite(stacked).all(-1)
+    if not bool(finite.all()):
+        teacher = int(torch.nonzero(~finite.all(-1))[0])
+        raise NonFiniteTeacherOutput(teacher, torch.nonzero(~finite[teacher]).flatten().tolist())
     if combine == "mean_prob":
         return torch.sigmoid(stacked).mean(0)
-    if combine == "mean_logit":
-        return torch.sigmoid(stacked.mean(0))
-    raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
+    return torch.sigmoid(stacked.mean(0))
 
 
 def ensemble_probabilities(
@@ -108,19 +118,17 @@ def ensemble_probabilities(
     params: AugmentParams,
     recipe: AugmentRecipe,
     combine: str,
+    mel_sources: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Every teacher on its own augmented spectrogram of the same draws, combined: float32 `[B, C]`.
 
     Each teacher masks its own front end's output (other mel bins or hop), so the same stored parameters
     cover the same part of the sound for all of them. The waveform is augmented once, and teachers with the
-    same front end share its spectrogram.
+    same front end share its spectrogram (`mel_sources`: `front_end_sources` of the teachers' front ends).
     """
-    mels = augmented_spectrograms([t.front_end for t in teachers], waveform, lengths, params, recipe)
+    front_ends = [t.front_end for t in teachers]
+    mels = augmented_spectrograms(front_ends, waveform, lengths, params, recipe, mel_sources)
     logits = [teacher.forward_spectrogram(mel) for teacher, mel in zip(teachers, mels, strict=True)]
-    for i, teacher_logits in enumerate(logits):
-        finite = torch.isfinite(teacher_logits).all(-1)
-        if not bool(finite.all()):
-            raise NonFiniteTeacherOutput(i, torch.nonzero(~finite).flatten().tolist())
     return combine_probabilities(logits, combine)
 
 
@@ -179,8 +187,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         teacher_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if combine not in COMBINES:
-            raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
+        check_combine(combine)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.num_classes = check_teachers(teachers, teacher_names)
@@ -188,6 +195,11 @@ class TeacherEnsembleModule(pl.LightningModule):
         if not 1 <= topk <= self.num_classes:
             raise ValueError(f"topk must be in [1, {self.num_classes}] (the teachers' classes), not {topk}")
         self.teachers = nn.ModuleList(teachers).eval().requires_grad_(False)
+        # Which teachers share a spectrogram: worked out once, not for every micro-batch.
+        self.mel_sources = front_end_sources([t.front_end for t in teachers])
+        # Lightning refuses a rank whose predict loader is empty (fewer missing blocks than ranks, e.g. at the
+        # end of a resumed run): that rank skips its loop instead, and `finish` still meets the others.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.store_url = str(store_url)
         self.audio_url = audio_url
         self.recipe = recipe
@@ -201,7 +213,9 @@ class TeacherEnsembleModule(pl.LightningModule):
         self.throttle_s = throttle_s
         self.store: LogitStore | None = None
         self.clips_done = 0
-        self._block_ends: list[tuple[float, int]] = []  # (time a block was written, clips done by then)
+        # (time a block was written, clips done by then) of this rank's first and latest block
+        self._first_end: tuple[float, int] | None = None
+        self._last_end: tuple[float, int] | None = None
         self.steady_clips_per_s: float | None = None
 
     def _open_store(self) -> LogitStore:
@@ -274,8 +288,9 @@ class TeacherEnsembleModule(pl.LightningModule):
             lens = batch["length"][rows].to(self.device)
             for epoch, drawn in enumerate(params):
                 try:
+                    draws = drawn.subset(rows)
                     probs = ensemble_probabilities(
-                        self.teachers, wav, lens, drawn.subset(rows), self.recipe, self.combine
+                        self.teachers, wav, lens, draws, self.recipe, self.combine, self.mel_sources
                     )
                 except NonFiniteTeacherOutput as err:
                     clips = index[rows][err.rows].tolist()
@@ -292,8 +307,6 @@ class TeacherEnsembleModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         block = int(batch["block"])
-        if block == NO_BLOCK:
-            return None
         indices, probs, params = self.block_topk(batch)
         precision = self.trainer.precision if self._trainer is not None else None
         self._open_store().write_block(
@@ -302,7 +315,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         if self.throttle_s:
             time.sleep(self.throttle_s)  # only for testing a kill in the middle of a run
         self.clips_done += len(batch["index"])
-        self._block_ends.append((time.perf_counter(), self.clips_done))
+        self._last_end = (time.perf_counter(), self.clips_done)
+        self._first_end = self._first_end or self._last_end
         return None
 
     def finish(self, trainer: pl.Trainer) -> None:
@@ -314,8 +328,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         # Throughput after each rank's first block (so without starting processes, workers and the first
         # read), summed over ranks that ran at the same time; None when no rank wrote two blocks.
         clips = seconds = 0.0
-        if len(self._block_ends) >= 2:
-            (first_t, first_n), (last_t, last_n) = self._block_ends[0], self._block_ends[-1]
+        if self._first_end is not None and self._last_end is not self._first_end:
+            (first_t, first_n), (last_t, last_n) = self._first_end, self._last_end
             clips, seconds = float(last_n - first_n), last_t - first_t
         rate = torch.tensor(
             [clips / seconds if seconds > 0 else 0.0, float(seconds > 0)],

@@ -158,6 +158,7 @@ class AudioStore:
         )
         self.num_classes: int | None = attrs.get("num_classes")
         self._label_matrix: np.ndarray | None = None
+        self._failures: list[dict] | None = None
         self._audio: zarr.Array | None = None
         self._raw: RawShardReader | None = None
         self._pid: int | None = None  # the process the two handles above belong to
@@ -304,10 +305,11 @@ class AudioStore:
         """Inputs skipped when the store was written, each `{"name" or "path": ..., "reason": ...}`."""
         if isinstance(self.attrs.get("failures"), list):  # stores written before the `failures` array
             return list(self.attrs["failures"])
-        group = _open_group(self.url, "r")
-        if "failures" not in group or not self.attrs.get("num_failures"):
-            return []
-        return [_failure_record(text) for text in group["failures"][: int(self.attrs["num_failures"])]]
+        if self._failures is None:  # read once: the store no longer changes
+            count = int(self.attrs.get("num_failures") or 0)
+            texts = _open_group(self.url, "r")["failures"][:count] if count else []
+            self._failures = [_failure_record(text) for text in texts]
+        return list(self._failures)
 
 
 def _job_signature(

@@ -287,12 +287,11 @@ class LogitStore:
         return start, min(start + self.block_clips, self.num_clips)
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self._group["block_done"][:]).astype(bool)
+        return self.block_codes() > 0
 
-    def block_precision(self, b: int) -> int:
-        """Block `b`'s `block_done` code: 0 missing, `BLOCK_FULL_PRECISION` or `BLOCK_REDUCED_PRECISION`."""
-        self.block_range(b)  # range check with a clear message
-        return int(self._group["block_done"][b])
+    def block_codes(self) -> np.ndarray:
+        """Every block's `block_done` code: 0 missing, `BLOCK_FULL_PRECISION` or `BLOCK_REDUCED_PRECISION`."""
+        return np.asarray(self._group["block_done"][:])
 
     def missing_blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(~self.done_mask())]
