@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,3 +44,28 @@ def build_optimizer(
     decay = keywords.get("weight_decay", 0.0) if weight_decay is None else weight_decay
     params: Iterable = parameter_groups(model, decay) if decay else model.parameters()
     return make_optimizer(params)
+
+
+def adam8bit_or_adam(params: Iterable, **kwargs: float) -> torch.optim.Optimizer:
+    """The paper's optimiser, bitsandbytes' 8-bit Adam, where it can run; plain `torch.optim.Adam` elsewhere.
+
+    For recipes that should run anywhere (`optim=paper`): 8-bit Adam needs bitsandbytes (the `paper` extra)
+    and CUDA parameters. Its state is quantised blockwise, so the two differ slightly in the last digits of
+    the updates; the warning says which one runs so a reproduction log shows it.
+    """
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    reason = None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        reason = "bitsandbytes is not installed (pip install 'ced-lightning[paper]')"
+    elif not on_cuda:
+        reason = "the parameters are not on a CUDA device"
+    if reason is None:
+        import bitsandbytes
+
+        return bitsandbytes.optim.Adam8bit(params, **kwargs)
+    warnings.warn(
+        f"optim=paper: using torch.optim.Adam instead of the paper's 8-bit Adam: {reason}", stacklevel=2
+    )
+    return torch.optim.Adam(params, **kwargs)
