@@ -39,15 +39,25 @@ def test_kl_handles_hard_zeros_and_ones():
     assert torch.equal(soften(teacher, 2.0)[0, :2], torch.tensor([0.0, 1.0]))
 
 
-def test_kl_gradient_equals_bce_gradient_at_t1():
-    teacher = torch.rand(6, 9)
-    a = torch.randn(6, 9, requires_grad=True)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_kl_gradient_equals_bce_gradient_at_every_temperature(temperature):
+    """KL = BCE - H(softened teacher) and H does not depend on the student, so the two losses give the same
+    gradient at every T (not only at T = 1); changing one loss (its scaling, its softening) breaks this."""
+    generator = torch.Generator().manual_seed(int(temperature * 10))
+    teacher = torch.rand(6, 9, generator=generator)
+    teacher[0, :2] = torch.tensor([0.0, 1.0])  # hard targets, as a zero-filled top-k gives
+    a = (torch.randn(6, 9, generator=generator) * 3).requires_grad_(True)
     b = a.detach().clone().requires_grad_(True)
-    bernoulli_kl(a, teacher).mean().backward()
-    soft_bce(b, teacher).mean().backward()
-    assert torch.allclose(a.grad, b.grad, atol=1e-7)
-    # ...and their values differ by exactly the teacher's entropy.
-    assert not torch.allclose(bernoulli_kl(a, teacher), soft_bce(b, teacher))
+    kl, bce = bernoulli_kl(a, teacher, temperature), soft_bce(b, teacher, temperature)
+    kl.mean().backward()
+    bce.mean().backward()
+    assert a.grad.abs().max() > 1e-4  # a real gradient, not two zeros
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+    # ...and their values differ by exactly the softened teacher's entropy (times T², as both are scaled).
+    p = soften(teacher, temperature)
+    entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)).mean(-1) * temperature**2
+    assert torch.allclose(bce.detach() - kl.detach(), entropy, atol=1e-6)
+    assert (entropy > 0).all()
 
 
 def test_distill_loss_rejects_unknown_kind():

@@ -30,8 +30,9 @@ def bernoulli_kl(
 ) -> torch.Tensor:
     """Per-class Bernoulli KL(teacher || student) at temperature T, times T², per sample `[B]` (class mean).
 
-    KL = BCE(student, p) - H(p): the same gradient as soft BCE at T = 1, but zero when the student equals
-    the teacher, so its value is readable as a distance.
+    KL = BCE(student, p) - H(p), with p the softened teacher: H(p) does not depend on the student, so the
+    gradient w.r.t. the student logits equals soft BCE's at every T; only the value differs, zero when the
+    student equals the teacher, so it reads as a distance.
     """
     p = soften(teacher_probs.float(), temperature)
     z = student_logits.float() / temperature
