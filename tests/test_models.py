@@ -134,8 +134,9 @@ def test_init_from_resizes_position_embeddings(tmp_path, ced_reference):
     shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", tmp_path / "ref.pt")
     reference = load_ced(tmp_path / "ref.pt")
     student = create_ced("ced_tiny", depth=2, num_classes=10, target_length=512)
-    skipped = load_matching_weights(student, tmp_path / "ref.pt")
-    assert set(skipped) == {"outputlayer.1.weight", "outputlayer.1.bias"}
+    report = load_matching_weights(student, tmp_path / "ref.pt")
+    assert report.head == ["outputlayer.1.weight", "outputlayer.1.bias"] and report.skipped == report.head
+    assert report.resized == ["time_pos_embed"]
     assert torch.equal(student.time_pos_embed, reference.time_pos_embed[..., :32])
     assert torch.equal(student.blocks[1].mlp.fc2.weight, reference.blocks[1].mlp.fc2.weight)
 

@@ -32,6 +32,7 @@ from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe, front_end_sources
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.models import load_checkpoint
+from ced_lightning.models.released import released_entry
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
@@ -46,6 +47,7 @@ from ced_lightning.runtime import (
     global_rank,
     prepare_ddp_relaunch,
     quiet_non_zero_ranks,
+    resolve_precision,
 )
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import AudioStore
@@ -105,7 +107,10 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
     for member in teacher_members(teacher_cfg):
         if "checkpoint" in member:
             path = str(member["checkpoint"])
-            if not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            # A released name (ced_mini, ...) is fetched from the caches or downloaded by load_checkpoint.
+            if released_entry(path) is None and not fsspec.core.url_to_fs(path)[0].exists(
+                fsspec.core.url_to_fs(path)[1]
+            ):
                 raise FileNotFoundError(f"teacher {member['name']}: no checkpoint at {path}")
             loaded = load_checkpoint(path, sha256=True)  # the store records the teacher's weights
             model = loaded.model
@@ -158,10 +163,25 @@ def create_or_resume(
         "teachers": records,
         "combine": combine,
         "block_clips": int(cfg.block_clips),
+        "teacher_precision": teacher_precision(cfg),
     }
     if global_rank() != 0:
         _wait_for_store(str(cfg.output))
     return LogitStore.create(str(cfg.output), **settings)
+
+
+# Lightning's older spellings of its precision settings, and what it runs for each.
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def teacher_precision(cfg: DictConfig) -> str:
+    """The precision the teachers run at (`trainer.precision` resolved as the trainer will: Lightning's name).
+
+    float32 by default (conf/extract.yaml): bf16 targets are about 2.5x further from the teachers' own
+    probabilities than the int8 store's rounding bound.
+    """
+    precision = str(resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.accelerator)))
+    return _PRECISION_ALIASES.get(precision, precision)
 
 
 def clip_samples(cfg: DictConfig) -> int:

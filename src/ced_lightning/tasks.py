@@ -107,9 +107,12 @@ def build_datamodule(cfg: DictConfig) -> LightningDataModule:
 
 
 def build_network(cfg: DictConfig, num_classes: int) -> Any:
-    """The `model` group's network with the data's class count, initialised from `model.init_from`."""
+    """The `model` group's network with the data's class count, initialised from `model.init_from`: a path
+    or a released name such as `ced_mini` or `ced_mini_mae` (`model.init_strict=false` accepts a partial
+    match)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     init_from = model_cfg.pop("init_from", None)
+    init_strict = bool(model_cfg.pop("init_strict", True))
     if model_cfg.get("num_classes") not in (None, num_classes):
         raise ValueError(
             f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes; "
@@ -120,7 +123,7 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
     if init_from:
         if not isinstance(network, CED):
             raise ValueError("model.init_from loads CED or MAE-pretrained CED weights; this model is not CED")
-        load_matching_weights(network, init_from)
+        load_matching_weights(network, init_from, strict=init_strict)
     return network
 
 

@@ -3,6 +3,7 @@
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig, LogMelFrontEnd, average_pieces
 from ced_lightning.models.factory import (
     CED_SIZES,
+    InitReport,
     LoadedCheckpoint,
     build_model,
     config_from_state_dict,
@@ -16,26 +17,41 @@ from ced_lightning.models.factory import (
     read_state_dict,
     save_ced,
 )
+from ced_lightning.models.released import (
+    RELEASED,
+    ReleasedWeights,
+    ReleasedWeightsUnavailable,
+    fetch_released,
+    list_released,
+    resolve_checkpoint,
+)
 from ced_lightning.models.timm_mel import TimmMelClassifier
 
 __all__ = [
     "CED",
     "CED_SIZES",
+    "RELEASED",
     "CEDConfig",
     "FrontEndConfig",
+    "InitReport",
     "LoadedCheckpoint",
     "LogMelFrontEnd",
+    "ReleasedWeights",
+    "ReleasedWeightsUnavailable",
     "TimmMelClassifier",
     "average_pieces",
     "build_model",
     "config_from_state_dict",
     "create_ced",
+    "fetch_released",
     "list_ced",
+    "list_released",
     "load_ced",
     "load_checkpoint",
     "load_matching_weights",
     "load_model",
     "model_spec",
     "read_state_dict",
+    "resolve_checkpoint",
     "save_ced",
 ]

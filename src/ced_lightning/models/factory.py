@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
+from ced_lightning.models.released import from_hub_layout, is_hub_layout, released_entry, resolve_checkpoint
 from ced_lightning.models.timm_mel import TimmMelClassifier
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,20 @@ def list_ced() -> list[str]:
     return list(CED_SIZES)
 
 
-def create_ced(name: str = "ced_mini", **overrides: Any) -> CED:
+def create_ced(name: str = "ced_mini", pretrained: bool | str = False, **overrides: Any) -> CED:
     """Build a CED model by size name (`ced_tiny`, `ced_mini`, `ced_small`, `ced_base`).
 
     `overrides` are `CEDConfig` fields, e.g. `depth=2`, `num_classes=12`, `drop_path_rate=0.1`.
+    `pretrained=True` starts from the paper's released AudioSet model of that size (`name`'s entry in
+    `list_released()`); a string names another released file (e.g. `"ced_mini_mae"`) or a checkpoint path.
+    Loaded as `load_matching_weights(strict=True)`: a head for another number of classes starts fresh.
     """
     if name not in CED_SIZES:
         raise ValueError(f"unknown CED model {name!r}; choose one of {list_ced()}")
-    return CED(CEDConfig(**CED_SIZES[name]), **overrides)
+    model = CED(CEDConfig(**CED_SIZES[name]), **overrides)
+    if pretrained:
+        load_matching_weights(model, name if pretrained is True else pretrained)
+    return model
 
 
 def read_state_dict(
@@ -60,17 +67,29 @@ def _read_checkpoint(
 ) -> tuple[Any, str | None]:
     """The loaded checkpoint object and, with `sha256`, the sha256 of the file's bytes: one read of the file.
 
-    Checkpoints may be fsspec URLs on object storage and hundreds of MB: with the hash, one sequential read
-    feeds both it and `torch.load` (holding the bytes once in memory); without, the file streams into
-    `torch.load`.
+    `path` may be a released name (`ced_mini`, `ced_mini_mae`: `resolve_checkpoint`). Checkpoints may be
+    fsspec URLs on object storage and hundreds of MB: with the hash, one sequential read feeds both it and
+    `torch.load` (holding the bytes once in memory); without, the file streams into `torch.load`.
+    Safetensors files (the Hub's `model.safetensors`) are recognised by their header: a bare state dict.
     """
-    with fsspec.open(str(path), "rb") as handle:
-        if not sha256:
+    with fsspec.open(resolve_checkpoint(path), "rb") as handle:
+        safetensors_file = _is_safetensors(handle.read(9))
+        handle.seek(0)
+        if not sha256 and not safetensors_file:
             return torch.load(handle, map_location=map_location, weights_only=True), None
         data = handle.read()
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), hashlib.sha256(
-        data
-    ).hexdigest()
+    digest = hashlib.sha256(data).hexdigest() if sha256 else None
+    if safetensors_file:
+        from safetensors.torch import load as load_safetensors
+
+        return {k: v.to(map_location) for k, v in load_safetensors(data).items()}, digest
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), digest
+
+
+def _is_safetensors(head: bytes) -> bool:
+    # A safetensors file starts with its JSON header's length (8 bytes, little endian), then "{"; torch.save
+    # writes a zip archive ("PK") or a pickle (0x80).
+    return len(head) == 9 and head[8:9] == b"{"
 
 
 def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -83,10 +102,12 @@ def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[s
         prefix = obj.get("eval_prefix", "model.") if "model_spec" in obj else _model_prefix(sd)
         return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if "model" in obj and isinstance(obj["model"], Mapping):
-        return dict(obj["model"])
-    if any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    raise ValueError(f"{source}: found neither 'model', 'state_dict' nor tensors (keys: {list(obj)[:8]})")
+        sd = dict(obj["model"])
+    elif any(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = dict(obj)
+    else:
+        raise ValueError(f"{source}: found neither 'model', 'state_dict' nor tensors (keys: {list(obj)[:8]})")
+    return from_hub_layout(sd) if is_hub_layout(sd) else sd
 
 
 def _model_prefix(sd: Mapping[str, Any]) -> str:
@@ -152,6 +173,11 @@ def _ced_from_checkpoint(obj: Any, source: str, config: CEDConfig | None = None)
         stored = obj.get("ced_config") if isinstance(obj, Mapping) else None
         config = CEDConfig.from_dict(stored) if stored else config_from_state_dict(sd)
     model = CED(config)
+    own = model.state_dict()
+    front_end = [k for k in own if k.startswith("front_end.")]
+    if not any(k in sd for k in front_end):
+        # The Hub's files carry no front-end buffers: they follow from the config (window, mel filterbank).
+        sd = {**{k: own[k] for k in front_end}, **sd}
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
@@ -174,23 +200,112 @@ def resize_pos_embed(pos_embed: torch.Tensor, size: int, dim: int) -> torch.Tens
     return nn.functional.interpolate(pos_embed, size=tuple(target), mode="bilinear", align_corners=False)
 
 
-def load_matching_weights(model: CED, path: str | PathLike) -> list[str]:
-    """Initialise `model` from a CED or MAE-pretrained checkpoint where shapes match.
+_HEAD_PREFIX = "outputlayer."  # the classifier: fine-tuning for other classes, or an MAE encoder without it
 
-    Position embeddings of a different length are cropped or stretched; other mismatching tensors (e.g. a
-    head with another number of classes) are skipped. Returns the names of the skipped tensors.
+
+@dataclass(frozen=True)
+class InitReport:
+    """How `load_matching_weights` initialised a model from a checkpoint (keys in the model's order)."""
+
+    source: str
+    loaded: list[str]  # tensors taken from the file (position embeddings possibly resized)
+    resized: list[str]  # position embeddings cropped or stretched to the model's length
+    head: list[str]  # classifier tensors kept at their own initialisation (other classes, or not in file)
+    missing: list[str]  # other model tensors the file lacks
+    mismatched: list[str]  # other tensors in both, shapes differ ("key: file [..] vs model [..]")
+    unexpected: list[str]  # file tensors the model has no place for
+    unexpected_ok: bool = False  # the file is known to carry extra tensors (released MAE files)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Every model tensor (front end aside) that kept its own initialisation."""
+        return [*self.head, *self.missing, *(m.split(":")[0] for m in self.mismatched)]
+
+    @property
+    def complete(self) -> bool:
+        """The whole model but its head comes from the file, and the file has nothing the model leaves out."""
+        return not self.missing and not self.mismatched and (self.unexpected_ok or not self.unexpected)
+
+    def describe(self) -> str:
+        total = len(self.loaded) + len(self.skipped)
+        lines = [f"init_from {self.source}: loaded {len(self.loaded)} of the model's {total} tensors"]
+        for what, keys in (
+            ("missing from the file", self.missing),
+            ("shape differs", self.mismatched),
+            ("in the file, not in the model", self.unexpected),
+            ("head kept at its own initialisation", self.head),
+            ("position embeddings resized", self.resized),
+        ):
+            if keys:
+                more = f", ... ({len(keys) - _EXAMPLES} more)" if len(keys) > _EXAMPLES else ""
+                lines.append(f"  {what} ({len(keys)}): {', '.join(keys[:_EXAMPLES])}{more}")
+        return "\n".join(lines)
+
+
+_EXAMPLES = 4
+
+
+def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True) -> InitReport:
+    """Initialise `model` from a CED or MAE-pretrained checkpoint (a path or a released name).
+
+    Position embeddings of another length are cropped or stretched, and the classifier head may differ (other
+    classes) or be absent (MAE encoders): those start from the model's own initialisation. The front end is
+    never loaded (its buffers follow from the model's config). Anything else that does not match (tensors
+    missing from the file or of other shapes, tensors in the file the model has no place for) raises a
+    ValueError listing them, unless `strict=False`, which loads what matches and logs the rest.
     """
-    sd = read_state_dict(path)
-    own = model.state_dict()
+    source = str(path)
+    sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("front_end.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("front_end.")}
+    resized = []
     for key, dim in (("time_pos_embed", -1), ("freq_pos_embed", -2)):
-        if key in sd and sd[key].shape != own[key].shape:
+        # Same embedding size, only the length differs: crop or stretch.
+        if (
+            key in sd
+            and key in own
+            and sd[key].shape != own[key].shape
+            and sd[key].shape[:2] == own[key].shape[:2]
+        ):
             sd[key] = resize_pos_embed(sd[key], own[key].shape[dim], dim)
+            resized.append(key)
     usable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
-    skipped = sorted(set(own) - set(usable))
+    # Each head layer is taken whole or not at all: a classifier's bias without its weight is noise.
+    for key in [k for k in own if k.startswith(_HEAD_PREFIX) and k not in usable]:
+        layer = key.rsplit(".", 1)[0] + "."
+        usable = {k: v for k, v in usable.items() if not k.startswith(layer)}
+    head, missing, mismatched = [], [], []
+    for key, tensor in own.items():
+        if key in usable:
+            continue
+        if key.startswith(_HEAD_PREFIX):
+            head.append(key)
+        elif key not in sd:
+            missing.append(key)
+        else:
+            mismatched.append(f"{key}: file {list(sd[key].shape)} vs model {list(tensor.shape)}")
+    entry = released_entry(path)
+    report = InitReport(
+        source=source,
+        loaded=[k for k in own if k in usable],
+        resized=resized,
+        head=head,
+        missing=missing,
+        mismatched=mismatched,
+        unexpected=[k for k in sd if k not in own],
+        unexpected_ok=entry is not None and entry.unused_tensors_ok,
+    )
+    if strict and (not report.complete or not report.loaded):
+        raise ValueError(
+            report.describe()
+            + "\nThe checkpoint does not fit this model. Choose one of this size and depth, or accept a "
+            "partial start with model.init_strict=false (load_matching_weights(strict=False))."
+        )
     model.load_state_dict(usable, strict=False)
-    if skipped:
-        log.info("init_from %s: kept the model's own %d tensors: %s", path, len(skipped), skipped[:6])
-    return skipped
+    if not report.complete:
+        log.warning("%s", report.describe())
+    else:
+        log.info("%s", report.describe())
+    return report
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

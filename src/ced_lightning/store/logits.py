@@ -52,6 +52,7 @@ IDENTITY_KEYS: tuple[str, ...] = (
     "num_clips",
     "clip_samples",
     "block_clips",
+    "teacher_precision",
 )
 
 _ZSTD_LEVEL = 9
@@ -117,6 +118,8 @@ class LogitStore:
         self.num_clips: int = int(a["num_clips"])
         self.teachers: list[dict[str, Any]] = list(a["teachers"])
         self.combine: str = str(a["combine"])
+        # None: a store written before it was recorded (its blocks' codes still say how each was computed).
+        self.teacher_precision: str | None = a.get("teacher_precision")
         self.num_blocks: int = -(-self.num_clips // self.block_clips)
         self._fields = AugmentParams.fields(self.recipe)
 
@@ -140,11 +143,14 @@ class LogitStore:
         teachers: list[dict[str, Any]],
         combine: str,
         block_clips: int,
+        teacher_precision: str | None = None,
     ) -> LogitStore:
         """Create every array at full size, or reopen a store of the same extraction to resume it.
 
         A store at `url` made with other settings is refused with a ValueError naming each difference. Call
         on one process before any process writes (creation is idempotent, so every rank may call it in turn).
+        `teacher_precision` (Lightning's name, e.g. `32-true`) is how the teachers compute; stores written
+        before it was recorded resume at any precision (each block's `block_done` code records its own).
         """
         url = str(url)
         if num_clips <= 0:
@@ -176,6 +182,7 @@ class LogitStore:
                 "clip_samples": int(clip_samples),
                 "block_clips": int(block_clips),
                 "row_order": "probability_descending",
+                **({"teacher_precision": str(teacher_precision)} if teacher_precision else {}),
             }
         )
         if store_exists(url) and not _interrupted_creation(url):
@@ -184,7 +191,7 @@ class LogitStore:
             differences = [
                 f"{key}: stored {old[key]!r}, requested {new[key]!r}"
                 for key in IDENTITY_KEYS
-                if old[key] != new[key]
+                if old[key] != new[key] and not (key == "teacher_precision" and old[key] is None)
             ]
             if differences:
                 raise ValueError(

@@ -1,0 +1,240 @@
+"""The paper's released weights by name: a registry, a download-once cache, and the Hub's key layout.
+
+Names (`list_released()`): `ced_tiny`, `ced_mini`, `ced_small`, `ced_base` (the AudioSet taggers of the paper,
+527 classes) and `ced_tiny_mae` ... `ced_base_mae` (the self-supervised MAE encoders the paper's students
+start from). Wherever a checkpoint path is accepted (`load_ced`, `load_checkpoint`, `model.init_from`,
+teacher members, `ckpt=` of evaluate / predict / export) a name is accepted too: `resolve_checkpoint`.
+
+Where the files live (the conventions of the libraries that fetch them, so caches are shared with them):
+- Hugging Face Hub (`mispeech/ced-*`, `model.safetensors`): `huggingface_hub.hf_hub_download` into the Hub
+  cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, default `~/.cache/huggingface/hub`).
+- Zenodo (the original `.pt` files): `torch.hub.download_url_to_file` into `torch.hub.get_dir()/checkpoints`
+  (`TORCH_HOME/hub/checkpoints`, default `~/.cache/torch/hub/checkpoints`), the file name as in the URL: the
+  original code's `torch.hub.load_state_dict_from_url` uses the same place, so its downloads are reused.
+
+A file already in either cache is used without touching the network. `HF_HUB_OFFLINE=1` turns every
+download (Hub and Zenodo) into a cache lookup; without a cached file the error names each file, its URL and
+the exact path to put it at.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ZENODO = "https://zenodo.org/records/{record}/files/{filename}?download=1"
+# The paper's code and the Hub conversion script name two versions of the Zenodo record: 8275347 (the
+# README's and the conversion script's for tiny, mini, base; every MAE file) and 8275319 (the model code's for
+# every tagger, and the only one both name for small). The first listed URL is tried first.
+_RECORDS_TAGGER = ("8275347", "8275319")
+_RECORDS_SMALL = ("8275319", "8275347")
+
+
+@dataclass(frozen=True)
+class ReleasedWeights:
+    """One released file of the paper, as its code (github.com/RicherMans/CED) and the Hub name it."""
+
+    name: str  # registry key: ced_mini, ced_mini_mae, ...
+    size: str  # the CED size it fits (`create_ced(size)`)
+    kind: str  # "audioset": the fine-tuned 527-class tagger; "mae": the MAE-pretrained encoder
+    filename: str  # the Zenodo file (and the torch.hub cache file name)
+    zenodo_urls: tuple[str, ...]
+    hub_repo: str | None = None  # Hub repository with the same weights in safetensors (Hub layout)
+    hub_filename: str = "model.safetensors"
+    # sha256 of the Zenodo file; neither the paper's code nor the Hub conversion publishes one, so None: a
+    # Hub download is checked by huggingface_hub against the Hub's own sha256 (its etag) instead.
+    sha256: str | None = None
+    audioset_map: float | None = None  # mAP on AudioSet's eval set as published (the number in the name)
+    approx_mb: float = 0.0  # float32 weights (state-dict sizes of `create_ced(size)`)
+    # The original loads its MAE files with strict=False: tensors the student does not have (e.g. an MAE
+    # decoder) are reported but do not fail a strict `init_from`.
+    unused_tensors_ok: bool = False
+
+    @property
+    def torch_cache_path(self) -> Path:
+        """Where the Zenodo file is cached (and where to put it by hand)."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / self.filename
+
+
+def _entries() -> dict[str, ReleasedWeights]:
+    sizes = {  # size: (tagger file's mAP tag, published mAP, approx. MB of float32 weights)
+        "tiny": ("4814", 48.14, 22.1),
+        "mini": ("4896", 48.96, 38.9),
+        "small": ("4958", 49.58, 86.6),
+        "base": ("4999", 49.99, 342.9),
+    }
+    out: dict[str, ReleasedWeights] = {}
+    for size, (tag, map_, mb) in sizes.items():
+        tagger = f"audiotransformer_{size}_mAP_{tag}.pt"
+        records = _RECORDS_SMALL if size == "small" else _RECORDS_TAGGER
+        out[f"ced_{size}"] = ReleasedWeights(
+            name=f"ced_{size}",
+            size=f"ced_{size}",
+            kind="audioset",
+            filename=tagger,
+            zenodo_urls=tuple(_ZENODO.format(record=r, filename=tagger) for r in records),
+            hub_repo=f"mispeech/ced-{size}",
+            audioset_map=map_,
+            approx_mb=mb,
+        )
+        mae = f"audiotransformer_{size}_mae_as_10s.pt"
+        out[f"ced_{size}_mae"] = ReleasedWeights(
+            name=f"ced_{size}_mae",
+            size=f"ced_{size}",
+            kind="mae",
+            filename=mae,
+            zenodo_urls=(_ZENODO.format(record="8275347", filename=mae),),
+            approx_mb=mb,
+            unused_tensors_ok=True,
+        )
+    return out
+
+
+RELEASED: dict[str, ReleasedWeights] = _entries()
+
+
+def list_released() -> list[str]:
+    return list(RELEASED)
+
+
+def released_entry(name_or_path: str | PathLike) -> ReleasedWeights | None:
+    """The registry entry a checkpoint argument names, or None for a path or URL.
+
+    A registered name always means the released file: a local file called exactly `ced_mini` is `./ced_mini`.
+    """
+    return RELEASED.get(str(name_or_path)) if isinstance(name_or_path, str) else None
+
+
+def resolve_checkpoint(name_or_path: str | PathLike) -> str:
+    """A registered name -> the local path of its (cached, else downloaded) file; anything else unchanged."""
+    entry = released_entry(name_or_path)
+    return str(fetch_released(entry)) if entry is not None else str(name_or_path)
+
+
+class ReleasedWeightsUnavailable(FileNotFoundError):
+    """A released file is in no cache and could not be downloaded."""
+
+
+def hub_cache_dir() -> str:
+    """The Hub cache as huggingface_hub defines it, read at call time (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` as set now (huggingface_hub's own flag is read once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached_released(entry: ReleasedWeights) -> Path | None:
+    """The entry's file if either cache holds it (the Hub's first), without any network access."""
+    if entry.hub_repo is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(entry.hub_repo, entry.hub_filename, cache_dir=hub_cache_dir())
+        if isinstance(found, str) and os.path.isfile(found):
+            return Path(found)
+    path = entry.torch_cache_path
+    return path if path.is_file() else None
+
+
+def fetch_released(entry: ReleasedWeights | str) -> Path:
+    """The local file of a released checkpoint: from a cache, else downloaded once (Hub, then Zenodo)."""
+    if isinstance(entry, str):
+        if entry not in RELEASED:
+            raise ValueError(f"unknown released weights {entry!r}; choose one of {list_released()}")
+        entry = RELEASED[entry]
+    cached = cached_released(entry)
+    if cached is not None:
+        return cached
+    if hub_offline():
+        raise ReleasedWeightsUnavailable(_unavailable_message(entry, ["HF_HUB_OFFLINE=1: no download tried"]))
+    failures = []
+    if entry.hub_repo is not None:
+        try:
+            return _download_from_hub(entry)
+        except Exception as err:  # any failure (no network, proxy, HTTP error) falls back to Zenodo
+            failures.append(f"{entry.hub_repo}/{entry.hub_filename}: {type(err).__name__}: {err}")
+    for url in entry.zenodo_urls:
+        try:
+            return _download_url(entry, url)
+        except Exception as err:
+            failures.append(f"{url}: {type(err).__name__}: {err}")
+    raise ReleasedWeightsUnavailable(_unavailable_message(entry, failures))
+
+
+def _download_from_hub(entry: ReleasedWeights) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    log.info("downloading %s (%s) from the Hugging Face Hub", entry.name, entry.hub_repo)
+    return Path(hf_hub_download(entry.hub_repo, entry.hub_filename, cache_dir=hub_cache_dir()))
+
+
+def _download_url(entry: ReleasedWeights, url: str) -> Path:
+    target = entry.torch_cache_path
+    if Path(urlparse(url).path).name != entry.filename:
+        raise ValueError(f"{entry.name}: URL {url} does not end in its file name {entry.filename}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s (about %.0f MB) from %s to %s", entry.name, entry.approx_mb, url, target)
+    # Written to a temporary file and moved into place only when complete (and its hash matches, if known),
+    # so an interrupted download never leaves a truncated file in the cache.
+    torch.hub.download_url_to_file(url, str(target), hash_prefix=entry.sha256, progress=True)
+    return target
+
+
+def _unavailable_message(entry: ReleasedWeights, failures: list[str]) -> str:
+    lines = [
+        f"released weights {entry.name!r} are in no cache and could not be downloaded:",
+        *(f"  {f}" for f in failures),
+        "Put the file in place (downloaded on a machine with network) and run again, either:",
+        f"  {entry.filename} from {entry.zenodo_urls[0]}",
+        f"    at {entry.torch_cache_path}   (torch.hub.get_dir()/checkpoints; TORCH_HOME moves it)",
+    ]
+    if entry.hub_repo is not None:
+        repo_dir = "models--" + entry.hub_repo.replace("/", "--")
+        lines += [
+            f"  or {entry.hub_filename} of https://huggingface.co/{entry.hub_repo}: `hf download "
+            f"{entry.hub_repo} {entry.hub_filename}` there, then copy its cache folder {repo_dir}",
+            f"    into {hub_cache_dir()}   (the Hub cache; HF_HOME or HF_HUB_CACHE move it)",
+        ]
+    lines.append(f"or give the file's path instead of the name {entry.name!r}.")
+    return "\n".join(lines)
+
+
+def from_hub_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of a Hub `CedForAudioClassification` file -> this project's (= the original's) keys.
+
+    The Hub's conversion (hf_transformers_custom_model_ced, convert_ced_original_to_pytorch.py) dropped the
+    front end's buffers, renamed `init_bn.1.*` to `init_bn.*` and put everything but `outputlayer.*` under
+    `encoder.`; this undoes it. The front end's buffers follow from the model's config (`CED` rebuilds them).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("encoder.init_bn."):
+            key = "init_bn.1." + key[len("encoder.init_bn.") :]
+        elif key.startswith("encoder."):
+            key = key[len("encoder.") :]
+        out[key] = value
+    return out
+
+
+def is_hub_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    return "encoder.patch_embed.proj.weight" in state_dict and "patch_embed.proj.weight" not in state_dict

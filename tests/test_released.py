@@ -1,0 +1,276 @@
+"""Released weights by name (issue 14, item 2): the registry, the caches, the Hub layout, strict init_from.
+
+No test touches the network: caches are pre-populated in tmp_path (HF_HOME, TORCH_HOME) with small CED files
+in each layout, and the one download goes through a file:// URL. On the code before this change, a name such
+as `ced_tiny` was read as a (missing) file path, a safetensors file failed in `torch.load`, and `init_from`
+silently skipped whatever did not match.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from ced_lightning.models import (
+    RELEASED,
+    ReleasedWeights,
+    ReleasedWeightsUnavailable,
+    create_ced,
+    fetch_released,
+    list_released,
+    load_ced,
+    load_checkpoint,
+    load_matching_weights,
+)
+from ced_lightning.models.released import hub_cache_dir
+
+# A commit hash as the Hub cache names snapshot folders.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_layout(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Hub conversion (convert_ced_original_to_pytorch.py) applied to an original state dict, written
+    here from its description: front-end buffers dropped, init_bn.1 -> init_bn, all but outputlayer under
+    `encoder.`."""
+    out = {}
+    for key, value in original.items():
+        if key.startswith("front_end"):
+            continue
+        key = key.replace("init_bn.1", "init_bn")
+        out[key if key.startswith("outputlayer") else f"encoder.{key}"] = value.contiguous()
+    return out
+
+
+@pytest.fixture
+def reference_sd(ced_reference: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ced_reference / "ced_tiny_depth2_random.pt", weights_only=True)["model"]
+
+
+@pytest.fixture
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Empty Hub and torch.hub caches under tmp_path, offline."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return {"hub": tmp_path / "hf" / "hub", "torch": tmp_path / "torch" / "hub" / "checkpoints"}
+
+
+def put_in_hub_cache(hub: Path, repo: str, filename: str, sd: dict[str, torch.Tensor]) -> Path:
+    """The layout hf_hub_download leaves: refs/main -> snapshot folder holding the file."""
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    path = folder / "snapshots" / COMMIT / filename
+    path.parent.mkdir(parents=True)
+    save_file(sd, str(path))
+    return path
+
+
+def put_in_torch_cache(torch_dir: Path, filename: str, source: Path) -> Path:
+    torch_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(source, torch_dir / filename))
+
+
+def test_registry_names_the_papers_files() -> None:
+    assert list_released() == [
+        f"ced_{size}{suffix}" for size in ("tiny", "mini", "small", "base") for suffix in ("", "_mae")
+    ]
+    mini = RELEASED["ced_mini"]
+    assert mini.filename == "audiotransformer_mini_mAP_4896.pt"
+    assert mini.zenodo_urls[0] == (
+        "https://zenodo.org/records/8275347/files/audiotransformer_mini_mAP_4896.pt?download=1"
+    )
+    assert mini.hub_repo == "mispeech/ced-mini" and mini.hub_filename == "model.safetensors"
+    mae = RELEASED["ced_small_mae"]
+    assert mae.filename == "audiotransformer_small_mae_as_10s.pt" and mae.hub_repo is None
+    assert mae.size == "ced_small" and mae.kind == "mae" and mae.unused_tensors_ok
+    # Every URL ends in the file name, which is what the torch.hub cache file is called.
+    for entry in RELEASED.values():
+        assert all(url.split("?")[0].endswith("/" + entry.filename) for url in entry.zenodo_urls)
+
+
+def test_hub_layout_loads_with_the_original_outputs(tmp_path, ced_reference, reference_sd) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(hub_layout(reference_sd), str(path))
+    from_hub, original = load_ced(path), load_ced(ced_reference / "ced_tiny_depth2_random.pt")
+    assert from_hub.config == original.config
+    for key, value in original.state_dict().items():
+        assert torch.equal(from_hub.state_dict()[key], value), key
+    expected = torch.load(ced_reference / "expected_outputs.pt", weights_only=True)
+    wav, _ = sf.read(ced_reference / "snap_1s.wav", dtype="float32")
+    with torch.no_grad():
+        logits = from_hub(torch.from_numpy(wav)[None])
+    torch.testing.assert_close(logits, expected["snap_1s"], atol=1e-4, rtol=0)
+    # load_checkpoint (evaluate, predict, export, teachers) and its hash read the same file.
+    loaded = load_checkpoint(path, sha256=True)
+    assert loaded.sha256 is not None and len(loaded.sha256) == 64
+
+
+def test_name_loads_from_the_hub_cache_offline(caches, reference_sd) -> None:
+    put_in_hub_cache(caches["hub"], "mispeech/ced-tiny", "model.safetensors", hub_layout(reference_sd))
+    assert hub_cache_dir() == str(caches["hub"])
+    model = load_ced("ced_tiny")
+    assert torch.equal(model.blocks[1].attn.qkv.weight, reference_sd["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.front_end[0].mel_scale.fb, reference_sd["front_end.0.mel_scale.fb"])
+
+
+def test_name_loads_from_the_torch_hub_cache_offline(caches, ced_reference, reference_sd) -> None:
+    put_in_torch_cache(
+        caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"
+    )
+    loaded = load_checkpoint("ced_tiny")
+    assert torch.equal(loaded.model.norm.weight, reference_sd["norm.weight"])
+    assert fetch_released("ced_tiny") == caches["torch"] / "audiotransformer_tiny_mAP_4814.pt"
+
+
+def test_offline_without_cache_names_file_url_and_where_to_put_it(caches) -> None:
+    with pytest.raises(ReleasedWeightsUnavailable) as err:
+        load_ced("ced_mini")
+    message = str(err.value)
+    for part in (
+        "ced_mini",
+        "HF_HUB_OFFLINE=1",
+        "audiotransformer_mini_mAP_4896.pt",
+        "https://zenodo.org/records/8275347/files/audiotransformer_mini_mAP_4896.pt?download=1",
+        str(caches["torch"] / "audiotransformer_mini_mAP_4896.pt"),
+        "mispeech/ced-mini",
+        "models--mispeech--ced-mini",
+        str(caches["hub"]),
+    ):
+        assert part in message, (part, message)
+    # The MAE files exist on Zenodo only.
+    with pytest.raises(ReleasedWeightsUnavailable, match=r"audiotransformer_base_mae_as_10s\.pt"):
+        fetch_released("ced_base_mae")
+
+
+def test_download_once_into_the_torch_hub_cache(tmp_path, caches, ced_reference, monkeypatch) -> None:
+    # urllib reads file:// URLs, so the real download path runs without a network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    served = tmp_path / "served" / "weights.pt"
+    served.parent.mkdir()
+    shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", served)
+    entry = ReleasedWeights(
+        name="test_tiny", size="ced_tiny", kind="audioset", filename="weights.pt",
+        zenodo_urls=(served.as_uri(),),
+    )  # fmt: skip
+    path = fetch_released(entry)
+    assert path == caches["torch"] / "weights.pt" and path.read_bytes() == served.read_bytes()
+    served.unlink()  # a second call uses the cache
+    assert fetch_released(entry) == path
+
+    wrong = ReleasedWeights(
+        name="test_hash", size="ced_tiny", kind="audioset", filename="hashed.pt",
+        zenodo_urls=((tmp_path / "served" / "hashed.pt").as_uri(),), sha256="00" * 32,
+    )  # fmt: skip
+    shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", tmp_path / "served" / "hashed.pt")
+    with pytest.raises(ReleasedWeightsUnavailable, match="invalid hash value"):
+        fetch_released(wrong)
+    assert not (caches["torch"] / "hashed.pt").exists()  # nothing half-checked is left in the cache
+
+
+def test_create_ced_pretrained_and_init_from_by_name(caches, ced_reference, reference_sd) -> None:
+    from ced_lightning.tasks import build_network
+
+    put_in_torch_cache(
+        caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"
+    )
+    model = create_ced("ced_tiny", pretrained=True, depth=2)
+    assert torch.equal(model.outputlayer[1].weight, reference_sd["outputlayer.1.weight"])
+
+    cfg = OmegaConf.create(
+        {"model": {"_target_": "ced_lightning.models.create_ced", "name": "ced_tiny", "depth": 2,
+                   "num_classes": None, "init_from": "ced_tiny", "init_strict": True}}
+    )  # fmt: skip
+    student = build_network(cfg, num_classes=7)  # another class count: only the head starts fresh
+    assert torch.equal(student.blocks[0].mlp.fc1.weight, reference_sd["blocks.0.mlp.fc1.weight"])
+    assert student.outputlayer[1].weight.shape == (7, 192)
+
+
+def test_init_from_the_mae_name_accepts_its_extra_tensors(caches, reference_sd) -> None:
+    # The MAE files' exact contents are not known here (Zenodo only): what the rule allows is an encoder
+    # without a head plus tensors the student lacks, which the original loads with strict=False too.
+    mae = {k: v for k, v in reference_sd.items() if not k.startswith("outputlayer")}
+    mae["decoder_pos_embed"] = torch.zeros(1, 4, 8)
+    path = caches["torch"] / "audiotransformer_tiny_mae_as_10s.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": mae}, path)
+    student = create_ced("ced_tiny", depth=2, num_classes=5)
+    report = load_matching_weights(student, "ced_tiny_mae")
+    assert report.unexpected == ["decoder_pos_embed"] and report.unexpected_ok
+    assert set(report.head) == {
+        "outputlayer.0.weight",
+        "outputlayer.0.bias",
+        "outputlayer.1.weight",
+        "outputlayer.1.bias",
+    }
+    assert torch.equal(student.patch_embed.proj.weight, reference_sd["patch_embed.proj.weight"])
+    # The same file by path is not known to carry extras: strict refuses it, naming them.
+    with pytest.raises(ValueError, match=r"in the file, not in the model \(1\): decoder_pos_embed"):
+        load_matching_weights(create_ced("ced_tiny", depth=2), path)
+
+
+def test_init_from_matching_only_some_keys_fails_unless_not_strict(tmp_path, ced_reference) -> None:
+    from ced_lightning.tasks import build_network
+
+    ref = ced_reference / "ced_tiny_depth2_random.pt"
+    deeper = create_ced("ced_tiny", depth=3)
+    before = deeper.blocks[2].attn.qkv.weight.clone()
+    with pytest.raises(ValueError) as err:
+        load_matching_weights(deeper, ref)
+    message = str(err.value)
+    assert "missing from the file (12): blocks.2.norm1.weight" in message, message
+    assert "model.init_strict=false" in message
+    assert torch.equal(deeper.blocks[2].attn.qkv.weight, before)  # nothing loaded on refusal
+
+    cfg = {"_target_": "ced_lightning.models.create_ced", "name": "ced_tiny", "depth": 3,
+           "num_classes": None, "init_from": str(ref), "init_strict": True}  # fmt: skip
+    with pytest.raises(ValueError, match="missing from the file"):
+        build_network(OmegaConf.create({"model": cfg}), num_classes=527)
+    partial = build_network(OmegaConf.create({"model": {**cfg, "init_strict": False}}), num_classes=527)
+    reference = load_ced(ref)
+    assert torch.equal(partial.blocks[1].mlp.fc2.weight, reference.blocks[1].mlp.fc2.weight)
+
+    # Another width: shapes differ everywhere.
+    with pytest.raises(
+        ValueError,
+        match=r"shape differs \(\d+\): .*patch_embed\.proj\.weight: file \[192, 1, 16, 16\] vs model \[256",
+    ):
+        load_matching_weights(create_ced("ced_mini", depth=2), ref)
+
+
+def test_init_from_matching_no_keys_fails_even_if_it_names_every_key_missing(tmp_path) -> None:
+    torch.save({"model": {"weight": torch.zeros(3), "bias": torch.zeros(3)}}, tmp_path / "other.pt")
+    model = create_ced("ced_tiny", depth=1)
+    with pytest.raises(
+        ValueError, match=r"(?s)loaded 0 of the model's .*in the file, not in the model \(2\)"
+    ):
+        load_matching_weights(model, tmp_path / "other.pt")
+    report = load_matching_weights(model, tmp_path / "other.pt", strict=False)
+    assert report.loaded == [] and len(report.missing) > 0
+
+
+def test_teacher_members_by_name(caches, ced_reference) -> None:
+    from ced_lightning.extract import load_teachers
+
+    cached = put_in_torch_cache(
+        caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"
+    )
+    models, records, _ = load_teachers(OmegaConf.create({"checkpoints": ["ced_tiny"]}))
+    assert records[0]["name"] == "ced_tiny" and records[0]["checkpoint"] == "ced_tiny"
+    import hashlib
+
+    assert records[0]["sha256"] == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert models[0].config.depth == 2
+
+
+def test_docs_table_lists_every_name() -> None:
+    text = (Path(__file__).parents[1] / "docs" / "using_models.md").read_text()
+    for name, entry in RELEASED.items():
+        assert f"`{name}`" in text and entry.filename in text, name
