@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
 from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.logits import LogitStore
 
 
 def test_clip_is_deterministic_and_keyed_by_seed_and_index() -> None:
@@ -73,3 +76,43 @@ def test_worker_processes_give_the_same_store(tmp_path: Path) -> None:
     assert a.fingerprint == b.fingerprint
     assert np.array_equal(a.read_span(0, 64)[0], b.read_span(0, 64)[0])
     assert np.array_equal(a.label_matrix(), b.label_matrix())
+
+
+@pytest.mark.slow
+def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
+    """`python -m ced_lightning.train` on the demo data goes through the demo layer (`data.entry`): it builds
+    the stores, a teacher and the logit store that are missing, distils the student, and prints the demo's
+    table. Tiny sizes (one 1-block teacher, 1 s clips, one epoch each); the real command in a subprocess."""
+    data, logs = tmp_path / "data", tmp_path / "logs"
+    teacher = data / "demo" / "teachers" / "ced.ckpt"
+    small = ["data.clip_seconds=1.0", "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0"]
+    small += ["data.schedule.max_epochs=1", "data.schedule.warmup_steps=1"]
+    args = [
+        "experiment=ced_mini",
+        "model=ced_tiny",
+        "+model.depth=1",
+        f"paths.data_dir={data}",
+        f"paths.log_dir={logs}",
+        f"hydra.run.dir={logs}/run",
+        "data.demo.clips={train: 24, val: 16, test: 16}",
+        "data.extract.epochs=1",
+        "data.extract.topk=3",
+        *small,
+        "data.teacher_overrides=[" + ",".join(f"'{o}'" for o in small) + "]",
+        "teacher.members=[{name: ced, checkpoint: '"
+        + str(teacher)
+        + "', experiment: teacher_demo_ced, overrides: ['model.depth=1']}]",
+        "trainer=cpu",
+        "logger=csv",
+        "callbacks.progress_bar=null",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "ced_lightning.train", *args], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "CED demo: validation mAP" in run.stdout, run.stdout[-2000:]
+    for row in ("teacher ced", "teacher ensemble", "student ced_tiny (val, best epoch)", "logit store"):
+        assert row in run.stdout, run.stdout[-2000:]
+    assert teacher.is_file() and teacher.with_suffix(".json").is_file()
+    assert LogitStore.open(str(data / "demo" / "logits_demo.zarr")).is_complete()
+    assert len(AudioStore.open(str(data / "demo" / "train.zarr"))) == 24

@@ -27,21 +27,22 @@ def _check_task(cfg: DictConfig) -> str:
     return cfg.task
 
 
-def ensure_inputs(cfg: DictConfig) -> None:
-    """The demo builds whatever it lacks; a user's data must exist, or the run stops at once."""
+def check_train_config(cfg: DictConfig) -> None:
+    """The config's own choices (task, run options, optimizer, augmentation), checked before anything long
+    starts; also by a layer above `train` before it builds inputs (see `train.entry_point`)."""
     task = _check_task(cfg)
-    # Before the demo spends minutes on teachers and a logit store.
     check_run_options(cfg)
     _check_optimizer(cfg)
     if task == "distill":
         _refuse_augment_overrides(cfg)
-    if cfg.data.get("build_missing"):
-        from ced_lightning.pipeline import build_demo_artifacts
 
-        build_demo_artifacts(cfg)
-        return
+
+def ensure_inputs(cfg: DictConfig) -> None:
+    """The config is valid and every store the run reads exists, or the run stops at once naming the
+    command that builds the missing one."""
+    check_train_config(cfg)
     needed = {"data.train": cfg.data.train, "data.val": cfg.data.val, "data.test": cfg.data.test}
-    if task == "distill":
+    if cfg.task == "distill":
         needed["data.logits"] = cfg.data.logits
     for key, url in needed.items():
         if url and not store_exists(url):

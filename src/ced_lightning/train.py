@@ -1,16 +1,19 @@
 """`python -m ced_lightning.train`: distil a student (task=distill) or train a teacher (task=supervised).
 
 Thin in the lightning-hydra-template manner: instantiate data, model, callbacks, loggers and trainer from
-the config, fit, test the chosen checkpoint, return the optimised metric to sweepers.
+the config, fit, test the chosen checkpoint, return the optimised metric to sweepers. A data group may name a
+layer above `train` that runs instead and calls it (`data.entry`, see `entry_point`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test as `cfg` says; returns the metrics: the monitored one (`val/mAP`) at its best
     validation, the others (`test/mAP`, ...) as last logged."""
-    ensure_inputs(cfg)  # builds the demo's missing artifacts, or stops at once naming the command to run
+    ensure_inputs(cfg)  # a missing store stops the run at once, naming the command that builds it
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
@@ -53,7 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         metrics["tested_checkpoint"] = ckpt
-    # The sweep objective and the demo table: the best validation (the monitored one), not the last.
+    # The sweep objective (and what layers above report): the best validation (the monitored one).
     best = best_monitored(trainer)
     if cfg.train and cfg.optimized_metric in metrics and cfg.optimized_metric not in best:
         log.warning(
@@ -62,17 +65,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     metrics.update(best)
     metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
-    # The demo ends with its table (teachers, ensemble, student, store overhead); `+summary=false` skips it.
-    if (
-        cfg.data.get("build_missing")
-        and cfg.task == "distill"
-        and cfg.get("summary", True)
-        and trainer.is_global_zero
-    ):
-        from ced_lightning.pipeline import demo_summary, print_demo_summary
-
-        print_demo_summary(demo_summary(cfg, metrics))
     return metrics
+
+
+def entry_point(cfg: DictConfig) -> Callable[[DictConfig], dict[str, Any]]:
+    """What runs `cfg`: `train`, or the function the data group names in `data.entry` (`module.function`), a
+    layer above `train` that calls it (e.g. one that builds the data set's missing inputs first and reports
+    on them after). Named in the config, so that this command neither imports nor knows such layers."""
+    name = cfg.data.get("entry")
+    if not name:
+        return train
+    try:
+        return get_method(name)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"data.entry={name}: not a function this Python can import ({error})") from error
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
@@ -80,7 +86,7 @@ def main(cfg: DictConfig) -> float | None:
     quiet_non_zero_ranks()
     prepare_ddp_relaunch()
     with finish_task(cfg):
-        metrics = train(cfg)
+        metrics = entry_point(cfg)(cfg)
     return metrics.get(cfg.optimized_metric)
 
 

@@ -1,10 +1,15 @@
-"""The embedded demo, end to end: what `python -m ced_lightning.train experiment=ced_mini` builds first.
+"""The embedded demo, end to end: a layer above the commands it runs, never imported by them.
 
-Each missing artifact is built once, with one log line saying what and why; a second run reuses them all:
+`python -m ced_lightning.train` runs the function the data group names in `data.entry`; the demo data
+(`data=demo`, the default) names `run_demo`, so `python -m ced_lightning.train experiment=ced_mini` comes
+here. With `data.build_missing` (on for the demo) each missing artifact is built once, with one log line
+saying what and why, and a second run reuses them all:
   1. the demo audio stores (train/val/test)   `python -m ced_lightning.prepare source=demo`
   2. the demo teachers, trained with labels    `python -m ced_lightning.train experiment=teacher_demo_*`
   3. the teachers' logit store over train.zarr `python -m ced_lightning.extract teacher=demo`
-Only the demo does this (`data.build_missing`); a user's missing store stops the run with the command to run.
+then `ced_lightning.train.train` distils the student, and the run ends with the demo's table (teachers,
+ensemble, student, store overhead). A user's data names no entry: `train` runs alone, and a missing store
+stops it with the command to run (`ced_lightning.tasks.ensure_inputs`).
 """
 
 from __future__ import annotations
@@ -17,25 +22,57 @@ from typing import Any
 
 import torch
 from hydra import compose
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ced_lightning.data.demo import build_demo_stores
+from ced_lightning.extract import run_extract
+from ced_lightning.runtime import global_rank
 from ced_lightning.store import store_exists, store_nbytes
+from ced_lightning.tasks import check_train_config
+from ced_lightning.train import train
 
 log = logging.getLogger(__name__)
 
 
+def run_demo(cfg: DictConfig) -> dict[str, Any]:
+    """The demo's `train`: build what is missing, train as `cfg` says, then print the demo's table (for a
+    student; `+summary=false` skips it). Returns `train`'s metrics."""
+    check_train_config(cfg)  # a typo is reported before minutes of teachers and a logit store
+    build_missing = bool(cfg.data.get("build_missing"))
+    if build_missing:
+        build_demo_artifacts(cfg)
+    metrics = train(cfg)
+    if build_missing and cfg.task == "distill" and cfg.get("summary", True) and global_rank() == 0:
+        print_demo_summary(demo_summary(cfg, metrics))
+    return metrics
+
+
 def build_demo_artifacts(cfg: DictConfig) -> None:
-    """Build whatever the demo run `cfg` needs and lacks (stores, teachers, logit store)."""
+    """Build what the demo run `cfg` needs and lacks (stores; for a student also teachers, logit store)."""
+    ensure_demo_stores(cfg)
+    if cfg.task != "distill":
+        return
+    ensure_demo_teachers(cfg)
+    if not store_exists(cfg.data.logits):
+        log.info(
+            "demo: extracting the teachers' top-%d over %d augmentation epochs into %s (not there yet)",
+            cfg.data.extract.topk,
+            cfg.data.extract.epochs,
+            cfg.data.logits,
+        )
+        extract_demo_logits(cfg)
+
+
+def ensure_demo_stores(cfg: DictConfig) -> None:
     data = cfg.data
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    from ced_lightning.data.demo import build_demo_stores
-
     if not all(store_exists(url) for url in splits.values()):
         log.info("demo: building the demo audio stores in %s (not there yet; about 20 s)", data.root)
     # Always called: it keeps complete stores of this config, resumes interrupted ones and refuses others.
     build_demo_stores(str(data.root), seed=data.demo.seed, clip_seconds=data.clip_seconds, **data.demo.clips)
-    if cfg.task != "distill":
-        return
+
+
+def ensure_demo_teachers(cfg: DictConfig) -> None:
     for member in cfg.teacher.members:
         if not Path(member.checkpoint).is_file():
             log.info(
@@ -44,21 +81,11 @@ def build_demo_artifacts(cfg: DictConfig) -> None:
                 member.checkpoint,
             )
             train_demo_teacher(cfg, member)
-    if not store_exists(data.logits):
-        log.info(
-            "demo: extracting the teachers' top-%d over %d augmentation epochs into %s (not there yet)",
-            data.extract.topk,
-            data.extract.epochs,
-            data.logits,
-        )
-        extract_demo_logits(cfg)
 
 
 def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
     """Train one demo teacher through the same entry point as everything else, then keep its averaged
     checkpoint at `member.checkpoint` with its validation mAP beside it."""
-    from ced_lightning.train import train
-
     run_dir = Path(member.checkpoint).with_suffix("")
     overrides = [
         f"experiment={member.experiment}",
@@ -87,8 +114,8 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
 
 
 def extract_demo_logits(cfg: DictConfig) -> None:
-    from ced_lightning.extract import run_extract
-
+    """The teachers' logit store over `data.train` at `data.logits`, with the demo's extraction settings
+    (`data.extract`) and augmentation (`data.augment_overrides`)."""
     overrides = [
         f"audio_store={cfg.data.train}",
         f"output={cfg.data.logits}",
@@ -104,7 +131,11 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"trainer.accelerator={cfg.trainer.accelerator}",
         *list(cfg.data.get("augment_overrides") or []),
     ]
-    run_extract(compose(config_name="extract", overrides=overrides))
+    extract_cfg = compose(config_name="extract", overrides=overrides)
+    with open_dict(extract_cfg):
+        # The teachers this run trained, also when the command line changed the `teacher` group's members.
+        extract_cfg.teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    run_extract(extract_cfg)
 
 
 def demo_summary(cfg: DictConfig, student_metrics: dict[str, Any]) -> list[tuple[str, str]]:
