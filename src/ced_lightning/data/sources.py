@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,28 @@ def _segment_candidates(ytid: str, start: str, end: str) -> list[str]:
     stems.extend(f"{ytid}_{starts[k]}_{ends[k]}" for k in starts if k in ends)
     stems = list(dict.fromkeys(stems))
     return stems + [f"Y{stem}" for stem in stems]
+
+
+_YTID_LENGTH = 11
+_YTID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_SEGMENT_TIMES = re.compile(r"\d+(\.\d+)?(_\d+(\.\d+)?)?")
+
+
+def segment_ytid(stem: str) -> str | None:
+    """The YouTube id in a file stem named in any convention `_segment_candidates` accepts, or None.
+
+    The inverse of `_segment_candidates`: `YTID`, `YTID_<start>`, `YTID_<start>_<end>` (any number style),
+    each with or without a leading `Y`. YouTube ids are 11 characters, which makes the `Y` unambiguous.
+    """
+    for offset in (0, 1):
+        if offset and not stem.startswith("Y"):
+            break
+        ytid, rest = stem[offset : offset + _YTID_LENGTH], stem[offset + _YTID_LENGTH :]
+        if len(ytid) != _YTID_LENGTH or not set(ytid) <= _YTID_CHARS:
+            continue
+        if not rest or (rest[0] == "_" and _SEGMENT_TIMES.fullmatch(rest[1:])):
+            return ytid
+    return None
 
 
 def index_audio_dir(audio_dir: str | os.PathLike) -> dict[str, str]:

@@ -6,6 +6,8 @@ Layout (documented for other tools in `docs/logit_store.md`):
     topk_indices   uint16  [E, N, k] class indices, each row by descending probability
     topk_values    float16 | uint8 [E, N, k] quantized probabilities (`ced_lightning.quantize`)
     params/<name>  field dtype [E, N, *shape] one array per augmentation parameter field
+    <extra>        dtype   [E, N]    optional per (epoch, clip) arrays named in the `extra_arrays` attribute
+                                     (e.g. `legacy_seeds` of an imported store)
     block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
                                         size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
 
@@ -109,7 +111,8 @@ class LogitStore:
         self.num_classes: int = int(a["num_classes"])
         self.class_names: list[str] | None = list(a["class_names"]) if a.get("class_names") else None
         self.recipe: AugmentRecipe = AugmentRecipe.from_dict(a["augment_recipe"])
-        self.seed: int = int(a["seed"])
+        # None for an imported store: its parameters come from the original's per-clip seeds, not ours.
+        self.seed: int | None = int(a["seed"]) if a.get("seed") is not None else None
         self.audio_fingerprint: str = str(a["audio_fingerprint"])
         self.audio_url: str = str(a.get("audio_store", ""))
         self.clip_samples: int = int(a["clip_samples"])
@@ -122,6 +125,7 @@ class LogitStore:
         self.teacher_precision: str | None = a.get("teacher_precision")
         self.num_blocks: int = -(-self.num_clips // self.block_clips)
         self._fields = AugmentParams.fields(self.recipe)
+        self.extra_arrays: dict[str, str] = dict(a.get("extra_arrays") or {})
 
     # ----------------------------------------------------------------------------------------------- creation
     @classmethod
@@ -136,7 +140,7 @@ class LogitStore:
         class_names: Sequence[str] | None,
         quantization: str,
         recipe: AugmentRecipe,
-        seed: int,
+        seed: int | None,
         audio_fingerprint: str,
         audio_url: str,
         clip_samples: int,
@@ -144,6 +148,8 @@ class LogitStore:
         combine: str,
         block_clips: int,
         teacher_precision: str | None = None,
+        extra_arrays: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> LogitStore:
         """Create every array at full size, or reopen a store of the same extraction to resume it.
 
@@ -151,6 +157,8 @@ class LogitStore:
         on one process before any process writes (creation is idempotent, so every rank may call it in turn).
         `teacher_precision` (Lightning's name, e.g. `32-true`) is how the teachers compute; stores written
         before it was recorded resume at any precision (each block's `block_done` code records its own).
+        `extra_arrays` (name -> dtype) adds `[E, N]` arrays that `write_block(extra=)` fills; `provenance`
+        is kept as a plain attribute (where the values came from).
         """
         url = str(url)
         if num_clips <= 0:
@@ -170,7 +178,7 @@ class LogitStore:
                 "teachers": teachers,
                 "combine": combine,
                 "augment_recipe": recipe.to_dict(),
-                "seed": int(seed),
+                "seed": int(seed) if seed is not None else None,
                 "epochs": int(epochs),
                 "topk": int(topk),
                 "num_classes": int(num_classes),
@@ -182,6 +190,12 @@ class LogitStore:
                 "clip_samples": int(clip_samples),
                 "block_clips": int(block_clips),
                 "row_order": "probability_descending",
+                **(
+                    {"extra_arrays": {k: np.dtype(v).name for k, v in extra_arrays.items()}}
+                    if extra_arrays
+                    else {}
+                ),
+                **({"provenance": dict(provenance)} if provenance else {}),
                 **({"teacher_precision": str(teacher_precision)} if teacher_precision else {}),
             }
         )
@@ -230,6 +244,8 @@ class LogitStore:
         params = AugmentParams.fields(recipe)
         for name, (dtype, row) in params.items():
             add_array(f"params/{name}", dtype, tuple(row))
+        for name, dtype in (extra_arrays or {}).items():
+            add_array(name, np.dtype(dtype), ())
         group.create_array(
             "block_done",
             shape=(blocks,),
@@ -313,11 +329,13 @@ class LogitStore:
         probs: np.ndarray,
         params: Sequence[AugmentParams],
         reduced_precision: bool = False,
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Quantize and write block `b` for all epochs, then mark it done with its precision code.
 
         `indices` and `probs` are `[E, n, k]` (n = the block's clip count, any row order), `params` one
-        `AugmentParams` of length n per epoch. The completion flag is written after the data, so a process
+        `AugmentParams` of length n per epoch, `extra` one `[E, n]` array per name of `extra_arrays`. The
+        completion flag is written after the data, so a process
         killed mid-block leaves the block missing and a rerun writes it again in full.
         """
         start, stop = self.block_range(b)
@@ -336,6 +354,16 @@ class LogitStore:
             )
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_classes):
             raise ValueError(f"block {b}: class indices outside 0..{self.num_classes - 1}")
+        extra = dict(extra or {})
+        if extra.keys() != self.extra_arrays.keys():
+            raise ValueError(
+                f"block {b}: extra arrays {sorted(extra)}, the store has {sorted(self.extra_arrays)}"
+            )
+        for name, value in extra.items():
+            if np.shape(value) != (self.epochs, n):
+                raise ValueError(
+                    f"block {b}: extra array {name!r} of shape {np.shape(value)}, expected {(self.epochs, n)}"
+                )
         # Rows by descending probability (what torch.topk gives already): the quantized values then form
         # smooth runs, and a reader's first column is each clip's top class.
         order = np.argsort(-probs, axis=-1, kind="stable")
@@ -357,6 +385,8 @@ class LogitStore:
                     )
                 stacked.append(value.astype(dtype, copy=False))
             self._group[f"params/{name}"][region] = np.stack(stacked)
+        for name, value in extra.items():
+            self._group[name][region] = np.asarray(value).astype(self.extra_arrays[name])
         self._group["block_done"][b] = BLOCK_REDUCED_PRECISION if reduced_precision else BLOCK_FULL_PRECISION
 
     # ----------------------------------------------------------------------------------------------- reading
@@ -396,6 +426,12 @@ class LogitStore:
         )
         return EpochSlice(indices=indices, probs=probs, params=params)
 
+    def read_extra(self, name: str) -> np.ndarray:
+        """One of the store's `extra_arrays`, all epochs and clips (`[E, N]`)."""
+        if name not in self.extra_arrays:
+            raise KeyError(f"{self.url} has no extra array {name!r} (it has {sorted(self.extra_arrays)})")
+        return np.asarray(self._group[name][:])
+
     def nbytes_stored(self) -> int:
         """Bytes on disk (or in the object store) of everything under the store's root."""
         return store_nbytes(self.url)
@@ -405,7 +441,12 @@ class LogitStore:
         fs, path = fsspec.core.url_to_fs(self.url)
         root = path.rstrip("/")
         data = 0
-        for name in ("topk_indices", "topk_values", *(f"params/{n}" for n in self._fields)):
+        for name in (
+            "topk_indices",
+            "topk_values",
+            *(f"params/{n}" for n in self._fields),
+            *self.extra_arrays,
+        ):
             if fs.exists(f"{root}/{name}/c"):
                 data += int(fs.du(f"{root}/{name}/c", total=True))
         return data / (self.num_clips * self.epochs)

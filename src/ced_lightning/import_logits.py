@@ -1,0 +1,232 @@
+"""`python -m ced_lightning.import_logits`: the paper's released teacher logits into a logit store.
+
+    python -m ced_lightning.import_logits source=DIR audio_store=STORE output=LOGIT_STORE \
+        [quantization=float16|int8] [allow_unmatched_rows=false] [block_clips=1024]
+
+`source` is a released `chunk_10` folder (`logits_ep{e}_{r}.h5` + `.parquet`, `ced_lightning.store.legacy`).
+Every stored epoch e becomes the store's epoch e - 1; each (epoch, clip) gets the row of its AudioSet name,
+its top-k kept exactly (float16) or quantized as `extract` does (int8), and its seed replayed into the
+store's explicit augmentation parameters (`ced_lightning.legacy_replay`). The student then trains from it
+unchanged. Resumable like `extract` (the same command finishes missing blocks); a store made from another
+source, audio store or quantization is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import fsspec
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from ced_lightning import conf_dir
+from ced_lightning.labels import audioset_classes, resolve_class_names
+from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
+from ced_lightning.quantize import KINDS
+from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.legacy import (
+    ImportPlan,
+    LegacyImportError,
+    file_provenance,
+    find_legacy_files,
+    plan_import,
+    read_block_rows,
+    source_digest,
+    validate_rows,
+)
+from ced_lightning.store.lock import StoreLockedError, store_lock
+from ced_lightning.store.logits import LogitStore
+
+log = logging.getLogger(__name__)
+
+# The per (epoch, clip) seeds of the original, kept beside the parameters replayed from them.
+LEGACY_SEEDS = "legacy_seeds"
+IMPORTED_TEACHER = "ced_released_logits"
+STATS_FILE = "import_stats.json"
+_EXAMPLES = 5
+
+
+def check_plan(plan: ImportPlan, clip_names: list[str], allow_unmatched_rows: bool) -> None:
+    """Refuse clips without rows (always: the store needs every clip's rows) and, unless allowed, rows
+    without a clip; both named with counts and examples."""
+    problems = []
+    missing = plan.clips_without_rows + plan.clips_with_some_epochs
+    if missing:
+        shown = ", ".join(clip_names[i] for i in missing[:_EXAMPLES])
+        problems.append(
+            f"{len(plan.clips_without_rows)} clips of the audio store have no row in any stored epoch and "
+            f"{len(plan.clips_with_some_epochs)} have rows in only some epochs (e.g. {shown}"
+            f"{' ...' if len(missing) > _EXAMPLES else ''}). A logit store holds every clip of its audio "
+            "store, and a student cannot replay teachers that never saw a clip: prepare an audio store of "
+            "the clips the release covers (the original never extracted clips shorter than 5 s)"
+        )
+    if plan.unmatched_rows and not allow_unmatched_rows:
+        problems.append(
+            f"{plan.unmatched_rows} of {plan.rows} released rows match no clip of the audio store (e.g. "
+            f"{'; '.join(plan.unmatched_examples)}). If those clips are missing from your download, pass "
+            "allow_unmatched_rows=true to import the others; if none match, check that audio_store is the "
+            "one prepared from the same AudioSet subset"
+        )
+    if problems:
+        raise LegacyImportError("cannot import the released logits:\n  " + "\n  ".join(problems))
+
+
+def length_mismatches(plan: ImportPlan, lengths: np.ndarray, clip_names: list[str]) -> tuple[int, list[str]]:
+    """Clips whose released span (the length the original shifted) differs from the audio store's clip
+    (cut to 10 s): their shifts are the original's draws, applied to a clip of another length."""
+    ours = np.minimum(lengths, LEGACY_CHUNK_SAMPLES)[None, :]
+    differs = ((plan.span_samples != ours) & (plan.file_of >= 0)).any(0)
+    clips = np.flatnonzero(differs)
+    examples = [
+        f"{clip_names[i]}: {int(plan.span_samples[:, i].max())} released, {int(ours[0, i])} here"
+        for i in clips[:_EXAMPLES]
+    ]
+    return int(clips.size), examples
+
+
+def import_block(store: LogitStore, plan: ImportPlan, block: int) -> None:
+    """Read, replay and write block `block` (all epochs)."""
+    start, stop = store.block_range(block)
+    indices, values, seeds = read_block_rows(plan, slice(start, stop))
+    spans = plan.span_samples[:, start:stop]
+    params = [legacy_augment_params(seeds[e], spans[e]) for e in range(plan.epochs)]
+    store.write_block(block, indices, values.astype(np.float32), params, extra={LEGACY_SEEDS: seeds})
+
+
+def run_import(cfg: DictConfig) -> LogitStore:
+    """Import (or finish importing) `cfg.source` into the logit store `cfg.output`; returns it."""
+    for key in ("source", "audio_store", "output"):
+        if cfg.get(key) in (None, "", "???"):
+            raise ValueError(f"{key}=... is required (python -m ced_lightning.import_logits --help)")
+    quantization = str(cfg.quantization)
+    if quantization not in KINDS:
+        raise ValueError(f"quantization must be one of {list(KINDS)}, not {quantization!r}")
+    with store_lock(str(cfg.output), "import_logits"):
+        return _import(cfg, quantization)
+
+
+def _import(cfg: DictConfig, quantization: str) -> LogitStore:
+    started = time.perf_counter()
+    source, output = str(cfg.source), str(cfg.output)
+    audio = AudioStore.open(str(cfg.audio_store))
+    files = find_legacy_files(source)
+    plan = plan_import(files, audio.names, LEGACY_CHUNK_SAMPLES)
+    check_plan(plan, audio.names, bool(cfg.allow_unmatched_rows))
+    num_classes = int(cfg.num_classes)
+    for f in files:
+        validate_rows(f, num_classes)
+    provenance_files = file_provenance(files)
+    released_names = list(audioset_classes().names) if num_classes == len(audioset_classes()) else None
+    if audio.class_names is not None and released_names is not None and audio.class_names != released_names:
+        log.warning(
+            "the audio store's class list differs from AudioSet's (the release's); storing AudioSet's"
+        )
+    class_names = resolve_class_names(num_classes, released_names, audio.class_names, placeholders=False)
+    if store_exists(output):
+        removed = remove_partial_writes(output)  # we hold the lock: these are a killed run's leftovers
+        if removed:
+            log.info("%s: removed %d partial writes left by an interrupted run", output, removed)
+    store = LogitStore.create(
+        output,
+        num_clips=len(audio),
+        epochs=plan.epochs,
+        topk=plan.topk,
+        num_classes=num_classes,
+        class_names=class_names,
+        quantization=quantization,
+        recipe=LEGACY_RECIPE,
+        seed=None,  # the parameters come from `legacy_seeds`, not from our counter-based draws
+        audio_fingerprint=audio.fingerprint,
+        audio_url=audio.url,
+        clip_samples=LEGACY_CHUNK_SAMPLES,
+        # The release as the store's one 'teacher': identified by its files, so another source is refused.
+        teachers=[{"name": IMPORTED_TEACHER, "sha256": source_digest(provenance_files), "source": source}],
+        # The released ensemble averages its members' probabilities (the original's EnsembleModel).
+        combine="mean_prob",
+        block_clips=int(cfg.block_clips),
+        extra_arrays={LEGACY_SEEDS: "int32"},
+        provenance={
+            "kind": "ced_legacy_release",
+            "source": source,
+            "files": provenance_files,
+            "epoch_map": "stored epoch e (1-based) -> store epoch e - 1; every stored epoch imported",
+            "params_from": (
+                f"{LEGACY_SEEDS}: torch.manual_seed(seed), torch_audiomentations 0.11 "
+                "Shift(-0.5, 0.5, p=0.5) on the clip's released span, then value, min_value = torch.rand(1), "
+                "torch.rand(1): masks width long(value*P), start long(min_value*(size - value*P)) on "
+                "1001 frames (P=192) and 64 bands (P=24)"
+            ),
+            "unmatched_rows": plan.unmatched_rows,
+        },
+    )
+    todo = store.missing_blocks()
+    limit = cfg.get("limit_blocks")
+    if limit is not None:
+        todo = todo[: int(limit)]
+    log.info("%s: importing %d of %d blocks (%d epochs)", output, len(todo), store.num_blocks, store.epochs)
+    for block in todo:
+        import_block(store, plan, block)
+    seconds = time.perf_counter() - started
+    store = LogitStore.open(store.url)
+    mismatched, mismatch_examples = length_mismatches(plan, audio.lengths, audio.names)
+    if mismatched:
+        log.warning(
+            "%d clips are not as long as the release says (e.g. %s); their shifts are the original's draws",
+            mismatched,
+            "; ".join(mismatch_examples),
+        )
+    imported = sum(stop - start for start, stop in map(store.block_range, todo))
+    stats = {
+        "source": source,
+        "epochs": plan.epochs,
+        "ranks_per_epoch": {str(e): r for e, r in plan.ranks_per_epoch().items()},
+        "rows": plan.rows,
+        "matched_rows": plan.matched_rows,
+        "unmatched_rows": plan.unmatched_rows,
+        "unmatched_examples": plan.unmatched_examples,
+        "clips": store.num_clips,
+        "clips_without_rows": len(plan.clips_without_rows),
+        "length_mismatches": mismatched,
+        "length_mismatch_examples": mismatch_examples,
+        "clips_imported": imported,
+        "seconds": round(seconds, 3),
+        "clip_epochs_per_s": round(imported * store.epochs / seconds, 1) if seconds > 0 else None,
+        "bytes_per_clip_epoch": round(store.bytes_per_clip_epoch(), 2),
+        "store_bytes": store.nbytes_stored(),
+        "audio_store_bytes": store_nbytes(audio.url),
+        "complete": store.is_complete(),
+    }
+    report(store, stats)
+    return store
+
+
+def report(store: LogitStore, stats: dict[str, Any]) -> None:
+    """Print the figures and keep them in the store (`<output>/import_stats.json`)."""
+    lines = [
+        f"logit store {store.url}: {store.num_clips} clips x {store.epochs} epochs, top-{store.topk}, "
+        f"{store.quantization}, imported from the released logits"
+    ]
+    lines += [f"  {key}: {value}" for key, value in stats.items()]
+    print("\n".join(lines))
+    fs, path = fsspec.core.url_to_fs(store.url)
+    with fs.open(f"{path.rstrip('/')}/{STATS_FILE}", "w") as handle:
+        json.dump(stats, handle, indent=2)
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="import_logits", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_import(cfg)
+    except (LegacyImportError, StoreLockedError, ValueError, FileNotFoundError, FileExistsError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
