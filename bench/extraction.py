@@ -1,9 +1,9 @@
 """Extraction: clips/s of `python -m ced_lightning.extract` for a 1-, 2- and 3-teacher ensemble (CED-Tiny,
 CED-Mini and a MobileNetV3 on 128-bin log-mel: three architectures, two front ends), and the scaling from 1 to
 2 processes (DDP, gloo on the CPU) for the 1-teacher case. Each figure is the real command in a subprocess,
-read from the store's `.stats.json`: `steady_clips_per_s`, the rate after each rank's first block summed over
-the ranks (so starting processes, the process group and the first read are out), and `clips_per_s` over
-the whole of `trainer.predict` for comparison."""
+read from the store's `extract_stats.json`: `steady_clips_per_s`, the rate after each rank's first block
+summed over the ranks (so starting processes, the process group and the first read are out), and
+`clips_per_s` over the whole of `trainer.predict` for comparison."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _extract(
     subprocess.run(
         [sys.executable, "-m", "ced_lightning.extract", *args], check=True, env=env, capture_output=True
     )
-    return json.loads(Path(out + ".stats.json").read_text())
+    return json.loads((Path(out) / "extract_stats.json").read_text())
 
 
 def run(quick: bool = True) -> dict[str, Any]:

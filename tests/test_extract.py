@@ -121,7 +121,7 @@ def test_heterogeneous_ensemble_extracts_and_verifies(reference: LogitStore, wor
     assert ((epoch.probs > 0) & (epoch.probs < 1)).all()
     # Epochs differ (other augmentation draws), so do their top-k probabilities.
     assert not np.array_equal(store.read_epoch(0).probs, epoch.probs)
-    stats = (workdir / "reference.zarr.stats.json").read_text()
+    stats = (workdir / "reference.zarr" / "extract_stats.json").read_text()
     assert '"bytes_per_clip_epoch"' in stats and '"clips_per_s"' in stats
     assert json.loads(stats)["steady_clips_per_s"] > 0
     assert '"ok": true' in stats, stats
@@ -163,8 +163,14 @@ def test_resume_after_interruption_equals_uninterrupted(reference: LogitStore, w
     # The interrupted store still refuses to be read as a whole.
     with pytest.raises(ValueError, match="incomplete"):
         partial.read_epoch(0)
+    # What zarr's LocalStore (>= 3.1.3) leaves when killed between writing a shard and renaming it into place.
+    leftover = Path(out) / "topk_values" / "c" / "0" / "2" / f"0.{'5e' * 16}.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a shard")
+    assert not Path(f"{out}.lock").exists()  # released when the first run ended
     run_extract(_cfg(workdir, out))
     _assert_same_store(reference.url, out)
+    assert not leftover.exists()
 
 
 @pytest.mark.parametrize(
@@ -197,6 +203,95 @@ def test_mismatch_refused_other_teachers_and_audio(reference: LogitStore, workdi
         ValueError, match=r"(?s)audio_fingerprint: stored.*num_clips: stored 40, requested 39"
     ):
         run_extract(cfg)
+    assert not Path(f"{reference.url}.lock").exists()  # released after the exception
+
+
+def test_failed_verification_exits_non_zero(reference: LogitStore, workdir: Path) -> None:
+    """The real command, verifying (only) a complete store whose values were altered: exit status 1 (it
+    printed MISMATCH and exited 0 before)."""
+    import shutil
+
+    tampered = workdir / "tampered_copy.zarr"
+    shutil.copytree(reference.url, tampered)
+    values = zarr.open_group(str(tampered), mode="r+")["topk_values"]
+    values[:] = (values[:].astype(np.float32) * 0.9).astype(np.float16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = _overrides(workdir, str(tampered), "verify=6", f"hydra.run.dir={workdir / 'verify_run'}")
+    done = subprocess.run(
+        [sys.executable, "-m", "ced_lightning.extract", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=workdir,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said[-3000:]
+    assert "-> MISMATCH" in done.stdout and "verification failed" in said, said[-3000:]
+    assert json.loads((tampered / "extract_stats.json").read_text())["verify"]["ok"] is False
+
+
+def test_stats_kept_inside_the_store_user_file_untouched(workdir: Path) -> None:
+    from ced_lightning.extract import run_extract
+
+    out = workdir / "beside_user_file.zarr"
+    users = Path(f"{out}.stats.json")  # a name the old code wrote its figures to
+    users.write_text("the user's own notes")
+    run_extract(_cfg(workdir, str(out), f"audio_store={workdir / 'small_audio.zarr'}", "epochs=1"))
+    assert users.read_text() == "the user's own notes"
+    assert json.loads((out / "extract_stats.json").read_text())["complete"] is True
+
+
+def test_output_inside_the_audio_store_refused(workdir: Path) -> None:
+    from ced_lightning.extract import run_extract
+
+    audio = workdir / "small_audio.zarr"
+    before = sorted(p.relative_to(audio) for p in audio.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"lies inside the Zarr store or group at .*small_audio\.zarr"):
+        run_extract(_cfg(workdir, str(audio / "logits"), f"audio_store={audio}", "epochs=1"))
+    assert sorted(p.relative_to(audio) for p in audio.rglob("*")) == before  # not even a lock file
+
+
+@pytest.mark.slow
+def test_two_extract_commands_on_one_new_output(reference: LogitStore, workdir: Path) -> None:
+    """Two real `extract` processes on the same new output: the second is refused naming the first (it died
+    with zarr's ContainsArrayError or emptied the first's store before), which completes undisturbed."""
+    import time
+
+    out = workdir / "contested.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ced_lightning.extract"]
+    first = subprocess.Popen(
+        [*cmd, *_overrides(workdir, str(out), "throttle_s=4.0", f"hydra.run.dir={workdir / 'first_run'}")],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{out}.lock").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        second = subprocess.run(
+            [*cmd, *_overrides(workdir, str(out), f"hydra.run.dir={workdir / 'second_run'}")],
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
+        said = second.stdout + second.stderr
+        assert second.returncode == 1, said[-3000:]
+        assert f"being written by another extract run (pid {first.pid} on host" in said, said[-3000:]
+        log, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, log[-3000:]
+    _assert_same_store(reference.url, str(out))
+    assert not Path(f"{out}.lock").exists()
 
 
 def test_bad_combine_refused_before_any_store_exists(workdir: Path) -> None:
@@ -227,7 +322,7 @@ def test_two_process_ddp_equals_one_process(reference: LogitStore, workdir: Path
     assert "devices: 2" in _extract_with_two_processes(workdir, out, "ddp_run")
     _assert_same_store(reference.url, out)
     # Both ranks wrote two blocks or more: their rates after the first block, summed.
-    assert json.loads(Path(f"{out}.stats.json").read_text())["steady_clips_per_s"] > 0
+    assert json.loads((Path(out) / "extract_stats.json").read_text())["steady_clips_per_s"] > 0
 
     # Finishing one missing block with two processes: rank 0's share is empty, and Lightning skips its whole
     # prediction loop; the ranks must still meet and finish (this hung, or rank 0 reported missing blocks).
@@ -285,7 +380,7 @@ def test_bf16_mixed_extraction_verifies(reference: LogitStore, workdir: Path) ->
         _cfg(workdir, str(out), small, "trainer.precision=bf16-mixed", "epochs=1", "verify=4")
     )
     assert store.is_complete()
-    stats = Path(f"{out}.stats.json").read_text()
+    stats = (out / "extract_stats.json").read_text()
     assert '"precision": "bf16-mixed"' in stats and '"ok": true' in stats, stats
     assert store.block_codes().tolist() == [BLOCK_REDUCED_PRECISION]
     assert set(reference.block_codes().tolist()) == {BLOCK_FULL_PRECISION}

@@ -6,11 +6,14 @@
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
 With several devices every rank writes a disjoint, contiguous share of the missing blocks. `verify=N`
 re-runs the teachers on N random (epoch, clip) pairs from the stored parameters and reports the largest
-difference from the stored probabilities.
+difference from the stored probabilities; a mismatch ends the command with exit status 1 (also when only
+verifying a complete store). One run writes a store at a time (`store.lock`); the figures are kept in the
+store, `<output>/extract_stats.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,15 +52,20 @@ from ced_lightning.runtime import (
     quiet_non_zero_ranks,
     resolve_precision,
 )
-from ced_lightning.store import store_nbytes
+from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes
 from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
+from ced_lightning.store.remote import apply_storage_options, redact_url
 
 log = logging.getLogger(__name__)
 
 # Largest replay difference beyond quantization, by whether either side computed in reduced precision:
 # bf16 teachers differ from a float32 replay by about 1% of a probability, float32 ones by round-off.
 REPLAY_SLACK = {False: 1e-4, True: 2e-2}
+
+# The extraction's figures, kept inside the store: a name next to it could be a user's file.
+STATS_FILE = "extract_stats.json"
 
 # How long ranks > 0 of an externally launched job (torchrun, SLURM) wait for rank 0 to create the store.
 _CREATE_WAIT_S = 600.0
@@ -116,7 +124,7 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
             model = loaded.model
             if loaded.class_names:
                 class_lists[member["name"]] = loaded.class_names
-            record = {"name": member["name"], "checkpoint": path, "sha256": loaded.sha256}
+            record = {"name": member["name"], "checkpoint": redact_url(path), "sha256": loaded.sha256}
         else:
             spec = {k: v for k, v in member.items() if k != "name"}
             model = instantiate(spec).eval()
@@ -167,6 +175,11 @@ def create_or_resume(
     }
     if global_rank() != 0:
         _wait_for_store(str(cfg.output))
+    elif store_exists(str(cfg.output)):
+        # Rank 0 holds the store's lock: temporary files are what a killed run left, not writes in flight.
+        removed = remove_partial_writes(str(cfg.output))
+        if removed:
+            log.info("%s: removed %d partial writes left by an interrupted run", cfg.output, removed)
     return LogitStore.create(str(cfg.output), **settings)
 
 
@@ -203,10 +216,26 @@ def _store_class_names(
     return resolve_class_names(num_classes, teacher_names, audio.class_names, placeholders=False)
 
 
+class VerificationError(RuntimeError):
+    """`verify=N` found stored probabilities that the teachers do not reproduce."""
+
+
 def run_extract(cfg: DictConfig) -> LogitStore:
-    """Extract (or finish extracting) the logit store `cfg.output`; returns it, complete."""
+    """Extract (or finish extracting) the logit store `cfg.output`; returns it, complete.
+
+    Raises StoreLockedError when another run writes the store, VerificationError when `verify` fails.
+    """
     if cfg.get("output") in (None, "", "???"):
         raise ValueError("output=PATH is required: where the logit store goes")
+    apply_storage_options(cfg.get("storage_options"))
+    # One writer per store: the launching process (rank 0) holds the lock for the whole job; the ranks it
+    # or a cluster launcher started work under it.
+    lock = store_lock(str(cfg.output), "extract") if global_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return _extract(cfg)
+
+
+def _extract(cfg: DictConfig) -> LogitStore:
     audio = AudioStore.open(str(cfg.audio_store))
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
     num_classes = int(teachers[0].num_classes)
@@ -268,6 +297,14 @@ def run_extract(cfg: DictConfig) -> LogitStore:
             replay_reduced=reduced_precision(trainer.precision, device),
         )
     report(store, stats)
+    if "verify" in stats and not stats["verify"]["ok"]:
+        v = stats["verify"]
+        raise VerificationError(
+            f"{redact_url(store.url)}: verification failed: the teachers' probabilities differ from the "
+            f"stored ones by up to {v['max_abs_diff']:.2e} (bound {v['bound']:.2e}) on {v['samples']} "
+            "(epoch, clip) pairs. The store does not hold what these teachers compute on this audio store: "
+            "check the teacher checkpoints and the audio store, or extract into a new output."
+        )
     return store
 
 
@@ -294,10 +331,10 @@ def extraction_stats(
 
 
 def report(store: LogitStore, stats: dict[str, Any]) -> None:
-    """Print the figures and keep them next to the store (`<output>.stats.json`)."""
+    """Print the figures and keep them in the store (`<output>/extract_stats.json`)."""
     lines = [
-        f"logit store {store.url}: {store.num_clips} clips x {store.epochs} epochs, top-{store.topk}, "
-        f"{store.quantization}"
+        f"logit store {redact_url(store.url)}: {store.num_clips} clips x {store.epochs} epochs, "
+        f"top-{store.topk}, {store.quantization}"
     ]
     lines += [f"  {key}: {value}" for key, value in stats.items() if key != "verify"]
     if "verify" in stats:
@@ -308,7 +345,7 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
         )
     print("\n".join(lines))
     fs, path = fsspec.core.url_to_fs(store.url)
-    with fs.open(path.rstrip("/") + ".stats.json", "w") as handle:
+    with fs.open(f"{path.rstrip('/')}/{STATS_FILE}", "w") as handle:
         json.dump(stats, handle, indent=2)
 
 

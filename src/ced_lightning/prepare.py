@@ -37,6 +37,8 @@ from ced_lightning.store.audio import (
     AudioStore,
     AudioStoreWriter,
 )
+from ced_lightning.store.lock import store_lock
+from ced_lightning.store.remote import apply_storage_options, redact_config, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +258,7 @@ def summarize(store: AudioStore) -> dict[str, Any]:
     """Counts for the closing summary: written, skipped, failed, hours, size, unmatched segment rows."""
     failures = store.failures()
     return {
-        "store": store.url,
+        "store": redact_url(store.url),
         "clips_written": len(store),
         "skipped": sum(1 for f in failures if f.get("kind") == "skipped"),
         "failed": sum(1 for f in failures if f.get("kind") != "skipped"),
@@ -287,6 +289,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError(
             "output: where to write the store (demo: the folder for train/val/test.zarr) is required"
         )
+    apply_storage_options(cfg.get("storage_options"))
     workers = int(cfg.workers) if cfg.get("workers") is not None else min(8, os.cpu_count() or 1)
     if cfg.source == "demo":
         from ced_lightning.data.demo import build_demo_stores
@@ -312,27 +315,31 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
     sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
     log.info("%s input: %d files", sources.kind, len(sources.items))
-    config = {
-        "input": inputs,
-        "audio_dir": cfg.get("audio_dir"),
-        "class_labels": cfg.get("class_labels"),
-        "sample_rate": SAMPLE_RATE,
-    }
-    store = prepare_store(
-        sources.items,
-        str(cfg.output),
-        class_list=sources.class_list,
-        workers=workers,
-        strict=False,
-        overwrite=bool(cfg.overwrite),
-        source=sources.kind,
-        config=config,
-        unmatched=sources.unmatched,
-        chunk_samples=int(cfg.chunk_samples),
-        shard_chunks=int(cfg.shard_chunks),
-        compression=str(cfg.get("compression", "none")),
-        throttle_s=float(cfg.get("throttle_s") or 0.0),
+    # Stored in the store's attributes: without credentials a URL may carry (store.remote).
+    config = redact_config(
+        {
+            "input": inputs,
+            "audio_dir": cfg.get("audio_dir"),
+            "class_labels": cfg.get("class_labels"),
+            "sample_rate": SAMPLE_RATE,
+        }
     )
+    with store_lock(str(cfg.output), "prepare"):  # one writer per store (store.lock)
+        store = prepare_store(
+            sources.items,
+            str(cfg.output),
+            class_list=sources.class_list,
+            workers=workers,
+            strict=False,
+            overwrite=bool(cfg.overwrite),
+            source=sources.kind,
+            config=config,
+            unmatched=sources.unmatched,
+            chunk_samples=int(cfg.chunk_samples),
+            shard_chunks=int(cfg.shard_chunks),
+            compression=str(cfg.get("compression", "none")),
+            throttle_s=float(cfg.get("throttle_s") or 0.0),
+        )
     summary = summarize(store)
     print_summary(summary)
     if cfg.strict:

@@ -326,7 +326,8 @@ def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
 def log_hyperparameters(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trainer) -> None:
     if not trainer.loggers:
         return
-    params = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+    # storage_options may resolve to credentials (${oc.env:...}): they are not hyperparameters to upload.
+    params = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("hydra", "storage_options")}
     params = OmegaConf.to_container(OmegaConf.create(params), resolve=True)
     params["model/params_total"] = sum(p.numel() for p in module.model.parameters())
     params["model/params_trainable"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)

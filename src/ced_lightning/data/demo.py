@@ -251,6 +251,7 @@ def build_demo_stores(
 ) -> dict[str, str]:
     """Write `root/{train,val,test}.zarr` (skipping any already complete with the same config); their URLs."""
     from ced_lightning.store.audio import AudioStoreWriter
+    from ced_lightning.store.lock import store_lock
 
     root = os.fspath(root).rstrip("/")
     if "://" not in root:
@@ -267,20 +268,21 @@ def build_demo_stores(
             "clips": int(count),
             "clip_seconds": float(clip_seconds),
         }
-        writer = AudioStoreWriter(
-            url,
-            class_names=DEMO_CLASSES,
-            class_mids=DEMO_MIDS,
-            source="demo",
-            config=config,
-            overwrite=overwrite,
-        )
-        if writer.complete_store is None:
-            jobs = _split_jobs(split, int(seed), int(count), float(clip_seconds))[writer.skip_items() :]
-            log.info("demo: writing %d %s clips to %s", len(jobs), split, url)
-            for name, samples, labels in _generate(jobs, workers):
-                writer.add(name, samples, labels)
-            writer.finish()
+        with store_lock(url, "prepare"):
+            writer = AudioStoreWriter(
+                url,
+                class_names=DEMO_CLASSES,
+                class_mids=DEMO_MIDS,
+                source="demo",
+                config=config,
+                overwrite=overwrite,
+            )
+            if writer.complete_store is None:
+                jobs = _split_jobs(split, int(seed), int(count), float(clip_seconds))[writer.skip_items() :]
+                log.info("demo: writing %d %s clips to %s", len(jobs), split, url)
+                for name, samples, labels in _generate(jobs, workers):
+                    writer.add(name, samples, labels)
+                writer.finish()
         urls[split] = url
     return urls
 

@@ -37,7 +37,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
-from ced_lightning.store import check_free_for_store
+from ced_lightning.store import check_free_for_store, remove_partial_writes
+from ced_lightning.store.lock import store_lock
 from ced_lightning.store.shards import RawShardReader
 
 log = logging.getLogger(__name__)
@@ -437,6 +438,9 @@ class AudioStoreWriter:
                 log.info("%s: complete audio store with the same arguments exists; reusing it", self.url)
                 self.complete_store = AudioStore(self.url, existing)
                 return
+            removed = remove_partial_writes(self.url)
+            if removed:
+                log.info("%s: removed %d partial writes left by the interrupted run", self.url, removed)
             self.group = _open_group(self.url, "r+")
             self._resume(attrs.get("progress"))
             return
@@ -735,22 +739,23 @@ def write_audio_store(
     incomplete one resumes (the first clips it committed are skipped from `clips`); other stores there are
     refused unless `overwrite`.
     """
-    writer = AudioStoreWriter(
-        url,
-        class_names=class_names,
-        class_mids=class_mids,
-        source=source,
-        config=config,
-        overwrite=overwrite,
-        chunk_samples=chunk_samples,
-        shard_chunks=shard_chunks,
-        compression=compression,
-    )
-    if writer.complete_store is not None:
-        return writer.complete_store
-    skip = writer.skip_items()
-    for k, (name, waveform, labels) in enumerate(clips):
-        if k < skip:
-            continue
-        writer.add(name, waveform, labels)
-    return writer.finish()
+    with store_lock(url, "writer"):
+        writer = AudioStoreWriter(
+            url,
+            class_names=class_names,
+            class_mids=class_mids,
+            source=source,
+            config=config,
+            overwrite=overwrite,
+            chunk_samples=chunk_samples,
+            shard_chunks=shard_chunks,
+            compression=compression,
+        )
+        if writer.complete_store is not None:
+            return writer.complete_store
+        skip = writer.skip_items()
+        for k, (name, waveform, labels) in enumerate(clips):
+            if k < skip:
+                continue
+            writer.add(name, waveform, labels)
+        return writer.finish()

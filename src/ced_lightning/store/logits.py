@@ -33,6 +33,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store import check_free_for_store, store_exists, store_nbytes
+from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class LogitStore:
                 "class_names": list(class_names) if class_names is not None else None,
                 "quantization": quantization_attrs(quantization),
                 "audio_fingerprint": str(audio_fingerprint),
-                "audio_store": str(audio_url),
+                "audio_store": redact_url(audio_url),  # a URL's credentials stay out of the store
                 "num_clips": int(num_clips),
                 "clip_samples": int(clip_samples),
                 "block_clips": int(block_clips),
