@@ -37,6 +37,7 @@ from ced_lightning.prepare import prepare_store
 from ced_lightning.quantize import quantize
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.legacy import LegacyImportError, require_import_extra
+from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.targets import rebuild_targets
 
@@ -358,6 +359,13 @@ def test_other_data_is_refused_naming_what_differs(tmp_path: Path, stores: dict[
         _import(changed, stores["by_file"], out)
     with pytest.raises(ValueError, match=r"audio_fingerprint: stored"):
         _import(CHUNK, stores["by_ytid"], out)
+
+
+def test_a_second_writer_is_refused(tmp_path: Path, stores: dict[str, str]) -> None:
+    out = tmp_path / "logits.zarr"
+    with store_lock(str(out), "extract"), pytest.raises(StoreLockedError):
+        _import(CHUNK, stores["by_file"], out)
+    assert not out.exists()
 
 
 def test_unmatched_rows_are_refused_unless_allowed_and_then_reported(tmp_path: Path) -> None:

@@ -226,8 +226,8 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
     n = len(clip_names)
     matcher = ClipMatcher(clip_names)
     file_of = np.full((epochs, n), -1, dtype=np.int32)
-    row_of = np.full((epochs, n), -1, dtype=np.int64)
-    span = np.zeros((epochs, n), dtype=np.int64)
+    row_of = np.full((epochs, n), -1, dtype=np.int32)
+    span = np.zeros((epochs, n), dtype=np.int32)
     plan = ImportPlan(files, epochs, 0, file_of, row_of, span)
     late, long_rows, duplicates, unmatched = [], [], [], []
     clip_seconds = clip_samples / SAMPLE_RATE
