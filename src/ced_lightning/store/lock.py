@@ -66,10 +66,18 @@ def store_lock(url: str | os.PathLike, command: str) -> Iterator[None]:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     lock = filelock.MarkerSoftFileLock(path, timeout=0)
+    earlier = lock.owner if os.path.exists(path) else None
     try:
         lock.acquire()
     except filelock.Timeout:
         raise StoreLockedError(_held_message(os.fspath(url), path, lock, command)) from None
+    if earlier is not None and earlier.pid != os.getpid():
+        log.info(
+            "%s: took over the lock of pid %d on %s, which no longer runs (a killed run)",
+            redact_url(url),
+            earlier.pid,
+            earlier.hostname,
+        )
     try:
         yield
     finally:
