@@ -190,8 +190,8 @@ _PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16"
 def teacher_precision(cfg: DictConfig) -> str:
     """The precision the teachers run at (`trainer.precision` resolved as the trainer will: Lightning's name).
 
-    float32 by default (conf/extract.yaml): bf16 targets are about 2.5x further from the teachers' own
-    probabilities than the int8 store's rounding bound.
+    float32 by default (conf/extract.yaml): bf16's error is of the order of the store's own int8 rounding
+    (docs/logit_store.md, "Teacher precision"), so it would about double the targets' error.
     """
     precision = str(resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.accelerator)))
     return _PRECISION_ALIASES.get(precision, precision)

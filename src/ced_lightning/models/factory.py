@@ -159,8 +159,9 @@ def load_ced(
 ) -> CED:
     """Build the right CED size and depth from a checkpoint's shapes and load it with `strict=True`.
 
-    Works with the released `audiotransformer_*_mAP_*.pt` files and with this project's checkpoints (which
-    also store the exact `CEDConfig`, e.g. a non-default front end).
+    Works with released names (`ced_mini`, `list_released()`), the released `audiotransformer_*_mAP_*.pt`
+    files, the Hub's `model.safetensors` and this project's checkpoints (which also store the exact
+    `CEDConfig`, e.g. a non-default front end).
     """
     obj, _ = _read_checkpoint(path, map_location)
     model = _ced_from_checkpoint(obj, str(path), config)
@@ -228,7 +229,7 @@ class InitReport:
 
     def describe(self) -> str:
         total = len(self.loaded) + len(self.skipped)
-        lines = [f"init_from {self.source}: loaded {len(self.loaded)} of the model's {total} tensors"]
+        lines = [f"init_from {self.source}: {len(self.loaded)} of the model's {total} tensors match"]
         for what, keys in (
             ("missing from the file", self.missing),
             ("shape differs", self.mismatched),

@@ -164,6 +164,7 @@ def fetch_released(entry: ReleasedWeights | str) -> Path:
         entry = RELEASED[entry]
     cached = cached_released(entry)
     if cached is not None:
+        log.info("%s: %s", entry.name, cached)
         return cached
     if hub_offline():
         raise ReleasedWeightsUnavailable(_unavailable_message(entry, ["HF_HUB_OFFLINE=1: no download tried"]))
