@@ -198,7 +198,8 @@ def test_every_epoch_and_clip_gives_the_original_readers_target_shift_and_masks(
             assert (target - item["target"]).abs().max() <= 0.004
         params = epoch_slice.params.subset(clip).values
         assert int(params["shift"][0]) == item["shift_samples"], item["filename"]
-        time_mask = _original_mask(item["rand_value"], item["rand_min_value"], LEGACY_BATCH_FRAMES, 192)
+        # The original's batch of 10 s clips: 1001 frames of its front end (written out, not our constant).
+        time_mask = _original_mask(item["rand_value"], item["rand_min_value"], 1001, 192)
         freq_mask = _original_mask(item["rand_value"], item["rand_min_value"], 64, 24)
         assert (int(params["time_start"][0, 0]), int(params["time_width"][0, 0])) == time_mask
         assert (int(params["freq_start"][0, 0]), int(params["freq_width"][0, 0])) == freq_mask
@@ -482,3 +483,44 @@ def test_a_student_trains_an_epoch_from_the_imported_store(stores: dict[str, str
     # 4 clips in batches of 2: one epoch is two optimiser steps on the imported targets.
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 2)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_extra_arrays_are_written_with_their_block_and_checked(tmp_path: Path) -> None:
+    """`write_block(extra=)` refuses a missing or misshapen extra array before anything is written, and a
+    store without extras (every store written before them) keeps reading as before."""
+    common = {
+        "num_clips": 3,
+        "epochs": 2,
+        "topk": 2,
+        "num_classes": 5,
+        "class_names": None,
+        "quantization": "float16",
+        "recipe": LEGACY_RECIPE,
+        "audio_fingerprint": "f",
+        "audio_url": "a",
+        "clip_samples": 160_000,
+        "teachers": [{"name": "t", "sha256": "0"}],
+        "combine": "mean_prob",
+        "block_clips": 3,
+    }
+    store = LogitStore.create(
+        str(tmp_path / "x.zarr"), seed=None, extra_arrays={"legacy_seeds": "int32"}, **common
+    )
+    indices = np.tile(np.array([[0, 1]]), (2, 3, 1))
+    probs = np.full((2, 3, 2), 0.5, dtype=np.float32)
+    params = [legacy_augment_params(np.arange(3), np.full(3, 160_000))] * 2
+    with pytest.raises(ValueError, match=r"extra arrays \[\], the store has \['legacy_seeds'\]"):
+        store.write_block(0, indices, probs, params)
+    with pytest.raises(ValueError, match=r"extra array 'legacy_seeds' of shape \(3,\)"):
+        store.write_block(0, indices, probs, params, extra={"legacy_seeds": np.arange(3)})
+    assert store.missing_blocks() == [0]
+    seeds = np.arange(6).reshape(2, 3)
+    store.write_block(0, indices, probs, params, extra={"legacy_seeds": seeds})
+    reopened = LogitStore.open(store.url)
+    assert np.array_equal(reopened.read_extra("legacy_seeds"), seeds) and reopened.seed is None
+
+    plain = LogitStore.create(str(tmp_path / "plain.zarr"), seed=7, **common)
+    plain.write_block(0, indices, probs, params)
+    plain = LogitStore.open(plain.url)
+    assert plain.extra_arrays == {} and plain.seed == 7 and "provenance" not in plain.attrs
+    assert "extra_arrays" not in plain.attrs and plain.is_complete()
