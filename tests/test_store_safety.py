@@ -314,3 +314,24 @@ def test_storage_options_reach_every_store_prepare_opens(tmp_path: Path, tokenme
 def test_storage_options_must_be_given_per_protocol() -> None:
     with pytest.raises(ValueError, match=r"storage_options\.anon must be a mapping .*per protocol"):
         apply_storage_options({"anon": True})
+
+
+def test_every_command_applies_storage_options_before_it_runs(tokenmem: None) -> None:
+    """train, evaluate, predict and export do not call apply_storage_options themselves: the Hydra callback
+    registered for every command (conf/hydra/default.yaml) does, before the command's code runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ced_lightning import conf_dir
+
+    write_url = "tokenmem://bucket/by_callback.zarr"
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        for command in ("prepare", "extract", "train", "evaluate", "predict", "export"):
+            cfg = compose(
+                command, overrides=["+storage_options.tokenmem.token=let-me-in"], return_hydra_config=True
+            )
+            assert "storage_options" in cfg.hydra.callbacks, command
+    callback = instantiate(cfg.hydra.callbacks.storage_options)
+    callback.on_job_start(cfg, task_function=None)
+    assert len(write_audio_store(write_url, _clips(2), **SMALL)) == 2
+    assert AudioStore.open(write_url).names == ["c00", "c01"]
