@@ -108,3 +108,22 @@ def test_command_line(model, store_url, tmp_path, monkeypatch, capsys):
     main()
     printed = capsys.readouterr().out
     assert "clips: 8  mAP: " in printed and "per-class AP" not in printed
+
+
+def test_clips_shorter_than_one_stft_window_are_scored(model, tmp_path):
+    """Before: a 200-sample clip (alone in its length group) raised `RuntimeError: ... Padding size should be
+    less than the corresponding input dimension` and the evaluation ended without a score."""
+    rng = np.random.default_rng(3)
+    clips = [
+        (f"clip{i}", (0.1 * rng.standard_normal(n)).astype(np.float32), labels)
+        for i, (n, labels) in enumerate([(200, [0]), (16000, [1]), (1, [0, 1]), (16000, [2, 3])])
+    ]
+    url = str(tmp_path / "short.zarr")
+    store_audio.write_audio_store(url, clips, class_names=CLASS_NAMES)
+    save_ced(model, tmp_path / "tiny.pt")
+    result = evaluate_checkpoint(tmp_path / "tiny.pt", url, batch_size=2, device="cpu")
+    with torch.no_grad():  # the rule: zero-padded at the end to one STFT window (512 samples)
+        padded = torch.nn.functional.pad(torch.from_numpy(clips[0][1]), (0, 512 - 200))
+        expected = torch.sigmoid(model(padded[None]))[0]
+    assert (result["probabilities"][0] - expected).abs().max().item() < 1e-5
+    assert torch.isfinite(result["probabilities"]).all() and np.isfinite(result["mAP"])

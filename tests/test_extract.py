@@ -458,3 +458,52 @@ def test_non_finite_teacher_output_names_the_teacher_and_clips() -> None:
         ValueError, match=r"teacher broken .* clips \[24, 25\] \(augmentation epoch 0\).*\(3\)"
     ):
         module.block_topk(batch)
+
+
+def test_clips_shorter_than_one_stft_window_extract(workdir: Path) -> None:
+    """The short-clip rule in extraction: 200-sample clips, and crops of 0.02 s (320 samples: under CED's
+    512-point window and the CNN's 1024). Before, the front end's reflect padding raised `RuntimeError: ...
+    Padding size should be less than the corresponding input dimension` for the crops."""
+    from ced_lightning.extract import run_extract
+
+    rng = np.random.default_rng(5)
+    clips = [(f"blip{i}", (0.2 * rng.standard_normal(200)).astype(np.float32), [i % C]) for i in range(6)]
+    write_audio_store(workdir / "short_audio.zarr", clips, class_names=CLASSES)
+    for clip_seconds in (1.0, 0.02):
+        out = str(workdir / f"short_logits_{clip_seconds}.zarr")
+        overrides = [o for o in _overrides(workdir, out, "verify=6") if not o.startswith("clip_seconds")]
+        overrides[0] = f"audio_store={workdir / 'short_audio.zarr'}"
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("extract", overrides=[*overrides, f"clip_seconds={clip_seconds}"])
+        store = run_extract(cfg)  # verify=6 recomputes every clip and compares
+        assert store.is_complete()
+        indices, values, _ = store.read(E - 1, 5)
+        assert len(indices) == K and np.isfinite(values).all()
+
+
+def test_credentials_in_urls_stay_out_of_the_store(workdir: Path) -> None:
+    """Audio store and teacher checkpoint given by URLs with credentials: the logit store records them
+    redacted (it recorded both verbatim before)."""
+    import fsspec
+
+    from ced_lightning.extract import run_extract
+
+    secret = "s3cretValue"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(workdir / "ced_tiny.pt"), "/creds/ced_tiny.pt")
+    audio_url = f"memory://AKIAKEY:{secret}@bucket/small_audio.zarr"
+    fs.put(str(workdir / "small_audio.zarr"), "/AKIAKEY:s3cretValue@bucket/small_audio.zarr", recursive=True)
+    checkpoint = f"memory://creds/ced_tiny.pt?token={secret}"
+    fs.mv("/creds/ced_tiny.pt", f"/creds/ced_tiny.pt?token={secret}")
+    out = workdir / "from_urls.zarr"
+    cfg = _cfg(
+        workdir,
+        str(out),
+        f"audio_store='{audio_url}'",
+        f"teacher.members=[{{name: ced_tiny, checkpoint: '{checkpoint}'}}]",
+        "epochs=1",
+    )
+    store = run_extract(cfg)
+    assert store.attrs["audio_store"] == "memory://***@bucket/small_audio.zarr"
+    assert store.teachers[0]["checkpoint"] == "memory://creds/ced_tiny.pt?token=***"
+    assert secret not in (out / "zarr.json").read_text() + (out / "extract_stats.json").read_text()

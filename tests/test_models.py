@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar
 
 import fsspec
@@ -306,3 +307,31 @@ def test_front_end_refuses_int16_samples():
     model = create_ced("ced_tiny", depth=1).eval()
     with pytest.raises(TypeError, match="int16_to_float"):
         model(torch.zeros(1, 8000, dtype=torch.int16))
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_load_errors_name_the_file(tmp_path: Path) -> None:
+    """Before: torch's `UnpicklingError: Weights only load failed ...` (or a corrupt file's error) did not say
+    which checkpoint it was, which matters with several teachers. Malicious pickles stay refused."""
+    from ced_lightning.models.factory import CheckpointLoadError
+
+    marker = tmp_path / "code_ran"
+    torch.save({"model": _Exploit(marker)}, tmp_path / "teacher_2.ckpt")
+    with pytest.raises(
+        CheckpointLoadError, match=rf"{tmp_path / 'teacher_2.ckpt'}: cannot load this checkpoint"
+    ):
+        load_checkpoint(tmp_path / "teacher_2.ckpt")
+    assert not marker.exists()
+    save_ced(create_ced("ced_tiny", depth=1), tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointLoadError, match=r"cut\.pt: cannot load this checkpoint \("):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        load_checkpoint(tmp_path / "missing.pt")

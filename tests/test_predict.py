@@ -91,8 +91,8 @@ def test_expand_inputs_skips_dotfiles_and_keeps_every_readable_format(tmp_path):
         device="cpu",
     )
     assert not failures and len(results) == 4
-    # prepare shares the walk and the dotfile rule but keeps its own, narrower set of formats.
-    assert [i.name for i in from_directory(folder).items] == ["link/via_link", "song", "sub/LOUD"]
+    # prepare shares the walk, the dotfile rule and the formats (it skipped .aiff before).
+    assert [i.name for i in from_directory(folder).items] == ["link/via_link", "song", "sub/LOUD", "take"]
 
 
 def test_resolve_class_names():
@@ -209,3 +209,72 @@ def test_bad_output_name_refused_before_loading_or_tagging(tmp_path):
     )
     with pytest.raises(ValueError, match=r"output=tags\.txt: use a \.jsonl or \.csv"):
         predict(cfg)  # the checkpoint does not even exist: the name is checked first
+
+
+def test_clips_shorter_than_one_stft_window_are_tagged(tiny_model, audio_dir, tmp_path):
+    """Before: a 200-sample wav raised `RuntimeError: ... Padding size should be less than the corresponding
+    input dimension` from the STFT's reflect padding, and no file of the call was tagged."""
+    short = tmp_path / "blip.wav"
+    sf.write(short, 0.3 * np.sin(np.arange(200) / 3.0).astype(np.float32), 16000)
+    results, failures = tag_files(
+        tiny_model,
+        [audio_dir / "a.wav", short],
+        class_names=CLASS_NAMES,
+        timeline_segments=True,
+        segment_seconds=0.01,  # 160-sample segments: shorter than one window too
+        hop_seconds=0.01,
+        device="cpu",
+    )
+    assert not failures and [Path(r["file"]).name for r in results] == ["a.wav", "blip.wav"]
+    assert results[1]["duration_s"] == pytest.approx(200 / 16000)
+    # The rule is zero-padding at the end to one window (512 samples), as a batch pads its shorter clips.
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(load_audio(short), (0, 512 - 200))
+        expected = torch.sigmoid(tiny_model(padded[None]))[0]
+    assert results[1]["labels"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+class FailsOnLength(torch.nn.Module):
+    """The tiny CED, failing (as a CUDA out-of-memory error would) on inputs of one length."""
+
+    def __init__(self, model: torch.nn.Module, bad_samples: int) -> None:
+        super().__init__()
+        self.model, self.bad_samples, self.num_classes = model, bad_samples, model.num_classes
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.shape[-1] == self.bad_samples:
+            raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+        return self.model(waveform)
+
+
+def test_a_file_the_model_fails_on_costs_only_that_file(tiny_model, audio_dir):
+    """Before: the model's exception left `tag_files`, so the good files' tags were lost with it."""
+    files = [audio_dir / "a.wav", audio_dir / "c.flac", audio_dir / "b.wav"]
+    model = FailsOnLength(tiny_model, bad_samples=32000)  # c.flac: 2 s
+    results, failures = tag_files(model, files, class_names=CLASS_NAMES, device="cpu")
+    assert [Path(r["file"]).name for r in results] == ["a.wav", "b.wav"]
+    assert [Path(f.path).name for f in failures] == ["c.flac"]
+    assert failures[0].reason.endswith(
+        "the model failed on it (RuntimeError: CUDA out of memory (simulated))"
+    )
+    # A batch that fails as a whole (padded to the bad length) is retried file by file.
+    results, failures = tag_files(
+        FailsOnLength(tiny_model, bad_samples=16000 * 12),
+        [audio_dir / "a.wav", audio_dir / "long.wav", audio_dir / "b.wav"],
+        class_names=CLASS_NAMES,
+        length_tolerance_s=20.0,
+        device="cpu",
+    )
+    assert [Path(r["file"]).name for r in results] == ["a.wav", "b.wav"]
+    assert [Path(f.path).name for f in failures] == ["long.wav"]
+
+
+def test_truncated_wav_is_refused_as_prepare_refuses_it(tiny_model, tmp_path):
+    """Before: predict tagged a half-downloaded WAV as a shorter clip, while prepare refused it."""
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, 0.2 * np.sin(np.arange(16000) / 5.0).astype(np.float32), 16000)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:20000])
+    results, failures = tag_files(tiny_model, [whole, cut], class_names=CLASS_NAMES, device="cpu")
+    assert [Path(r["file"]).name for r in results] == ["whole.wav"]
+    assert len(failures) == 1 and "cut.wav: truncated WAV" in failures[0].reason

@@ -280,3 +280,159 @@ def test_run_prepare_errors_name_the_key(tmp_path: Path) -> None:
         run_prepare(OmegaConf.create(cli_config(tmp_path, input=str(tmp_path))))
     with pytest.raises(FileNotFoundError, match="missing"):
         run_prepare(OmegaConf.create(cli_config(tmp_path, input=str(tmp_path / "missing"), output="x.zarr")))
+
+
+# -- dead decoding processes -----------------------------------------------------------------------------
+# Runs `prepare` in a child Python whose decoder SIGKILLs its own process (as the out-of-memory killer would)
+# on one named file: always, or only the first time (a marker file remembers). Only decoding processes die:
+# the guard on the parent's pid keeps the command itself alive.
+_KILLING_PREPARE = """
+import os, signal, sys
+from pathlib import Path
+import ced_lightning.prepare as prepare
+
+victim, marker, mode, parent = sys.argv[1], Path(sys.argv[2]), sys.argv[3], os.getpid()
+real_load_audio = prepare.load_audio
+
+def load_audio_or_die(path, *args, **kwargs):
+    if os.getpid() != parent and Path(path).name == victim and not marker.exists():
+        if mode == "once":
+            marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_load_audio(path, *args, **kwargs)
+
+prepare.load_audio = load_audio_or_die
+sys.argv = ["prepare", *sys.argv[4:]]
+prepare.main()
+"""
+
+
+def _assert_same_store(reference: Path, other: Path) -> None:
+    ref_group, out_group = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(other), mode="r")
+    assert sorted(n for n, _ in ref_group.arrays()) == sorted(n for n, _ in out_group.arrays())
+    for name, array in ref_group.arrays():
+        assert np.array_equal(array[:], out_group[name][:]), name
+    assert dict(ref_group.attrs) == dict(out_group.attrs)
+
+
+@pytest.fixture
+def twenty_clips(tmp_path: Path) -> tuple[list[str], Path]:
+    for k in range(20):
+        write_wav(tmp_path / "in" / f"clip{k:02d}.wav", seconds=0.2 + 0.01 * k, freq=200 + 30 * k)
+    args = {"input": str(tmp_path / "in"), "workers": 2, "chunk_samples": 1024, "shard_chunks": 2}
+    reference = tmp_path / "reference.zarr"
+    run_prepare(OmegaConf.create(cli_config(tmp_path, output=str(reference), **args)))
+    return [f"{k}={v}" for k, v in args.items()] + [f"paths.log_dir={tmp_path / 'logs'}"], reference
+
+
+def test_dead_decoder_names_the_file_and_the_rerun_resumes(tmp_path: Path, twenty_clips) -> None:
+    """Before: `Pool.imap` waited forever for the killed worker's item (the run hung, nothing logged)."""
+    overrides, reference = twenty_clips
+    out = tmp_path / "out.zarr"
+    killing = [sys.executable, "-c", _KILLING_PREPARE, "clip13.wav", str(tmp_path / "marker")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    died = subprocess.run(
+        [*killing, "always", *overrides, f"output={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert died.returncode == 1, died.stderr[-3000:]
+    log_text = died.stdout + died.stderr
+    assert f"{tmp_path / 'in' / 'clip13.wav'}: the process decoding this file died twice" in log_text
+    assert not dict(zarr.open_group(str(out), mode="r").attrs)["complete"]
+
+    rerun = [sys.executable, "-m", "ced_lightning.prepare", *overrides, f"output={out}"]
+    done = subprocess.run(rerun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_store(reference, out)
+
+
+def test_decoder_killed_once_is_retried_and_the_store_completes(tmp_path: Path, twenty_clips) -> None:
+    """Before: the same hang. A worker killed once (memory pressure) costs a retry, not the run."""
+    overrides, reference = twenty_clips
+    out = tmp_path / "out.zarr"
+    killing = [sys.executable, "-c", _KILLING_PREPARE, "clip07.wav", str(tmp_path / "marker")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*killing, "once", *overrides, f"output={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "marker").exists()  # the kill did happen
+    assert "a decoding process died" in done.stdout + done.stderr
+    _assert_same_store(reference, out)
+
+
+def test_decoded_clips_in_flight_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `Pool.imap` decoded every file ahead of a slow consumer (all 40 here), holding their clips."""
+    from ced_lightning import prepare
+
+    paths = [write_wav(tmp_path / "in" / f"c{k:02d}.wav", seconds=0.05, freq=300 + 10 * k) for k in range(40)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    real_load_audio = prepare.load_audio
+
+    def load_and_mark(path, *args, **kwargs):
+        (marks / Path(path).name).touch()
+        return real_load_audio(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "load_audio", load_and_mark)  # inherited by the forked workers
+    decoded = prepare._decoded([SourceItem(p.stem, str(p)) for p in paths], workers=2)
+    first_samples, _ = next(decoded)
+    time.sleep(1.0)  # a slow writer: the workers would keep decoding if nothing bounded them
+    assert first_samples is not None
+    assert len(list(marks.iterdir())) <= 1 + 2 * 2
+    assert sum(1 for _ in decoded) == 39
+    assert len(list(marks.iterdir())) == 40
+
+
+# -- one decoder, one list of formats, nothing skipped without a word --------------------------------------
+def test_short_clips_are_stored_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The short-clip rule at prepare time: stored as they are (models zero-pad them), counted and named.
+    Before, a 200-sample clip was stored without a word (and crashed evaluation later)."""
+    write_wav(tmp_path / "in" / "blip.wav", seconds=200 / 16000)
+    write_wav(tmp_path / "in" / "tone.wav", seconds=0.5)
+    with caplog.at_level(logging.WARNING, logger="ced_lightning.prepare"):
+        store = prepare_store(from_directory(tmp_path / "in").items, tmp_path / "s.zarr", **small())
+    assert store.names == ["blip", "tone"] and list(store.lengths) == [200, 8000]
+    assert summarize(store)["short_clips"] == 1
+    assert "1 clips are shorter than 1024 samples (64 ms), e.g. blip (200 samples)" in caplog.text
+
+
+def test_every_format_predict_reads_is_prepared_and_skipped_files_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: `.aiff` (and every libsndfile format but four) was skipped silently; so were other files."""
+    write_wav(tmp_path / "in" / "a.wav")
+    sf.write(tmp_path / "in" / "b.aiff", tone(300.0, 0.25, 16000), 16000)
+    sf.write(tmp_path / "in" / "c.caf", tone(500.0, 0.25, 16000), 16000)
+    (tmp_path / "in" / "notes.txt").write_text("not audio")
+    (tmp_path / "in" / "._a.wav").write_bytes(b"AppleDouble")
+    with caplog.at_level(logging.WARNING, logger="ced_lightning.data.sources"):
+        items = from_directory(tmp_path / "in").items
+    assert [i.name for i in items] == ["a", "b", "c"]
+    assert "2 files are not audio files by their extension (or are dotfiles) and were skipped" in caplog.text
+    assert str(tmp_path / "in" / "notes.txt") in caplog.text
+    store = prepare_store(items, tmp_path / "s.zarr", **small())
+    assert store.names == ["a", "b", "c"] and not store.failures()
+
+
+def test_unreadable_folders_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: `os.walk` without `onerror` dropped a folder it could not list without a word. Tests run as
+    root here, which reads any folder whatever its mode, so the folder is one whose path is longer than the
+    system's limit (ENAMETOOLONG): a real listing error, reported by the same path as a permission error."""
+    root = tmp_path / "in"
+    write_wav(root / "a.wav")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(20):  # 20 x 250 characters: past PATH_MAX (4096)
+            os.mkdir("d" * 250, dir_fd=fd)
+            next_fd = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    finally:
+        os.close(fd)
+    with caplog.at_level(logging.WARNING, logger="ced_lightning.data.sources"):
+        items = from_directory(root).items
+    assert [i.name for i in items] == ["a"]
+    assert "1 folders could not be read and were skipped, e.g." in caplog.text
+    assert "File name too long" in caplog.text

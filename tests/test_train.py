@@ -441,3 +441,35 @@ def test_global_rank_before_lightning_sets_it(monkeypatch: pytest.MonkeyPatch, e
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert global_rank() == rank
+
+
+def _store_with_short_clips(source_url: str, url: Path, samples: int = 200) -> str:
+    """The clips of `source_url`, every other one cut to `samples`: same classes, labels and names."""
+    from ced_lightning.store import AudioStore
+    from ced_lightning.store.audio import write_audio_store
+
+    source = AudioStore.open(source_url)
+    clips = [
+        (
+            source.names[i],
+            source.read_samples(i)[: samples if i % 2 == 0 else None],
+            source.labels(i).tolist(),
+        )
+        for i in range(len(source))
+    ]
+    write_audio_store(url, clips, class_names=source.class_names, class_mids=source.class_mids)
+    return str(url)
+
+
+def test_training_validates_on_clips_shorter_than_one_stft_window(
+    tiny_demo: dict[str, str], tmp_path: Path
+) -> None:
+    """Before: the validation batch of 200-sample clips (batched by equal length, so nothing pads them)
+    raised `RuntimeError: ... Padding size should be less than the corresponding input dimension`."""
+    from ced_lightning.train import train
+
+    val = _store_with_short_clips(tiny_demo["val"], tmp_path / "short_val.zarr")
+    overrides = _train_overrides({**tiny_demo, "val": val}, "debug=fdr")
+    train(_compose(overrides, output_dir=tmp_path / "distill"))
+    overrides[0:3] = ["experiment=teacher_demo_cnn", "model=timm", "model.backbone=mobilenetv3_small_050"]
+    train(_compose(overrides, output_dir=tmp_path / "teacher"))  # its 1024-point window: 200 < 512 < 1024

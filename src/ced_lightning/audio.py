@@ -1,7 +1,8 @@
-"""Reading audio files (one decoder for `prepare`, `predict` and the examples), and the int16 <-> float
-convention of stored audio.
+"""Reading audio files (one decoder and validator for `prepare`, `predict` and the examples), the int16 <->
+float convention of stored audio, and the short-clip rule.
 
-soundfile decodes (wav, flac, ogg, mp3 with libsndfile >= 1.1), torchaudio resamples, channels are averaged.
+soundfile decodes (every format of the installed libsndfile: `AUDIO_EXTENSIONS`), torchaudio resamples (in
+blocks for long recordings), channels are averaged.
 Stored audio is int16; batches carry it as int16 (half the bytes of float32 through DataLoader workers'
 shared memory and to the GPU) and become float32 on the device (`int16_to_float`), exactly: the scale is a
 power of two.
@@ -9,7 +10,9 @@ power of two.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import errno
+import os
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from os import PathLike
 
@@ -19,8 +22,24 @@ import torch
 import torchaudio
 
 SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 INT16_SCALE = 32768.0  # int16 sample / INT16_SCALE = float sample in [-1, 1)
+# Every format the installed libsndfile decodes (wav, flac, ogg, mp3, aiff, caf, w64, ...), plus common
+# aliases: one list for every command that scans folders. RAW is left out: headerless files cannot be decoded
+# without being told their rate and sample type.
+AUDIO_EXTENSIONS: tuple[str, ...] = tuple(
+    sorted(
+        {f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
+        | {".wav", ".flac", ".ogg", ".mp3", ".opus", ".oga", ".aif", ".aifc"}
+    )
+)
+# The project's one minimum-length rule: nothing refuses a short clip. A waveform shorter than one STFT window
+# is zero-padded at its end to one window by the models' front end (`pad_to_min_length`), as batches pad their
+# shorter clips and CED pads a clip shorter than one patch. `prepare` reports clips shorter than this (the
+# longest window of the shipped front ends: CED 512 samples, timm teachers 1024).
+SHORT_CLIP_SAMPLES = 1024
+# Files of more source frames than this are decoded and resampled in blocks of this many frames (about 95 s at
+# 44.1 kHz), so that a recording of hours never exists whole as multi-channel float32 at its own rate.
+STREAM_BLOCK_FRAMES = 1 << 22
 
 
 class AudioDecodeError(ValueError):
@@ -39,23 +58,157 @@ def resample(waveform: torch.Tensor, orig_sr: int, sample_rate: int = SAMPLE_RAT
     return _resampler(orig_sr, sample_rate)(waveform)
 
 
-def load_audio(path: str | PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode `path` to a float32 mono waveform `[samples]` at `sample_rate`.
+def resample_blocks(blocks: Iterator[np.ndarray], orig_sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`resample` of the concatenation of 1-D float32 `blocks`, holding one block (plus the filter's reach).
 
-    Raises `AudioDecodeError` naming the file for unreadable, empty, non-finite or all-zero audio.
+    torchaudio's resampler is a strided convolution over the signal zero-padded by `width` before and
+    `width + orig` after; each output group needs `2 * width + orig` inputs, so a group is computed as soon as
+    its inputs have arrived, from the same windows as the whole-signal call.
     """
+    if orig_sr == sample_rate:
+        return np.concatenate([np.asarray(b, dtype=np.float32) for b in blocks] or [np.zeros(0, np.float32)])
+    res = _resampler(orig_sr, sample_rate)
+    orig, new, width = res.orig_freq // res.gcd, res.new_freq // res.gcd, res.width
+    kernel_size = res.kernel.shape[-1]
+    pending = np.zeros(width, dtype=np.float32)  # the leading zero padding
+    length, pieces = 0, []
+
+    def convolve(signal: np.ndarray) -> np.ndarray:
+        groups = (len(signal) - kernel_size) // orig + 1
+        if groups <= 0:
+            return np.zeros(0, np.float32)
+        used = torch.from_numpy(np.ascontiguousarray(signal[: (groups - 1) * orig + kernel_size]))
+        out = torch.nn.functional.conv1d(used[None, None], res.kernel, stride=orig)
+        return out[0].transpose(0, 1).reshape(-1).numpy()
+
+    for block in blocks:
+        length += len(block)
+        pending = np.concatenate([pending, block])
+        out = convolve(pending)
+        if out.size:
+            pieces.append(out)
+            pending = pending[out.size // new * orig :]
+    pieces.append(convolve(np.concatenate([pending, np.zeros(width + orig, np.float32)])))
+    target = -(-new * length // orig)  # ceil, as torchaudio cuts its output
+    return np.concatenate(pieces)[:target]
+
+
+def check_openable(path: str | PathLike) -> None:
+    """Raise `AudioDecodeError` saying why `path` cannot be opened (missing, a symlink loop or a dangling
+    link, a folder, no permission): libsndfile reports all of these as `System error.`"""
+    if not os.path.lexists(path):
+        raise AudioDecodeError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise AudioDecodeError(f"{path}: is a folder, not an audio file")
     try:
-        data, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise AudioDecodeError(f"{path}: cannot decode audio ({err})") from err
-    if data.shape[0] == 0:
-        raise AudioDecodeError(f"{path}: empty audio (0 samples)")
-    if not np.isfinite(data).all():
-        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
-    if not data.any():
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise AudioDecodeError(f"{path}: symlink loop (a link that points back to itself)") from err
+        if err.errno == errno.ENOENT:  # lexists, yet no file: a link to nothing
+            target = os.readlink(path) if os.path.islink(path) else "?"
+            raise AudioDecodeError(f"{path}: dangling symlink (its target {target} does not exist)") from err
+        raise AudioDecodeError(f"{path}: cannot open ({err.strerror or err})") from err
+
+
+def wav_truncation(path: str | PathLike) -> str | None:
+    """Why a WAV file is cut short (its `data` chunk declares more bytes than the file holds), or None.
+
+    libsndfile silently decodes what is there, so a half-downloaded file would pass as a shorter clip.
+    """
+    path = str(path)
+    if not path.lower().endswith((".wav", ".wave")):
+        return None
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None  # not a RIFF WAVE (RF64, or not audio at all): the decoder judges it
+            order = "little" if head[:4] == b"RIFF" else "big"
+            pos = 12
+            while pos + 8 <= size:
+                handle.seek(pos)
+                chunk = handle.read(8)
+                declared = int.from_bytes(chunk[4:8], order)
+                if chunk[:4] == b"data":
+                    available = size - pos - 8
+                    # 0 and 0xFFFFFFFF are placeholders written by streaming encoders: not truncation.
+                    if declared not in (0, 0xFFFFFFFF) and declared > available:
+                        return (
+                            f"{path}: truncated WAV (data chunk declares {declared} bytes, "
+                            f"file holds {available})"
+                        )
+                    return None
+                pos += 8 + declared + (declared & 1)
+    except OSError:
+        return None
+    return None
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
+    return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+
+
+def _checked_blocks(audio: sf.SoundFile, path: str, block_frames: int) -> Iterator[np.ndarray]:
+    nonzero = False
+    for block in audio.blocks(block_frames, dtype="float32", always_2d=True):
+        if not np.isfinite(block).all():
+            raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
+        nonzero = nonzero or bool(block.any())
+        yield _mono(block)
+    if not nonzero:
         raise AudioDecodeError(f"{path}: audio is all zeros")
-    waveform = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
-    return resample(waveform, int(orig_sr), sample_rate).contiguous()
+
+
+def load_audio(
+    path: str | PathLike, sample_rate: int = SAMPLE_RATE, block_frames: int = STREAM_BLOCK_FRAMES
+) -> torch.Tensor:
+    """Decode `path` to a float32 mono waveform `[samples]` at `sample_rate`: the one decoder and validator of
+    every command (`prepare`, `predict`, the examples), so all accept and refuse the same files.
+
+    Raises `AudioDecodeError` naming the file for missing or unopenable paths (saying which), undecodable,
+    truncated (WAV), empty, non-finite, all-zero audio, and audio that rounds to silence at 16-bit
+    resolution. Files longer than `block_frames` frames are decoded and resampled block by block.
+    """
+    check_openable(path)
+    truncated = wav_truncation(path)
+    if truncated:
+        raise AudioDecodeError(truncated)
+    try:
+        with sf.SoundFile(str(path)) as audio:
+            orig_sr = int(audio.samplerate)
+            if audio.frames <= block_frames:
+                data = audio.read(dtype="float32", always_2d=True)
+                if data.shape[0] == 0:
+                    raise AudioDecodeError(f"{path}: empty audio (0 samples)")
+                if not np.isfinite(data).all():
+                    raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
+                if not data.any():
+                    raise AudioDecodeError(f"{path}: audio is all zeros")
+                waveform = resample(torch.from_numpy(_mono(data)), orig_sr, sample_rate).contiguous()
+            else:
+                blocks = _checked_blocks(audio, str(path), block_frames)
+                waveform = torch.from_numpy(resample_blocks(blocks, orig_sr, sample_rate))
+    except AudioDecodeError:
+        raise
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from err
+    if waveform.numel() == 0:
+        raise AudioDecodeError(f"{path}: empty audio (0 samples at {sample_rate} Hz)")
+    if not torch.isfinite(waveform).all():
+        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples after resampling")
+    if not waveform.abs().max() > 0.5 / INT16_SCALE:
+        # Rounds to all zeros when stored: nothing a tagger could learn from or tag.
+        raise AudioDecodeError(f"{path}: audio is silent at 16-bit resolution")
+    return waveform
+
+
+def pad_to_min_length(waveform: torch.Tensor, min_samples: int) -> torch.Tensor:
+    """`[..., samples]` zero-padded at its end to `min_samples` when shorter (the short-clip rule)."""
+    short = min_samples - waveform.shape[-1]
+    return torch.nn.functional.pad(waveform, (0, short)) if short > 0 else waveform
 
 
 def int16_to_float(samples: torch.Tensor) -> torch.Tensor:

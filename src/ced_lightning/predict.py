@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +27,7 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from ced_lightning.data.sources import scan_audio_files
+from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.labels import resolve_class_names
 
 log = logging.getLogger(__name__)
@@ -76,25 +75,19 @@ def run_model(model: nn.Module, waveforms: Sequence[torch.Tensor], device: torch
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _readable_extensions() -> set[str]:
-    # Everything the installed libsndfile decodes (wav, flac, ogg, mp3, aiff, ...), plus common aliases.
-    return {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".wav", ".flac", ".ogg", ".mp3", ".opus"}
-
-
 def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
     """Files as given, and the audio files found in folders (`scan_audio_files`: recursive, sorted, no
-    dotfiles) in every format the installed libsndfile reads.
+    dotfiles) in every format the installed libsndfile reads (`AUDIO_EXTENSIONS`, as `prepare`).
 
     A path that does not exist raises `FileNotFoundError` naming it: a typo should not silently tag nothing.
     """
-    extensions = _readable_extensions()
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = scan_audio_files(path, extensions)
+            found = scan_audio_files(path)
             if not found:
-                log.warning("inputs: %s contains no audio files (%s)", path, ", ".join(sorted(extensions)))
+                log.warning("inputs: %s contains no audio files (%s)", path, describe_extensions())
             files.extend(found)
         elif path.exists():
             files.append(path)
@@ -169,8 +162,9 @@ def tag_files(
     chunk_files: int = 256,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Failure]]:
-    """Tag `paths`; returns (results in input order, failures). A file that cannot be decoded is a failure,
-    never an exception, so one bad file does not stop the others.
+    """Tag `paths`; returns (results in input order, failures). A file that cannot be decoded, or on which the
+    model fails (a failed batch is retried file by file), is a failure, never an exception, so one bad file
+    does not stop the others.
 
     Each result: `{"file", "duration_s", "labels": [{"index", "name", "probability"}, ...]}` and, with
     `timeline_segments`, `"segments": [{"start_s", "end_s", "labels"}]` plus `"_segment_probs"` (tensor
@@ -198,9 +192,10 @@ def tag_files(
                 if on_progress:
                     on_progress(1)
         indices = list(loaded)
-        for batch in batches_by_length([loaded[i].shape[-1] for i in indices], batch_size, tolerance):
-            members = [indices[b] for b in batch]
+
+        def tag_batch(members: list[int], loaded: dict[int, torch.Tensor] = loaded) -> None:
             probs = run_model(model, [loaded[i] for i in members], device)
+            tagged: dict[int, dict[str, Any]] = {}
             for i, p in zip(members, probs, strict=True):
                 waveform = loaded[i]
                 result: dict[str, Any] = {
@@ -222,10 +217,39 @@ def tag_files(
                         for (s, e), sp in zip(spans, seg_probs, strict=True)
                     ]
                     result["_segment_probs"] = seg_probs
+                tagged[i] = result
+            for i, result in tagged.items():  # all or none of a batch, so a retry never counts one twice
                 results[i] = result
                 if on_progress:
                     on_progress(1)
+
+        def fail(i: int, err: Exception) -> None:
+            failure = Failure(str(paths[i]), f"{paths[i]}: the model failed on it ({_first_line(err)})")
+            failures.append(failure)
+            log.error("cannot tag: %s", failure.reason)
+            if on_progress:
+                on_progress(1)
+
+        for batch in batches_by_length([loaded[i].shape[-1] for i in indices], batch_size, tolerance):
+            members = [indices[b] for b in batch]
+            try:
+                tag_batch(members)
+            except Exception as err:  # one file (or its batch) failing must not cost the others their tags
+                if len(members) == 1:
+                    fail(members[0], err)
+                    continue
+                log.warning("a batch of %d files failed (%s); tagging them one by one", len(members), err)
+                for i in members:
+                    try:
+                        tag_batch([i])
+                    except Exception as single_err:
+                        fail(i, single_err)
     return [r for r in results if r is not None], failures
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------- outputs

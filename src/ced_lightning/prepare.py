@@ -18,7 +18,10 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any
 
@@ -27,7 +30,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, float_to_int16, load_audio
+from ced_lightning.audio import (
+    SAMPLE_RATE,
+    SHORT_CLIP_SAMPLES,
+    AudioDecodeError,
+    float_to_int16,
+    load_audio,
+)
 from ced_lightning.data.sources import SourceItem, read_source
 from ced_lightning.labels import ClassList
 from ced_lightning.store import store_nbytes
@@ -47,60 +56,16 @@ class PrepareError(RuntimeError):
     """`strict=true` and some inputs failed (the store is still complete, with its failures report)."""
 
 
-def wav_truncation(path: str) -> str | None:
-    """Why a WAV file is cut short (its `data` chunk declares more bytes than the file holds), or None.
-
-    libsndfile silently decodes what is there, so a half-downloaded file would pass as a shorter clip.
-    """
-    if not path.lower().endswith(".wav"):
-        return None
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            head = handle.read(12)
-            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
-                return None  # not a RIFF WAVE (RF64, or not audio at all): the decoder judges it
-            order = "little" if head[:4] == b"RIFF" else "big"
-            pos = 12
-            while pos + 8 <= size:
-                handle.seek(pos)
-                chunk = handle.read(8)
-                declared = int.from_bytes(chunk[4:8], order)
-                if chunk[:4] == b"data":
-                    available = size - pos - 8
-                    # 0 and 0xFFFFFFFF are placeholders written by streaming encoders: not truncation.
-                    if declared not in (0, 0xFFFFFFFF) and declared > available:
-                        return (
-                            f"{path}: truncated WAV (data chunk declares {declared} bytes, "
-                            f"file holds {available})"
-                        )
-                    return None
-                pos += 8 + declared + (declared & 1)
-    except OSError:
-        return None
-    return None
-
-
 def decode_item(item: SourceItem) -> tuple[np.ndarray | None, str | None]:
     """(int16 samples at 16 kHz, None) or (None, reason): never raises for a bad file."""
-    truncated = wav_truncation(item.path)
-    if truncated:
-        return None, truncated
     try:
         waveform = load_audio(item.path).numpy()
     except AudioDecodeError as err:
         return None, str(err)
     except Exception as err:  # a decoder crash on a hostile file must not stop a million-file run
         return None, f"{item.path}: cannot decode audio ({type(err).__name__}: {err})"
-    if waveform.size == 0:
-        return None, f"{item.path}: empty audio after resampling"
-    if not np.isfinite(waveform).all():
-        return None, f"{item.path}: audio contains NaN or inf samples after resampling"
-    samples = float_to_int16(waveform)
-    if not samples.any():
-        # Audio so quiet it rounds to zero in int16 carries nothing a tagger could learn from.
-        return None, f"{item.path}: audio is silent at 16-bit resolution"
-    return samples, None
+    # load_audio refuses audio that rounds to silence, so the stored clip is never all zeros.
+    return float_to_int16(waveform), None
 
 
 def _worker_init() -> None:
@@ -118,12 +83,74 @@ def _pool_context() -> Any:
     return get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
 
 
-def _decoded(items: Sequence[SourceItem], workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+class DecoderDiedError(RuntimeError):
+    """A decoding process died (killed by a signal, e.g. the out-of-memory killer) on the same file twice."""
+
+
+def _decode_alone(item: SourceItem, context: Any) -> tuple[np.ndarray | None, str | None]:
+    # One file in a process of its own, so that a second death points at this file and no other.
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init) as alone:
+        try:
+            return alone.submit(decode_item, item).result()
+        except BrokenProcessPool:
+            raise DecoderDiedError(
+                f"{item.path}: the process decoding this file died twice (killed by a signal, e.g. the "
+                "out-of-memory killer for a very long or hostile file). Committed shards are kept: rerun the "
+                "same command to resume; if this file kills the decoder again, remove it from the input."
+            ) from None
+
+
+def _decoded(
+    items: Sequence[SourceItem], workers: int, window: int | None = None
+) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """`decode_item` of each item, in order, decoded in `workers` processes.
+
+    At most `window` (default 2 per worker) files are submitted and not yet consumed, so decoded clips do
+    not pile up when the writer is slower. When a process dies, the pool is replaced and each file it may
+    have held is decoded again alone, once: a second death raises `DecoderDiedError` naming that file.
+    """
     if workers <= 0 or len(items) < 2:
         yield from map(decode_item, items)
         return
-    with _pool_context().Pool(workers, initializer=_worker_init) as pool:
-        yield from pool.imap(decode_item, items, chunksize=max(1, min(32, len(items) // (workers * 8) or 1)))
+    window = max(1, window or 2 * workers)
+    context = _pool_context()
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+
+    pool = new_pool()
+    in_flight: deque[tuple[SourceItem, Future, ProcessPoolExecutor]] = deque()
+
+    def replace(broken: ProcessPoolExecutor) -> None:
+        nonlocal pool
+        if broken is pool:  # once per dead pool, whether a result or a new submission noticed it first
+            log.warning(
+                "a decoding process died (killed by a signal, e.g. the out-of-memory killer); the files "
+                "its pool held are decoded again, one at a time"
+            )
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = new_pool()
+
+    submitted = 0
+    try:
+        while submitted < len(items) or in_flight:
+            while submitted < len(items) and len(in_flight) < window:
+                item = items[submitted]
+                try:
+                    in_flight.append((item, pool.submit(decode_item, item), pool))
+                except BrokenProcessPool:
+                    replace(pool)
+                    continue
+                submitted += 1
+            item, future, owner = in_flight.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                replace(owner)
+                result = _decode_alone(item, context)
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _items_digest(items: Sequence[SourceItem]) -> str:
@@ -238,6 +265,16 @@ def prepare_store(
             len(failed),
             "; ".join(f["reason"] for f in failed[:5]),
         )
+    short = np.flatnonzero(store.lengths < SHORT_CLIP_SAMPLES)
+    if short.size:
+        log.warning(
+            "%d clips are shorter than %d samples (%.0f ms), e.g. %s: stored as they are; models zero-pad a "
+            "clip shorter than one STFT window to one window",
+            short.size,
+            SHORT_CLIP_SAMPLES,
+            1000 * SHORT_CLIP_SAMPLES / SAMPLE_RATE,
+            ", ".join(f"{store.names[i]} ({store.lengths[i]} samples)" for i in short[:5]),
+        )
     if strict:
         check_strict(store, unmatched)
     return store
@@ -265,6 +302,7 @@ def summarize(store: AudioStore) -> dict[str, Any]:
         "hours": float(store.lengths.sum()) / store.sample_rate / 3600,
         "size_bytes": store_nbytes(store.url),
         "unmatched_rows": int(store.attrs.get("unmatched_rows", 0)),
+        "short_clips": int((store.lengths < SHORT_CLIP_SAMPLES).sum()),
     }
 
 
@@ -279,6 +317,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("hours of audio", f"{summary['hours']:.3f}")
     table.add_row("store size on disk", f"{summary['size_bytes'] / 2**20:.1f} MiB")
     table.add_row("segment rows with no audio file", str(summary["unmatched_rows"]))
+    table.add_row(f"clips under {SHORT_CLIP_SAMPLES} samples (padded by models)", str(summary["short_clips"]))
     Console(stderr=True).print(table)
     log.info("prepare summary: %s", json.dumps(summary))
 
@@ -351,7 +390,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
 def main(cfg: DictConfig) -> None:
     try:
         run_prepare(cfg)
-    except (PrepareError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (PrepareError, DecoderDiedError, ValueError, FileNotFoundError, FileExistsError) as err:
         log.error("%s", err)
         sys.exit(1)
 

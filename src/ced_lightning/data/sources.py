@@ -36,18 +36,29 @@ class SourceList:
     kind: str = "directory"
 
 
+def describe_extensions(extensions: Sequence[str] = AUDIO_EXTENSIONS) -> str:
+    """The audio extensions for messages: all of a short list, the common ones of libsndfile's long one."""
+    if len(extensions) <= 6:
+        return ", ".join(extensions)
+    common = [e for e in (".wav", ".flac", ".ogg", ".mp3", ".aiff") if e in extensions]
+    return f"any format libsndfile reads: {', '.join(common)}, ... ({len(extensions)} extensions)"
+
+
 def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Path]:
     """Files under `root` whose names end in one of `extensions` (any case): recursive, sorted, following
     symlinked folders.
 
     Dotfiles are skipped: macOS leaves `._name.wav` AppleDouble metadata next to copied audio, which has the
     audio's extension but does not decode. A folder reached a second time through a symlink (a loop, or two
-    links to one folder) is scanned once.
+    links to one folder) is scanned once. Folders that cannot be read and files left out (other extensions,
+    dotfiles) are logged as warnings with their count and examples.
     """
     suffixes = tuple(e.lower() for e in extensions)
     found: list[Path] = []
+    left_out: list[str] = []
+    unreadable: list[OSError] = []
     visited: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    for folder, dirs, files in os.walk(root, onerror=unreadable.append, followlinks=True):
         stat = os.stat(folder)
         if (stat.st_dev, stat.st_ino) in visited:
             log.warning("%s: scanned already through another path (a symlink); skipped", folder)
@@ -55,8 +66,26 @@ def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_
             continue
         visited.add((stat.st_dev, stat.st_ino))
         dirs.sort()  # which path of a folder linked twice is kept must not depend on the file system
-        found.extend(
-            Path(folder) / f for f in files if not f.startswith(".") and f.lower().endswith(suffixes)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(suffixes):
+                found.append(Path(folder) / name)
+            else:
+                left_out.append(os.path.join(folder, name))
+    if unreadable:
+        log.warning(
+            "%s: %d folders could not be read and were skipped, e.g. %s",
+            root,
+            len(unreadable),
+            "; ".join(f"{err.filename}: {err.strerror or err}" for err in unreadable[:5]),
+        )
+    if left_out:
+        log.warning(
+            "%s: %d files are not audio files by their extension (or are dotfiles) and were skipped, e.g. %s "
+            "(audio: %s)",
+            root,
+            len(left_out),
+            ", ".join(sorted(left_out)[:5]),
+            describe_extensions(suffixes),
         )
     return sorted(found)
 
@@ -71,7 +100,7 @@ def from_directory(root: str | os.PathLike) -> SourceList:
         for p in scan_audio_files(base)
     ]
     if not items:
-        raise FileNotFoundError(f"input={root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under it")
+        raise FileNotFoundError(f"input={root}: no audio files ({describe_extensions()}) under it")
     return SourceList(items=items, class_list=None, kind="directory")
 
 
@@ -275,7 +304,7 @@ def from_segment_csv(
             len(unmatched) + len(items),
             audio_dir,
             "; ".join(unmatched[:5]),
-            "/".join(AUDIO_EXTENSIONS),
+            describe_extensions(),
             ", ".join(example),
         )
     return SourceList(items=items, class_list=classes, unmatched=unmatched, kind="audioset_segments")

@@ -17,7 +17,7 @@ import torchaudio
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.audio import SAMPLE_RATE, pad_to_min_length
 
 PIECE_AVERAGES = ("probability", "logit")
 
@@ -58,13 +58,19 @@ class LogMelFrontEnd(nn.Sequential):
         self.config = config
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """`[batch, samples]` float waveform at `config.sample_rate` -> `[batch, n_mels, frames]` dB."""
+        """`[batch, samples]` float waveform at `config.sample_rate` -> `[batch, n_mels, frames]` dB.
+
+        A waveform shorter than one STFT window (`n_fft` samples) is zero-padded at its end to one window.
+        """
         if not waveform.is_floating_point():
             # int16 batches scaled by 1 would give plausible-looking spectrograms 90 dB too loud: refuse.
             raise TypeError(
                 f"the front end takes float waveforms in [-1, 1), got {waveform.dtype}; convert stored int16 "
                 "samples with ced_lightning.audio.int16_to_float"
             )
+        # The project's short-clip rule: shorter than one STFT window, zero-padded at the end to one (the
+        # reflect padding of `center` and the window itself need that many samples).
+        waveform = pad_to_min_length(waveform, self.config.n_fft)
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             mel, to_db = self[0](waveform.float()), self[1]
             # AmplitudeToDB's top_db floor is taken over everything but the first of 4-D input: give every
@@ -74,7 +80,8 @@ class LogMelFrontEnd(nn.Sequential):
             return to_db(mel)
 
     def num_frames(self, num_samples: int) -> int:
-        """Frames the front end produces for `num_samples` samples."""
+        """Frames the front end produces for `num_samples` samples (after the short-clip padding)."""
+        num_samples = max(num_samples, self.config.n_fft)
         if self.config.center:
             return num_samples // self.config.hop_length + 1
         return (num_samples - self.config.n_fft) // self.config.hop_length + 1

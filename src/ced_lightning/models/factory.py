@@ -331,6 +331,11 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"unknown model arch {spec['arch']!r} in model_spec")
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that cannot be read (corrupt, not a checkpoint, or refused by the weights-only
+    loader); the message names the file."""
+
+
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     """What `load_checkpoint` read from one checkpoint file."""
@@ -351,7 +356,17 @@ def load_checkpoint(
     training (CED or a timm backbone); local paths and fsspec URLs.
     """
     source = str(path)
-    obj, digest = _read_checkpoint(path, map_location, sha256)
+    try:
+        obj, digest = _read_checkpoint(path, map_location, sha256)
+    except FileNotFoundError:
+        raise  # names the path already (and says how to get released weights)
+    except Exception as err:  # torch's UnpicklingError & co. do not say which of several teachers it was
+        lines = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise CheckpointLoadError(
+            f"{source}: cannot load this checkpoint ({detail}). Only weights-only checkpoints (tensors and "
+            "plain values) are read, never arbitrary pickled objects."
+        ) from err
     return LoadedCheckpoint(
         model=_model_from_checkpoint(obj, source),
         class_names=_stored_class_names(obj),
