@@ -232,7 +232,11 @@ def test_float16_values_are_the_released_bits_and_int8_is_extracts_quantization(
             )
             assert seeds[epoch, clip] == released_seeds[row]
     assert f16.read_epoch(0).params == i8.read_epoch(0).params
-    assert f16.recipe == LEGACY_RECIPE and f16.attrs["extra_arrays"] == {LEGACY_SEEDS: "int32"}
+    assert f16.read_extra("has_targets").all() and f16.read_epoch(2).has_targets.all()
+    assert f16.recipe == LEGACY_RECIPE and f16.attrs["extra_arrays"] == {
+        LEGACY_SEEDS: "int32",
+        "has_targets": "uint8",
+    }
     provenance = f16.attrs["provenance"]
     assert {f["name"] for f in provenance["files"]} == {p.name for p in CHUNK.iterdir()}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in provenance["files"])
@@ -384,15 +388,49 @@ def test_unmatched_rows_are_refused_unless_allowed_and_then_reported(tmp_path: P
     assert store.num_clips == 3 and store.is_complete()
 
 
-def test_clips_without_rows_are_refused_naming_them(tmp_path: Path) -> None:
+def _drop_row(release: Path, stem: str, filename: str) -> None:
+    """Rewrite one rank's h5 and parquet without the row of `filename`."""
+    table = parquet.read_table(release / f"{stem}.parquet")
+    keep = np.array([name != filename for name in table.column("filename").to_pylist()])
+    parquet.write_table(table.filter(pyarrow.array(keep)), release / f"{stem}.parquet")
+    with h5py.File(release / f"{stem}.h5", "r") as h5:
+        data = {key: h5[key][:][keep] for key in h5}
+    with h5py.File(release / f"{stem}.h5", "w") as h5:
+        for key, value in data.items():
+            h5.create_dataset(key, data=value)
+
+
+def test_clips_without_rows_are_refused_unless_allowed_and_then_sit_out(tmp_path: Path) -> None:
+    """A clip the release never saw and one missing from stored epoch 1: refused by default, naming them;
+    with allow_clips_without_rows=true the store marks them (has_targets) and the student's epoch 0 plan
+    holds every other clip and not these two."""
+    from ced_lightning.data.distill import DistillDataModule
+
     audio_dir = tmp_path / "audio"
     shutil.copytree(RELEASE / "audio", audio_dir)
     shutil.copyfile(LONG_WAV, audio_dir / "zzzzzzzzzzz_0.000_10.000.wav")
     audio = _prepare(audio_dir, tmp_path / "five.zarr")
+    release = _copy_release(tmp_path)
+    _drop_row(release, "logits_ep1_0", f"{SHORT_CLIP}.wav")
     with pytest.raises(
-        LegacyImportError, match=r"1 clips of the audio store have no row.*zzzzzzzzzzz_0.000_10.000"
+        LegacyImportError,
+        match=r"1 clips of the audio store have no row .* and 1 have rows in only some epochs",
     ):
-        _import(CHUNK, audio, tmp_path / "logits.zarr", allow_unmatched_rows=True)
+        _import(release, audio, tmp_path / "refused.zarr")
+    store = _import(release, audio, tmp_path / "logits.zarr", allow_clips_without_rows=True)
+    names = AudioStore.open(audio).names
+    never, sometimes = names.index("zzzzzzzzzzz_0.000_10.000"), names.index(SHORT_CLIP)
+    has_targets = store.read_extra("has_targets")
+    assert has_targets[:, never].tolist() == [0, 0, 0] and has_targets[:, sometimes].tolist() == [0, 1, 1]
+    assert has_targets.sum() == 15 - 4
+    assert store.read_epoch(1).has_targets.tolist() == [i != never for i in range(5)]
+    stats = json.loads((Path(store.url) / STATS_FILE).read_text())
+    assert (stats["clips_without_rows"], stats["clips_with_rows_in_some_epochs"]) == (1, 1)
+    assert stats["clip_epochs_without_rows"] == 4
+
+    data = DistillDataModule(train=audio, logits=store.url, batch_size=1, num_workers=0, shuffle_window=4)
+    seen = [int(i) for batch in data.train_dataloader() for i in batch["index"]]
+    assert sorted(seen) == sorted(set(range(5)) - {never, sometimes})
 
 
 @pytest.mark.parametrize(
@@ -524,3 +562,21 @@ def test_extra_arrays_are_written_with_their_block_and_checked(tmp_path: Path) -
     plain = LogitStore.open(plain.url)
     assert plain.extra_arrays == {} and plain.seed == 7 and "provenance" not in plain.attrs
     assert "extra_arrays" not in plain.attrs and plain.is_complete()
+
+
+def test_plan_epoch_leaves_out_clips_it_is_told_to_and_keeps_ranks_equal() -> None:
+    from ced_lightning.data.stream import plan_epoch
+
+    keep = np.ones(100, dtype=bool)
+    keep[[3, 17, 18, 64, 99]] = False
+    plans = [
+        plan_epoch(100, 4, seed=0, epoch=1, rank=r, world_size=2, span_clips=8, shuffle_window=16, keep=keep)
+        for r in range(2)
+    ]
+    clips = [np.concatenate([b for w in p.windows for b in w]) for p in plans]
+    assert plans[0].num_batches == plans[1].num_batches
+    every = np.concatenate(clips)
+    assert len(set(every.tolist())) == len(every) and not (set(every.tolist()) & {3, 17, 18, 64, 99})
+    assert len(every) >= 95 - 2 * 4 - 8  # at most a batch per rank and a span's imbalance left out
+    with pytest.raises(ValueError, match="keep must be a bool mask of the 100 clips"):
+        plan_epoch(100, 4, seed=0, epoch=1, keep=keep[:50])

@@ -1,7 +1,7 @@
 """`python -m ced_lightning.import_logits`: the paper's released teacher logits into a logit store.
 
     python -m ced_lightning.import_logits source=DIR audio_store=STORE output=LOGIT_STORE \
-        [quantization=float16|int8] [allow_unmatched_rows=false] [block_clips=1024]
+        [quantization=float16|int8] [allow_unmatched_rows=false] [allow_clips_without_rows=false]
 
 `source` is a released `chunk_10` folder (`logits_ep{e}_{r}.h5` + `.parquet`, `ced_lightning.store.legacy`).
 Every stored epoch e becomes the store's epoch e - 1; each (epoch, clip) gets the row of its AudioSet name,
@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
+from ced_lightning.augment import AugmentParams
 from ced_lightning.labels import audioset_classes, resolve_class_names
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
 from ced_lightning.quantize import KINDS
@@ -41,7 +42,7 @@ from ced_lightning.store.legacy import (
     validate_rows,
 )
 from ced_lightning.store.lock import StoreLockedError, store_lock
-from ced_lightning.store.logits import LogitStore
+from ced_lightning.store.logits import HAS_TARGETS, LogitStore
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,22 @@ STATS_FILE = "import_stats.json"
 _EXAMPLES = 5
 
 
-def check_plan(plan: ImportPlan, clip_names: list[str], allow_unmatched_rows: bool) -> None:
-    """Refuse clips without rows (always: the store needs every clip's rows) and, unless allowed, rows
-    without a clip; both named with counts and examples."""
+def check_plan(
+    plan: ImportPlan, clip_names: list[str], allow_unmatched_rows: bool, allow_clips_without_rows: bool
+) -> None:
+    """Refuse, unless allowed, clips of the audio store without rows and rows without a clip; both named
+    with counts and examples."""
     problems = []
     missing = plan.clips_without_rows + plan.clips_with_some_epochs
-    if missing:
+    if missing and not allow_clips_without_rows:
         shown = ", ".join(clip_names[i] for i in missing[:_EXAMPLES])
         problems.append(
             f"{len(plan.clips_without_rows)} clips of the audio store have no row in any stored epoch and "
             f"{len(plan.clips_with_some_epochs)} have rows in only some epochs (e.g. {shown}"
-            f"{' ...' if len(missing) > _EXAMPLES else ''}). A logit store holds every clip of its audio "
-            "store, and a student cannot replay teachers that never saw a clip: prepare an audio store of "
-            "the clips the release covers (the original never extracted clips shorter than 5 s)"
+            f"{' ...' if len(missing) > _EXAMPLES else ''}); the original never extracted clips shorter "
+            "than 5 s. Pass allow_clips_without_rows=true to import anyway (the student then leaves each "
+            "such clip out of the epochs it has no row in: the store's has_targets), or prepare an audio "
+            "store of the clips the release covers"
         )
     if plan.unmatched_rows and not allow_unmatched_rows:
         problems.append(
@@ -91,12 +95,23 @@ def length_mismatches(plan: ImportPlan, lengths: np.ndarray, clip_names: list[st
 
 
 def import_block(store: LogitStore, plan: ImportPlan, block: int) -> None:
-    """Read, replay and write block `block` (all epochs)."""
+    """Read, replay and write block `block` (all epochs); pairs without a row get zeros and has_targets 0."""
     start, stop = store.block_range(block)
     indices, values, seeds = read_block_rows(plan, slice(start, stop))
+    present = plan.file_of[:, start:stop] >= 0
     spans = plan.span_samples[:, start:stop]
-    params = [legacy_augment_params(seeds[e], spans[e]) for e in range(plan.epochs)]
-    store.write_block(block, indices, values.astype(np.float32), params, extra={LEGACY_SEEDS: seeds})
+    params = []
+    for e in range(plan.epochs):
+        replayed = legacy_augment_params(seeds[e, present[e]], spans[e, present[e]])
+        epoch_params = {
+            name: np.zeros((stop - start, *shape), dtype=dtype)
+            for name, (dtype, shape) in AugmentParams.fields(LEGACY_RECIPE).items()
+        }
+        for name, value in replayed.values.items():
+            epoch_params[name][present[e]] = value
+        params.append(AugmentParams(epoch_params))
+    extra = {LEGACY_SEEDS: seeds, HAS_TARGETS: present.astype(np.uint8)}
+    store.write_block(block, indices, values.astype(np.float32), params, extra=extra)
 
 
 def run_import(cfg: DictConfig) -> LogitStore:
@@ -117,7 +132,7 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
     audio = AudioStore.open(str(cfg.audio_store))
     files = find_legacy_files(source)
     plan = plan_import(files, audio.names, LEGACY_CHUNK_SAMPLES)
-    check_plan(plan, audio.names, bool(cfg.allow_unmatched_rows))
+    check_plan(plan, audio.names, bool(cfg.allow_unmatched_rows), bool(cfg.allow_clips_without_rows))
     num_classes = int(cfg.num_classes)
     for f in files:
         validate_rows(f, num_classes)
@@ -150,7 +165,7 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         # The released ensemble averages its members' probabilities (the original's EnsembleModel).
         combine="mean_prob",
         block_clips=int(cfg.block_clips),
-        extra_arrays={LEGACY_SEEDS: "int32"},
+        extra_arrays={LEGACY_SEEDS: "int32", HAS_TARGETS: "uint8"},
         provenance={
             "kind": "ced_legacy_release",
             "source": source,
@@ -163,6 +178,7 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
                 "1001 frames (P=192) and 64 bands (P=24)"
             ),
             "unmatched_rows": plan.unmatched_rows,
+            "clip_epochs_without_rows": int((plan.file_of < 0).sum()),
         },
     )
     todo = store.missing_blocks()
@@ -192,6 +208,8 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         "unmatched_examples": plan.unmatched_examples,
         "clips": store.num_clips,
         "clips_without_rows": len(plan.clips_without_rows),
+        "clips_with_rows_in_some_epochs": len(plan.clips_with_some_epochs),
+        "clip_epochs_without_rows": int((plan.file_of < 0).sum()),
         "length_mismatches": mismatched,
         "length_mismatch_examples": mismatch_examples,
         "clips_imported": imported,

@@ -175,6 +175,8 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             rank=rank,
             world_size=world,
             transform=transform,
+            # Clips the teachers have no rows for in this epoch (an imported release without them) sit out.
+            keep=slice_.has_targets,
         )
         return ResumableLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
 

@@ -72,12 +72,14 @@ def plan_epoch(
     span_clips: int = 16,
     shuffle_window: int = 256,
     span_bounds: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
 ) -> EpochPlan:
     """Split the epoch's clips into this rank's batches.
 
     Spans are dealt to ranks in the shuffled span order, so ranks read disjoint clips; every rank gets the
     same number of full batches (what DDP needs), the few clips beyond that are left out of this epoch
-    (they come back in the next epoch's order).
+    (they come back in the next epoch's order). `keep` (bool `[num_clips]`) leaves the other clips out of
+    this epoch altogether (clips without targets in it); the rest are planned as if those were not there.
     """
     if batch_size < 1 or span_clips < 1:
         raise ValueError("batch_size and span_clips must be at least 1")
@@ -86,6 +88,8 @@ def plan_epoch(
     span_bounds = np.asarray(span_bounds, dtype=np.int64)
     if span_bounds[0] != 0 or span_bounds[-1] != num_clips or (np.diff(span_bounds) <= 0).any():
         raise ValueError(f"span_bounds must rise strictly from 0 to {num_clips}")
+    if keep is not None and np.shape(keep) != (num_clips,):
+        raise ValueError(f"keep must be a bool mask of the {num_clips} clips, got shape {np.shape(keep)}")
     # Small stores have few chunks: split long spans so that every rank still gets a fair share.
     longest = max(1, num_clips // (8 * world_size))
     if (np.diff(span_bounds) > longest).any():
@@ -99,7 +103,8 @@ def plan_epoch(
     def clips_of(chosen: np.ndarray) -> np.ndarray:
         if len(chosen) == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(span_bounds[j], span_bounds[j + 1]) for j in chosen])
+        clips = np.concatenate([np.arange(span_bounds[j], span_bounds[j + 1]) for j in chosen])
+        return clips if keep is None else clips[np.asarray(keep, dtype=bool)[clips]]
 
     sequences = [clips_of(s) for s in rank_spans]
     num_batches = min(len(seq) for seq in sequences) // batch_size
@@ -149,7 +154,8 @@ class ClipBatchStream(IterableDataset):
 
     `clip_samples` fixes T: longer clips are cropped (from the start, or at a random offset keyed by
     (seed, epoch, clip) with `random_crop`), shorter ones zero-padded; `None` pads to the batch's longest.
-    `transform(batch) -> batch` runs in the worker (targets, augmentation parameters).
+    `transform(batch) -> batch` runs in the worker (targets, augmentation parameters). `keep` (bool per clip)
+    leaves the other clips out of the epoch (`plan_epoch`).
     """
 
     def __init__(
@@ -168,6 +174,7 @@ class ClipBatchStream(IterableDataset):
         world_size: int = 1,
         transform: Callable[[Batch], Batch] | None = None,
         skip_batches: int = 0,
+        keep: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.store = AudioStore.open(store) if isinstance(store, str) else store
@@ -191,6 +198,7 @@ class ClipBatchStream(IterableDataset):
             world_size=world_size,
             shuffle=shuffle,
             shuffle_window=shuffle_window,
+            keep=keep,
             # Default: the store's chunks, one read each.
             **(
                 {"span_bounds": self.store.chunk_spans()}

@@ -354,17 +354,15 @@ def validate_rows(f: LegacyFile, num_classes: int) -> None:
 def read_block_rows(plan: ImportPlan, clips: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices int64 [E, n, k], values float16 [E, n, k], seeds int64 [E, n]) of clips `clips` of the store.
 
-    Reads each source file's rows for these clips in one sorted selection. Every (epoch, clip) must have a
-    row (the caller refused clips without rows).
+    Reads each source file's rows for these clips in one sorted selection. (epoch, clip) pairs without a
+    row (`plan.file_of < 0`) get zeros.
     """
     file_of, row_of = plan.file_of[:, clips], plan.row_of[:, clips]
-    if (file_of < 0).any():
-        raise LegacyImportError("read_block_rows: some clips of the block have no row")
     epochs, n = file_of.shape
     indices = np.zeros((epochs, n, plan.topk), dtype=np.int64)
     values = np.zeros((epochs, n, plan.topk), dtype=np.float16)
     seeds = np.zeros((epochs, n), dtype=np.int64)
-    for k in np.unique(file_of):
+    for k in np.unique(file_of[file_of >= 0]):
         e_pos, c_pos = np.nonzero(file_of == k)
         rows = row_of[e_pos, c_pos]
         order = np.argsort(rows)

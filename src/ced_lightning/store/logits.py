@@ -7,7 +7,9 @@ Layout (documented for other tools in `docs/logit_store.md`):
     topk_values    float16 | uint8 [E, N, k] quantized probabilities (`ced_lightning.quantize`)
     params/<name>  field dtype [E, N, *shape] one array per augmentation parameter field
     <extra>        dtype   [E, N]    optional per (epoch, clip) arrays named in the `extra_arrays` attribute
-                                     (e.g. `legacy_seeds` of an imported store)
+                                     (e.g. `legacy_seeds` of an imported store); `has_targets` uint8, when
+                                     present, marks the (epoch, clip) pairs that have teachers' rows: the
+                                     student leaves the others out of that epoch
     block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
                                         size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
 
@@ -58,6 +60,10 @@ IDENTITY_KEYS: tuple[str, ...] = (
     "teacher_precision",
 )
 
+# Optional [E, N] uint8 extra array: 1 where the (epoch, clip) has the teachers' top-k, 0 where it has none
+# (an imported release that lacks a clip); a store without it has targets everywhere.
+HAS_TARGETS = "has_targets"
+
 _ZSTD_LEVEL = 9
 _CREATING = "creation_incomplete"  # attribute present only while `LogitStore.create` runs
 
@@ -73,6 +79,8 @@ class EpochSlice:
     indices: np.ndarray  # uint16 [N, k]
     probs: np.ndarray  # float32 [N, k]
     params: AugmentParams  # [N]
+    # bool [N]: which clips have targets in this epoch (None: all; see HAS_TARGETS)
+    has_targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -425,7 +433,10 @@ class LogitStore:
         params = AugmentParams(
             {name: np.asarray(self._group[f"params/{name}"][epoch]) for name in self._fields}
         )
-        return EpochSlice(indices=indices, probs=probs, params=params)
+        has_targets = (
+            np.asarray(self._group[HAS_TARGETS][epoch]) > 0 if HAS_TARGETS in self.extra_arrays else None
+        )
+        return EpochSlice(indices=indices, probs=probs, params=params, has_targets=has_targets)
 
     def read_extra(self, name: str) -> np.ndarray:
         """One of the store's `extra_arrays`, all epochs and clips (`[E, N]`)."""
