@@ -204,6 +204,12 @@ def test_resume_removes_partial_writes(tmp_path: Path) -> None:
         ("az://c/blob?sv=2020&sig=S1G%3D", "az://c/blob?sv=2020&sig=***"),
         ("/data/plain/path.zarr", "/data/plain/path.zarr"),
         ("gs://bucket/a@b.zarr", "gs://bucket/a@b.zarr"),  # an @ in the path is no user info
+        ("gs://bucket/v1.2@3/x", "gs://bucket/v1.2@3/x"),
+        # What a file system leaves of s3://KEY:SECRET@bucket/x once it stripped the scheme (zarr's errors):
+        (
+            "<FsspecStore(MemoryFileSystem, /KEY:SECRET@bucket/x)>",
+            "<FsspecStore(MemoryFileSystem, /***@bucket/x)>",
+        ),
     ],
 )
 def test_redact_url(url: str, redacted: str) -> None:
@@ -330,8 +336,37 @@ def test_every_command_applies_storage_options_before_it_runs(tokenmem: None) ->
             cfg = compose(
                 command, overrides=["+storage_options.tokenmem.token=let-me-in"], return_hydra_config=True
             )
-            assert "storage_options" in cfg.hydra.callbacks, command
-    callback = instantiate(cfg.hydra.callbacks.storage_options)
+            assert "remote_stores" in cfg.hydra.callbacks, command
+    callback = instantiate(cfg.hydra.callbacks.remote_stores)
     callback.on_job_start(cfg, task_function=None)
     assert len(write_audio_store(write_url, _clips(2), **SMALL)) == 2
     assert AudioStore.open(write_url).names == ["c00", "c01"]
+
+
+def test_failed_command_shows_and_keeps_no_credentials(tmp_path: Path) -> None:
+    """A command that fails on a URL with credentials: the error Hydra prints, the overrides it echoes and
+    the config it saves in the run folder name the URL redacted (all held the secret before)."""
+    secret = "s3cretValue"
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ced_lightning.extract",
+            f"audio_store=memory://AKIAKEY:{secret}@bucket/missing.zarr",
+            f"output={tmp_path / 'logits.zarr'}",
+            f"hydra.run.dir={run}",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said
+    assert "memory://***@bucket/missing.zarr: no audio store there" in done.stderr, said
+    saved = (
+        "".join(p.read_text() for p in (run / ".hydra").glob("*.yaml")) + (run / "extract.log").read_text()
+    )
+    assert "memory://***@bucket/missing.zarr" in saved
+    assert secret not in said + saved, said + saved

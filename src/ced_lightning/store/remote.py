@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "RedactSecrets",
-    "StorageOptionsCallback",
+    "RemoteStoresCallback",
     "apply_storage_options",
     "redact_config",
+    "redact_exception",
     "redact_text",
     "redact_url",
 ]
@@ -32,6 +33,9 @@ REDACTED = "***"
 
 # `scheme://userinfo@`: everything between `//` and `@` of a URL's authority is a user name and/or secret.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+# The same `user:secret@` as a file system leaves it in a path once it stripped the scheme
+# (`/KEY:SECRET@bucket/x` in a zarr or fsspec error): a path segment with a colon before its `@`.
+_PATH_USERINFO = re.compile(r"(?P<before>^|[\s'\"(/=,])(?P<userinfo>[^\s/@:'\"(),=]+:[^\s/@'\"(),]+)@")
 # Query parameters that carry credentials: tokens, keys, secrets, passwords, signatures (S3/GCS presigned
 # URLs, Azure SAS `sig=`), credentials and auth values.
 _SECRET_QUERY = re.compile(
@@ -43,6 +47,7 @@ _SECRET_QUERY = re.compile(
 def redact_text(text: str) -> str:
     """`text` with the secret parts of every URL in it replaced by `***` (user info, secret query values)."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    text = _PATH_USERINFO.sub(lambda m: f"{m['before']}{REDACTED}@", text)
     return _SECRET_QUERY.sub(lambda m: f"{m['name']}{REDACTED}", text)
 
 
@@ -106,9 +111,51 @@ def apply_storage_options(options: Mapping[str, Any] | None) -> None:
         os.environ[f"FSSPEC_{str(protocol).upper()}"] = json.dumps(merged, default=str)
 
 
-class StorageOptionsCallback(Callback):
-    """Applies the job's `storage_options` before any command runs (registered in conf/hydra/default.yaml,
-    so every entry point, and every rank a DDP launcher re-executes, gets them)."""
+class RemoteStoresCallback(Callback):
+    """Registered for every command in conf/hydra/default.yaml (so also for every rank a DDP launcher
+    re-executes): applies the job's `storage_options` before the command runs, and keeps URL credentials out
+    of what Hydra itself records and prints (the run folder's `.hydra/*.yaml`, the failed job's overrides
+    and error)."""
 
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
         apply_storage_options(config.get("storage_options"))
+        output_dir = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
+        output_subdir = OmegaConf.select(config, "hydra.output_subdir", default=None)
+        if output_dir and output_subdir:  # Hydra has saved the job's config there already
+            _redact_files(os.path.join(str(output_dir), str(output_subdir)))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if job_return.overrides:
+            job_return.overrides = [redact_text(str(o)) for o in job_return.overrides]
+        failure = getattr(job_return, "_return_value", None)  # what Hydra prints and re-raises next
+        if isinstance(failure, BaseException):
+            redact_exception(failure)
+
+
+def _redact_files(folder: str) -> None:
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError:
+            continue
+        redacted = redact_text(text)
+        if redacted != text:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(redacted)
+
+
+def redact_exception(err: BaseException) -> None:
+    """Redact URL credentials in an exception's message, in place (its causes too), before it is shown."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.args = tuple(redact_text(a) if isinstance(a, str) else a for a in current.args)
+        if isinstance(current, OSError):
+            for attribute in ("strerror", "filename", "filename2"):
+                value = getattr(current, attribute, None)
+                if isinstance(value, str):
+                    setattr(current, attribute, redact_text(value))
+        current = current.__cause__ or current.__context__
