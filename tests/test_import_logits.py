@@ -8,8 +8,12 @@ miniature release with what the original `LogitsReader` returns for every (epoch
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py  # the `import` extra; the dev extra (`make install`) has it
@@ -351,6 +355,69 @@ def test_an_interrupted_import_finishes_identically(tmp_path: Path, stores: dict
     assert attrs_a == attrs_b
     stats = json.loads((resumed / STATS_FILE).read_text())
     assert stats["clips_imported"] == 2 and stats["complete"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path, stores: dict[str, str]) -> None:
+    """The real command killed with SIGKILL after its first block (the next one possibly half written), then
+    run again: the store an uninterrupted run gives."""
+    straight, killed = tmp_path / "straight.zarr", tmp_path / "killed.zarr"
+    _import(CHUNK, stores["by_file"], straight, block_clips=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ced_lightning.import_logits",
+        f"source={CHUNK}",
+        f"audio_store={stores['by_file']}",
+        f"output={killed}",
+        "block_clips=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen([*cmd, "throttle_s=2.0"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                if zarr.open_group(str(killed), mode="r")["block_done"][:].sum() >= 1:
+                    break
+            except Exception:  # the store is not created yet
+                continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 1 <= 4 - len(LogitStore.open(str(killed)).missing_blocks()) < 4
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    a, b = _store_arrays(str(straight)), _store_arrays(str(killed))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_clip_of_another_length_keeps_the_originals_shift(tmp_path: Path) -> None:
+    """A download whose clip is 9 s where the release read 10 s: the shift is still the original's draw
+    (made on the 10 s the original read, as the original reader's output says), and the report counts it."""
+    import soundfile
+
+    audio_dir = tmp_path / "audio"
+    shutil.copytree(RELEASE / "audio", audio_dir)
+    clip = "--04kMEQOAs_0.000_10.000"
+    samples, rate = soundfile.read(audio_dir / f"{clip}.wav", dtype="int16")
+    soundfile.write(audio_dir / f"{clip}.wav", samples[: 9 * rate], rate, subtype="PCM_16")
+    audio = _prepare(audio_dir, tmp_path / "audio.zarr")
+    store = _import(CHUNK, audio, tmp_path / "logits.zarr")
+    stats = json.loads((Path(store.url) / STATS_FILE).read_text())
+    assert stats["length_mismatches"] == 1 and stats["length_mismatch_examples"] == [
+        f"{clip}: 160000 released, 144000 here"
+    ]
+    index = AudioStore.open(audio).names.index(clip)
+    expected = torch.load(RELEASE / "original_reader_outputs.pt", weights_only=False)
+    for item in expected:
+        if item["filename"] == f"{clip}.wav":
+            shift = store.read_epoch(item["file_epoch"] - 1).params.values["shift"][index]
+            assert shift == item["shift_samples"]
 
 
 def test_other_data_is_refused_naming_what_differs(tmp_path: Path, stores: dict[str, str]) -> None:

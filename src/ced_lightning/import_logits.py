@@ -186,8 +186,11 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
     if limit is not None:
         todo = todo[: int(limit)]
     log.info("%s: importing %d of %d blocks (%d epochs)", output, len(todo), store.num_blocks, store.epochs)
+    throttle_s = float(cfg.get("throttle_s") or 0.0)
     for block in todo:
         import_block(store, plan, block)
+        if throttle_s:
+            time.sleep(throttle_s)
     seconds = time.perf_counter() - started
     store = LogitStore.open(store.url)
     mismatched, mismatch_examples = length_mismatches(plan, audio.lengths, audio.names)
@@ -209,6 +212,9 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         "clips": store.num_clips,
         "clips_without_rows": len(plan.clips_without_rows),
         "clips_with_rows_in_some_epochs": len(plan.clips_with_some_epochs),
+        "clips_without_rows_examples": [
+            audio.names[i] for i in (plan.clips_without_rows + plan.clips_with_some_epochs)[:_EXAMPLES]
+        ],
         "clip_epochs_without_rows": int((plan.file_of < 0).sum()),
         "length_mismatches": mismatched,
         "length_mismatch_examples": mismatch_examples,
