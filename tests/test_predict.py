@@ -278,3 +278,14 @@ def test_truncated_wav_is_refused_as_prepare_refuses_it(tiny_model, tmp_path):
     results, failures = tag_files(tiny_model, [whole, cut], class_names=CLASS_NAMES, device="cpu")
     assert [Path(r["file"]).name for r in results] == ["whole.wav"]
     assert len(failures) == 1 and "cut.wav: truncated WAV" in failures[0].reason
+
+
+def test_a_symlink_loop_among_the_inputs_fails_as_such(tiny_model, audio_dir, tmp_path):
+    """Before: `inputs: loop.wav does not exist` stopped the whole call, and the cause was hidden."""
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    files = expand_inputs([audio_dir / "a.wav", tmp_path / "loop.wav"])
+    results, failures = tag_files(tiny_model, files, class_names=CLASS_NAMES, device="cpu")
+    assert [Path(r["file"]).name for r in results] == ["a.wav"]
+    assert len(failures) == 1 and failures[0].reason.endswith(
+        "loop.wav: symlink loop (a link that points back to itself)"
+    )

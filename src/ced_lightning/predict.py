@@ -80,6 +80,7 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
     dotfiles) in every format the installed libsndfile reads (`AUDIO_EXTENSIONS`, as `prepare`).
 
     A path that does not exist raises `FileNotFoundError` naming it: a typo should not silently tag nothing.
+    A symlink that leads nowhere (dangling, or a loop) is kept, and fails as such when it is decoded.
     """
     files: list[Path] = []
     for item in inputs:
@@ -89,7 +90,7 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
             if not found:
                 log.warning("inputs: %s contains no audio files (%s)", path, describe_extensions())
             files.extend(found)
-        elif path.exists():
+        elif os.path.lexists(path):  # a symlink loop or dangling link too: its failure will say which
             files.append(path)
         else:
             raise FileNotFoundError(f"inputs: {path} does not exist")
