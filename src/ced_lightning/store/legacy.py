@@ -244,6 +244,8 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
         names = [str(x) for x in table.column("filename").to_pylist()]
         starts = np.asarray(table.column("start").to_numpy(), dtype=np.float64)
         ends = np.asarray(table.column("end").to_numpy(), dtype=np.float64)
+        # The samples the original reader cuts: round(seconds * sr) of the float32 columns, in float32.
+        spans = _samples(ends) - _samples(starts)
         with _open_h5(f.h5) as h5:
             shapes = _check_h5(h5, f)
         rows, topk = shapes
@@ -274,7 +276,7 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
                 duplicates.append(f"{where} and {first.name} row {row_of[e, clip]} (clip {clip_names[clip]})")
                 continue
             file_of[e, clip], row_of[e, clip] = k, row
-            span[e, clip] = round(end * SAMPLE_RATE) - round(start * SAMPLE_RATE)
+            span[e, clip] = spans[row]
             plan.matched_rows += 1
     problems = []
     if late:
@@ -300,6 +302,10 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
     plan.clips_without_rows = [int(i) for i in np.flatnonzero(~has_rows.any(0))]
     plan.clips_with_some_epochs = [int(i) for i in np.flatnonzero(has_rows.any(0) & ~has_rows.all(0))]
     return plan
+
+
+def _samples(seconds: np.ndarray) -> np.ndarray:
+    return np.rint(seconds.astype(np.float32) * np.float32(SAMPLE_RATE)).astype(np.int64)
 
 
 def _check_h5(h5: Any, f: LegacyFile) -> tuple[int, int]:
