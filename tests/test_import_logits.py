@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from ced_lightning import conf_dir
 from ced_lightning.audio import pack_clips
-from ced_lightning.augment import AugmentParams, augmented_spectrogram
+from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
 from ced_lightning.data.sources import _segment_candidates, read_source, segment_ytid
 from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE, run_import
 from ced_lightning.legacy_replay import (
@@ -237,6 +237,7 @@ def test_float16_values_are_the_released_bits_and_int8_is_extracts_quantization(
             assert seeds[epoch, clip] == released_seeds[row]
     assert f16.read_epoch(0).params == i8.read_epoch(0).params
     assert f16.read_extra("has_targets").all() and f16.read_epoch(2).has_targets.all()
+    assert AugmentRecipe() == LEGACY_RECIPE  # the paper's recipe is the project's default
     assert f16.recipe == LEGACY_RECIPE and f16.attrs["extra_arrays"] == {
         LEGACY_SEEDS: "int32",
         "has_targets": "uint8",
