@@ -37,7 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
-from ced_lightning.store import check_free_for_store, remove_partial_writes
+from ced_lightning.store.files import check_free_for_store, remove_partial_writes
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.shards import RawShardReader
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import filelock
 
-from ced_lightning.store import check_outside_stores
+from ced_lightning.store.files import check_outside_stores
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
-from ced_lightning.store import check_free_for_store, store_exists, store_nbytes
+from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
