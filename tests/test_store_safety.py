@@ -7,8 +7,10 @@ and logged as given."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,3 +372,30 @@ def test_failed_command_shows_and_keeps_no_credentials(tmp_path: Path) -> None:
     )
     assert "memory://***@bucket/missing.zarr" in saved
     assert secret not in said + saved, said + saved
+
+
+@contextlib.contextmanager
+def _read_only_folder(folder: Path) -> Iterator[None]:
+    """`folder` read-only for this process: chmod for a user, `chattr +i` for root (which ignores modes)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("no way to make a folder read-only for root here (chattr)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_complete_store_in_a_read_only_folder_is_still_reused(tmp_path: Path, caplog) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write_audio_store(shared / "audio.zarr", _clips(3), **SMALL)
+    with _read_only_folder(shared), caplog.at_level(logging.WARNING, logger="ced_lightning.store.lock"):
+        assert len(write_audio_store(shared / "audio.zarr", _clips(3), **SMALL)) == 3
+    assert "cannot create the lock file" in caplog.text and not (shared / "audio.zarr.lock").exists()

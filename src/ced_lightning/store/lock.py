@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from ced_lightning.store.remote import redact_url
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+# Creating the lock file fails with these where the folder (or the file system) is read-only.
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class StoreLockedError(FileExistsError):
@@ -71,6 +74,20 @@ def store_lock(url: str | os.PathLike, command: str) -> Iterator[None]:
         lock.acquire()
     except filelock.Timeout:
         raise StoreLockedError(_held_message(os.fspath(url), path, lock, command)) from None
+    except OSError as err:
+        if err.errno not in _READ_ONLY:
+            raise
+        # A complete store in a read-only place is still reused as before; writing it would fail anyway
+        # unless only the folder above it is read-only, which the warning covers.
+        log.warning(
+            "%s: cannot create the lock file %s (%s): going on without it, so make sure that no other run "
+            "writes this store",
+            redact_url(url),
+            path,
+            err.strerror,
+        )
+        yield
+        return
     if earlier is not None and earlier.pid != os.getpid():
         log.info(
             "%s: took over the lock of pid %d on %s, which no longer runs (a killed run)",
