@@ -114,3 +114,15 @@ def test_bad_arguments_are_rejected(tmp_path):
         ExportableTagger(tiny, "mel")
     with pytest.raises(ValueError, match="opset=17"):
         export_onnx(tiny, tmp_path / "x.onnx", opset=17)
+
+
+def test_onnx_takes_clips_shorter_than_one_stft_window(sessions, models):
+    """The short-clip rule in the exported front end: zero-padded at the end to one window (512 samples).
+    Before, the export's smallest input was 2560 samples and shorter ones failed in the reflect padding."""
+    model = models["waveform"]
+    for samples in (2, 200, 511, 2000):
+        x = 0.1 * torch.randn(2, samples, generator=torch.Generator().manual_seed(samples))
+        with torch.no_grad():
+            expected = model(x)
+        logits, _ = run_onnx(sessions["waveform"], x)
+        assert np.abs(logits - expected.numpy()).max() < TOLERANCE, samples

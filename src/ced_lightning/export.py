@@ -72,7 +72,9 @@ class DftLogMel(nn.Module):
         self.top_db = None if to_db.top_db is None else float(to_db.top_db)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        x = waveform.float().unsqueeze(1)
+        # The short-clip rule of `LogMelFrontEnd`: zero-padded at the end to one window, as shape arithmetic.
+        samples = waveform.shape[-1]
+        x = F.pad(waveform.float(), (0, torch.sym_max(samples, self.n_fft) - samples)).unsqueeze(1)
         if self.center:
             x = F.pad(x, (self.n_fft // 2, self.n_fft // 2), mode="reflect")
         spec = F.conv1d(x, self.basis, stride=self.hop_length)
@@ -190,11 +192,14 @@ def export_onnx(
 
 
 def _min_time(model: nn.Module, input_kind: str) -> int:
-    # The shortest input the network takes: one patch of frames (16 for CED), and in samples enough for
-    # the front end's reflect padding and that many frames.
+    # The shortest input the network takes: one patch of frames (16 for CED). CED's waveforms may be of any
+    # length (the front end pads a clip shorter than one window, the network one shorter than a patch);
+    # 2 is torch.export's smallest dynamic size. Other networks: enough samples for a patch of frames.
     patch = model.config.patch_size if isinstance(model, CED) else 16
     if input_kind == "spectrogram":
         return patch
+    if isinstance(model, CED):
+        return 2
     hop = model.front_end.config.hop_length
     return max(patch * hop, model.front_end.config.n_fft // 2 + 1)
 
