@@ -337,7 +337,10 @@ def test_dead_decoder_names_the_file_and_the_rerun_resumes(tmp_path: Path, twent
     )  # fmt: skip
     assert died.returncode == 1, died.stderr[-3000:]
     log_text = died.stdout + died.stderr
-    assert f"{tmp_path / 'in' / 'clip13.wav'}: the process decoding this file died twice" in log_text
+    victim = tmp_path / "in" / "clip13.wav"
+    assert (
+        f"{victim}: a decoding process died with this file in flight, and again decoding it alone" in log_text
+    )
     assert not dict(zarr.open_group(str(out), mode="r").attrs)["complete"]
 
     rerun = [sys.executable, "-m", "ced_lightning.prepare", *overrides, f"output={out}"]

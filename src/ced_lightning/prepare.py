@@ -84,7 +84,8 @@ def _pool_context() -> Any:
 
 
 class DecoderDiedError(RuntimeError):
-    """A decoding process died (killed by a signal, e.g. the out-of-memory killer) on the same file twice."""
+    """A file's decoding process died (killed by a signal, e.g. the out-of-memory killer), also when retried
+    alone; the message names the file."""
 
 
 def _decode_alone(item: SourceItem, context: Any) -> tuple[np.ndarray | None, str | None]:
@@ -94,9 +95,10 @@ def _decode_alone(item: SourceItem, context: Any) -> tuple[np.ndarray | None, st
             return alone.submit(decode_item, item).result()
         except BrokenProcessPool:
             raise DecoderDiedError(
-                f"{item.path}: the process decoding this file died twice (killed by a signal, e.g. the "
-                "out-of-memory killer for a very long or hostile file). Committed shards are kept: rerun the "
-                "same command to resume; if this file kills the decoder again, remove it from the input."
+                f"{item.path}: a decoding process died with this file in flight, and again decoding it "
+                "alone (killed by a signal, e.g. the out-of-memory killer on a very long or hostile file). "
+                "Committed shards are kept: rerun the same command to resume; if this file kills the decoder "
+                "again, remove it from the input."
             ) from None
 
 
