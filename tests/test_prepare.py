@@ -346,6 +346,7 @@ def test_dead_decoder_names_the_file_and_the_rerun_resumes(tmp_path: Path, twent
     rerun = [sys.executable, "-m", "ced_lightning.prepare", *overrides, f"output={out}"]
     done = subprocess.run(rerun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after" in done.stdout + done.stderr  # the clips before clip13 were committed, and kept
     _assert_same_store(reference, out)
 
 
