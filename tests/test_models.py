@@ -320,14 +320,15 @@ class _Exploit:
 def test_checkpoint_load_errors_name_the_file(tmp_path: Path) -> None:
     """Before: torch's `UnpicklingError: Weights only load failed ...` (or a corrupt file's error) did not say
     which checkpoint it was, which matters with several teachers. Malicious pickles stay refused."""
+    from ced_lightning.models import read_state_dict
     from ced_lightning.models.factory import CheckpointLoadError
 
     marker = tmp_path / "code_ran"
     torch.save({"model": _Exploit(marker)}, tmp_path / "teacher_2.ckpt")
-    with pytest.raises(
-        CheckpointLoadError, match=rf"{tmp_path / 'teacher_2.ckpt'}: cannot load this checkpoint"
-    ):
-        load_checkpoint(tmp_path / "teacher_2.ckpt")
+    named = rf"{tmp_path / 'teacher_2.ckpt'}: cannot load this checkpoint"
+    for read in (load_checkpoint, load_ced, read_state_dict):  # predict/extract, CED files, init_from
+        with pytest.raises(CheckpointLoadError, match=named):
+            read(tmp_path / "teacher_2.ckpt")
     assert not marker.exists()
     save_ced(create_ced("ced_tiny", depth=1), tmp_path / "good.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])

@@ -62,7 +62,30 @@ def read_state_dict(
     return state_dict_from_checkpoint(obj, source=str(path))
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that cannot be read (corrupt, not a checkpoint, or refused by the weights-only
+    loader); the message names the file."""
+
+
 def _read_checkpoint(
+    path: str | PathLike, map_location: str | torch.device, sha256: bool = False
+) -> tuple[Any, str | None]:
+    """`_read_checkpoint_file`, whose errors name the file (`CheckpointLoadError`): torch's UnpicklingError
+    and a corrupt file's errors do not say which of several teachers it was."""
+    try:
+        return _read_checkpoint_file(path, map_location, sha256)
+    except FileNotFoundError:
+        raise  # names the path already (and says how to get released weights)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise CheckpointLoadError(
+            f"{path}: cannot load this checkpoint ({detail}). Only weights-only checkpoints (tensors and "
+            "plain values) are read, never arbitrary pickled objects."
+        ) from err
+
+
+def _read_checkpoint_file(
     path: str | PathLike, map_location: str | torch.device, sha256: bool = False
 ) -> tuple[Any, str | None]:
     """The loaded checkpoint object and, with `sha256`, the sha256 of the file's bytes: one read of the file.
@@ -331,11 +354,6 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"unknown model arch {spec['arch']!r} in model_spec")
 
 
-class CheckpointLoadError(ValueError):
-    """A checkpoint file that cannot be read (corrupt, not a checkpoint, or refused by the weights-only
-    loader); the message names the file."""
-
-
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     """What `load_checkpoint` read from one checkpoint file."""
@@ -356,17 +374,7 @@ def load_checkpoint(
     training (CED or a timm backbone); local paths and fsspec URLs.
     """
     source = str(path)
-    try:
-        obj, digest = _read_checkpoint(path, map_location, sha256)
-    except FileNotFoundError:
-        raise  # names the path already (and says how to get released weights)
-    except Exception as err:  # torch's UnpicklingError & co. do not say which of several teachers it was
-        lines = str(err).strip().splitlines()
-        detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-        raise CheckpointLoadError(
-            f"{source}: cannot load this checkpoint ({detail}). Only weights-only checkpoints (tensors and "
-            "plain values) are read, never arbitrary pickled objects."
-        ) from err
+    obj, digest = _read_checkpoint(path, map_location, sha256)
     return LoadedCheckpoint(
         model=_model_from_checkpoint(obj, source),
         class_names=_stored_class_names(obj),
