@@ -1,16 +1,23 @@
 """Evaluate a checkpoint on a labelled audio store: mAP, d-prime, per-class AP table and chart.
 
     python -m ced_lightning.evaluate ckpt=logs/train/runs/.../best.ckpt store=data/audioset_eval.zarr
+    python -m ced_lightning.evaluate teacher=demo store=data/demo/val.zarr     # a teacher set
+
+A teacher set (conf/teacher/<name>.yaml) is scored member by member and as the ensemble `extract` stores
+(its `combine` rule), in one pass, with the chance level beside them (`evaluate_teachers`); `extract` runs
+the same check before storing logits (`teacher_check`).
 
 Clips of any length: equal-length clips are batched, each length group runs on its own (CED splits clips
-longer than 10.12 s into pieces itself), so a clip's scores do not depend on the batch size.
+longer than 10.12 s into pieces itself), so a clip's scores do not depend on the batch size. The thread
+count is torch's default (OMP_NUM_THREADS) unless `num_threads=N` says otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -18,14 +25,98 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.labels import resolve_class_names
-from ced_lightning.metrics import TaggingMetrics, plot_per_class_ap, write_per_class_csv
-from ced_lightning.predict import batches_by_length, default_device, run_model
+from ced_lightning.metrics import (
+    TaggingMetrics,
+    chance_map,
+    gain_over_chance,
+    plot_per_class_ap,
+    write_per_class_csv,
+)
+from ced_lightning.predict import batches_by_length, default_device, pad_batch
 
 log = logging.getLogger(__name__)
+
+
+def _open_labelled_store(store_url: str) -> Any:
+    from ced_lightning.store.audio import AudioStore
+
+    store = AudioStore.open(store_url)
+    if not store.has_labels:
+        raise ValueError(f"store={store_url}: has no labels; evaluation needs a labelled store")
+    return store
+
+
+def _store_class_names(
+    store: Any, store_url: str, what: str, num_classes: int, model_names: list[str] | None
+) -> list[str] | None:
+    """The class names of the evaluation (None where unnamed), after refusing a store whose classes differ
+    from the model's (`what` names the model in the message: `ckpt=PATH`, `teacher=NAME`)."""
+    store_classes = store.label_matrix().shape[1]
+    if store_classes != num_classes:
+        raise ValueError(f"store={store_url} has {store_classes} classes but {what} predicts {num_classes}")
+    store_names = list(store.class_names) if store.class_names is not None else None
+    if model_names and store_names and model_names != store_names:
+        # Same count, different order or vocabulary: the numbers would be silently wrong.
+        raise ValueError(f"{what} and store={store_url} list different class names (or orders)")
+    # No placeholder names: unnamed classes stay unnamed in the per-class table and chart.
+    return resolve_class_names(num_classes, model_names, store_names, placeholders=False)
+
+
+@torch.inference_mode()
+def score_store(
+    models: Mapping[str, nn.Module],
+    store: Any,
+    *,
+    batch_size: int = 32,
+    length_tolerance_s: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    combine: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Every model's probabilities `[clips, classes]` (float32, CPU, store order) over every clip of the
+    audio store, and with `combine` the ensemble's (`combine_probabilities`, as `extract` combines them).
+
+    The project's one evaluation pass: clips grouped by length (`batches_by_length`), each batch read once
+    and run through every model, so a clip's scores do not depend on the batch size.
+    """
+    from ced_lightning.modules.ensemble import combine_probabilities
+
+    device = torch.device(device) if device is not None else default_device()
+    models = {name: model.to(device).eval() for name, model in models.items()}
+    num_classes = int(next(iter(models.values())).num_classes)
+    lengths = [int(n) for n in store.lengths]
+    tolerance = max(0, round(length_tolerance_s * SAMPLE_RATE))
+    batches = batches_by_length(lengths, batch_size, tolerance)
+    log.info(
+        "scoring %s on %d clips of %s (%d batches)", ", ".join(models), len(lengths), store.url, len(batches)
+    )
+    probabilities = {name: torch.empty(len(lengths), num_classes) for name in models}
+    ensemble = torch.empty(len(lengths), num_classes) if combine is not None else None
+
+    def run(advance: Callable[[int], Any]) -> None:
+        for batch in batches:
+            waveform = pad_batch([store.read(i) for i in batch]).to(device)
+            logits = {name: model(waveform).float() for name, model in models.items()}
+            for name, value in logits.items():
+                probabilities[name][batch] = torch.sigmoid(value).cpu()
+            if ensemble is not None:
+                ensemble[batch] = combine_probabilities(list(logits.values()), combine).cpu()
+            advance(len(batch))
+
+    if progress:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("evaluating", total=len(lengths))
+            run(lambda n: bar.advance(task, n))
+    else:
+        run(lambda n: None)
+    return probabilities, ensemble
 
 
 def evaluate_checkpoint(
@@ -45,70 +136,164 @@ def evaluate_checkpoint(
     the paths `"per_class_csv"` and `"per_class_png"`.
     """
     from ced_lightning.models import load_checkpoint
-    from ced_lightning.store.audio import AudioStore
 
     checkpoint = load_checkpoint(ckpt)
     model = checkpoint.model
-    store = AudioStore.open(store_url)
-    if not store.has_labels:
-        raise ValueError(f"store={store_url}: has no labels; evaluation needs a labelled store")
-    labels = torch.from_numpy(store.label_matrix())
+    store = _open_labelled_store(store_url)
     num_classes = int(model.num_classes)
-    if labels.shape[1] != num_classes:
-        raise ValueError(
-            f"store={store_url} has {labels.shape[1]} classes but ckpt={ckpt} predicts {num_classes}"
-        )
-    store_names = list(store.class_names) if store.class_names is not None else None
-    ckpt_names = checkpoint.class_names
-    if ckpt_names and store_names and ckpt_names != store_names:
-        # Same count, different order or vocabulary: the numbers would be silently wrong.
-        raise ValueError(f"ckpt={ckpt} and store={store_url} list different class names (or orders)")
-    # No placeholder names: unnamed classes stay unnamed in the per-class table and chart.
-    class_names = resolve_class_names(num_classes, ckpt_names, store_names, placeholders=False)
-
-    device = torch.device(device) if device is not None else default_device()
-    model = model.to(device).eval()
-    lengths = [int(n) for n in store.lengths]
-    tolerance = max(0, round(length_tolerance_s * SAMPLE_RATE))
-    batches = batches_by_length(lengths, batch_size, tolerance)
+    class_names = _store_class_names(store, store_url, f"ckpt={ckpt}", num_classes, checkpoint.class_names)
+    labels = torch.from_numpy(store.label_matrix())
+    scored, _ = score_store(
+        {str(ckpt): model},
+        store,
+        batch_size=batch_size,
+        length_tolerance_s=length_tolerance_s,
+        device=device,
+        progress=progress,
+    )
+    probabilities = scored[str(ckpt)]
     metric = TaggingMetrics(num_classes)
-    log.info("evaluating %s on %d clips of %s (%d batches)", ckpt, len(lengths), store_url, len(batches))
-
-    probabilities = torch.empty(len(lengths), num_classes)
-
-    def run(advance) -> None:
-        for batch in batches:
-            probabilities[batch] = run_model(model, [store.read(i) for i in batch], device)
-            advance(len(batch))
-
-    if progress:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("evaluating", total=len(lengths))
-            run(lambda n: bar.advance(task, n))
-    else:
-        run(lambda n: None)
-
     metric.update(probabilities, labels)
     scores = metric.compute()
     result: dict[str, Any] = {
         "mAP": float(scores["mAP"]),
         "d_prime": float(scores["d_prime"]),
-        "num_clips": len(lengths),
+        "num_clips": len(store),
         "per_class_ap": scores["per_class_ap"],
         "positives": scores["positives"],
         "class_names": class_names,
         "probabilities": probabilities,
     }
     if output_dir is not None:
-        folder = Path(output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        result["per_class_csv"] = folder / "per_class_ap.csv"
-        result["per_class_png"] = folder / "per_class_ap.png"
-        write_per_class_csv(result["per_class_csv"], scores["per_class_ap"], class_names, scores["positives"])
-        plot_per_class_ap(result["per_class_png"], scores["per_class_ap"], class_names, scores["mAP"])
+        result.update(_write_per_class(output_dir, scores, class_names))
     return result
+
+
+def _write_per_class(
+    output_dir: str | PathLike, scores: dict[str, torch.Tensor], class_names: list[str] | None
+) -> dict[str, Path]:
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"per_class_csv": folder / "per_class_ap.csv", "per_class_png": folder / "per_class_ap.png"}
+    write_per_class_csv(paths["per_class_csv"], scores["per_class_ap"], class_names, scores["positives"])
+    plot_per_class_ap(paths["per_class_png"], scores["per_class_ap"], class_names, scores["mAP"])
+    return paths
+
+
+# `teacher_check.min_gain`'s default: a teacher set must close at least this share of the gap from chance
+# to a perfect mAP (gain_over_chance) before `extract` stores its logits.
+MIN_GAIN_OVER_CHANCE = 0.1
+
+
+def evaluate_teachers(
+    teachers: Mapping[str, nn.Module],
+    store_url: str,
+    *,
+    combine: str = "mean_prob",
+    class_names: list[str] | None = None,
+    batch_size: int = 32,
+    length_tolerance_s: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    output_dir: str | PathLike | None = None,
+) -> dict[str, Any]:
+    """Each teacher's and the ensemble's (combined by `combine`, as `extract` stores it) mAP and d-prime on a
+    labelled store, from one pass, with the chance level (`chance_map`) and each one's `gain_over_chance`.
+
+    Returns a JSON-ready table: `{"store", "num_clips", "classes_with_positives", "num_classes",
+    "chance_mAP", "combine", "teachers": {name: {"mAP", "d_prime", "gain_over_chance"}}, "ensemble": {...}}`;
+    with `output_dir`, the ensemble's per-class AP table and chart are written there too.
+    """
+    from ced_lightning.modules.ensemble import check_combine, check_teachers
+    from ced_lightning.store.remote import redact_url
+
+    check_combine(combine)
+    num_classes = check_teachers(list(teachers.values()), list(teachers))
+    store = _open_labelled_store(store_url)
+    what = f"the teachers ({', '.join(teachers)})"
+    names = _store_class_names(store, store_url, what, num_classes, class_names)
+    labels = torch.from_numpy(store.label_matrix())
+    scored, ensemble = score_store(
+        teachers,
+        store,
+        batch_size=batch_size,
+        length_tolerance_s=length_tolerance_s,
+        device=device,
+        progress=progress,
+        combine=combine,
+    )
+    assert ensemble is not None
+    chance = chance_map(labels)
+
+    def row(probabilities: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        metric = TaggingMetrics(num_classes)
+        metric.update(probabilities, labels)
+        scores = metric.compute()
+        mean_ap = float(scores["mAP"])
+        figures = {
+            "mAP": _json_float(mean_ap),
+            "d_prime": _json_float(float(scores["d_prime"])),  # inf where every class ranks perfectly
+            "gain_over_chance": _json_float(gain_over_chance(mean_ap, chance)),
+        }
+        return figures, scores
+
+    ensemble_row, ensemble_scores = row(ensemble)
+    table: dict[str, Any] = {
+        "store": redact_url(store_url),
+        "num_clips": len(store),
+        "classes_with_positives": int((labels > 0.5).any(0).sum()),
+        "num_classes": num_classes,
+        "chance_mAP": _json_float(chance),
+        "combine": combine,
+        "teachers": {name: row(probabilities)[0] for name, probabilities in scored.items()},
+        "ensemble": ensemble_row,
+    }
+    if output_dir is not None:
+        _write_per_class(output_dir, ensemble_scores, names)
+    return table
+
+
+def _json_float(value: float) -> float | None:
+    """Rounded for the table; None for NaN and infinities, which strict JSON readers refuse."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def weak_teachers(table: dict[str, Any], min_gain: float = MIN_GAIN_OVER_CHANCE) -> list[str]:
+    """The rule `extract` refuses by: the teachers, and `ensemble`, whose mAP closes less than `min_gain` of
+    the gap from chance to 1.0 (`gain_over_chance`; NaN counts as weak). Each member counts: a teacher near
+    chance adds noise to every stored target even when the others carry the ensemble."""
+    rows = {**table["teachers"], "ensemble": table["ensemble"]}
+    return [
+        name
+        for name, figures in rows.items()
+        if figures["gain_over_chance"] is None or not figures["gain_over_chance"] >= min_gain
+    ]
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_teacher_table(table: dict[str, Any], min_gain: float | None = None) -> str:
+    """The table `evaluate teacher=...` and `extract teacher_check.store=...` print."""
+    weak = set(weak_teachers(table, min_gain)) if min_gain is not None else set()
+    rows = [*table["teachers"].items(), (f"ensemble ({table['combine']})", table["ensemble"])]
+    width = max(len("teacher"), *(len(name) for name, _ in rows))
+    lines = [
+        f"teachers on {table['store']}: {table['num_clips']} clips, {table['classes_with_positives']} of "
+        f"{table['num_classes']} classes with positives; chance mAP {_fmt(table['chance_mAP'], 4)} "
+        "(mean class prevalence)",
+        f"  {'teacher':<{width}}  {'mAP':>7}  {'d-prime':>7}  {'gain over chance':>16}",
+    ]
+    for name, figures in rows:
+        key = "ensemble" if name.startswith("ensemble (") else name
+        flag = f"  near chance (gain < {min_gain:g})" if key in weak else ""
+        mean_ap, d_prime, gain = (
+            _fmt(figures[key], digits)
+            for key, digits in (("mAP", 4), ("d_prime", 3), ("gain_over_chance", 3))
+        )
+        lines.append(f"  {name:<{width}}  {mean_ap:>7}  {d_prime:>7}  {gain:>16}{flag}")
+    return "\n".join(lines)
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -121,24 +306,58 @@ def format_summary(result: dict[str, Any]) -> str:
     )
 
 
-@hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    for key in ("ckpt", "store"):
-        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
-            raise ValueError(f"{key}= is required: python -m ced_lightning.evaluate ckpt=PATH store=STORE")
-    torch.set_num_threads(os.cpu_count() or 1)
-    result = evaluate_checkpoint(
-        cfg.ckpt,
-        str(cfg.store),
-        batch_size=int(cfg.batch_size),
-        output_dir=cfg.output_dir,
-        length_tolerance_s=float(cfg.length_tolerance_s),
-        device=None if cfg.device == "auto" else cfg.device,
-        progress=bool(cfg.progress),
-    )
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """`python -m ced_lightning.evaluate` on a composed config: one checkpoint (`ckpt=`) or a teacher set
+    (`teacher=NAME`); prints the summary (or the teacher table) and returns the result."""
+    teacher_cfg = cfg.get("teacher")
+    if OmegaConf.is_missing(cfg, "store") or not cfg.get("store"):
+        raise ValueError(
+            "store= is required: python -m ced_lightning.evaluate ckpt=PATH store=STORE "
+            "(or teacher=NAME store=STORE for a teacher set)"
+        )
+    if bool(cfg.get("ckpt")) == bool(teacher_cfg):
+        raise ValueError(
+            "give either ckpt=PATH (one model) or teacher=NAME (a teacher set, conf/teacher/NAME.yaml, e.g. "
+            "teacher=demo, or teacher=ced 'teacher.checkpoints=[a.ckpt,b.ckpt]'), not "
+            + ("both" if teacher_cfg else "neither")
+        )
+    if cfg.get("num_threads"):
+        # Left alone by default: torch's own default honours OMP_NUM_THREADS, which launchers set per process.
+        torch.set_num_threads(int(cfg.num_threads))
+    options = {
+        "batch_size": int(cfg.batch_size),
+        "output_dir": cfg.output_dir,
+        "length_tolerance_s": float(cfg.length_tolerance_s),
+        "device": None if cfg.device == "auto" else cfg.device,
+        "progress": bool(cfg.progress),
+    }
+    if teacher_cfg:
+        from ced_lightning.teachers import load_teachers
+
+        models, records, class_names = load_teachers(teacher_cfg)
+        table = evaluate_teachers(
+            {record["name"]: model for record, model in zip(records, models, strict=True)},
+            str(cfg.store),
+            combine=str(teacher_cfg.get("combine", "mean_prob")),
+            class_names=class_names,
+            **options,
+        )
+        print(format_teacher_table(table))
+        if cfg.output_dir is not None:
+            path = Path(cfg.output_dir) / "teacher_table.json"
+            path.write_text(json.dumps(table, indent=2))
+            print(f"table: {path}  ensemble per-class AP: {Path(cfg.output_dir) / 'per_class_ap.csv'}")
+        return table
+    result = evaluate_checkpoint(cfg.ckpt, str(cfg.store), **options)
     print(format_summary(result))
     if "per_class_csv" in result:  # output_dir=null writes no files
         print(f"per-class AP: {result['per_class_csv']}  chart: {result['per_class_png']}")
+    return result
+
+
+@hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -9,37 +9,41 @@ re-runs the teachers on N random (epoch, clip) pairs from the stored parameters 
 difference from the stored probabilities; a mismatch ends the command with exit status 1 (also when only
 verifying a complete store). One run writes a store at a time (`store.lock`); the figures are kept in the
 store, `<output>/extract_stats.json`.
+
+With `teacher_check.store=VAL_STORE` (a labelled store) each teacher and the ensemble are first scored on it
+(`evaluate.evaluate_teachers`, the table goes into the stats), and teachers near chance are refused before
+any logit is stored (`evaluate.weak_teachers`) unless `allow_weak_teachers=true`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe, front_end_sources
+from ced_lightning.evaluate import (
+    MIN_GAIN_OVER_CHANCE,
+    evaluate_teachers,
+    format_teacher_table,
+    weak_teachers,
+)
 from ced_lightning.labels import resolve_class_names
-from ced_lightning.models import load_checkpoint
-from ced_lightning.models.released import released_entry
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
-    check_teachers,
     ensemble_probabilities,
     reduced_precision,
 )
@@ -57,6 +61,7 @@ from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
 from ced_lightning.store.remote import apply_storage_options, redact_url
+from ced_lightning.teachers import load_teachers, state_dict_sha256, teacher_members  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -69,73 +74,6 @@ STATS_FILE = "extract_stats.json"
 
 # How long ranks > 0 of an externally launched job (torchrun, SLURM) wait for rank 0 to create the store.
 _CREATE_WAIT_S = 600.0
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """A checksum of a model's weights (for members built from `_target_` rather than a file)."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
-    """`teacher.members`, or one member per path of `teacher.checkpoints` (released CED files)."""
-    members = teacher_cfg.get("members")
-    if not members and teacher_cfg.get("checkpoints"):
-        paths = teacher_cfg.checkpoints
-        paths = list(paths) if isinstance(paths, (list, ListConfig)) else [paths]
-        return [{"name": Path(str(p)).stem, "checkpoint": str(p)} for p in paths]
-    if not members:
-        raise ValueError(
-            "the teacher config has neither `members` nor `checkpoints`: give e.g. teacher=ced "
-            "'teacher.checkpoints=[a.pt,b.pt]' or a conf/teacher/<name>.yaml with members"
-        )
-    out = []
-    for i, member in enumerate(members):
-        member = (
-            OmegaConf.to_container(member, resolve=True) if isinstance(member, DictConfig) else dict(member)
-        )
-        if "checkpoint" not in member and "_target_" not in member:
-            raise ValueError(
-                f"teacher.members[{i}] needs `checkpoint: PATH` or `_target_: CLASS` (got {member})"
-            )
-        member.setdefault("name", Path(str(member.get("checkpoint", f"member{i}"))).stem)
-        out.append(member)
-    names = [m["name"] for m in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"teacher.members names must be unique, got {names}")
-    return out
-
-
-def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[str, Any]], list[str] | None]:
-    """(models in eval mode, their records for the store's `teachers` attribute, their class names)."""
-    models, records, class_lists = [], [], {}
-    for member in teacher_members(teacher_cfg):
-        if "checkpoint" in member:
-            path = str(member["checkpoint"])
-            # A released name (ced_mini, ...) is fetched from the caches or downloaded by load_checkpoint.
-            if released_entry(path) is None and not fsspec.core.url_to_fs(path)[0].exists(
-                fsspec.core.url_to_fs(path)[1]
-            ):
-                raise FileNotFoundError(f"teacher {member['name']}: no checkpoint at {path}")
-            loaded = load_checkpoint(path, sha256=True)  # the store records the teacher's weights
-            model = loaded.model
-            if loaded.class_names:
-                class_lists[member["name"]] = loaded.class_names
-            record = {"name": member["name"], "checkpoint": redact_url(path), "sha256": loaded.sha256}
-        else:
-            spec = {k: v for k, v in member.items() if k != "name"}
-            model = instantiate(spec).eval()
-            record = {"name": member["name"], "target": spec, "sha256": state_dict_sha256(model)}
-        models.append(model)
-        records.append(record)
-    check_teachers(models, [r["name"] for r in records])
-    distinct = {tuple(v) for v in class_lists.values()}
-    if len(distinct) > 1:
-        raise ValueError(f"teachers were trained on different class lists: {sorted(class_lists)}")
-    return models, records, (list(next(iter(distinct))) if distinct else None)
 
 
 def _wait_for_store(url: str, timeout: float = _CREATE_WAIT_S) -> None:
@@ -220,6 +158,53 @@ class VerificationError(RuntimeError):
     """`verify=N` found stored probabilities that the teachers do not reproduce."""
 
 
+class WeakTeachersError(RuntimeError):
+    """`teacher_check` found teachers near chance on the labelled store, and `allow_weak_teachers` is off."""
+
+
+def check_teacher_quality(
+    cfg: DictConfig, teachers: Sequence[nn.Module], names: list[str], class_names: list[str] | None
+) -> dict[str, Any] | None:
+    """Score each teacher and the ensemble on `teacher_check.store` and print the table (None when no
+    store is given). Raises `WeakTeachersError` when any of them is near chance (`weak_teachers` with
+    `teacher_check.min_gain`) unless `allow_weak_teachers`; the table (with `weak`) goes into the stats."""
+    check_cfg = cfg.get("teacher_check") or {}
+    if not check_cfg.get("store"):
+        log.warning(
+            "the teachers are not checked before their logits are stored: give teacher_check.store=VAL_STORE "
+            "(a labelled audio store) to score each of them and their ensemble against chance first"
+        )
+        return None
+    min_gain = float(check_cfg.get("min_gain", MIN_GAIN_OVER_CHANCE))
+    on_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu"
+    try:
+        table = evaluate_teachers(
+            dict(zip(names, teachers, strict=True)),
+            str(check_cfg.store),
+            combine=str(cfg.teacher.get("combine", "mean_prob")),
+            class_names=class_names,
+            batch_size=int(check_cfg.get("batch_size", 32)),
+            device="cpu" if on_cpu else None,
+        )
+    finally:
+        for teacher in teachers:  # the trainer places them itself
+            teacher.cpu()
+    weak = weak_teachers(table, min_gain)
+    print(format_teacher_table(table, min_gain))
+    table.update(min_gain=min_gain, weak=weak)
+    if weak and not cfg.get("allow_weak_teachers"):
+        raise WeakTeachersError(
+            f"teacher_check: {', '.join(weak)} near chance on {table['store']} (mAP closes less than "
+            f"{min_gain:g} of the gap from chance {table['chance_mAP']} to 1.0; table above): a student "
+            "distilled from these logits learns little. Train the teachers longer, or start them from "
+            "released weights, check the labels of both stores, or store them anyway with "
+            "allow_weak_teachers=true (or a lower teacher_check.min_gain)."
+        )
+    if weak:
+        log.warning("allow_weak_teachers=true: storing the logits of %s, near chance", ", ".join(weak))
+    return table
+
+
 def run_extract(cfg: DictConfig) -> LogitStore:
     """Extract (or finish extracting) the logit store `cfg.output`; returns it, complete.
 
@@ -238,6 +223,9 @@ def run_extract(cfg: DictConfig) -> LogitStore:
 def _extract(cfg: DictConfig) -> LogitStore:
     audio = AudioStore.open(str(cfg.audio_store))
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
+    quality = None
+    if global_rank() == 0:  # before the store exists: weak teachers leave nothing behind
+        quality = check_teacher_quality(cfg, teachers, [r["name"] for r in records], teacher_classes)
     num_classes = int(teachers[0].num_classes)
     class_names = _store_class_names(teacher_classes, audio, num_classes)
     store = create_or_resume(cfg, audio, records, class_names, num_classes)
@@ -283,6 +271,8 @@ def _extract(cfg: DictConfig) -> LogitStore:
     if cfg.get("limit_blocks") is None and not store.is_complete():
         raise RuntimeError(f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction")
     stats = extraction_stats(store, audio, clips, seconds, trainer)
+    if quality is not None:
+        stats["teacher_check"] = quality
     if todo and module.steady_clips_per_s is not None:
         stats["steady_clips_per_s"] = round(module.steady_clips_per_s, 2)
     if int(cfg.get("verify") or 0) > 0 and store.is_complete():
@@ -336,7 +326,13 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
         f"logit store {redact_url(store.url)}: {store.num_clips} clips x {store.epochs} epochs, "
         f"top-{store.topk}, {store.quantization}"
     ]
-    lines += [f"  {key}: {value}" for key, value in stats.items() if key != "verify"]
+    lines += [f"  {key}: {value}" for key, value in stats.items() if key not in ("verify", "teacher_check")]
+    if "teacher_check" in stats:
+        check = stats["teacher_check"]
+        lines.append(
+            f"  teacher_check: ensemble mAP {check['ensemble']['mAP']} on {check['store']} "
+            f"(chance {check['chance_mAP']}); near chance: {', '.join(check['weak']) or 'none'}"
+        )
     if "verify" in stats:
         v = stats["verify"]
         lines.append(

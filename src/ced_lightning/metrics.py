@@ -186,3 +186,21 @@ def plot_per_class_ap(
     with fsspec.open(str(path), "wb") as handle:
         fig.savefig(handle, format="png")
     plt.close(fig)
+
+
+def chance_map(targets: torch.Tensor) -> float:
+    """The mAP that scores without information reach: a random ranking's AP of a class is about its
+    prevalence (the share of clips it labels), so chance is the mean prevalence over the classes with a
+    positive, the ones mAP averages (`TaggingMetrics`). NaN when no class has a positive."""
+    if targets.ndim != 2:
+        raise ValueError(f"expected targets [clips, classes], got shape {tuple(targets.shape)}")
+    prevalence = (targets > 0.5).double().mean(0)
+    return float(_nanmean(torch.where(prevalence > 0, prevalence, torch.full_like(prevalence, math.nan))))
+
+
+def gain_over_chance(mean_ap: float, chance: float) -> float:
+    """How far `mean_ap` lies from chance towards a perfect 1.0: 0 at chance, 1 when perfect, negative
+    below chance (a scale that means the same with 527 rare classes as with 16 common ones)."""
+    if not chance < 1.0:
+        return math.nan
+    return (float(mean_ap) - chance) / (1.0 - chance)
