@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +39,31 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
 
 class AverageBestCheckpoints(Callback):
     """At the end of fitting, average the weights of the `top_k` best checkpoints (the paper averages its 4
-    best) and save them as `averaged.ckpt` beside them, a full checkpoint that every tool here reads."""
+    best) and save them as `averaged.ckpt` beside them, a full checkpoint that every tool here reads.
+
+    A run stopped with SIGTERM (a cluster's time limit or preemption; Lightning stops at the next batch)
+    writes it from the best checkpoints saved so far, so a stopped run still leaves its averaged model.
+    """
 
     def __init__(self, top_k: int = 4) -> None:
         self.top_k = top_k
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._average(trainer)
+        trainer.strategy.barrier("average_best_checkpoints")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # No barrier: Lightning's launcher has already stopped the other ranks on SIGTERM.
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self._average(trainer) is None and trainer.is_global_zero:
+            log.warning("stopped by SIGTERM before any checkpoint was saved: no %s", AVERAGED_CHECKPOINT)
+
+    def _average(self, trainer: Trainer) -> Path | None:
         checkpoint_cb = trainer.checkpoint_callback
         if not isinstance(checkpoint_cb, ModelCheckpoint) or not checkpoint_cb.best_k_models:
-            return
+            return None
         reverse = checkpoint_cb.mode == "max"
         ranked = sorted(checkpoint_cb.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=reverse)
         paths = [path for path, _ in ranked[: self.top_k]]
@@ -54,6 +74,92 @@ class AverageBestCheckpoints(Callback):
             averaged = dict(checkpoints[0])
             averaged["state_dict"] = average_state_dicts([c["state_dict"] for c in checkpoints])
             averaged["averaged_from"] = [str(p) for p in paths]
-            torch.save(averaged, self.path)
+            # Written whole, then renamed: a second signal mid-write leaves no half a checkpoint.
+            partial = self.path.with_name(f".{AVERAGED_CHECKPOINT}.partial")
+            torch.save(averaged, partial)
+            partial.replace(self.path)
             log.info("averaged the weights of %d best checkpoints into %s", len(paths), self.path)
-        trainer.strategy.barrier("average_best_checkpoints")
+        return self.path
+
+
+def format_epoch_line(
+    epoch: int,
+    max_epochs: int | None,
+    metrics: Mapping[str, float],
+    lr: float | None,
+    seconds: float,
+    step: int | None = None,
+) -> str:
+    """`epoch 2 (3 of 40, step 120): train/loss 0.1234  val/mAP 0.4321  lr 0.00012  12.3 s`: the epoch's
+    index as in the checkpoint names (`epoch_002.ckpt`), then its count."""
+    of = [f"{epoch + 1} of {max_epochs}"] if max_epochs is not None and max_epochs > 0 else []
+    detail = ", ".join([*of, *([f"step {step}"] if step is not None else [])])
+    head = f"epoch {epoch}" + (f" ({detail})" if detail else "")
+    values = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    if lr is not None:
+        values.append(f"lr {lr:.3g}")
+    values.append(f"{seconds:.1f} s")
+    return f"{head}: " + "  ".join(values)
+
+
+class EpochLog(Callback):
+    """One log line per training epoch (mean training loss, the epoch's validation metrics, learning rate,
+    wall time), through `logging`, so it reaches the run's log file and a redirected stdout.
+
+    `when`: `not_tty` (the default: only when stdout is not a terminal, where the rich progress bar writes
+    nothing, e.g. `> run.log` or a batch job), `always`, or `never`.
+    """
+
+    WHEN = ("not_tty", "always", "never")
+
+    def __init__(self, when: str = "not_tty") -> None:
+        if when not in self.WHEN:
+            raise ValueError(f"callbacks.epoch_log.when must be one of {list(self.WHEN)}, not {when!r}")
+        self.when = when
+        self._started = 0.0
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._validated = False
+
+    def _enabled(self, trainer: Trainer) -> bool:
+        if not trainer.is_global_zero or self.when == "never":
+            return False
+        return self.when == "always" or not sys.stdout.isatty()
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.monotonic()
+        self._loss_sum, self._loss_count, self._validated = None, 0, False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Summed on the device: no synchronisation per step, one at the end of the epoch.
+            value = loss.detach().float()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._enabled(trainer):
+            return
+        metrics: dict[str, float] = {}
+        if self._loss_sum is not None:
+            metrics["train/loss"] = float(self._loss_sum) / self._loss_count
+        if self._validated:  # otherwise the validation figures are an earlier epoch's
+            for name, value in sorted(trainer.callback_metrics.items()):
+                if name.startswith("val/") and isinstance(value, torch.Tensor) and value.numel() == 1:
+                    metrics[name] = float(value)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        line = format_epoch_line(
+            trainer.current_epoch,
+            trainer.max_epochs,
+            metrics,
+            lr,
+            time.monotonic() - self._started,
+            step=trainer.global_step,
+        )
+        log.info(line)
