@@ -169,6 +169,25 @@ def test_long_clip_pieces_average_probabilities_like_the_released_models(referen
     assert (first - second).abs().max() > 0.1  # so the two averages differ
 
 
+def test_embed_is_what_the_head_classifies_and_pieces_are_averaged(reference_model):
+    """`embed` (predict's `outputs=[embeddings]`) is the pooled feature before the head: the head on it gives
+    `forward`'s logits for a clip of one piece; a clip of two whole pieces embeds as their mean."""
+    torch.manual_seed(0)
+    wave = torch.randn(2, 16000 * 3)
+    with torch.no_grad():
+        embedding = reference_model.embed(wave)
+        assert embedding.shape == (2, reference_model.config.embed_dim)
+        assert (reference_model.outputlayer(embedding) - reference_model(wave)).abs().max() < 1e-5
+        mel = torch.randn(1, 64, 2024) * 20 - 40
+        halves = [reference_model.embed_spectrogram(mel[..., s : s + 1012]) for s in (0, 1012)]
+        assert (reference_model.embed_spectrogram(mel) - (halves[0] + halves[1]) / 2).abs().max() < 1e-5
+        assert (halves[0] - halves[1]).abs().max() > 0.01
+    timm_model = TimmMelClassifier("mobilenetv3_small_050", num_classes=7).eval()
+    with torch.no_grad():
+        pooled = timm_model.embed(wave)
+        assert (timm_model.backbone.get_classifier()(pooled) - timm_model(wave)).abs().max() < 1e-5
+
+
 def test_average_pieces_keeps_extreme_probabilities():
     logits = torch.tensor([[[40.0, -40.0, 0.0, 3.0]], [[30.0, -50.0, 0.0, -1.0]]])
     got = average_pieces(logits, "probability")

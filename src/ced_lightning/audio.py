@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from os import PathLike
 
@@ -58,20 +58,25 @@ def resample(waveform: torch.Tensor, orig_sr: int, sample_rate: int = SAMPLE_RAT
     return _resampler(orig_sr, sample_rate)(waveform)
 
 
-def resample_blocks(blocks: Iterator[np.ndarray], orig_sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """`resample` of the concatenation of 1-D float32 `blocks`, holding one block (plus the filter's reach).
+def resample_stream(
+    blocks: Iterable[np.ndarray], orig_sr: int, sample_rate: int = SAMPLE_RATE
+) -> Iterator[np.ndarray]:
+    """`resample` of the concatenation of 1-D float32 `blocks`, yielded piece by piece while holding one block
+    (plus the filter's reach): the output of a recording of hours never exists whole.
 
     torchaudio's resampler is a strided convolution over the signal zero-padded by `width` before and
     `width + orig` after; each output group needs `2 * width + orig` inputs, so a group is computed as soon as
     its inputs have arrived, from the same windows as the whole-signal call.
     """
     if orig_sr == sample_rate:
-        return np.concatenate([np.asarray(b, dtype=np.float32) for b in blocks] or [np.zeros(0, np.float32)])
+        for block in blocks:
+            yield np.asarray(block, dtype=np.float32)
+        return
     res = _resampler(orig_sr, sample_rate)
     orig, new, width = res.orig_freq // res.gcd, res.new_freq // res.gcd, res.width
     kernel_size = res.kernel.shape[-1]
     pending = np.zeros(width, dtype=np.float32)  # the leading zero padding
-    length, pieces = 0, []
+    length = emitted = 0
 
     def convolve(signal: np.ndarray) -> np.ndarray:
         groups = (len(signal) - kernel_size) // orig + 1
@@ -85,12 +90,22 @@ def resample_blocks(blocks: Iterator[np.ndarray], orig_sr: int, sample_rate: int
         length += len(block)
         pending = np.concatenate([pending, block])
         out = convolve(pending)
-        if out.size:
-            pieces.append(out)
+        if out.size:  # never past the final length: the zero padding after the end is not used yet
+            emitted += out.size
+            yield out
             pending = pending[out.size // new * orig :]
-    pieces.append(convolve(np.concatenate([pending, np.zeros(width + orig, np.float32)])))
     target = -(-new * length // orig)  # ceil, as torchaudio cuts its output
-    return np.concatenate(pieces)[:target]
+    yield convolve(np.concatenate([pending, np.zeros(width + orig, np.float32)]))[: target - emitted]
+
+
+def resample_blocks(blocks: Iterable[np.ndarray], orig_sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`resample_stream`, concatenated: the resampled recording as one array."""
+    return np.concatenate([np.zeros(0, np.float32), *resample_stream(blocks, orig_sr, sample_rate)])
+
+
+def resampled_length(frames: int, orig_sr: int, sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples at `sample_rate` of `frames` at `orig_sr`, as `resample` cuts them (ceil of the ratio)."""
+    return frames if orig_sr == sample_rate else -(-sample_rate * frames // orig_sr)
 
 
 def check_openable(path: str | PathLike) -> None:
@@ -151,9 +166,115 @@ def _mono(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
 
 
-def _checked_blocks(audio: sf.SoundFile, path: str, block_frames: int) -> Iterator[np.ndarray]:
+# Containers libsndfile never decodes (its formats are listed by soundfile.available_formats()): the message
+# says so and how to convert, instead of libsndfile's "Format not recognised".
+NO_LIBSNDFILE_DECODER = {
+    ".m4a": "AAC in MP4", ".aac": "AAC", ".mp4": "MP4", ".m4b": "AAC in MP4", ".wma": "WMA", ".webm": "WebM",
+    ".amr": "AMR", ".ac3": "AC-3", ".ape": "Monkey's Audio", ".wv": "WavPack",
+}  # fmt: skip
+
+
+def undecodable_format_hint(path: str | PathLike) -> str | None:
+    """Why libsndfile cannot read `path` and what to do, for formats it has no decoder for; else None."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    convert = f"convert it first, e.g. `ffmpeg -i {os.path.basename(str(path))} -ac 1 -ar 16000 out.flac`"
+    if suffix in NO_LIBSNDFILE_DECODER:
+        return (
+            f"{NO_LIBSNDFILE_DECODER[suffix]} is not a format libsndfile (the decoder of every command, via "
+            f"soundfile) reads, in any version: {convert}"
+        )
+    if suffix == ".mp3" and "MP3" not in sf.available_formats():
+        return (
+            f"the installed libsndfile {sf.__libsndfile_version__} has no MP3 decoder (1.1.0 and newer "
+            f"have one): `pip install --upgrade soundfile` (its wheels from 0.12 on bundle libsndfile 1.2), "
+            f"or {convert}"
+        )
+    return None
+
+
+class AudioStream:
+    """`path` decoded to float32 mono at `sample_rate`, iterated as consecutive numpy pieces: one piece for a
+    file of at most `block_frames` frames (decoded and resampled whole, as always), else one piece per block,
+    so a recording of hours is never in memory whole. `num_samples` is known on opening.
+
+    Checks as `load_audio` (which is this stream, concatenated): opening raises `AudioDecodeError` for
+    missing, unopenable, undecodable, truncated (WAV) and empty files; iterating raises it at the first
+    non-finite block and, at the end, for all-zero audio and audio that rounds to silence at 16 bits.
+    """
+
+    def __init__(
+        self, path: str | PathLike, sample_rate: int = SAMPLE_RATE, block_frames: int = STREAM_BLOCK_FRAMES
+    ) -> None:
+        self.path, self.sample_rate, self.block_frames = str(path), sample_rate, block_frames
+        check_openable(path)
+        truncated = wav_truncation(path)
+        if truncated:
+            raise AudioDecodeError(truncated)
+        try:
+            self._file = sf.SoundFile(self.path)
+        except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+            hint = undecodable_format_hint(path)
+            reason = hint or f"{type(err).__name__}: {err}"
+            raise AudioDecodeError(f"{path}: cannot decode audio ({reason})") from err
+        self.orig_sr = int(self._file.samplerate)
+        if self._file.frames == 0:
+            self.close()
+            raise AudioDecodeError(f"{path}: empty audio (0 samples)")
+        self.num_samples = resampled_length(int(self._file.frames), self.orig_sr, sample_rate)
+        if self.num_samples == 0:
+            self.close()
+            raise AudioDecodeError(f"{path}: empty audio (0 samples at {sample_rate} Hz)")
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        path = self.path
+        try:
+            if self._file.frames <= self.block_frames:  # checked whole before anything is yielded
+                (mono,) = _checked_blocks([self._file.read(dtype="float32", always_2d=True)], path)
+                whole = resample(torch.from_numpy(mono), self.orig_sr, self.sample_rate).contiguous()
+                pieces: Iterable[np.ndarray] = [_checked_resampled(whole.numpy(), path)]
+            else:
+                decoded = self._file.blocks(self.block_frames, dtype="float32", always_2d=True)
+                pieces = resample_stream(_checked_blocks(decoded, path), self.orig_sr, self.sample_rate)
+            loudest = 0.0
+            for piece in pieces:
+                if not np.isfinite(piece).all():
+                    raise AudioDecodeError(f"{path}: audio contains NaN or inf samples after resampling")
+                if piece.size:
+                    loudest = max(loudest, float(np.abs(piece).max()))
+                    yield piece
+        except AudioDecodeError:
+            raise
+        except Exception as err:
+            raise AudioDecodeError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from err
+        _check_loudness(loudest, path)
+
+
+def _check_loudness(loudest: float, path: str) -> None:
+    if not loudest > 0.5 / INT16_SCALE:
+        # Rounds to all zeros when stored: nothing a tagger could learn from or tag.
+        raise AudioDecodeError(f"{path}: audio is silent at 16-bit resolution")
+
+
+def _checked_resampled(waveform: np.ndarray, path: str) -> np.ndarray:
+    if not np.isfinite(waveform).all():
+        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples after resampling")
+    _check_loudness(float(np.abs(waveform).max()), path)
+    return waveform
+
+
+def _checked_blocks(blocks: Iterable[np.ndarray], path: str) -> Iterator[np.ndarray]:
+    """Multi-channel blocks -> mono blocks, refusing non-finite samples and (at the end) all-zero audio."""
     nonzero = False
-    for block in audio.blocks(block_frames, dtype="float32", always_2d=True):
+    for block in blocks:
         if not np.isfinite(block).all():
             raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
         nonzero = nonzero or bool(block.any())
@@ -168,41 +289,14 @@ def load_audio(
     """Decode `path` to a float32 mono waveform `[samples]` at `sample_rate`: the one decoder and validator of
     every command (`prepare`, `predict`, the examples), so all accept and refuse the same files.
 
-    Raises `AudioDecodeError` naming the file for missing or unopenable paths (saying which), undecodable,
-    truncated (WAV), empty, non-finite, all-zero audio, and audio that rounds to silence at 16-bit
-    resolution. Files longer than `block_frames` frames are decoded and resampled block by block.
+    Raises `AudioDecodeError` naming the file for missing or unopenable paths (saying which), undecodable
+    (saying what converts formats libsndfile cannot read, e.g. m4a), truncated (WAV), empty, non-finite,
+    all-zero audio, and audio that rounds to silence at 16-bit resolution. Files longer than `block_frames`
+    frames are decoded and resampled block by block (`AudioStream`, which `predict` iterates itself).
     """
-    check_openable(path)
-    truncated = wav_truncation(path)
-    if truncated:
-        raise AudioDecodeError(truncated)
-    try:
-        with sf.SoundFile(str(path)) as audio:
-            orig_sr = int(audio.samplerate)
-            if audio.frames <= block_frames:
-                data = audio.read(dtype="float32", always_2d=True)
-                if data.shape[0] == 0:
-                    raise AudioDecodeError(f"{path}: empty audio (0 samples)")
-                if not np.isfinite(data).all():
-                    raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
-                if not data.any():
-                    raise AudioDecodeError(f"{path}: audio is all zeros")
-                waveform = resample(torch.from_numpy(_mono(data)), orig_sr, sample_rate).contiguous()
-            else:
-                blocks = _checked_blocks(audio, str(path), block_frames)
-                waveform = torch.from_numpy(resample_blocks(blocks, orig_sr, sample_rate))
-    except AudioDecodeError:
-        raise
-    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise AudioDecodeError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from err
-    if waveform.numel() == 0:
-        raise AudioDecodeError(f"{path}: empty audio (0 samples at {sample_rate} Hz)")
-    if not torch.isfinite(waveform).all():
-        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples after resampling")
-    if not waveform.abs().max() > 0.5 / INT16_SCALE:
-        # Rounds to all zeros when stored: nothing a tagger could learn from or tag.
-        raise AudioDecodeError(f"{path}: audio is silent at 16-bit resolution")
-    return waveform
+    with AudioStream(path, sample_rate, block_frames) as stream:
+        pieces = list(stream)
+    return torch.from_numpy(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 
 
 def pad_to_min_length(waveform: torch.Tensor, min_samples: int) -> torch.Tensor:

@@ -243,19 +243,38 @@ class CED(nn.Module):
 
     def forward_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
         """`[batch, n_mels, frames]` log-mel (the front end's output) -> logits `[batch, classes]`."""
+        x, pieces = self._normalised_pieces(mel)
+        logits = self.forward_head(self.forward_features(x))
+        if pieces == 1:
+            return logits
+        return average_pieces(logits.unflatten(0, (pieces, mel.shape[0])), self.config.piece_average)
+
+    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[batch, samples]` -> the clip embedding `[batch, embed_dim]`: the token features' mean that the
+        head classifies (`forward == outputlayer(embed)` for clips of one piece); a longer clip's pieces'
+        embeddings are averaged."""
+        return self.embed_spectrogram(self.front_end(waveform))
+
+    def embed_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
+        """`embed` of the front end's output `[batch, n_mels, frames]`."""
+        x, pieces = self._normalised_pieces(mel)
+        pooled = self.forward_features(x).mean(1)
+        return pooled.unflatten(0, (pieces, mel.shape[0])).mean(0)
+
+    def _normalised_pieces(self, mel: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Log-mel -> BatchNorm'd `[pieces * batch, 1, n_mels, t]` (piece-major like the original) and the
+        number of pieces: 1 up to `target_length` frames, else `target_length`-frame pieces (last padded)."""
         x = self.init_bn(mel.unsqueeze(1))
-        batch, frames = x.shape[0], x.shape[-1]
+        frames = x.shape[-1]
         length = self.config.target_length
         if frames < self.config.patch_size:
             x = F.pad(x, (0, self.config.patch_size - frames))
         if frames <= length:
-            return self.forward_head(self.forward_features(x))
+            return x, 1
         pieces = math.ceil(frames / length)
         x = F.pad(x, (0, pieces * length - frames))
-        # [b, 1, f, pieces*length] -> [pieces*b, 1, f, length], piece-major like the original.
-        x = x.unflatten(-1, (pieces, length)).permute(3, 0, 1, 2, 4).flatten(0, 1)
-        logits = self.forward_head(self.forward_features(x))
-        return average_pieces(logits.unflatten(0, (pieces, batch)), self.config.piece_average)
+        # [b, 1, f, pieces*length] -> [pieces*b, 1, f, length]
+        return x.unflatten(-1, (pieces, length)).permute(3, 0, 1, 2, 4).flatten(0, 1), pieces
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised `[b, 1, mel, t]` -> token features `[b, tokens, embed_dim]`."""

@@ -42,3 +42,9 @@ class TimmMelClassifier(nn.Module):
 
     def forward_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.init_bn(mel).unsqueeze(1))
+
+    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[batch, samples]` -> the backbone's pooled features before its classifier `[batch, features]`."""
+        backbone = self.backbone
+        features = backbone.forward_features(self.init_bn(self.front_end(waveform)).unsqueeze(1))
+        return backbone.forward_head(features, pre_logits=True)
