@@ -186,6 +186,15 @@ def test_embed_is_what_the_head_classifies_and_pieces_are_averaged(reference_mod
     with torch.no_grad():
         pooled = timm_model.embed(wave)
         assert (timm_model.backbone.get_classifier()(pooled) - timm_model(wave)).abs().max() < 1e-5
+        for model in (reference_model, timm_model):  # one pass gives both, as the separate calls do
+            logits, embedding = model.forward_and_embed(wave)
+            assert (logits - model(wave)).abs().max() < 1e-5 and (
+                embedding - model.embed(wave)
+            ).abs().max() == 0
+        long_wave = torch.randn(1, 16000 * 25)
+        long_logits, long_embedding = reference_model.forward_and_embed(long_wave)
+        assert (long_logits - reference_model(long_wave)).abs().max() < 1e-5
+        assert long_embedding.shape == (1, reference_model.config.embed_dim)
 
 
 def test_average_pieces_keeps_extreme_probabilities():

@@ -253,13 +253,25 @@ class CED(nn.Module):
         """`[batch, samples]` -> the clip embedding `[batch, embed_dim]`: the token features' mean that the
         head classifies (`forward == outputlayer(embed)` for clips of one piece); a longer clip's pieces'
         embeddings are averaged."""
-        return self.embed_spectrogram(self.front_end(waveform))
+        return self.forward_and_embed(waveform)[1]
 
     def embed_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
         """`embed` of the front end's output `[batch, n_mels, frames]`."""
+        return self.forward_and_embed_spectrogram(mel)[1]
+
+    def forward_and_embed(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`forward`, `embed`) of `[batch, samples]` from one pass through the encoder."""
+        return self.forward_and_embed_spectrogram(self.front_end(waveform))
+
+    def forward_and_embed_spectrogram(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, pieces = self._normalised_pieces(mel)
         pooled = self.forward_features(x).mean(1)
-        return pooled.unflatten(0, (pieces, mel.shape[0])).mean(0)
+        logits = self.outputlayer(pooled)
+        if pieces == 1:
+            return logits, pooled
+        batch = mel.shape[0]
+        logits = average_pieces(logits.unflatten(0, (pieces, batch)), self.config.piece_average)
+        return logits, pooled.unflatten(0, (pieces, batch)).mean(0)
 
     def _normalised_pieces(self, mel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Log-mel -> BatchNorm'd `[pieces * batch, 1, n_mels, t]` (piece-major like the original) and the

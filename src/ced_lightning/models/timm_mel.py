@@ -45,6 +45,10 @@ class TimmMelClassifier(nn.Module):
 
     def embed(self, waveform: torch.Tensor) -> torch.Tensor:
         """`[batch, samples]` -> the backbone's pooled features before its classifier `[batch, features]`."""
-        backbone = self.backbone
-        features = backbone.forward_features(self.init_bn(self.front_end(waveform)).unsqueeze(1))
-        return backbone.forward_head(features, pre_logits=True)
+        return self.forward_and_embed(waveform)[1]
+
+    def forward_and_embed(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`forward`, `embed`) of `[batch, samples]` from one pass through the backbone."""
+        features = self.backbone.forward_features(self.init_bn(self.front_end(waveform)).unsqueeze(1))
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        return self.backbone.get_classifier()(pooled), pooled
