@@ -190,16 +190,18 @@ def check_teacher_quality(
         for teacher in teachers:  # the trainer places them itself
             teacher.cpu()
     weak = weak_teachers(table, min_gain)
-    print(format_teacher_table(table, min_gain))
+    text = format_teacher_table(table, min_gain)
     table.update(min_gain=min_gain, weak=weak)
     if weak and not cfg.get("allow_weak_teachers"):
+        # The table inside the message: a run logged to a file keeps it with the error.
         raise WeakTeachersError(
             f"teacher_check: {', '.join(weak)} near chance on {table['store']} (mAP closes less than "
-            f"{min_gain:g} of the gap from chance {table['chance_mAP']} to 1.0; table above): a student "
-            "distilled from these logits learns little. Train the teachers longer, or start them from "
-            "released weights, check the labels of both stores, or store them anyway with "
-            "allow_weak_teachers=true (or a lower teacher_check.min_gain)."
+            f"{min_gain:g} of the gap from chance to 1.0):\n{text}\nA student distilled from these logits "
+            "learns little. Train the teachers longer, or start them from released weights, check the labels "
+            "of both stores, or store them anyway with allow_weak_teachers=true (or a lower "
+            "teacher_check.min_gain)."
         )
+    print(text)
     if weak:
         log.warning("allow_weak_teachers=true: storing the logits of %s, near chance", ", ".join(weak))
     return table
