@@ -17,6 +17,7 @@ from ced_lightning.models.factory import (
     read_state_dict,
     save_ced,
 )
+from ced_lightning.models.int8 import QUANTIZE_CHOICES, apply_quantization, quantize_dynamic_int8
 from ced_lightning.models.released import (
     RELEASED,
     ReleasedWeights,
@@ -30,6 +31,7 @@ from ced_lightning.models.timm_mel import TimmMelClassifier
 __all__ = [
     "CED",
     "CED_SIZES",
+    "QUANTIZE_CHOICES",
     "RELEASED",
     "CEDConfig",
     "FrontEndConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "ReleasedWeights",
     "ReleasedWeightsUnavailable",
     "TimmMelClassifier",
+    "apply_quantization",
     "average_pieces",
     "build_model",
     "config_from_state_dict",
@@ -51,6 +54,7 @@ __all__ = [
     "load_matching_weights",
     "load_model",
     "model_spec",
+    "quantize_dynamic_int8",
     "read_state_dict",
     "resolve_checkpoint",
     "save_ced",
