@@ -93,7 +93,11 @@ def score_store(
     tolerance = max(0, round(length_tolerance_s * SAMPLE_RATE))
     batches = batches_by_length(lengths, batch_size, tolerance)
     log.info(
-        "scoring %s on %d clips of %s (%d batches)", ", ".join(models), len(lengths), store.url, len(batches)
+        "evaluating %s on %d clips of %s (%d batches)",
+        ", ".join(models),
+        len(lengths),
+        store.url,
+        len(batches),
     )
     probabilities = {name: torch.empty(len(lengths), num_classes) for name in models}
     ensemble = torch.empty(len(lengths), num_classes) if combine is not None else None
