@@ -16,12 +16,14 @@ from ced_lightning.audio import load_audio
 from ced_lightning.data.sources import from_directory
 from ced_lightning.labels import audioset_classes, resolve_class_names
 from ced_lightning.models import create_ced, load_checkpoint, model_spec, save_ced
+from ced_lightning.models.ced import average_pieces
 from ced_lightning.predict import (
+    TagsWriter,
+    WindowsWriter,
     batches_by_length,
     expand_inputs,
     segment_starts,
     tag_files,
-    write_results,
 )
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
@@ -122,36 +124,43 @@ def test_tag_files_keeps_good_files_and_reports_the_broken_one(tiny_model, audio
     for result in results:
         probs = [label["probability"] for label in result["labels"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True)
-    # Batched (a.wav with b.wav) equals one file alone; the 12 s file goes through CED's split path.
-    for result in (results[0], results[3]):
-        with torch.no_grad():
-            alone = torch.sigmoid(tiny_model(load_audio(result["file"])[None]))[0]
-        top = result["labels"][0]
-        assert top["name"] == CLASS_NAMES[int(alone.argmax())]
-        assert top["probability"] == pytest.approx(float(alone.max()), abs=1e-5)
+    # Batched (a.wav with b.wav) equals one file alone, exactly as the model on the whole file (one window).
+    with torch.no_grad():
+        alone = torch.sigmoid(tiny_model(load_audio(results[0]["file"])[None]))[0]
+    assert results[0]["labels"] == [
+        {"index": int(i), "name": CLASS_NAMES[int(i)], "probability": round(float(alone[i]), 6)}
+        for i in alone.argsort(descending=True)[:3]
+    ]
+    # The 12 s file is two 10 s windows (0-10 s, 2-12 s), averaged as CED averages a long clip's pieces.
+    waveform = load_audio(results[3]["file"])
+    with torch.no_grad():
+        pieces = tiny_model(torch.stack([waveform[:160000], waveform[32000:]]))
+    expected = torch.sigmoid(average_pieces(pieces[:, None], tiny_model.config.piece_average))[0]
+    assert results[3]["labels"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
 
 
-def test_timeline_and_csv(tiny_model, audio_dir, tmp_path):
+def test_windows_and_csv(tiny_model, audio_dir, tmp_path):
+    sinks = [TagsWriter(tmp_path / "tags.csv"), WindowsWriter(tmp_path / "windows.csv", 2, CLASS_NAMES)]
     results, _ = tag_files(
         tiny_model,
         [audio_dir / "long.wav"],
         topk=2,
         class_names=CLASS_NAMES,
-        timeline_segments=True,
         segment_seconds=2.0,
         hop_seconds=1.0,
+        sinks=sinks,
         device="cpu",
     )
-    segments = results[0]["segments"]
-    assert [s["start_s"] for s in segments] == [float(i) for i in range(11)]
-    assert segments[-1]["end_s"] == 12.0
-    assert results[0]["_segment_probs"].shape == (11, 4)
-    write_results(tmp_path / "tags.csv", results)
-    rows = list(csv.DictReader((tmp_path / "tags.csv").open()))
-    assert len(rows) == 2 + 11 * 2
-    assert rows[0]["start_s"] == "" and rows[2]["start_s"] == "0.0"
-    with pytest.raises(ValueError, match=r"\.jsonl or \.csv"):
-        write_results(tmp_path / "tags.txt", results)
+    for sink in sinks:
+        sink.close()
+    rows = list(csv.DictReader((tmp_path / "windows.csv").open()))
+    assert len(rows) == 11 * 2
+    assert [float(r["start_s"]) for r in rows[::2]] == [float(i) for i in range(11)]
+    assert rows[-1]["end_s"] == "12.0"
+    tags = list(csv.DictReader((tmp_path / "tags.csv").open()))
+    assert len(tags) == 2 and tags[0]["start_s"] == "" and tags[0]["name"] == results[0]["labels"][0]["name"]
+    with pytest.raises(ValueError, match=r"output=.*tags\.txt: use a \.jsonl or \.csv"):
+        TagsWriter(tmp_path / "tags.txt")
 
 
 def test_command_tags_good_files_and_exits_non_zero(tiny_model, audio_dir, tmp_path, monkeypatch):
@@ -168,7 +177,9 @@ def test_command_tags_good_files_and_exits_non_zero(tiny_model, audio_dir, tmp_p
         f"inputs=[{audio_dir / 'a.wav'},{audio_dir / 'broken.wav'},{audio_dir / 'long.wav'}]",
         "topk=2",
         f"output={output}",
-        "timeline=true",
+        "outputs=[tags,windows]",
+        f"windows_output={tmp_path / 'out' / 'windows.jsonl'}",
+        "segment_seconds=5",
         f"timeline_dir={tmp_path / 'timelines'}",
         f"paths.root_dir={tmp_path}",
         "device=cpu",
@@ -181,11 +192,18 @@ def test_command_tags_good_files_and_exits_non_zero(tiny_model, audio_dir, tmp_p
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert [Path(r["file"]).name for r in lines] == ["a.wav", "long.wav"]
     assert {label["name"] for label in lines[0]["labels"]} <= set(CLASS_NAMES)
-    assert "segments" in lines[1] and "_segment_probs" not in lines[1]
+    assert set(lines[1]) == {"file", "duration_s", "labels"}  # today's clip format
+    windows = [json.loads(line) for line in (tmp_path / "out" / "windows.jsonl").read_text().splitlines()]
+    assert [(Path(w["file"]).name, w["start_s"], w["end_s"]) for w in windows] == [
+        ("a.wav", 0.0, 1.0),
+        ("long.wav", 0.0, 5.0),
+        ("long.wav", 5.0, 10.0),
+        ("long.wav", 7.0, 12.0),
+    ]
     (log_file,) = (tmp_path / "logs" / "predict" / "runs").glob("*/predict.log")
     assert "cannot tag: " in log_file.read_text() and "broken.wav" in log_file.read_text()
     pngs = sorted(p.name for p in (tmp_path / "timelines").iterdir())
-    assert pngs == ["0000_a.png", "0001_long.png"]
+    assert pngs == ["0000_a.png", "0002_long.png"]  # numbered by input position
 
 
 def test_released_format_checkpoint_uses_audioset_names(audio_dir, tmp_path):
@@ -217,15 +235,13 @@ def test_clips_shorter_than_one_stft_window_are_tagged(tiny_model, audio_dir, tm
     short = tmp_path / "blip.wav"
     sf.write(short, 0.3 * np.sin(np.arange(200) / 3.0).astype(np.float32), 16000)
     results, failures = tag_files(
-        tiny_model,
-        [audio_dir / "a.wav", short],
-        class_names=CLASS_NAMES,
-        timeline_segments=True,
-        segment_seconds=0.01,  # 160-sample segments: shorter than one window too
-        hop_seconds=0.01,
-        device="cpu",
+        tiny_model, [audio_dir / "a.wav", short], class_names=CLASS_NAMES, device="cpu"
     )
     assert not failures and [Path(r["file"]).name for r in results] == ["a.wav", "blip.wav"]
+    _, failures = tag_files(  # 160-sample windows: shorter than one STFT window too
+        tiny_model, [short], class_names=CLASS_NAMES, segment_seconds=0.01, device="cpu"
+    )
+    assert not failures
     assert results[1]["duration_s"] == pytest.approx(200 / 16000)
     # The rule is zero-padding at the end to one window (512 samples), as a batch pads its shorter clips.
     with torch.no_grad():
@@ -257,9 +273,9 @@ def test_a_file_the_model_fails_on_costs_only_that_file(tiny_model, audio_dir):
     assert failures[0].reason.endswith(
         "the model failed on it (RuntimeError: CUDA out of memory (simulated))"
     )
-    # A batch that fails as a whole (padded to the bad length) is retried file by file.
+    # A batch that fails as a whole (padded to the bad length) is retried window by window.
     results, failures = tag_files(
-        FailsOnLength(tiny_model, bad_samples=16000 * 12),
+        FailsOnLength(tiny_model, bad_samples=16000 * 10),  # long.wav's 10 s windows
         [audio_dir / "a.wav", audio_dir / "long.wav", audio_dir / "b.wav"],
         class_names=CLASS_NAMES,
         length_tolerance_s=20.0,

@@ -195,7 +195,8 @@ def undecodable_format_hint(path: str | PathLike) -> str | None:
 class AudioStream:
     """`path` decoded to float32 mono at `sample_rate`, iterated as consecutive numpy pieces: one piece for a
     file of at most `block_frames` frames (decoded and resampled whole, as always), else one piece per block,
-    so a recording of hours is never in memory whole. `num_samples` is known on opening.
+    so a recording of hours is never in memory whole. `num_samples` is known on opening (from the header;
+    exact once the first piece is read).
 
     Checks as `load_audio` (which is this stream, concatenated): opening raises `AudioDecodeError` for
     missing, unopenable, undecodable, truncated (WAV) and empty files; iterating raises it at the first
@@ -240,6 +241,8 @@ class AudioStream:
             if self._file.frames <= self.block_frames:  # checked whole before anything is yielded
                 (mono,) = _checked_blocks([self._file.read(dtype="float32", always_2d=True)], path)
                 whole = resample(torch.from_numpy(mono), self.orig_sr, self.sample_rate).contiguous()
+                # torchaudio rounds the length in float32: the decoded length is the truth.
+                self.num_samples = whole.shape[-1]
                 pieces: Iterable[np.ndarray] = [_checked_resampled(whole.numpy(), path)]
             else:
                 decoded = self._file.blocks(self.block_frames, dtype="float32", always_2d=True)

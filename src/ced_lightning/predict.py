@@ -1,10 +1,18 @@
-"""Tag audio files with a trained model: top-k labels per file, optionally a timeline per segment.
+"""Tag audio files with a trained model, streamed: clip tags, per-window tags (a sound-event timeline) and
+per-window embeddings.
 
     python -m ced_lightning.predict ckpt=model.ckpt 'inputs=[clip.wav,folder/]' topk=5 output=tags.jsonl
+    python -m ced_lightning.predict ckpt=ced_mini 'inputs=[field.flac]' 'outputs=[tags,windows,embeddings]'
 
-Files of equal length (after resampling to 16 kHz) run as one batch. Clips of different lengths are not
-zero-padded together by default: CED averages over all its time tokens, so padding would change a clip's
-tags depending on which other files it was batched with (`length_tolerance_s` trades that for speed).
+Each file is decoded block by block (`AudioStream`) and cut into `segment_seconds` windows every `hop_seconds`
+(the last one ends at the file's end; a file shorter than a window is one window), so a recording of hours
+needs the memory of one decoded block and one batch of windows. Windows' rows are written as they are tagged;
+a file's clip tags combine its windows' logits by the model's own rule for the pieces of a long clip
+(`CEDConfig.piece_average`), so a file of at most one window gets exactly the model's tags for the whole file.
+
+Consecutive windows of equal length (across files) share a batch. Windows of different lengths are not
+zero-padded together by default: CED averages over all its time tokens, so padding would change a window's
+tags depending on its batch neighbours (`length_tolerance_s` trades that for speed).
 """
 
 from __future__ import annotations
@@ -13,25 +21,31 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import hydra
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ced_lightning
-from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.labels import resolve_class_names
+from ced_lightning.models.ced import PIECE_AVERAGES
 
 log = logging.getLogger(__name__)
 
+OUTPUTS = ("tags", "windows", "embeddings")
+EMBEDDINGS_FORMATS = ("npy", "zarr")
 
 # --------------------------------------------------------------------------------------------- batching
 
@@ -66,10 +80,15 @@ def default_device() -> torch.device:
 
 
 @torch.inference_mode()
-def run_model(model: nn.Module, waveforms: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Probabilities `[B, C]` (float32, CPU) of one batch of 1-D waveforms."""
+def run_model(
+    model: nn.Module, waveforms: Sequence[torch.Tensor], device: torch.device, embeddings: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits `[B, C]` and, with `embeddings`, the pooled embeddings `[B, D]` (float32, CPU) of one batch."""
     batch = pad_batch(waveforms).to(device)
-    return torch.sigmoid(model(batch).float()).cpu()
+    if embeddings:
+        logits, embedded = model.forward_and_embed(batch)
+        return logits.float().cpu(), embedded.float().cpu()
+    return model(batch).float().cpu(), None
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -97,25 +116,11 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
     return files
 
 
-# --------------------------------------------------------------------------------------------- tagging
-
-
-@dataclass
-class Failure:
-    path: str
-    reason: str
-
-
-def _top(probs: torch.Tensor, k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    values, indices = probs.topk(min(k, probs.shape[-1]))
-    return [
-        {"index": int(i), "name": class_names[int(i)], "probability": round(float(v), 6)}
-        for v, i in zip(values, indices, strict=True)
-    ]
+# --------------------------------------------------------------------------------------------- windows
 
 
 def segment_starts(num_samples: int, segment: int, hop: int) -> list[int]:
-    """Start samples of the timeline's segments: every `hop`, the last one ending at the clip's end.
+    """Start samples of the windows: every `hop`, the last one ending at the clip's end.
 
     A clip shorter than one segment is a single segment (the whole clip).
     """
@@ -127,25 +132,498 @@ def segment_starts(num_samples: int, segment: int, hop: int) -> list[int]:
     return starts
 
 
-def timeline(
-    model: nn.Module,
-    waveform: torch.Tensor,
-    *,
-    segment_seconds: float,
-    hop_seconds: float,
-    batch_size: int,
-    device: torch.device,
-) -> tuple[list[tuple[float, float]], torch.Tensor]:
-    """Per-segment probabilities `[segments, C]` of one clip, and each segment's (start, end) in seconds."""
-    segment = max(1, round(segment_seconds * SAMPLE_RATE))
-    hop = max(1, round(hop_seconds * SAMPLE_RATE))
-    starts = segment_starts(waveform.shape[-1], segment, hop)
-    pieces = [waveform[s : s + segment] for s in starts]
-    probs = torch.cat(
-        [run_model(model, pieces[i : i + batch_size], device) for i in range(0, len(pieces), batch_size)]
-    )
-    spans = [(s / SAMPLE_RATE, (s + p.shape[-1]) / SAMPLE_RATE) for s, p in zip(starts, pieces, strict=True)]
-    return spans, probs
+def stream_windows(stream: AudioStream, segment: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start sample, samples) of each window of `segment_starts`, cut from the stream's pieces as they
+    arrive: at most one window and one decoded piece are held. The length comes from the stream (exact once
+    its first piece is read); should the decoder deliver less than the header promised, the windows stop at
+    the real end, the last one shorter.
+    """
+    pieces = iter(stream)
+    buffered = next(pieces, None)  # samples [position, position + len(buffered)) of the file
+    if buffered is None:
+        return
+    position, total = 0, stream.num_samples
+
+    def drop_before(start: int) -> None:
+        nonlocal buffered, position
+        cut = min(max(0, start - position), len(buffered))
+        buffered, position = buffered[cut:], position + cut
+
+    for start in segment_starts(total, segment, hop):
+        end = min(start + segment, total)
+        drop_before(start)
+        while position + len(buffered) < end:
+            piece = next(pieces, None)
+            if piece is None:
+                break
+            buffered = np.concatenate([buffered, piece])
+            drop_before(start)  # windows further apart than their length (hop > segment) skip audio
+        window = buffered[: end - start]
+        if position != start or not len(window):
+            return
+        yield start, window
+        if len(window) < end - start:
+            return
+    for _ in pieces:  # the stream's checks at its end (all zeros, silence) still run
+        pass
+
+
+class PieceAverage:
+    """Running `average_pieces` (models/ced.py) over the logits of a file's windows, in O(classes) memory:
+    "probability" keeps log-sum-exps of log p and log (1 - p), "logit" a sum. One window is its own logits,
+    bit for bit, so a file of one window gets the model's tags for the whole file."""
+
+    def __init__(self, how: str = "probability") -> None:
+        if how not in PIECE_AVERAGES:
+            raise ValueError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
+        self.how, self.count = how, 0
+        self.first: torch.Tensor | None = None
+        self.positive: torch.Tensor | None = None  # logsumexp log p, or the sum of logits
+        self.negative: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor) -> None:
+        """Add `[windows, classes]` logits."""
+        if not len(logits):
+            return
+        if self.first is None:
+            self.first = logits[0].clone()
+        self.count += len(logits)
+        if self.how == "logit":
+            total = logits.double().sum(0)
+            self.positive = total if self.positive is None else self.positive + total
+            return
+        positive = torch.logsumexp(F.logsigmoid(logits), 0)
+        negative = torch.logsumexp(F.logsigmoid(-logits), 0)
+        self.positive = positive if self.positive is None else torch.logaddexp(self.positive, positive)
+        self.negative = negative if self.negative is None else torch.logaddexp(self.negative, negative)
+
+    def logits(self) -> torch.Tensor:
+        if self.first is None:
+            raise ValueError("no windows were added")
+        if self.count == 1:
+            return self.first
+        if self.how == "logit":
+            return (self.positive / self.count).to(self.first.dtype)
+        return self.positive - self.negative
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _top(probs: torch.Tensor, k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    values, indices = probs.topk(min(k, probs.shape[-1]))
+    return [
+        {"index": int(i), "name": class_names[int(i)], "probability": round(float(v), 6)}
+        for v, i in zip(values, indices, strict=True)
+    ]
+
+
+def _span(start: int, end: int) -> tuple[float, float]:
+    return round(start / SAMPLE_RATE, 4), round(end / SAMPLE_RATE, 4)
+
+
+@dataclass
+class WindowBatch:
+    """Tagged windows of one file, in order: spans in seconds, probabilities `[n, C]`, embeddings `[n, D]`."""
+
+    index: int
+    file: str
+    spans: list[tuple[float, float]]
+    probs: torch.Tensor
+    embeddings: torch.Tensor | None
+
+
+class PredictionSink(Protocol):
+    """Where results go as they are made. Per file: `add_windows` (any number of times, in order), then
+    `add_file` with the clip result, or `discard` when the file failed part-way."""
+
+    def add_windows(self, windows: WindowBatch) -> None: ...
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None: ...
+
+    def discard(self, index: int, file: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Sink:
+    def add_windows(self, windows: WindowBatch) -> None:
+        pass
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None:
+        pass
+
+    def discard(self, index: int, file: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def check_table_suffix(path: str | PathLike, key: str) -> str:
+    """The format of a tags or windows file from its name: "jsonl" (`.jsonl`, `.json`) or "csv"."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    raise ValueError(f"{key}={path}: use a .jsonl or .csv file name")
+
+
+CSV_COLUMNS = ["file", "start_s", "end_s", "rank", "index", "name", "probability"]
+
+
+def _open_table(path: str | PathLike | IO[str], key: str) -> tuple[IO[str], str, bool]:
+    if not isinstance(path, str | PathLike):
+        return path, "jsonl", False  # a stream (stdout): JSON lines
+    kind = check_table_suffix(path, key)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", newline="" if kind == "csv" else None, encoding="utf-8"), kind, True
+
+
+class TagsWriter(_Sink):
+    """Clip tags, one file at a time as each is finished: JSON lines (`{"file", "duration_s", "labels"}`) or
+    CSV (`file,start_s,end_s,rank,index,name,probability` with empty start and end)."""
+
+    def __init__(self, path: str | PathLike | IO[str]) -> None:
+        self.handle, self.kind, self.owned = _open_table(path, "output")
+        if self.kind == "csv":
+            self.writer = csv.writer(self.handle)
+            self.writer.writerow(CSV_COLUMNS)
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None:
+        if self.kind == "jsonl":
+            self.handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+        else:
+            for rank, label in enumerate(result["labels"], start=1):
+                row = [result["file"], "", "", rank, label["index"], label["name"], label["probability"]]
+                self.writer.writerow(row)
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.owned:
+            self.handle.close()
+
+
+class WindowsWriter(_Sink):
+    """Per-window top-k tags (the sound-event timeline), appended as windows are tagged: CSV rows
+    `file,start_s,end_s,rank,index,name,probability` or JSON lines `{"file", "start_s", "end_s",
+    "labels"}`."""
+
+    def __init__(self, path: str | PathLike | IO[str], topk: int, class_names: Sequence[str]) -> None:
+        self.handle, self.kind, self.owned = _open_table(path, "windows_output")
+        self.topk, self.class_names = topk, class_names
+        if self.kind == "csv":
+            self.writer = csv.writer(self.handle)
+            self.writer.writerow(CSV_COLUMNS)
+
+    def add_windows(self, windows: WindowBatch) -> None:
+        for (start, end), probs in zip(windows.spans, windows.probs, strict=True):
+            labels = _top(probs, self.topk, self.class_names)
+            if self.kind == "jsonl":
+                row = {"file": windows.file, "start_s": start, "end_s": end, "labels": labels}
+                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                for rank, label in enumerate(labels, start=1):
+                    row = [
+                        windows.file,
+                        start,
+                        end,
+                        rank,
+                        label["index"],
+                        label["name"],
+                        label["probability"],
+                    ]
+                    self.writer.writerow(row)
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.owned:
+            self.handle.close()
+
+
+def output_name(index: int, file: str) -> str:
+    # The index keeps names unique when two folders hold files of the same name.
+    return f"{index:04d}_{Path(file).stem}"
+
+
+def timeline_png_name(index: int, file: str) -> str:
+    return output_name(index, file) + ".png"
+
+
+class _NpyAppender:
+    """A `.npy` file `[rows, width]` float32 grown row block by row block: numpy leaves room in the header
+    for the row count to grow (`GROWTH_AXIS_MAX_DIGITS`), so it is rewritten in place after each block."""
+
+    def __init__(self, path: Path, width: int) -> None:
+        self.path, self.width, self.rows = path, width, 0
+        self.handle = path.open("wb")
+        self.data_offset = self._write_header()
+
+    def _write_header(self) -> int:
+        self.handle.seek(0)
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.width)}
+        np.lib.format.write_array_header_1_0(self.handle, header)
+        return self.handle.tell()
+
+    def append(self, rows: np.ndarray) -> None:
+        self.handle.seek(0, os.SEEK_END)
+        self.handle.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self.rows += len(rows)
+        if self._write_header() != self.data_offset:  # numpy's growth room is 21 digits: never
+            raise RuntimeError(f"{self.path}: the .npy header changed size")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class EmbeddingsWriter(_Sink):
+    """Per-window embeddings, appended as windows are tagged. `npy`: `<folder>/<index>_<stem>.npy`
+    `[windows, D]` float32 per file, row i the file's i-th window (the spans in the windows output).
+    `zarr`: one group per file in the store at `path`, arrays `embedding [windows, D]` and `span_s
+    [windows, 2]` (start, end in seconds), attribute `file`. A file that fails part-way is removed."""
+
+    def __init__(self, path: str | PathLike, embeddings_format: str = "npy") -> None:
+        if embeddings_format not in EMBEDDINGS_FORMATS:
+            raise ValueError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
+        self.format, self.path = embeddings_format, str(path)
+        self.open: dict[int, Any] = {}
+        if embeddings_format == "npy":
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            self.root = None
+        else:
+            import zarr
+
+            self.root = zarr.open_group(self.path, mode="a")
+
+    def add_windows(self, windows: WindowBatch) -> None:
+        if windows.embeddings is None:
+            raise ValueError("outputs=embeddings: the windows were tagged without embeddings")
+        rows = windows.embeddings.numpy().astype(np.float32)
+        name = output_name(windows.index, windows.file)
+        target = self.open.get(windows.index)
+        if self.root is None:
+            if target is None:
+                target = self.open[windows.index] = _NpyAppender(
+                    Path(self.path) / f"{name}.npy", rows.shape[1]
+                )
+            target.append(rows)
+            return
+        if target is None:
+            if name in self.root:  # left by an earlier run into the same store
+                del self.root[name]
+            group = self.root.create_group(name, attributes={"file": windows.file})
+            width = rows.shape[1]
+            embedding = group.create_array(
+                "embedding", shape=(0, width), chunks=(256, width), dtype="float32"
+            )
+            spans = group.create_array("span_s", shape=(0, 2), chunks=(4096, 2), dtype="float64")
+            target = self.open[windows.index] = (embedding, spans)
+        target[0].append(rows, axis=0)
+        target[1].append(np.asarray(windows.spans, dtype=np.float64).reshape(-1, 2), axis=0)
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None:
+        target = self.open.pop(index, None)
+        if isinstance(target, _NpyAppender):
+            target.close()
+
+    def discard(self, index: int, file: str) -> None:
+        target = self.open.pop(index, None)
+        name = output_name(index, file)
+        if isinstance(target, _NpyAppender):
+            target.close()
+            target.path.unlink(missing_ok=True)
+        elif self.root is not None and name in self.root:
+            del self.root[name]
+
+    def close(self) -> None:
+        for target in self.open.values():
+            if isinstance(target, _NpyAppender):
+                target.close()
+        self.open.clear()
+
+
+class TimelineCharts(_Sink):
+    """One PNG per file of its top classes' probabilities over its windows (`plot_timeline`). Holds the
+    file's windows' probabilities until the file is done (windows x classes float32)."""
+
+    def __init__(self, folder: str | PathLike, class_names: Sequence[str], num_classes: int = 5) -> None:
+        self.folder, self.class_names, self.num_classes = Path(folder), class_names, num_classes
+        self.pending: dict[int, tuple[list[tuple[float, float]], list[torch.Tensor]]] = {}
+        self.written = 0
+
+    def add_windows(self, windows: WindowBatch) -> None:
+        spans, probs = self.pending.setdefault(windows.index, ([], []))
+        spans.extend(windows.spans)
+        probs.append(windows.probs)
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None:
+        spans, probs = self.pending.pop(index)
+        top = [label["index"] for label in result["labels"][: self.num_classes]]
+        png = self.folder / timeline_png_name(index, result["file"])
+        plot_timeline(png, result["file"], spans, torch.cat(probs), top, self.class_names)
+        self.written += 1
+
+    def discard(self, index: int, file: str) -> None:
+        self.pending.pop(index, None)
+
+
+def plot_timeline(
+    path: str | PathLike,
+    file: str,
+    spans: Sequence[tuple[float, float]],
+    probs: torch.Tensor,
+    classes: Sequence[int],
+    class_names: Sequence[str],
+) -> None:
+    """PNG of `classes`' probabilities `probs [windows, C]` over time (a line per class at window centres)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = [(start + end) / 2 for start, end in spans]
+    fig, axis = plt.subplots(figsize=(max(6.0, min(20.0, 0.3 * len(centres))), 3.5), dpi=100)
+    for c in classes:
+        axis.plot(centres, probs[:, c].tolist(), marker="o", markersize=3, label=class_names[c])
+    axis.set_ylim(0.0, 1.0)
+    axis.set_xlabel("time (s)")
+    axis.set_ylabel("probability")
+    axis.set_title(Path(file).name)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: keep lines visible
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- tagging
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+@dataclass
+class _File:
+    index: int
+    path: str
+    average: PieceAverage
+    num_samples: int = 0
+    queued: int = 0  # windows handed to the batcher
+    done: int = 0  # windows tagged
+    all_queued: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _Window:
+    file: _File
+    start: int
+    samples: torch.Tensor
+
+
+@dataclass
+class _Tagger:
+    """The streaming loop's state: windows wait in `pending` (consecutive, of lengths within `tolerance`)
+    until a batch is full; files are finished in input order once all their windows are tagged."""
+
+    model: nn.Module
+    device: torch.device
+    batch_size: int
+    tolerance: int
+    embeddings: bool
+    topk: int
+    class_names: Sequence[str]
+    sinks: Sequence[PredictionSink]
+    on_result: Callable[[dict[str, Any]], None]
+    on_failure: Callable[[Failure], None]
+    pending: list[_Window] = field(default_factory=list)
+    open_files: deque[_File] = field(default_factory=deque)
+
+    def add(self, window: _Window) -> None:
+        length = window.samples.shape[-1]
+        if self.pending and abs(length - self.pending[0].samples.shape[-1]) > self.tolerance:
+            self.flush()
+        window.file.queued += 1
+        self.pending.append(window)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.pending = [w for w in self.pending if not w.file.failed], []
+        if not batch:
+            return
+        try:
+            outputs = [run_model(self.model, [w.samples for w in batch], self.device, self.embeddings)]
+            groups = [batch]
+        except Exception as err:  # one file (or its batch) failing must not cost the others their tags
+            if len(batch) > 1:
+                log.warning("a batch of %d windows failed (%s); tagging them one by one", len(batch), err)
+            outputs, groups = [], []
+            for window in batch:
+                if window.file.failed:
+                    continue
+                try:
+                    outputs.append(run_model(self.model, [window.samples], self.device, self.embeddings))
+                    groups.append([window])
+                except Exception as single_err:
+                    reason = f"{window.file.path}: the model failed on it ({_first_line(single_err)})"
+                    self.fail(window.file, reason)
+        for (logits, embedded), windows in zip(outputs, groups, strict=True):
+            self._dispatch(windows, logits, embedded)
+        self.finish_ready()
+
+    def _dispatch(self, windows: list[_Window], logits: torch.Tensor, embedded: torch.Tensor | None) -> None:
+        row = 0
+        while row < len(windows):  # runs of one file's windows
+            file, end = windows[row].file, row
+            while end < len(windows) and windows[end].file is file:
+                end += 1
+            if not file.failed:
+                file.average.add(logits[row:end])
+                file.done += end - row
+                spans = [_span(w.start, w.start + w.samples.shape[-1]) for w in windows[row:end]]
+                tagged = WindowBatch(
+                    file.index,
+                    file.path,
+                    spans,
+                    torch.sigmoid(logits[row:end]),
+                    None if embedded is None else embedded[row:end],
+                )
+                for sink in self.sinks:
+                    sink.add_windows(tagged)
+            row = end
+
+    def finish_ready(self) -> None:
+        while self.open_files and (self.open_files[0].failed or self._complete(self.open_files[0])):
+            file = self.open_files.popleft()
+            if file.failed:
+                continue
+            result = {
+                "file": file.path,
+                "duration_s": round(file.num_samples / SAMPLE_RATE, 4),
+                "labels": _top(torch.sigmoid(file.average.logits()), self.topk, self.class_names),
+            }
+            for sink in self.sinks:
+                sink.add_file(file.index, result)
+            self.on_result(result)
+
+    @staticmethod
+    def _complete(file: _File) -> bool:
+        return file.all_queued and file.done == file.queued
+
+    def fail(self, file: _File, reason: str) -> None:
+        if file.failed:
+            return
+        file.failed = True
+        log.error("cannot tag: %s", reason)
+        for sink in self.sinks:
+            sink.discard(file.index, file.path)
+        self.on_failure(Failure(file.path, reason))
 
 
 def tag_files(
@@ -156,96 +634,85 @@ def tag_files(
     class_names: Sequence[str],
     batch_size: int = 8,
     length_tolerance_s: float = 0.0,
-    timeline_segments: bool = False,
-    segment_seconds: float = 1.0,
-    hop_seconds: float = 1.0,
+    segment_seconds: float = 10.0,
+    hop_seconds: float | None = None,
+    embeddings: bool = False,
+    sinks: Sequence[PredictionSink] = (),
     device: torch.device | str | None = None,
-    chunk_files: int = 256,
     on_progress: Callable[[int], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Failure]]:
-    """Tag `paths`; returns (results in input order, failures). A file that cannot be decoded, or on which the
-    model fails (a failed batch is retried file by file), is a failure, never an exception, so one bad file
-    does not stop the others.
+    """Tag `paths`, streamed; returns (clip results in input order, failures). A file that cannot be decoded,
+    or on which the model fails (a failed batch is retried window by window), is a failure, never an
+    exception, so one bad file does not stop the others.
 
-    Each result: `{"file", "duration_s", "labels": [{"index", "name", "probability"}, ...]}` and, with
-    `timeline_segments`, `"segments": [{"start_s", "end_s", "labels"}]` plus `"_segment_probs"` (tensor
-    `[segments, C]`, for plotting; dropped when written out). Files are decoded `chunk_files` at a time
-    so memory stays bounded for large folders.
+    Each file is cut into windows of `segment_seconds` every `hop_seconds` (default: `segment_seconds`);
+    windows are tagged in batches and handed to `sinks` (`TagsWriter`, `WindowsWriter`, `EmbeddingsWriter`,
+    `TimelineCharts`) as they are done, with embeddings when `embeddings` (the model's `forward_and_embed`).
+    Each clip result: `{"file", "duration_s", "labels": [{"index", "name", "probability"}, ...]}`, its logits
+    the windows' combined by the model's `piece_average` rule (`PieceAverage`); `on_result` sees each as its
+    file is finished.
     """
     if len(class_names) != int(model.num_classes):
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
+    hop_seconds = segment_seconds if hop_seconds is None else hop_seconds
     if segment_seconds <= 0 or hop_seconds <= 0:
         raise ValueError("segment_seconds and hop_seconds must be > 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if embeddings and not hasattr(model, "forward_and_embed"):
+        raise ValueError(
+            f"outputs=embeddings: {type(model).__name__} has no forward_and_embed (CED and timm taggers do)"
+        )
+    segment = max(1, round(segment_seconds * SAMPLE_RATE))
+    hop = max(1, round(hop_seconds * SAMPLE_RATE))
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
-    tolerance = max(0, round(length_tolerance_s * SAMPLE_RATE))
-    results: list[dict[str, Any] | None] = [None] * len(paths)
+    piece_average = getattr(getattr(model, "config", None), "piece_average", "probability")
+    results: list[dict[str, Any]] = []
     failures: list[Failure] = []
-    for chunk_start in range(0, len(paths), chunk_files):
-        chunk = range(chunk_start, min(chunk_start + chunk_files, len(paths)))
-        loaded: dict[int, torch.Tensor] = {}
-        for i in chunk:
-            try:
-                loaded[i] = load_audio(paths[i])
-            except AudioDecodeError as err:
-                failures.append(Failure(str(paths[i]), str(err)))
-                log.error("cannot tag: %s", err)
-                if on_progress:
-                    on_progress(1)
-        indices = list(loaded)
 
-        def tag_batch(members: list[int], loaded: dict[int, torch.Tensor] = loaded) -> None:
-            probs = run_model(model, [loaded[i] for i in members], device)
-            tagged: dict[int, dict[str, Any]] = {}
-            for i, p in zip(members, probs, strict=True):
-                waveform = loaded[i]
-                result: dict[str, Any] = {
-                    "file": str(paths[i]),
-                    "duration_s": round(waveform.shape[-1] / SAMPLE_RATE, 4),
-                    "labels": _top(p, topk, class_names),
-                }
-                if timeline_segments:
-                    spans, seg_probs = timeline(
-                        model,
-                        waveform,
-                        segment_seconds=segment_seconds,
-                        hop_seconds=hop_seconds,
-                        batch_size=batch_size,
-                        device=device,
-                    )
-                    result["segments"] = [
-                        {"start_s": round(s, 4), "end_s": round(e, 4), "labels": _top(sp, topk, class_names)}
-                        for (s, e), sp in zip(spans, seg_probs, strict=True)
-                    ]
-                    result["_segment_probs"] = seg_probs
-                tagged[i] = result
-            for i, result in tagged.items():  # all or none of a batch, so a retry never counts one twice
-                results[i] = result
-                if on_progress:
-                    on_progress(1)
+    def finished(result: dict[str, Any]) -> None:
+        results.append(result)
+        if on_result:
+            on_result(result)
+        if on_progress:
+            on_progress(1)
 
-        def fail(i: int, err: Exception) -> None:
-            failure = Failure(str(paths[i]), f"{paths[i]}: the model failed on it ({_first_line(err)})")
-            failures.append(failure)
-            log.error("cannot tag: %s", failure.reason)
-            if on_progress:
-                on_progress(1)
+    def failed(failure: Failure) -> None:
+        failures.append(failure)
+        if on_progress:
+            on_progress(1)
 
-        for batch in batches_by_length([loaded[i].shape[-1] for i in indices], batch_size, tolerance):
-            members = [indices[b] for b in batch]
-            try:
-                tag_batch(members)
-            except Exception as err:  # one file (or its batch) failing must not cost the others their tags
-                if len(members) == 1:
-                    fail(members[0], err)
-                    continue
-                log.warning("a batch of %d files failed (%s); tagging them one by one", len(members), err)
-                for i in members:
-                    try:
-                        tag_batch([i])
-                    except Exception as single_err:
-                        fail(i, single_err)
-    return [r for r in results if r is not None], failures
+    tagger = _Tagger(
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        tolerance=max(0, round(length_tolerance_s * SAMPLE_RATE)),
+        embeddings=embeddings,
+        topk=topk,
+        class_names=class_names,
+        sinks=sinks,
+        on_result=finished,
+        on_failure=failed,
+    )
+    for index, path in enumerate(paths):
+        file = _File(index, str(path), PieceAverage(piece_average))
+        tagger.open_files.append(file)
+        try:
+            with AudioStream(path) as stream:
+                for start, samples in stream_windows(stream, segment, hop):
+                    file.num_samples = max(file.num_samples, start + len(samples))
+                    tagger.add(_Window(file, start, torch.from_numpy(samples.copy())))
+                    if file.failed:  # the model failed on one of its windows
+                        break
+        except AudioDecodeError as err:
+            tagger.fail(file, str(err))
+        file.all_queued = True
+        tagger.finish_ready()
+    tagger.flush()
+    tagger.finish_ready()
+    return results, failures
 
 
 def _first_line(err: Exception) -> str:
@@ -253,132 +720,149 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-# --------------------------------------------------------------------------------------------- outputs
+# --------------------------------------------------------------------------------------------- command
 
 
-def _public(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if not k.startswith("_")}
+def predict_files(
+    ckpt: str,
+    inputs: Sequence[str | PathLike],
+    *,
+    topk: int = 5,
+    outputs: Sequence[str] = ("tags",),
+    output: str | PathLike | None = None,
+    windows_output: str | PathLike | None = None,
+    embeddings_output: str | PathLike | None = None,
+    embeddings_format: str = "npy",
+    timeline_dir: str | PathLike | None = None,
+    segment_seconds: float = 10.0,
+    hop_seconds: float | None = None,
+    batch_size: int = 8,
+    length_tolerance_s: float = 0.0,
+    device: str = "auto",
+    progress_min_files: int = 20,
+    print_tags: bool = True,
+) -> list[Failure]:
+    """Load `ckpt` (a path or a released model's name), tag `inputs` (files and folders) and write the
+    requested `outputs`: "tags" to `output` (`.jsonl`, `.csv`, or "-" for JSON lines on stdout), "windows" to
+    `windows_output` (`.csv`, `.jsonl`) and PNG charts to `timeline_dir` (when given), "embeddings" to
+    `embeddings_output` as `embeddings_format`. Prints each file's tags as it is finished; returns the
+    failures. Everything is checked before the checkpoint is read."""
+    from ced_lightning.models import load_checkpoint
 
+    if not inputs:
+        raise ValueError("inputs=[FILE_OR_DIR,...] is required")
+    unknown = sorted(set(outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"outputs={list(outputs)}: unknown {unknown}; choose from {list(OUTPUTS)}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    to_stdout = output is not None and str(output) == "-"
+    if "tags" in outputs and output and not to_stdout:
+        check_table_suffix(output, "output")
+    if "windows" in outputs:
+        if not windows_output:
+            raise ValueError("outputs=[...,windows]: set windows_output=FILE.csv (or .jsonl)")
+        check_table_suffix(windows_output, "windows_output")
+    if "embeddings" in outputs:
+        if not embeddings_output:
+            raise ValueError("outputs=[...,embeddings]: set embeddings_output=FOLDER (npy) or STORE (zarr)")
+        if embeddings_format not in EMBEDDINGS_FORMATS:
+            raise ValueError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
 
-def write_results(path: str | PathLike, results: Sequence[dict[str, Any]]) -> None:
-    """JSON lines (`.jsonl`/`.json`) or CSV (`.csv`: `file,start_s,end_s,rank,index,name,probability`,
-    clip-level rows with empty start/end, then one block of rows per timeline segment)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    _check_output_suffix(path)
-    if suffix in (".jsonl", ".json"):
-        with path.open("w", encoding="utf-8") as handle:
-            for result in results:
-                handle.write(json.dumps(_public(result), ensure_ascii=False) + "\n")
-    elif suffix == ".csv":
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file", "start_s", "end_s", "rank", "index", "name", "probability"])
-            for result in results:
-                blocks = [("", "", result["labels"])]
-                blocks += [(s["start_s"], s["end_s"], s["labels"]) for s in result.get("segments", [])]
-                for start, end, labels in blocks:
-                    for rank, label in enumerate(labels, start=1):
-                        row = [result["file"], start, end, rank, label["index"], label["name"]]
-                        writer.writerow([*row, label["probability"]])
+    checkpoint = load_checkpoint(ckpt)
+    model = checkpoint.model
+    class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
+    files = expand_inputs(inputs)
+    log.info("tagging %d files with %s", len(files), ckpt)
 
+    sinks: list[PredictionSink] = []
+    try:
+        if "tags" in outputs and output:
+            sinks.append(TagsWriter(sys.stdout if to_stdout else output))
+        if "windows" in outputs:
+            sinks.append(WindowsWriter(windows_output, topk, class_names))
+            if timeline_dir:
+                sinks.append(TimelineCharts(timeline_dir, class_names, topk))
+        if "embeddings" in outputs:
+            sinks.append(EmbeddingsWriter(embeddings_output, embeddings_format))
 
-def _check_output_suffix(path: Path) -> None:
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"output={path}: use a .jsonl or .csv file name")
+        def show(result: dict[str, Any]) -> None:
+            if print_tags and not to_stdout:
+                tags = ", ".join(f"{label['name']} {label['probability']:.3f}" for label in result["labels"])
+                print(f"{result['file']}: {tags}", flush=True)
 
+        kwargs: dict[str, Any] = dict(
+            topk=topk,
+            class_names=class_names,
+            batch_size=batch_size,
+            length_tolerance_s=length_tolerance_s,
+            segment_seconds=segment_seconds,
+            hop_seconds=hop_seconds,
+            embeddings="embeddings" in outputs,
+            sinks=sinks,
+            device=None if device == "auto" else device,
+            on_result=show,
+        )
+        if len(files) >= progress_min_files:
+            from rich.progress import Progress
 
-def plot_timeline(
-    path: str | PathLike, result: dict[str, Any], class_names: Sequence[str], num_classes: int = 5
-) -> None:
-    """PNG of the clip's top classes' probabilities over time (one line per class, at segment centres)."""
-    import matplotlib
+            with Progress(transient=True) as progress:
+                task = progress.add_task("tagging", total=len(files))
+                results, failures = tag_files(
+                    model, files, on_progress=lambda n: progress.advance(task, n), **kwargs
+                )
+        else:
+            results, failures = tag_files(model, files, **kwargs)
+    finally:
+        for sink in sinks:
+            sink.close()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    probs = result["_segment_probs"]
-    centres = [(s["start_s"] + s["end_s"]) / 2 for s in result["segments"]]
-    top = [label["index"] for label in result["labels"][:num_classes]]
-    fig, axis = plt.subplots(figsize=(max(6.0, min(20.0, 0.3 * len(centres))), 3.5), dpi=100)
-    for c in top:
-        axis.plot(centres, probs[:, c].tolist(), marker="o", markersize=3, label=class_names[c])
-    axis.set_ylim(0.0, 1.0)
-    axis.set_xlabel("time (s)")
-    axis.set_ylabel("probability")
-    axis.set_title(Path(result["file"]).name)
-    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: keep lines visible
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
-def timeline_png_name(index: int, file: str) -> str:
-    # The index keeps names unique when two folders hold files of the same name.
-    return f"{index:04d}_{Path(file).stem}.png"
-
-
-# --------------------------------------------------------------------------------------------- entry point
+    written = {
+        "tags": output if "tags" in outputs and output and not to_stdout else None,
+        "windows": windows_output if "windows" in outputs else None,
+        "embeddings": embeddings_output if "embeddings" in outputs else None,
+    }
+    for what, where in written.items():
+        if where:
+            log.info("wrote the %s of %d files to %s", what, len(results), where)
+    charts = [s for s in sinks if isinstance(s, TimelineCharts)]
+    if charts:
+        log.info("wrote %d timeline charts to %s", charts[0].written, timeline_dir)
+    if failures:
+        log.error("%d of %d files could not be tagged", len(failures), len(files))
+    return failures
 
 
 def predict(cfg: DictConfig) -> list[Failure]:
     """The `predict` command without Hydra's wrapper: tag, write, plot; returns the failures."""
-    from ced_lightning.models import load_checkpoint
-
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
-        raise ValueError("ckpt=PATH is required (a .ckpt of ours, a save_ced file or a released CED .pt)")
+        raise ValueError(
+            "ckpt=PATH is required (a .ckpt of ours, a save_ced file, a released CED .pt or name)"
+        )
     inputs = cfg.get("inputs")
-    if not inputs:
-        raise ValueError("inputs=[FILE_OR_DIR,...] is required")
     if isinstance(inputs, str):
         inputs = [inputs]
-    if cfg.topk < 1:
-        raise ValueError(f"topk must be >= 1, got {cfg.topk}")
-    if cfg.get("output"):
-        _check_output_suffix(Path(cfg.output))  # before tagging, not after
-    checkpoint = load_checkpoint(cfg.ckpt)
-    model = checkpoint.model
-    class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
-    files = expand_inputs(inputs)
-    log.info("tagging %d files with %s", len(files), cfg.ckpt)
-
-    kwargs = dict(
-        topk=int(cfg.topk),
-        class_names=class_names,
-        batch_size=int(cfg.batch_size),
-        length_tolerance_s=float(cfg.length_tolerance_s),
-        timeline_segments=bool(cfg.timeline),
-        segment_seconds=float(cfg.segment_seconds),
-        hop_seconds=float(cfg.hop_seconds),
-        device=None if cfg.device == "auto" else cfg.device,
+    outputs = cfg.get("outputs", ["tags"])
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    hop = cfg.get("hop_seconds")
+    return predict_files(
+        cfg.ckpt,
+        list(inputs or []),
+        topk=int(cfg.get("topk", 5)),
+        outputs=list(outputs),
+        output=cfg.get("output"),
+        windows_output=cfg.get("windows_output"),
+        embeddings_output=cfg.get("embeddings_output"),
+        embeddings_format=str(cfg.get("embeddings_format", "npy")),
+        timeline_dir=cfg.get("timeline_dir"),
+        segment_seconds=float(cfg.get("segment_seconds", 10.0)),
+        hop_seconds=None if hop is None else float(hop),
+        batch_size=int(cfg.get("batch_size", 8)),
+        length_tolerance_s=float(cfg.get("length_tolerance_s", 0.0)),
+        device=str(cfg.get("device", "auto")),
+        progress_min_files=int(cfg.get("progress_min_files", 20)),
     )
-    if len(files) >= int(cfg.progress_min_files):
-        from rich.progress import Progress
-
-        with Progress(transient=True) as progress:
-            task = progress.add_task("tagging", total=len(files))
-            results, failures = tag_files(
-                model, files, on_progress=lambda n: progress.advance(task, n), **kwargs
-            )
-    else:
-        results, failures = tag_files(model, files, **kwargs)
-
-    if cfg.get("output"):
-        write_results(cfg.output, results)
-        log.info("wrote %d results to %s", len(results), cfg.output)
-    if cfg.timeline:
-        folder = Path(cfg.timeline_dir)
-        for i, result in enumerate(results):
-            plot_timeline(folder / timeline_png_name(i, result["file"]), result, class_names, int(cfg.topk))
-        log.info("wrote %d timeline charts to %s", len(results), folder)
-    for result in results:
-        tags = ", ".join(f"{label['name']} {label['probability']:.3f}" for label in result["labels"])
-        print(f"{result['file']}: {tags}")
-    if failures:
-        log.error("%d of %d files could not be tagged", len(failures), len(files))
-    return failures
 
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="predict", version_base="1.3")
