@@ -10,10 +10,12 @@ random-weight networks, and require a difference above zero, which float32 paths
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch import nn
 
@@ -103,3 +105,66 @@ def test_export_refuses_an_unknown_quantize(tmp_path, monkeypatch, capsys):
         main()
     assert "quantize='fp8': choose null (float32) or int8" in capsys.readouterr().err
     assert not output.exists()
+
+
+def _checkpoint(model: nn.Module, path, class_names=None):
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "model_spec": model_spec(model), "class_names": class_names}, path)
+    return path
+
+
+def _predict(argv: list[str], monkeypatch) -> None:
+    from ced_lightning.predict import main
+
+    monkeypatch.setattr(sys, "argv", ["predict", *argv])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test's thread count
+    main()
+
+
+def test_predict_quantize_int8_tags_wavs_close_to_float(model, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    wavs = []
+    for name, seconds in (("a", 1.0), ("b", 2.5), ("long", 12.0)):  # 12 s: two 10 s windows
+        path = tmp_path / f"{name}.wav"
+        sf.write(path, 0.1 * rng.standard_normal(int(seconds * 16000)).astype(np.float32), 16000)
+        wavs.append(path)
+    ckpt = _checkpoint(model, tmp_path / "tiny.ckpt", [f"class{i}" for i in range(10)])
+    tags = {}
+    for quantize in ("null", "int8"):
+        output = tmp_path / f"tags_{quantize}.jsonl"
+        argv = [
+            f"ckpt={ckpt}",
+            f"inputs=[{','.join(str(w) for w in wavs)}]",
+            "topk=10",  # every class: compare all probabilities
+            f"output={output}",
+            f"quantize={quantize}",
+            f"paths.root_dir={tmp_path}",
+        ]
+        _predict(argv, monkeypatch)
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        tags[quantize] = {
+            row["file"]: {label["index"]: label["probability"] for label in row["labels"]} for row in rows
+        }
+    assert tags["int8"].keys() == tags["null"].keys() == {str(w) for w in wavs}
+    differences = [
+        abs(tags["int8"][file][c] - tags["null"][file][c]) for file in tags["null"] for c in range(10)
+    ]
+    assert 0 < max(differences) < PROBABILITY_TOLERANCE
+
+
+def test_predict_refuses_int8_off_the_cpu_and_unknown_values(model, tmp_path, monkeypatch, capsys):
+    ckpt = _checkpoint(model, tmp_path / "tiny.ckpt")
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000)
+    for override, message in (
+        (
+            ["quantize=int8", "device=cuda"],
+            "quantize=int8 runs on the CPU only (device=cuda): use device=cpu",
+        ),
+        (["quantize=int4"], "quantize='int4': choose null (float32) or one of ['int8']"),
+    ):
+        with pytest.raises(SystemExit):  # Hydra prints the error and exits 1
+            _predict(
+                [f"ckpt={ckpt}", f"inputs=[{wav}]", f"paths.root_dir={tmp_path}", *override], monkeypatch
+            )
+        assert message in capsys.readouterr().err

@@ -739,6 +739,7 @@ def predict_files(
     batch_size: int = 8,
     length_tolerance_s: float = 0.0,
     device: str = "auto",
+    quantize: str | None = None,
     progress_min_files: int = 20,
     print_tags: bool = True,
 ) -> list[Failure]:
@@ -746,8 +747,9 @@ def predict_files(
     requested `outputs`: "tags" to `output` (`.jsonl`, `.csv`, or "-" for JSON lines on stdout), "windows" to
     `windows_output` (`.csv`, `.jsonl`) and PNG charts to `timeline_dir` (when given), "embeddings" to
     `embeddings_output` as `embeddings_format`. Prints each file's tags as it is finished; returns the
-    failures. Everything is checked before the checkpoint is read."""
-    from ced_lightning.models import load_checkpoint
+    failures. Everything is checked before the checkpoint is read. `quantize="int8"` runs the model's linear
+    layers in dynamic int8 (`models.quantize_dynamic_int8`), on the CPU."""
+    from ced_lightning.models import QUANTIZE_CHOICES, apply_quantization, load_checkpoint
 
     if not inputs:
         raise ValueError("inputs=[FILE_OR_DIR,...] is required")
@@ -769,8 +771,17 @@ def predict_files(
         if embeddings_format not in EMBEDDINGS_FORMATS:
             raise ValueError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
 
+    if quantize is not None:
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(
+                f"quantize={quantize!r}: choose null (float32) or one of {list(QUANTIZE_CHOICES)}"
+            )
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"quantize={quantize} runs on the CPU only (device={device}): use device=cpu")
+        device = "cpu"
+
     checkpoint = load_checkpoint(ckpt)
-    model = checkpoint.model
+    model = apply_quantization(checkpoint.model, quantize)
     class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
     files = expand_inputs(inputs)
     log.info("tagging %d files with %s", len(files), ckpt)
@@ -861,6 +872,7 @@ def predict(cfg: DictConfig) -> list[Failure]:
         batch_size=int(cfg.get("batch_size", 8)),
         length_tolerance_s=float(cfg.get("length_tolerance_s", 0.0)),
         device=str(cfg.get("device", "auto")),
+        quantize=cfg.get("quantize"),
         progress_min_files=int(cfg.get("progress_min_files", 20)),
     )
 
