@@ -110,6 +110,7 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
             if process.poll() is None:
                 process.kill()
     said = (tmp_path / "stdout.txt").read_text()
+    assert process.returncode == 128 + signal.SIGTERM, said[-3000:]  # not 0: the job did not finish
     averaged = checkpoints / "averaged.ckpt"
     assert averaged.is_file(), said[-3000:]
     state = torch.load(averaged, map_location="cpu", weights_only=False)

@@ -8,12 +8,14 @@ layer above `train` that runs instead and calls it (`data.entry`, see `entry_poi
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import get_method
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
@@ -86,7 +88,15 @@ def main(cfg: DictConfig) -> float | None:
     quiet_non_zero_ranks()
     prepare_ddp_relaunch()
     with finish_task(cfg):
-        metrics = entry_point(cfg)(cfg)
+        try:
+            metrics = entry_point(cfg)(cfg)
+        except SIGTERMException as stopped:
+            # Lightning ends a fit stopped by SIGTERM with a bare SystemExit, i.e. status 0, which a scheduler
+            # reads as a finished job; 128 + 15 is what a process killed by the signal reports.
+            log.warning(
+                "stopped by SIGTERM; the checkpoints written so far are kept (averaged.ckpt included)"
+            )
+            raise SystemExit(128 + signal.SIGTERM) from stopped
     return metrics.get(cfg.optimized_metric)
 
 
