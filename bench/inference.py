@@ -259,6 +259,16 @@ def run(
                     )
     for name in ceds:
         ratios[f"{name} / {cnn} multiply-accumulates"] = macs[name] / macs[cnn]
+    # Every model, runtime and precision against the paper's setting at the same thread count: the README's
+    # side-by-side table (`bench.readme.inference_table`).
+    relative: dict[str, float] = {}
+    if PAPER_MODE in modes:
+        for threads in thread_counts:
+            for mode in modes:
+                for name in networks:
+                    relative[f"{name} {mode}, {threads} thread(s)"] = ratio(
+                        seconds(name, mode, threads), seconds(cnn, PAPER_MODE, threads)
+                    )
     if PAPER_MODE in modes and ceds:
         one = min(thread_counts)
         fastest = min(modes, key=lambda mode: seconds(ceds[0], mode, one)["median"])
@@ -270,6 +280,7 @@ def run(
         "timings": timings,
         "achieved GFLOP/s": gflops,
         "front end share of the time": shares,
+        f"time / {cnn} {PAPER_MODE}": relative,
     }
     result["int8 cost on the demo test set"] = demo or {
         "not measured": f"no {demo_ckpt}: run `make demo` first (it trains the demo's CED-Tiny teacher)"

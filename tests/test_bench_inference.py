@@ -74,6 +74,16 @@ def test_inference_section_runs_every_runtime_and_precision(monkeypatch, labelle
     assert ratios[goal] > 0
     assert f"{ced} / {cnn} time, onnxruntime int8, 1 thread(s)" in ratios
 
+    # the README's side-by-side table: both models in every runtime and precision, the demo's mAP beside
+    relative = results[f"time / {cnn} eager float32"]
+    assert relative[f"{cnn} eager float32, 1 thread(s)"] == 1.0
+    assert len(relative) == 2 * len(SMOKE["modes"])
+    lines = importlib.import_module("bench.readme").inference_table({"sections": {"inference": results}})
+    header = next(line for line in lines if line.startswith("| threads |"))
+    assert f"| {ced} | {cnn} | demo mAP |" in header
+    int8_row = next(line for line in lines if line.startswith("| 1 thread(s) | onnxruntime int8 |"))
+    assert f"{demo['mAP']['onnxruntime int8']:.4f}" in int8_row
+
 
 def test_inference_section_without_a_demo_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO))
