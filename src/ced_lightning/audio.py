@@ -40,6 +40,8 @@ SHORT_CLIP_SAMPLES = 1024
 # Files of more source frames than this are decoded and resampled in blocks of this many frames (about 95 s at
 # 44.1 kHz), so that a recording of hours never exists whole as multi-channel float32 at its own rate.
 STREAM_BLOCK_FRAMES = 1 << 22
+# The most input samples one resampling convolution call takes (resample_stream).
+RESAMPLE_CALL_SAMPLES = 1 << 18
 
 
 class AudioDecodeError(ValueError):
@@ -78,13 +80,23 @@ def resample_stream(
     pending = np.zeros(width, dtype=np.float32)  # the leading zero padding
     length = emitted = 0
 
+    # conv1d's working memory grows with its input (about 300 MB for a 4M-sample block at 8 -> 16 kHz):
+    # each call gets at most RESAMPLE_CALL_SAMPLES inputs, which is faster too.
+    groups_per_call = max(1, RESAMPLE_CALL_SAMPLES // orig)
+
     def convolve(signal: np.ndarray) -> np.ndarray:
         groups = (len(signal) - kernel_size) // orig + 1
         if groups <= 0:
             return np.zeros(0, np.float32)
-        used = torch.from_numpy(np.ascontiguousarray(signal[: (groups - 1) * orig + kernel_size]))
-        out = torch.nn.functional.conv1d(used[None, None], res.kernel, stride=orig)
-        return out[0].transpose(0, 1).reshape(-1).numpy()
+        outs = []
+        for first in range(0, groups, groups_per_call):
+            count = min(groups_per_call, groups - first)
+            used = signal[first * orig : first * orig + (count - 1) * orig + kernel_size]
+            out = torch.nn.functional.conv1d(
+                torch.from_numpy(np.ascontiguousarray(used))[None, None], res.kernel, stride=orig
+            )
+            outs.append(out[0].transpose(0, 1).reshape(-1).numpy())
+        return np.concatenate(outs)
 
     for block in blocks:
         length += len(block)
