@@ -45,6 +45,10 @@ from ced_lightning.models.ced import PIECE_AVERAGES
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("tags", "windows", "embeddings")
+# Files of more frames than this are decoded and resampled in blocks of this many (24 s at 44.1 kHz): windows
+# need no more, and a 2-hour file is tagged in about 100 MB above the model's own memory (measured by
+# tests/test_predict_stream.py). Shorter files are decoded whole, exactly as `load_audio` decodes them.
+DECODE_BLOCK_FRAMES = 1 << 20
 EMBEDDINGS_FORMATS = ("npy", "zarr")
 
 # --------------------------------------------------------------------------------------------- batching
@@ -700,7 +704,7 @@ def tag_files(
         file = _File(index, str(path), PieceAverage(piece_average))
         tagger.open_files.append(file)
         try:
-            with AudioStream(path) as stream:
+            with AudioStream(path, block_frames=DECODE_BLOCK_FRAMES) as stream:
                 for start, samples in stream_windows(stream, segment, hop):
                     file.num_samples = max(file.num_samples, start + len(samples))
                     tagger.add(_Window(file, start, torch.from_numpy(samples.copy())))
