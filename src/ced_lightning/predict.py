@@ -819,9 +819,11 @@ def predict_files(
             on_result=show,
         )
         if len(files) >= progress_min_files:
+            from rich.console import Console
             from rich.progress import Progress
 
-            with Progress(transient=True) as progress:
+            # On stderr: stdout carries the tags (`ced-predict --output -` writes JSON lines there).
+            with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("tagging", total=len(files))
                 results, failures = tag_files(
                     model, files, on_progress=lambda n: progress.advance(task, n), **kwargs
