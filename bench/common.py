@@ -55,6 +55,27 @@ def measure(
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """`measure` for several functions at once, in rounds: each round times every function once, so a slow
+    spell of a shared machine (another process on the core) slows all of them alike and their ratios hold,
+    where timing one function's repeats after another's would put the spell on whichever ran then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": repeats}
+        for name, t in times.items()
+    }
+
+
 def stream_rate(
     make_batches: Callable[[], Iterable[dict[str, Any]]], *, repeats: int = 3, warmup: int = 1
 ) -> dict[str, dict[str, float]]:

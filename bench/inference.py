@@ -8,6 +8,9 @@ CNN, the same exporter) and ONNX Runtime on that file's int8 version (`export qu
 the linear layers only, in both runtimes: all of a transformer's weighted products but the patch
 embedding, and only the CNN's classifier (its convolutions stay float32).
 
+At each thread count every model, mode and front end is timed in rounds (`bench.common.measure_interleaved`),
+so a slow spell of the shared machine falls on all of them alike and their ratios hold.
+
 Recorded beside the times:
 - each model's multiply-accumulates (`bench.common.count_flops`, attention's matrix products included), so
   time ratios read as "work" x "speed per unit of work";
@@ -35,7 +38,7 @@ import timm
 import torch
 from torch import nn
 
-from bench.common import CLASSES, CLIP_SAMPLES, count_flops, measure, noise, ratio
+from bench.common import CLASSES, CLIP_SAMPLES, count_flops, measure_interleaved, noise, ratio
 from ced_lightning.export import DftLogMel, export_onnx, onnx_session, quantize_onnx_int8, run_onnx
 from ced_lightning.models import create_ced, quantize_dynamic_int8
 from ced_lightning.models.ced import CED, LogMelFrontEnd
@@ -170,7 +173,7 @@ def run(
     demo_ckpt: Path | None = DEMO_CKPT,
     demo_store: str | None = str(DEMO_TEST),
 ) -> dict[str, Any]:
-    repeats = repeats if repeats is not None else (5 if quick else 20)
+    repeats = repeats if repeats is not None else (9 if quick else 30)
     thread_counts = sorted(set(thread_counts or {1, os.cpu_count() or 1}))
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -206,29 +209,27 @@ def run(
         try:
             for threads in thread_counts:
                 torch.set_num_threads(threads)
+                fns: dict[str, Callable[[], Any]] = {}
                 for name, (model, x) in networks.items():
                     if "onnxruntime float32" in modes:
                         prepared[name]["onnxruntime float32"] = onnx_session(float_files[name], threads)
                     if "onnxruntime int8" in modes:
                         prepared[name]["onnxruntime int8"] = onnx_session(int8_files[name], threads)
                     for mode in modes:
-                        fn = _runner(mode, model, x, prepared[name])
-                        with torch.inference_mode():
-                            timings[f"{name} {mode}, {threads} thread(s)"] = {
-                                "seconds": measure(fn, repeats=repeats, warmup=warmup)
-                            }
+                        fns[f"{name} {mode}, {threads} thread(s)"] = _runner(mode, model, x, prepared[name])
                 for name in ceds:
                     front_end = networks[name][0].front_end
-                    runners = {"eager float32": lambda fe=front_end: fe(wave)}
+                    fns[f"{name} front end only eager float32, {threads} thread(s)"] = lambda fe=front_end: (
+                        fe(wave)
+                    )
                     if name in front_end_files:
                         session = onnx_session(front_end_files[name], threads)
                         feed = {session.get_inputs()[0].name: wave.numpy()}
-                        runners["onnxruntime float32"] = lambda s=session, f=feed: s.run(None, f)
-                    for mode, fn in runners.items():
-                        with torch.inference_mode():
-                            timings[f"{name} front end only {mode}, {threads} thread(s)"] = {
-                                "seconds": measure(fn, repeats=repeats, warmup=warmup)
-                            }
+                        key = f"{name} front end only onnxruntime float32, {threads} thread(s)"
+                        fns[key] = lambda s=session, f=feed: s.run(None, f)
+                with torch.inference_mode():
+                    measured = measure_interleaved(fns, repeats=repeats, warmup=warmup)
+                timings.update({key: {"seconds": value} for key, value in measured.items()})
         finally:
             torch.set_num_threads(previous)
         demo = None
