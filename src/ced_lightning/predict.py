@@ -76,7 +76,9 @@ def batches_by_length(lengths: Sequence[int], batch_size: int, tolerance: int = 
 def pad_batch(waveforms: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack 1-D waveforms into `[B, max_samples]`, zero-padding the shorter ones at the end."""
     longest = max(w.shape[-1] for w in waveforms)
-    return torch.stack([F.pad(w, (0, longest - w.shape[-1])) for w in waveforms])
+    return torch.stack(
+        [F.pad(w, (0, longest - w.shape[-1])) if w.shape[-1] < longest else w for w in waveforms]
+    )
 
 
 def default_device() -> torch.device:
