@@ -25,6 +25,7 @@ from ced_lightning.predict import (
     PieceAverage,
     WindowBatch,
     WindowsWriter,
+    expand_inputs,
     segment_starts,
     stream_windows,
     tag_files,
@@ -172,6 +173,17 @@ def test_m4a_and_aac_say_what_converts_them(tiny_model, tmp_path):
     assert "voice_memo.m4a: cannot decode audio (AAC in MP4 is not a format libsndfile" in failures[0].reason
     assert "`ffmpeg -i voice_memo.m4a -ac 1 -ar 16000 out.flac`" in failures[0].reason
     assert "radio.aac: cannot decode audio (AAC is not a format libsndfile" in failures[1].reason
+
+
+def test_a_folder_of_m4a_files_says_why_they_are_skipped(tmp_path, caplog):
+    """Before: only `N files are not audio files by their extension ... were skipped`, as for a .txt."""
+    sf.write(tmp_path / "a.wav", 0.1 * np.ones(1600, np.float32), 16000)
+    for name in ("memo_1.m4a", "memo_2.M4A", "radio.aac", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in expand_inputs([tmp_path])] == ["a.wav"]
+    assert "1 .aac, 2 .m4a files are audio libsndfile cannot decode" in caplog.text
+    assert "`ffmpeg -i NAME.aac -ac 1 -ar 16000 NAME.flac`" in caplog.text
 
 
 CHILD = textwrap.dedent(

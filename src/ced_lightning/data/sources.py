@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ced_lightning.audio import AUDIO_EXTENSIONS
+from ced_lightning.audio import AUDIO_EXTENSIONS, NO_LIBSNDFILE_DECODER
 from ced_lightning.labels import ClassList, audioset_classes, read_class_labels
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,19 @@ def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_
             ", ".join(sorted(left_out)[:5]),
             describe_extensions(suffixes),
         )
+        undecodable: dict[str, int] = {}
+        for name in left_out:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in NO_LIBSNDFILE_DECODER and not os.path.basename(name).startswith("."):
+                undecodable[suffix] = undecodable.get(suffix, 0) + 1
+        if undecodable:  # audio, but in a container libsndfile cannot read: say what to do about it
+            log.warning(
+                "%s: %s files are audio libsndfile cannot decode (no version reads them); convert them "
+                "first, e.g. `ffmpeg -i NAME%s -ac 1 -ar 16000 NAME.flac`",
+                root,
+                ", ".join(f"{count} {suffix}" for suffix, count in sorted(undecodable.items())),
+                next(iter(sorted(undecodable))),
+            )
     return sorted(found)
 
 
