@@ -78,6 +78,7 @@ def test_export_quantize_int8_runs_in_onnxruntime_close_to_float(model, clips, t
     main()
     message = capsys.readouterr().out
     assert "linear layers in int8" in message and "max |logits - PyTorch|" in message
+    assert "(probabilities: " in message  # what int8 costs on the scale of the tags
 
     graph = onnx.load(str(output))
     ops = [node.op_type for node in graph.graph.node]
