@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
+from ced_lightning.demo import label_only_epochs
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 
@@ -68,6 +69,46 @@ def test_build_demo_stores_split_reuse_and_labels(tmp_path: Path) -> None:
     assert not np.array_equal(AudioStore.open(urls["train"]).read(0).numpy(), first_clip)
 
 
+def test_distill_store_is_the_labeled_clips_then_an_unlabeled_pool(tmp_path: Path) -> None:
+    """distill.zarr (the student's store) holds the train clips as train.zarr has them, then `unlabeled`
+    clips of their own index range written without labels; its config is part of the store's identity.
+    (Before: no unlabeled pool, no distill.zarr.)"""
+    root = tmp_path / "demo"
+    kwargs = {"seed": 2, "train": 6, "val": 2, "test": 2, "clip_seconds": 0.25}
+    assert "distill" not in build_demo_stores(str(root), **kwargs)  # `prepare source=demo` as before
+    urls = build_demo_stores(str(root), unlabeled=5, **kwargs)
+    train, distill = AudioStore.open(urls["train"]), AudioStore.open(urls["distill"])
+    assert len(distill) == 11 and distill.names[:6] == train.names
+    assert np.array_equal(distill.read_span(0, 6)[0], train.read_span(0, 6)[0])
+    assert np.array_equal(distill.label_matrix()[:6], train.label_matrix())
+    assert distill.label_matrix()[6:].sum() == 0  # the pool carries no labels
+    pool_wave, pool_labels = generate_demo_clip(2, 3_000_000_000 + 4, 0.25)
+    assert pool_labels  # the generator knows them; the store does not keep them
+    assert np.abs(distill.read(10).numpy() - pool_wave).max() <= 1 / 32768
+    others = (
+        set(train.names) | set(AudioStore.open(urls["val"]).names) | set(AudioStore.open(urls["test"]).names)
+    )
+    assert others.isdisjoint(distill.names[6:])
+    assert distill.attrs["config"]["unlabeled"] == 5
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_demo_stores(str(root), unlabeled=7, **kwargs)
+    with pytest.raises(ValueError, match="unlabeled"):
+        build_demo_stores(str(tmp_path / "other"), unlabeled=-1, **kwargs)
+
+
+def test_label_only_baseline_gets_the_students_optimizer_steps() -> None:
+    """The baseline's epochs over the labeled clips give at least the student's steps, less than one of its
+    epochs more: full batches per epoch, as the training stream cuts them."""
+    assert label_only_epochs(6, 4800, 1200, 32) == 25  # 6 x 150 = 900 steps; 37 per epoch: 24.3 -> 25
+    assert label_only_epochs(3, 1200, 1200, 32) == 3  # no pool: the student's own epochs
+    for student_epochs, student_clips, labeled_clips in [(4, 3000, 700), (7, 1300, 1200)]:
+        epochs = label_only_epochs(student_epochs, student_clips, labeled_clips, 32)
+        student_steps, per_epoch = student_epochs * (student_clips // 32), labeled_clips // 32
+        assert epochs * per_epoch >= student_steps > (epochs - 1) * per_epoch
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        label_only_epochs(2, 100, 10, 32)
+
+
 def test_worker_processes_give_the_same_store(tmp_path: Path) -> None:
     kwargs = {"seed": 1, "train": 64, "val": 1, "test": 1, "clip_seconds": 0.25}
     inline = build_demo_stores(str(tmp_path / "a"), workers=0, **kwargs)
@@ -94,7 +135,7 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
         f"paths.data_dir={data}",
         f"paths.log_dir={logs}",
         f"hydra.run.dir={logs}/run",
-        "data.demo.clips={train: 24, val: 16, test: 16}",
+        "data.demo.clips={train: 24, unlabeled: 16, val: 16, test: 16}",
         "data.extract.epochs=1",
         "data.extract.topk=3",
         *small,
@@ -110,9 +151,17 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
         [sys.executable, "-m", "ced_lightning.train", *args], capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "CED demo: validation mAP" in run.stdout, run.stdout[-2000:]
-    for row in ("teacher ced", "teacher ensemble", "student ced_tiny (val, best epoch)", "logit store"):
+    assert "CED demo: mAP" in run.stdout, run.stdout[-2000:]
+    rows = ("teacher ced", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels (train")
+    for row in (*rows, "logit store"):
         assert row in run.stdout, run.stdout[-2000:]
     assert teacher.is_file() and teacher.with_suffix(".json").is_file()
-    assert LogitStore.open(str(data / "demo" / "logits_demo.zarr")).is_complete()
+    # The teachers learnt from the 24 labeled clips; the student's logit store covers those and the pool.
     assert len(AudioStore.open(str(data / "demo" / "train.zarr"))) == 24
+    logits = LogitStore.open(str(data / "demo" / "logits_demo.zarr"))
+    assert logits.is_complete() and len(AudioStore.open(str(data / "demo" / "distill.zarr"))) == 40
+    assert logits.num_clips == 40
+    # The label-only baseline: the student's steps (1 epoch x 40 // 8 = 5) over 24 labeled clips (3 a epoch).
+    baseline = logs / "run" / "label_only"
+    assert (baseline / "checkpoints").is_dir()
+    assert "for 2 epochs, the student's optimizer steps" in run.stderr + run.stdout

@@ -4,23 +4,33 @@
 (`data=demo`, the default) names `run_demo`, so `python -m ced_lightning.train experiment=ced_mini` comes
 here. With `data.build_missing` (on for the demo) each missing artifact is built once, with one log line
 saying what and why, and a second run reuses them all:
-  1. the demo audio stores (train/val/test)   `python -m ced_lightning.prepare source=demo`
-  2. the demo teachers, trained with labels    `python -m ced_lightning.train experiment=teacher_demo_*`
-  3. the teachers' logit store over train.zarr `python -m ced_lightning.extract teacher=demo`
-then `ced_lightning.train.train` distils the student, and the run ends with the demo's table (teachers,
-ensemble, student, store overhead). A user's data names no entry: `train` runs alone, and a missing store
-stops it with the command to run (`ced_lightning.tasks.ensure_inputs`).
+  1. the demo audio stores: train (labeled), val, test, and distill = the train clips followed by a larger
+     pool of unlabeled clips                   `python -m ced_lightning.prepare source=demo`
+  2. the demo teachers, trained with labels on train.zarr
+                                               `python -m ced_lightning.train experiment=teacher_demo_*`
+  3. the teachers' logit store over distill.zarr `python -m ced_lightning.extract teacher=demo`
+then `ced_lightning.train.train` distils the student label-free over distill.zarr, trains the row users
+compare against (the same student with labels on train.zarr alone, as many optimizer steps: `label_only_cfg`),
+and ends with the demo's table: validation and test mAP of every teacher, the ensemble, the student and the
+label-only baseline, and the store overhead. A user's data names no entry: `train` runs alone, and a missing
+store stops it with the command to run (`ced_lightning.tasks.ensure_inputs`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -39,40 +49,121 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     student; `+summary=false` skips it). Returns `train`'s metrics."""
     check_train_config(cfg)  # a typo is reported before minutes of teachers and a logit store
     build_missing = bool(cfg.data.get("build_missing"))
+    timer = StageTimer()
     if build_missing:
-        build_demo_artifacts(cfg)
-    metrics = train(cfg)
+        build_demo_artifacts(cfg, timer)
+    with timer("student"):
+        metrics = train(cfg)
+    baseline: dict[str, Any] | None = None
+    if cfg.task == "distill" and cfg.data.get("label_only_baseline"):
+        with timer("label-only baseline"):
+            baseline = train(label_only_cfg(cfg))
     if build_missing and cfg.task == "distill" and cfg.get("summary", True) and global_rank() == 0:
-        print_demo_summary(demo_summary(cfg, metrics))
+        with timer("teachers scored"):
+            rows = demo_summary(cfg, metrics, baseline)
+        print_demo_summary(rows)
+        log.info("demo: wall time per stage: %s", timer.report())
+    if baseline is not None:
+        metrics.update({f"label_only/{k}": v for k, v in baseline.items() if k in ("val/mAP", "test/mAP")})
     return metrics
 
 
-def build_demo_artifacts(cfg: DictConfig) -> None:
+class StageTimer:
+    """Wall seconds per stage of a demo run, for its closing log line."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def report(self) -> str:
+        total = sum(self.seconds.values())
+        parts = [f"{name} {value:.0f} s" for name, value in self.seconds.items()]
+        return ", ".join([*parts, f"total {total:.0f} s"])
+
+
+def label_only_epochs(student_epochs: int, student_clips: int, labeled_clips: int, batch_size: int) -> int:
+    """Epochs over the labeled clips that give the label-only baseline at least the optimizer steps of the
+    student's `student_epochs` over its store (full batches per epoch, as the training stream cuts them)."""
+    student_steps = student_epochs * (student_clips // batch_size)
+    labeled_batches = labeled_clips // batch_size
+    if labeled_batches == 0:
+        raise ValueError(f"the labeled store has {labeled_clips} clips, fewer than one batch of {batch_size}")
+    return max(1, math.ceil(student_steps / labeled_batches))
+
+
+def label_only_cfg(cfg: DictConfig) -> DictConfig:
+    """The label-only baseline of the student run `cfg`: the same network, optimizer, schedule shape, mixup
+    and seed, task=supervised on the labeled store with the teachers' augmentation recipe, for as many
+    optimizer steps as the student (`label_only_epochs`); its run folder is `<student's>/label_only`."""
+    from ced_lightning.store.audio import AudioStore
+
+    baseline = copy.deepcopy(cfg)
+    with open_dict(baseline):
+        baseline.task = "supervised"
+        student_clips = len(AudioStore.open(str(cfg.data.train)))
+        labeled_clips = len(AudioStore.open(str(baseline.data.train)))
+        baseline.data.schedule.max_epochs = label_only_epochs(
+            int(cfg.data.schedule.max_epochs), student_clips, labeled_clips, int(cfg.data.batch_size)
+        )
+        baseline.paths.output_dir = str(Path(cfg.paths.output_dir) / "label_only")
+        baseline.tags = [*list(cfg.get("tags") or []), "label_only"]
+        # The student replays the teachers' augmentation from the logit store; trained with labels, the same
+        # network gets that recipe drawn fresh, as the teachers did.
+        for override in cfg.data.get("augment_overrides") or []:
+            key, value = str(override).split("=", 1)
+            OmegaConf.update(baseline, key, yaml.safe_load(value), force_add=True)
+    log.info(
+        "demo: label-only baseline: %s with labels on %s (%d clips) for %d epochs, the student's optimizer "
+        "steps (%d epochs over %d clips)",
+        cfg.model.get("name", "the student"),
+        baseline.data.train,
+        labeled_clips,
+        baseline.data.schedule.max_epochs,
+        cfg.data.schedule.max_epochs,
+        student_clips,
+    )
+    return baseline
+
+
+def build_demo_artifacts(cfg: DictConfig, timer: StageTimer | None = None) -> None:
     """Build what the demo run `cfg` needs and lacks (stores; for a student also teachers, logit store)."""
-    ensure_demo_stores(cfg)
+    timer = timer or StageTimer()
+    with timer("stores"):
+        ensure_demo_stores(cfg)
     if cfg.task != "distill":
         return
-    ensure_demo_teachers(cfg)
+    ensure_demo_teachers(cfg, timer)
     if not store_exists(cfg.data.logits):
         log.info(
-            "demo: extracting the teachers' top-%d over %d augmentation epochs into %s (not there yet)",
+            "demo: extracting the teachers' top-%d over %d augmentation epochs of %s into %s (not there yet)",
             cfg.data.extract.topk,
             cfg.data.extract.epochs,
+            cfg.data.train,
             cfg.data.logits,
         )
-        extract_demo_logits(cfg)
+        with timer("extraction"):
+            extract_demo_logits(cfg)
 
 
 def ensure_demo_stores(cfg: DictConfig) -> None:
     data = cfg.data
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    if not all(store_exists(url) for url in splits.values()):
-        log.info("demo: building the demo audio stores in %s (not there yet; about 20 s)", data.root)
+    urls = [data.stores.supervised, data.stores.distill, data.val, data.test]
+    if not all(store_exists(url) for url in urls):
+        log.info("demo: building the demo audio stores in %s (not there yet; about a minute)", data.root)
     # Always called: it keeps complete stores of this config, resumes interrupted ones and refuses others.
-    build_demo_stores(str(data.root), seed=data.demo.seed, clip_seconds=data.clip_seconds, **data.demo.clips)
+    clips = {"unlabeled": 0, **data.demo.clips}  # distill.zarr is always built (an empty pool: a copy)
+    build_demo_stores(str(data.root), seed=data.demo.seed, clip_seconds=data.clip_seconds, **clips)
 
 
-def ensure_demo_teachers(cfg: DictConfig) -> None:
+def ensure_demo_teachers(cfg: DictConfig, timer: StageTimer | None = None) -> None:
+    timer = timer or StageTimer()
     for member in cfg.teacher.members:
         if not Path(member.checkpoint).is_file():
             log.info(
@@ -80,7 +171,8 @@ def ensure_demo_teachers(cfg: DictConfig) -> None:
                 member.name,
                 member.checkpoint,
             )
-            train_demo_teacher(cfg, member)
+            with timer(f"teacher {member.name}"):
+                train_demo_teacher(cfg, member)
 
 
 def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
@@ -114,7 +206,8 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
 
 
 def extract_demo_logits(cfg: DictConfig) -> None:
-    """The teachers' logit store over `data.train` at `data.logits`, with the demo's extraction settings
+    """The teachers' logit store over the student's `data.train` (distill.zarr: the labeled clips and the
+    unlabeled pool) at `data.logits`, with the demo's extraction settings
     (`data.extract`) and augmentation (`data.augment_overrides`)."""
     overrides = [
         f"audio_store={cfg.data.train}",
@@ -138,18 +231,21 @@ def extract_demo_logits(cfg: DictConfig) -> None:
     run_extract(extract_cfg)
 
 
-def demo_summary(cfg: DictConfig, student_metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows of the closing table: each teacher's, the ensemble's and the student's validation mAP, and the
-    logit store's size as a share of the audio store."""
-    teacher_maps = teacher_val_maps(cfg)
-    rows = [(f"teacher {name}", _fmt(value)) for name, value in teacher_maps.items()]
-    rows.append(
-        (f"student {cfg.model.get('name', 'CED')} (val, best epoch)", _fmt(student_metrics.get("val/mAP")))
-    )
-    if "test/mAP" in student_metrics:
-        rows.append((f"student (test, {cfg.test_ckpt} checkpoint)", _fmt(student_metrics.get("test/mAP"))))
+def demo_summary(
+    cfg: DictConfig, student_metrics: dict[str, Any], baseline_metrics: dict[str, Any] | None = None
+) -> list[tuple[str, str, str]]:
+    """Rows (name, validation mAP, test mAP) of the closing table: each teacher, the ensemble, the student
+    and the label-only baseline (each run's best validation epoch and its `test_ckpt` checkpoint on test),
+    then the logit store's size as a share of the audio store it covers."""
+    val_maps, test_maps = teacher_maps(cfg, cfg.data.val), teacher_maps(cfg, cfg.data.test)
+    rows = [(f"teacher {name}", _fmt(value), _fmt(test_maps[name])) for name, value in val_maps.items()]
+    name = cfg.model.get("name", "CED")
+    runs = [(f"student {name}, label-free", student_metrics)]
+    if baseline_metrics is not None:
+        runs.append((f"{name} with labels (train only)", baseline_metrics))
+    rows += [(label, _fmt(m.get("val/mAP")), _fmt(m.get("test/mAP"))) for label, m in runs]
     overhead = 100.0 * store_nbytes(cfg.data.logits) / max(store_nbytes(cfg.data.train), 1)
-    rows.append(("logit store / audio store", f"{overhead:.2f} %"))
+    rows.append(("logit store / audio store", f"{overhead:.2f} %", ""))
     return rows
 
 
@@ -158,9 +254,9 @@ def _fmt(value: Any) -> str:
 
 
 @torch.no_grad()
-def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
-    """Validation mAP of each teacher checkpoint and of the ensemble, combined as the logit store combines it
-    (`teacher.combine`), all from one pass over the validation store."""
+def teacher_maps(cfg: DictConfig, store: str) -> dict[str, float]:
+    """mAP on `store` of each teacher checkpoint and of the ensemble, combined as the logit store combines it
+    (`teacher.combine`), all from one pass over the store."""
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.metrics import TaggingMetrics
     from ced_lightning.models import load_model
@@ -169,7 +265,7 @@ def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
     teachers = {m.name: load_model(m.checkpoint).eval() for m in cfg.teacher.members}
     num_classes = next(iter(teachers.values())).num_classes
     metrics = {name: TaggingMetrics(num_classes) for name in [*teachers, "ensemble"]}
-    data = LabeledDataModule(val=cfg.data.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
+    data = LabeledDataModule(val=store, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
     for batch in data.val_dataloader():
         batch = data.on_after_batch_transfer(batch, 0)  # int16 -> float32, as in training
         logits = {name: t(batch["waveform"]).float() for name, t in teachers.items()}
@@ -180,14 +276,15 @@ def teacher_val_maps(cfg: DictConfig) -> dict[str, float]:
     return {name: float(m.compute()["mAP"]) for name, m in metrics.items()}
 
 
-def print_demo_summary(rows: list[tuple[str, str]]) -> None:
+def print_demo_summary(rows: list[tuple[str, str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="CED demo: validation mAP")
+    table = Table(title="CED demo: mAP")
     table.add_column("")
-    table.add_column("value", justify="right")
-    for name, value in rows:
-        table.add_row(name, value)
+    table.add_column("val", justify="right")
+    table.add_column("test", justify="right")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
-    log.info("demo summary: %s", "; ".join(f"{n}: {v}" for n, v in rows))
+    log.info("demo summary: %s", "; ".join(f"{n}: {v} / {t}" if t else f"{n}: {v}" for n, v, t in rows))

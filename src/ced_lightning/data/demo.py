@@ -46,7 +46,7 @@ DEMO_MIDS: list[str] = [f"/demo/{name}" for name in DEMO_CLASSES]
 GENERATOR_VERSION = 1
 DEMO_CLIP_SECONDS = 2.0  # conf/data/demo.yaml's clip_seconds; `prepare source=demo` builds the same
 # Splits draw from disjoint index ranges of the same seed, so growing one split never changes another.
-SPLIT_INDEX_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
+SPLIT_INDEX_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000, "unlabeled": 3_000_000_000}
 
 _SR = SAMPLE_RATE
 Event = Callable[[np.random.Generator, int], np.ndarray]
@@ -245,19 +245,29 @@ def build_demo_stores(
     train: int = 1200,
     val: int = 300,
     test: int = 300,
+    unlabeled: int | None = None,
     clip_seconds: float = DEMO_CLIP_SECONDS,
     workers: int = 0,
     overwrite: bool = False,
 ) -> dict[str, str]:
-    """Write `root/{train,val,test}.zarr` (skipping any already complete with the same config); their URLs."""
+    """Write `root/{train,val,test}.zarr` (skipping any already complete with the same config); their URLs.
+
+    With `unlabeled` (a count, 0 included) also `root/distill.zarr`, the student's store: the `train` clips
+    (the same clips, names and labels as train.zarr) followed by `unlabeled` more of the same kind (their own
+    index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`)."""
     from ced_lightning.store.audio import AudioStoreWriter
     from ced_lightning.store.lock import store_lock
 
     root = os.fspath(root).rstrip("/")
     if "://" not in root:
         Path(root).mkdir(parents=True, exist_ok=True)
+    if unlabeled is not None and unlabeled < 0:
+        raise ValueError(f"demo.unlabeled={unlabeled}: the unlabeled pool's clip count cannot be negative")
     urls: dict[str, str] = {}
-    for split, count in (("train", train), ("val", val), ("test", test)):
+    stores = [("train", train), ("val", val), ("test", test)] + (
+        [("distill", train)] if unlabeled is not None else []
+    )
+    for split, count in stores:
         if count <= 0:
             raise ValueError(f"demo.{split}={count}: each split needs at least one clip")
         url = f"{root}/{split}.zarr"
@@ -268,6 +278,12 @@ def build_demo_stores(
             "clips": int(count),
             "clip_seconds": float(clip_seconds),
         }
+        jobs = _split_jobs(
+            "train" if split == "distill" else split, int(seed), int(count), float(clip_seconds)
+        )
+        if split == "distill":
+            config["unlabeled"] = int(unlabeled)
+            jobs += _split_jobs("unlabeled", int(seed), int(unlabeled), float(clip_seconds))
         with store_lock(url, "prepare"):
             writer = AudioStoreWriter(
                 url,
@@ -278,10 +294,11 @@ def build_demo_stores(
                 overwrite=overwrite,
             )
             if writer.complete_store is None:
-                jobs = _split_jobs(split, int(seed), int(count), float(clip_seconds))[writer.skip_items() :]
+                jobs = jobs[writer.skip_items() :]
                 log.info("demo: writing %d %s clips to %s", len(jobs), split, url)
                 for name, samples, labels in _generate(jobs, workers):
-                    writer.add(name, samples, labels)
+                    # The pool's clips go in without labels: nothing downstream can read them.
+                    writer.add(name, samples, None if name.startswith("demo_unlabeled_") else labels)
                 writer.finish()
         urls[split] = url
     return urls
