@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logger=csv",
         "callbacks.progress_bar=null",
         "+summary=false",
+        # One student per row: the demo's label-only baseline row does not change with these conditions.
+        "data.label_only_baseline=false",
     ]
     runs: dict[str, list[dict[str, float]]] = {}
     only = args.get("only")  # rerun one condition (its index), keep the others' results from the last run
