@@ -43,6 +43,7 @@ from ced_lightning.export import DftLogMel, export_onnx, onnx_session, quantize_
 from ced_lightning.models import create_ced, quantize_dynamic_int8
 from ced_lightning.models.ced import CED, LogMelFrontEnd
 from ced_lightning.models.timm_mel import TIMM_FRONT_END
+from ced_lightning.store.audio import AudioStore
 
 CNN = "mobilenetv3_large_100"
 CEDS = ("ced_tiny", "ced_mini")
@@ -111,7 +112,7 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
     """The checkpoint scored on the labelled store in every runtime and precision but `compiled` (the same
     graph as eager): `{"mAP": {mode: value}, "max |p - eager float32|": {...}, "top-1 agreement with eager
     float32": {...}}`."""
-    from ced_lightning.evaluate import _open_labelled_store, score_store
+    from ced_lightning.evaluate import score_store
     from ced_lightning.metrics import TaggingMetrics
     from ced_lightning.models import load_checkpoint
 
@@ -125,7 +126,9 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
         "onnxruntime float32": _OnnxTagger(onnx_session(onnx_float), classes),
         "onnxruntime int8": _OnnxTagger(onnx_session(onnx_int8), classes),
     }
-    store = _open_labelled_store(store_url)
+    store = AudioStore.open(store_url)
+    if not store.has_labels:
+        raise ValueError(f"{store_url}: has no labels; the int8 cost needs a labelled store")
     labels = torch.from_numpy(store.label_matrix())
     probabilities, _ = score_store(runners, store, device="cpu")
     reference = probabilities["eager float32"]
