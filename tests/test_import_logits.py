@@ -672,3 +672,21 @@ def test_plan_epoch_leaves_out_clips_it_is_told_to_and_keeps_ranks_equal() -> No
     assert len(every) >= 95 - 2 * 4 - 8  # at most a batch per rank and a span's imbalance left out
     with pytest.raises(ValueError, match="keep must be a bool mask of the 100 clips"):
         plan_epoch(100, 4, seed=0, epoch=1, keep=keep[:50])
+
+
+def test_credentials_in_the_source_url_stay_out_of_the_store_and_the_report(
+    tmp_path: Path, stores: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A release read through a URL with credentials: the store's attributes, its stats file and the printed
+    report hold it redacted (all three held it verbatim before)."""
+    import fsspec
+
+    secret = "s3cretValue"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(CHUNK), f"/AKIAKEY:{secret}@bucket/chunk_10", recursive=True)
+    out = tmp_path / "from_url.zarr"
+    _import(f"memory://AKIAKEY:{secret}@bucket/chunk_10", stores["by_file"], out)
+    said = capsys.readouterr().out
+    kept = (out / "zarr.json").read_text() + (out / STATS_FILE).read_text()
+    assert "memory://***@bucket/chunk_10" in kept
+    assert secret not in kept and secret not in said

@@ -131,10 +131,11 @@ def test_tag_files_keeps_good_files_and_reports_the_broken_one(tiny_model, audio
         {"index": int(i), "name": CLASS_NAMES[int(i)], "probability": round(float(alone[i]), 6)}
         for i in alone.argsort(descending=True)[:3]
     ]
-    # The 12 s file is two 10 s windows (0-10 s, 2-12 s), averaged as CED averages a long clip's pieces.
+    # The 12 s file is two windows of the model's own piece (161,919 samples: 0-10.12 s, 1.88-12 s),
+    # averaged as CED averages a long clip's pieces.
     waveform = load_audio(results[3]["file"])
     with torch.no_grad():
-        pieces = tiny_model(torch.stack([waveform[:160000], waveform[32000:]]))
+        pieces = tiny_model(torch.stack([waveform[:161919], waveform[192000 - 161919 :]]))
     expected = torch.sigmoid(average_pieces(pieces[:, None], tiny_model.config.piece_average))[0]
     assert results[3]["labels"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
 
@@ -305,3 +306,60 @@ def test_a_symlink_loop_among_the_inputs_fails_as_such(tiny_model, audio_dir, tm
     assert len(failures) == 1 and failures[0].reason.endswith(
         "loop.wav: symlink loop (a link that points back to itself)"
     )
+
+
+def test_default_window_is_the_models_own_piece(tiny_model, tmp_path: Path) -> None:
+    """A file the model runs as one piece (CED: up to 1012 frames = 161,919 samples) is one window by default,
+    so its clip tags are the model's own; with 10 s windows a 160,800-sample file was two overlapping windows
+    whose average differed from the model's output by 2e-3."""
+    from ced_lightning.predict import model_piece_samples
+
+    piece = model_piece_samples(tiny_model)
+    assert piece == 161_919
+    assert (
+        tiny_model.front_end.num_frames(piece) == 1012 and tiny_model.front_end.num_frames(piece + 1) == 1013
+    )
+    rng = np.random.default_rng(3)
+    for length, windows in ((160_800, 1), (piece, 1), (piece + 1, 2)):
+        wave = (0.1 * rng.standard_normal(length)).astype(np.float32)
+        path = tmp_path / f"piece_{length}.wav"
+        sf.write(path, wave, 16000, subtype="FLOAT")
+        spans: list[tuple[float, float]] = []
+
+        class Spans:
+            def __init__(self, into: list) -> None:
+                self.into = into
+
+            def add_windows(self, batch) -> None:
+                self.into.extend(batch.spans)
+
+            def add_file(self, index, result) -> None: ...
+            def discard(self, index, file) -> None: ...
+            def close(self) -> None: ...
+
+        results, failures = tag_files(
+            tiny_model, [path], class_names=CLASS_NAMES, topk=4, device="cpu", sinks=[Spans(spans)]
+        )
+        assert not failures and len(spans) == windows, (length, spans)
+        if windows == 1:
+            with torch.no_grad():
+                expected = torch.sigmoid(tiny_model(load_audio(path)[None]))[0]
+            got = {label["index"]: label["probability"] for label in results[0]["labels"]}
+            assert got == pytest.approx({i: float(expected[i]) for i in got}, abs=1e-6)
+
+
+def test_predict_refuses_removed_keys_and_checks_inputs_before_the_checkpoint(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ced_lightning.predict import predict, predict_files
+
+    base = {"ckpt": str(tmp_path / "no_such.ckpt"), "inputs": [str(tmp_path / "typo.wav")]}
+    with pytest.raises(ValueError, match=r"timeline= is gone: .*outputs=\[tags,windows\]"):
+        predict(OmegaConf.create({**base, "timeline": True}))
+    with pytest.raises(ValueError, match=r"output=-: .*ced-predict --output -"):
+        predict(OmegaConf.create({**base, "output": "-"}))
+    # The missing input is named, not the checkpoint (a released name would be downloaded first before).
+    with pytest.raises(FileNotFoundError, match=r"inputs: .*typo\.wav does not exist"):
+        predict_files(str(tmp_path / "no_such.ckpt"), [tmp_path / "typo.wav"])
+    with pytest.raises(ValueError, match="segment_seconds must be > 0"):
+        predict_files(str(tmp_path / "no_such.ckpt"), [tmp_path / "typo.wav"], segment_seconds=0)

@@ -37,7 +37,12 @@ def predict_parser() -> argparse.ArgumentParser:
         "released model's name: ced_tiny, ced_mini, ced_small, ced_base (downloaded once, then cached)",
     )
     parser.add_argument("--top-k", "-k", type=int, default=5, help="classes per file and window (default 5)")
-    parser.add_argument("--segment-seconds", type=float, default=10.0, help="window length (default 10)")
+    parser.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=None,
+        help="window length (default: the model's own piece, 10.12 s for CED)",
+    )
     parser.add_argument("--hop-seconds", type=float, default=None, help="window step (default: the length)")
     parser.add_argument(
         "--outputs",

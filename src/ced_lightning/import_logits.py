@@ -43,6 +43,7 @@ from ced_lightning.store.legacy import (
 )
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import HAS_TARGETS, LogitStore
+from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,20 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         audio_url=audio.url,
         clip_samples=LEGACY_CHUNK_SAMPLES,
         # The release as the store's one 'teacher': identified by its files, so another source is refused.
-        teachers=[{"name": IMPORTED_TEACHER, "sha256": source_digest(provenance_files), "source": source}],
+        teachers=[
+            {
+                "name": IMPORTED_TEACHER,
+                "sha256": source_digest(provenance_files),
+                "source": redact_url(source),
+            }
+        ],
         # The released ensemble averages its members' probabilities (the original's EnsembleModel).
         combine="mean_prob",
         block_clips=int(cfg.block_clips),
         extra_arrays={LEGACY_SEEDS: "int32", HAS_TARGETS: "uint8"},
         provenance={
             "kind": "ced_legacy_release",
-            "source": source,
+            "source": redact_url(source),
             "files": provenance_files,
             "epoch_map": "stored epoch e (1-based) -> store epoch e - 1; every stored epoch imported",
             "params_from": (
@@ -202,7 +209,7 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         )
     imported = sum(stop - start for start, stop in map(store.block_range, todo))
     stats = {
-        "source": source,
+        "source": redact_url(source),
         "epochs": plan.epochs,
         "ranks_per_epoch": {str(e): r for e, r in plan.ranks_per_epoch().items()},
         "rows": plan.rows,
@@ -233,7 +240,8 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
 def report(store: LogitStore, stats: dict[str, Any]) -> None:
     """Print the figures and keep them in the store (`<output>/import_stats.json`)."""
     lines = [
-        f"logit store {store.url}: {store.num_clips} clips x {store.epochs} epochs, top-{store.topk}, "
+        f"logit store {redact_url(store.url)}: {store.num_clips} clips x {store.epochs} epochs, "
+        f"top-{store.topk}, "
         f"{store.quantization}, imported from the released logits"
     ]
     lines += [f"  {key}: {value}" for key, value in stats.items()]

@@ -125,6 +125,20 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
 # --------------------------------------------------------------------------------------------- windows
 
 
+def model_piece_samples(model: nn.Module, fallback_seconds: float = 10.0) -> int:
+    """The longest input `model` runs as one piece: CED's `target_length` frames (1012 frames of 10 ms:
+    161,919 samples, 10.12 s), so a file of that length is tagged whole, as the model tags it; models without
+    pieces (timm taggers) `fallback_seconds`."""
+    length = getattr(getattr(model, "config", None), "target_length", None)
+    front_end = getattr(getattr(model, "front_end", None), "config", None)
+    if length is None or front_end is None:
+        return round(fallback_seconds * SAMPLE_RATE)
+    hop = int(front_end.hop_length)
+    if front_end.center:  # frames = n // hop + 1
+        return int(length) * hop - 1
+    return (int(length) - 1) * hop + int(front_end.n_fft) + hop - 1  # frames = (n - n_fft) // hop + 1
+
+
 def segment_starts(num_samples: int, segment: int, hop: int) -> list[int]:
     """Start samples of the windows: every `hop`, the last one ending at the clip's end.
 
@@ -632,6 +646,15 @@ class _Tagger:
         self.on_failure(Failure(file.path, reason))
 
 
+def check_windows(segment_seconds: float | None, hop_seconds: float | None, batch_size: int) -> None:
+    """The window and batch settings, checked before anything is loaded."""
+    for key, value in (("segment_seconds", segment_seconds), ("hop_seconds", hop_seconds)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{key} must be > 0 (or null: the default), got {value}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def tag_files(
     model: nn.Module,
     paths: Sequence[str | PathLike],
@@ -640,7 +663,7 @@ def tag_files(
     class_names: Sequence[str],
     batch_size: int = 8,
     length_tolerance_s: float = 0.0,
-    segment_seconds: float = 10.0,
+    segment_seconds: float | None = None,
     hop_seconds: float | None = None,
     embeddings: bool = False,
     sinks: Sequence[PredictionSink] = (),
@@ -652,7 +675,8 @@ def tag_files(
     or on which the model fails (a failed batch is retried window by window), is a failure, never an
     exception, so one bad file does not stop the others.
 
-    Each file is cut into windows of `segment_seconds` every `hop_seconds` (default: `segment_seconds`);
+    Each file is cut into windows of `segment_seconds` (default: the model's own piece,
+    `model_piece_samples`) every `hop_seconds` (default: the window length);
     windows are tagged in batches and handed to `sinks` (`TagsWriter`, `WindowsWriter`, `EmbeddingsWriter`,
     `TimelineCharts`) as they are done, with embeddings when `embeddings` (the model's `forward_and_embed`).
     Each clip result: `{"file", "duration_s", "labels": [{"index", "name", "probability"}, ...]}`, its logits
@@ -661,17 +685,16 @@ def tag_files(
     """
     if len(class_names) != int(model.num_classes):
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
-    hop_seconds = segment_seconds if hop_seconds is None else hop_seconds
-    if segment_seconds <= 0 or hop_seconds <= 0:
-        raise ValueError("segment_seconds and hop_seconds must be > 0")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_windows(segment_seconds, hop_seconds, batch_size)
     if embeddings and not hasattr(model, "forward_and_embed"):
         raise ValueError(
             f"outputs=embeddings: {type(model).__name__} has no forward_and_embed (CED and timm taggers do)"
         )
-    segment = max(1, round(segment_seconds * SAMPLE_RATE))
-    hop = max(1, round(hop_seconds * SAMPLE_RATE))
+    if segment_seconds is None:
+        segment = model_piece_samples(model)
+    else:
+        segment = max(1, round(segment_seconds * SAMPLE_RATE))
+    hop = segment if hop_seconds is None else max(1, round(hop_seconds * SAMPLE_RATE))
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
     piece_average = getattr(getattr(model, "config", None), "piece_average", "probability")
@@ -740,7 +763,7 @@ def predict_files(
     embeddings_output: str | PathLike | None = None,
     embeddings_format: str = "npy",
     timeline_dir: str | PathLike | None = None,
-    segment_seconds: float = 10.0,
+    segment_seconds: float | None = None,
     hop_seconds: float | None = None,
     batch_size: int = 8,
     length_tolerance_s: float = 0.0,
@@ -786,10 +809,11 @@ def predict_files(
             raise ValueError(f"quantize={quantize} runs on the CPU only (device={device}): use device=cpu")
         device = "cpu"
 
+    check_windows(segment_seconds, hop_seconds, batch_size)
+    files = expand_inputs(inputs)  # a missing input is named before a released model is downloaded
     checkpoint = load_checkpoint(ckpt)
     model = apply_quantization(checkpoint.model, quantize)
     class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
-    files = expand_inputs(inputs)
     log.info("tagging %d files with %s", len(files), ckpt)
 
     sinks: list[PredictionSink] = []
@@ -864,7 +888,17 @@ def predict(cfg: DictConfig) -> list[Failure]:
     outputs = cfg.get("outputs", ["tags"])
     if isinstance(outputs, str):
         outputs = [outputs]
-    hop = cfg.get("hop_seconds")
+    if cfg.get("timeline") is not None:
+        raise ValueError(
+            "timeline= is gone: per-window tags are outputs=[tags,windows] with windows_output=FILE.csv, "
+            "their charts timeline_dir=FOLDER; segment_seconds/hop_seconds set the windows, and the clip "
+            "tags now combine them (docs/using_models.md, 'Streaming')"
+        )
+    if str(cfg.get("output")) == "-":
+        raise ValueError(
+            "output=-: this command logs to stdout too; for JSON lines on stdout use ced-predict --output -"
+        )
+    hop, segment = cfg.get("hop_seconds"), cfg.get("segment_seconds")
     return predict_files(
         cfg.ckpt,
         list(inputs or []),
@@ -875,7 +909,7 @@ def predict(cfg: DictConfig) -> list[Failure]:
         embeddings_output=cfg.get("embeddings_output"),
         embeddings_format=str(cfg.get("embeddings_format", "npy")),
         timeline_dir=cfg.get("timeline_dir"),
-        segment_seconds=float(cfg.get("segment_seconds", 10.0)),
+        segment_seconds=None if segment is None else float(segment),
         hop_seconds=None if hop is None else float(hop),
         batch_size=int(cfg.get("batch_size", 8)),
         length_tolerance_s=float(cfg.get("length_tolerance_s", 0.0)),
