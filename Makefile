@@ -21,7 +21,7 @@ format:
 	$(BIN)/ruff check --fix src tests bench
 
 demo:
-	$(BIN)/python -m ced_lightning.train experiment=ced_mini
+	$(BIN)/python -m ced_lightning.train experiment=student_demo
 
 bench:
 	$(BIN)/python -m bench.run $(BENCH_ARGS) && $(BIN)/python -m bench.readme
