@@ -211,9 +211,13 @@ def test_init_from_the_mae_name_accepts_its_extra_tensors(caches, reference_sd) 
         "outputlayer.1.bias",
     }
     assert torch.equal(student.patch_embed.proj.weight, reference_sd["patch_embed.proj.weight"])
-    # The same file by path is not known to carry extras: strict refuses it, naming them.
+    # The same file by path (the offline route the docs give: its released file name) is judged alike.
+    assert load_matching_weights(create_ced("ced_tiny", depth=2), path).unexpected_ok
+    # Under another name nothing says it carries extras: strict refuses it, naming them.
+    renamed = path.with_name("my_encoder.pt")
+    renamed.write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match=r"in the file, not in the model \(1\): decoder_pos_embed"):
-        load_matching_weights(create_ced("ced_tiny", depth=2), path)
+        load_matching_weights(create_ced("ced_tiny", depth=2), renamed)
 
 
 def test_init_from_matching_only_some_keys_fails_unless_not_strict(tmp_path, ced_reference) -> None:

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
-from ced_lightning.models.released import from_hub_layout, is_hub_layout, released_entry, resolve_checkpoint
+from ced_lightning.models.released import (
+    from_hub_layout,
+    is_hub_layout,
+    released_entry,
+    released_entry_by_filename,
+    resolve_checkpoint,
+)
 from ced_lightning.models.timm_mel import TimmMelClassifier
 
 log = logging.getLogger(__name__)
@@ -307,7 +313,8 @@ def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True)
             missing.append(key)
         else:
             mismatched.append(f"{key}: file {list(sd[key].shape)} vs model {list(tensor.shape)}")
-    entry = released_entry(path)
+    # A released file given by path (the offline route the docs name) is judged as by its name.
+    entry = released_entry(path) or released_entry_by_filename(path)
     report = InitReport(
         source=source,
         loaded=[k for k in own if k in usable],

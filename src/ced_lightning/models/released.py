@@ -113,6 +113,12 @@ def released_entry(name_or_path: str | PathLike) -> ReleasedWeights | None:
     return RELEASED.get(str(name_or_path)) if isinstance(name_or_path, str) else None
 
 
+def released_entry_by_filename(path: str | PathLike) -> ReleasedWeights | None:
+    """The registry entry whose released file `path` is, by its file name (as downloaded), or None."""
+    name = Path(os.fspath(path)).name
+    return next((entry for entry in RELEASED.values() if entry.filename == name), None)
+
+
 def resolve_checkpoint(name_or_path: str | PathLike) -> str:
     """A registered name -> the local path of its (cached, else downloaded) file; anything else unchanged."""
     entry = released_entry(name_or_path)
