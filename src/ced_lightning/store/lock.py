@@ -1,4 +1,5 @@
-"""One writer per store: `prepare` and `extract` hold `<store>.lock` while they create or resume a store.
+"""One writer per store: `prepare`, `extract` and `import_logits` hold `<store>.lock` while they create or
+resume a store.
 
 Two runs on the same new output used to race (one died with zarr's `ContainsArrayError`, and the `mode="w"`
 of one could empty the folder the other was writing). The lock is a marker file created with O_CREAT|O_EXCL
