@@ -118,3 +118,16 @@ def test_short_clip_rule_pads_at_the_end_to_one_window():
     mel = front_end(clip)
     assert mel.shape == (1, 64, front_end.num_frames(200)) == (1, 64, 4)
     assert torch.equal(mel, front_end(torch.nn.functional.pad(clip, (0, 312))))
+
+
+def test_resampled_length_is_torchaudios_cut() -> None:
+    """torchaudio cuts at the float32 ceiling of the rate ratio; an exact integer ceiling made some long
+    recordings decoded in blocks one sample longer than the same file decoded whole (4,194,307 frames at
+    44.1 kHz: 1,521,745 against 1,521,744)."""
+    import torchaudio
+
+    from ced_lightning.audio import resampled_length
+
+    for frames in (1, 441, 44_100, 4_194_307):
+        whole = torchaudio.functional.resample(torch.zeros(frames), 44_100, 16_000)
+        assert resampled_length(frames, 44_100) == whole.shape[-1], frames

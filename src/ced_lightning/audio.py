@@ -11,6 +11,7 @@ power of two.
 from __future__ import annotations
 
 import errno
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
@@ -106,7 +107,7 @@ def resample_stream(
             emitted += out.size
             yield out
             pending = pending[out.size // new * orig :]
-    target = -(-new * length // orig)  # ceil, as torchaudio cuts its output
+    target = resampled_length(length, orig, new)
     yield convolve(np.concatenate([pending, np.zeros(width + orig, np.float32)]))[: target - emitted]
 
 
@@ -116,8 +117,14 @@ def resample_blocks(blocks: Iterable[np.ndarray], orig_sr: int, sample_rate: int
 
 
 def resampled_length(frames: int, orig_sr: int, sample_rate: int = SAMPLE_RATE) -> int:
-    """Samples at `sample_rate` of `frames` at `orig_sr`, as `resample` cuts them (ceil of the ratio)."""
-    return frames if orig_sr == sample_rate else -(-sample_rate * frames // orig_sr)
+    """Samples at `sample_rate` of `frames` at `orig_sr`, exactly as torchaudio's `resample` cuts them: the
+    ceiling of the ratio of the gcd-reduced rates taken in float32 (an exact integer ceiling is one sample
+    longer for some long recordings, e.g. 4,194,307 frames at 44.1 kHz)."""
+    if orig_sr == sample_rate:
+        return frames
+    gcd = math.gcd(int(orig_sr), int(sample_rate))
+    new, orig = int(sample_rate) // gcd, int(orig_sr) // gcd
+    return int(torch.ceil(torch.as_tensor(new * frames / orig)).long())
 
 
 def check_openable(path: str | PathLike) -> None:
