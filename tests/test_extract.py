@@ -284,7 +284,7 @@ def test_two_extract_commands_on_one_new_output(reference: LogitStore, workdir: 
         assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
         said = second.stdout + second.stderr
         assert second.returncode == 1, said[-3000:]
-        assert f"being written by another extract run (pid {first.pid} on host" in said, said[-3000:]
+        assert f"being written by another run (pid {first.pid} on host" in said, said[-3000:]
         log, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:

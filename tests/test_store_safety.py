@@ -145,7 +145,7 @@ def test_two_prepare_commands_on_one_new_output(tmp_path: Path) -> None:
         assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
         assert second.returncode == 1, second.stdout + second.stderr
         said = second.stdout + second.stderr
-        assert f"is being written by another prepare run (pid {first.pid} on host" in said, said
+        assert f"is being written by another run (pid {first.pid} on host" in said, said
         assert "ContainsArrayError" not in said
         log, _ = first.communicate(timeout=120)
     finally:

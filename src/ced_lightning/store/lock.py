@@ -110,7 +110,8 @@ def _held_message(url: str, path: str, lock: filelock.MarkerSoftFileLock, comman
         since = "?"
     holder = f"pid {owner.pid} on host {owner.hostname}" if owner else "an unknown process"
     return (
-        f"{redact_url(url)} is being written by another {command} run ({holder}, since {since}; lock file "
+        # The holder may be another command (an import_logits run holding the output an extract names).
+        f"{command}: {redact_url(url)} is being written by another run ({holder}, since {since}; lock file "
         f"{path}). Wait for that run to end. If it is gone (a crashed run on another host: a dead run on "
         f"this host is detected and its lock taken over), delete {path} and run the command again."
     )
