@@ -18,13 +18,11 @@ any logit is stored (`evaluate.weak_teachers`) unless `allow_weak_teachers=true`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import hydra
 import numpy as np
 import torch
@@ -56,7 +54,7 @@ from ced_lightning.runtime import (
     quiet_non_zero_ranks,
     resolve_precision,
 )
-from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes
+from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
@@ -342,9 +340,7 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
             f"(bound {v['bound']:.2e}) -> {'OK' if v['ok'] else 'MISMATCH'}"
         )
     print("\n".join(lines))
-    fs, path = fsspec.core.url_to_fs(store.url)
-    with fs.open(f"{path.rstrip('/')}/{STATS_FILE}", "w") as handle:
-        json.dump(stats, handle, indent=2)
+    write_store_json(store.url, STATS_FILE, stats)
 
 
 @torch.no_grad()

@@ -13,13 +13,11 @@ source, audio store or quantization is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Any
 
-import fsspec
 import hydra
 import numpy as np
 from omegaconf import DictConfig
@@ -29,7 +27,7 @@ from ced_lightning.augment import AugmentParams
 from ced_lightning.labels import audioset_classes, resolve_class_names
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
 from ced_lightning.quantize import KINDS
-from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes
+from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.legacy import (
     ImportPlan,
@@ -246,9 +244,7 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
     ]
     lines += [f"  {key}: {value}" for key, value in stats.items()]
     print("\n".join(lines))
-    fs, path = fsspec.core.url_to_fs(store.url)
-    with fs.open(f"{path.rstrip('/')}/{STATS_FILE}", "w") as handle:
-        json.dump(stats, handle, indent=2)
+    write_store_json(store.url, STATS_FILE, stats)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="import_logits", version_base="1.3")

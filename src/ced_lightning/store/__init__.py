@@ -11,6 +11,7 @@ from ced_lightning.store.files import (
     remove_partial_writes,
     store_exists,
     store_nbytes,
+    write_store_json,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "remove_partial_writes",
     "store_exists",
     "store_nbytes",
+    "write_store_json",
 ]
 
 

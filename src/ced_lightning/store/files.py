@@ -107,3 +107,15 @@ def store_nbytes(url: str) -> int:
         return int(fs.du(path, total=True))
     except NotImplementedError:  # a file system that cannot list sizes (e.g. plain HTTP)
         return 0
+
+
+def write_store_json(url: str, name: str, value: Any) -> None:
+    """`value` as JSON in the file `name` inside the store at `url` (a command's figures kept with its
+    output, never beside it where a user's file may be)."""
+    import json
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(f"{path.rstrip('/')}/{name}", "w") as handle:
+        json.dump(value, handle, indent=2)
