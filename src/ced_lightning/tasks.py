@@ -98,6 +98,7 @@ def build_datamodule(cfg: DictConfig) -> LightningDataModule:
             train=data.train,
             logits=data.logits,
             consistent=cfg.distill.consistent,
+            inconsistent_shift=cfg.distill.get("inconsistent_shift", "fresh"),
             mixup=cfg.distill.mixup,
             with_labels=cfg.distill.label_weight > 0,
             **common,

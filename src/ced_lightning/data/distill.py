@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 _FRESH_SEED_OFFSET = 0x5EED_0F_57D
 
 
+def without_shift(params: AugmentParams) -> AugmentParams:
+    """`params` with every clip's time shift set to 0 (the other fields as they are)."""
+    return AugmentParams({**params.values, "shift": np.zeros_like(params.values["shift"])})
+
+
 class DistillBatchTransform:
     """Runs in DataLoader workers: adds each clip's stored top-k, augmentation parameters, mixup λ and labels.
 
@@ -41,6 +46,7 @@ class DistillBatchTransform:
         epoch: int,
         mixup: float | None = None,
         labels: np.ndarray | None = None,
+        fresh_shift: bool = True,
     ) -> None:
         self.topk_indices = topk_indices
         self.topk_probs = topk_probs
@@ -51,6 +57,7 @@ class DistillBatchTransform:
         self.epoch = epoch
         self.mixup = mixup or None
         self.labels = labels
+        self.fresh_shift = fresh_shift
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         index = batch["index"].numpy()
@@ -63,6 +70,8 @@ class DistillBatchTransform:
             params = sample_augment_params(
                 self.recipe, fresh_seed, self.epoch, index, batch["length"].numpy()
             )
+            if not self.fresh_shift:  # the paper's inconsistent teaching: fresh masks, the clip unshifted
+                params = without_shift(params)
         batch["augment"] = params.to_torch()
         if self.mixup:
             batch["mixup_lambda"] = torch.from_numpy(
@@ -95,6 +104,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         consistent: bool = True,
         mixup: float | None = None,
         with_labels: bool = False,
+        inconsistent_shift: str = "fresh",
     ) -> None:
         super().__init__()
         self.train_url, self.logits_url = str(train), str(logits)
@@ -104,6 +114,11 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.shuffle_window = shuffle_window
         self.seed = seed
         self.consistent = consistent
+        if inconsistent_shift not in ("fresh", "none"):
+            raise ValueError(
+                f"distill.inconsistent_shift must be 'fresh' or 'none', got {inconsistent_shift!r}"
+            )
+        self.inconsistent_shift = inconsistent_shift
         self.mixup = mixup or None
         self.with_labels = with_labels
         self.audio = AudioStore.open(self.train_url)
@@ -162,6 +177,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             epoch=epoch,
             mixup=self.mixup,
             labels=self.audio.label_matrix() if self.with_labels else None,
+            fresh_shift=self.inconsistent_shift == "fresh",
         )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = ClipBatchStream(
