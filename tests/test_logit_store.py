@@ -207,3 +207,74 @@ def test_memory_url_and_size(tmp_path: Path) -> None:
     assert LogitStore.open("memory://ced-test/logits.zarr").is_complete()
     assert store.nbytes_stored() > 0
     assert 0 < store.bytes_per_clip_epoch() < 200
+
+
+# --- segments: rows that are segments of clips ---------------------------------------------------------
+CLIP_LENGTHS = np.array([16000] * 20 + [5 * 16000 + 9000, 4000, 16000])  # clip 20: 5 s + a 0.56 s rest
+
+
+def test_store_of_segments_round_trip_and_positions(tmp_path: Path) -> None:
+    from ced_lightning.data.segments import segment_table
+
+    table = segment_table(CLIP_LENGTHS, 16000)
+    assert len(table) == N + 5  # clip 20 has 6 segments: 5 whole, the rest kept (>= half)
+    url = str(tmp_path / "segments.zarr")
+    store = LogitStore.create(url, **_settings(), segments=table)
+    assert len(store) == store.num_rows == N + 5 and store.num_clips == N and store.num_blocks == 4
+    assert store.block_range(3) == (24, 28)
+    rng = np.random.default_rng(0)
+    for b in range(store.num_blocks):
+        start, stop = store.block_range(b)
+        rows = np.arange(start, stop)
+        probs = rng.random((E, stop - start, K)).astype(np.float32)
+        indices = np.tile(np.arange(K), (E, stop - start, 1))
+        params = [
+            sample_augment_params(store.recipe, 3, e, rows, table.lengths(CLIP_LENGTHS)[rows])
+            for e in range(E)
+        ]
+        store.write_block(b, indices, probs, params)
+    reopened = LogitStore.open(url)
+    assert reopened.is_complete() and reopened.segment_samples == 16000
+    assert reopened.attrs["num_segments"] == N + 5 and reopened.attrs["num_clips"] == N
+    got = reopened.segments()
+    np.testing.assert_array_equal(got.clip, table.clip)
+    np.testing.assert_array_equal(got.start, table.start)
+    assert got.start[20:26].tolist() == [0, 16000, 32000, 48000, 64000, 80000]
+    group = zarr.open_group(url, mode="r")
+    assert group["segment_clip"].dtype == np.int32 and group["segment_start"].dtype == np.int64
+    assert reopened.read_epoch(1).indices.shape == (N + 5, K) and reopened.read(0, N + 4)[0].shape == (K,)
+    # The same extraction resumes; another segment length is another extraction.
+    assert LogitStore.create(url, **_settings(), segments=table).is_complete()
+    with pytest.raises(
+        ValueError, match=r"(?s)other settings:.*segment_samples: stored 16000, requested 8000"
+    ):
+        LogitStore.create(url, **_settings(), segments=segment_table(CLIP_LENGTHS, 8000))
+    # A store of one row per clip (as before segments) is not resumed as one of segments.
+    LogitStore.create(str(tmp_path / "plain.zarr"), **_settings())
+    with pytest.raises(ValueError, match=r"(?s)segment_samples: stored None, requested 16000"):
+        LogitStore.create(str(tmp_path / "plain.zarr"), **_settings(), segments=table)
+
+
+def test_clips_that_fit_one_segment_make_the_store_of_before(tmp_path: Path) -> None:
+    """A table of one segment per clip at the clip length is stored without positions: the same attributes
+    and arrays as a store made without segments, and that store reads as one segment per clip at 0."""
+    from ced_lightning.data.segments import segment_table
+
+    plain = LogitStore.create(str(tmp_path / "plain.zarr"), **_settings())
+    table = segment_table(np.full(N, 12000), 16000)
+    fits = LogitStore.create(str(tmp_path / "fits.zarr"), **_settings(), segments=table)
+    assert plain.attrs == fits.attrs and "segment_samples" not in fits.attrs
+    assert sorted(zarr.open_group(fits.url, mode="r").array_keys()) == sorted(
+        zarr.open_group(plain.url, mode="r").array_keys()
+    )
+    old = LogitStore.open(plain.url).segments()
+    assert old.clip.tolist() == list(range(N)) and (old.start == 0).all() and old.segment_samples == 16000
+
+
+def test_segments_longer_than_the_input_refused(tmp_path: Path) -> None:
+    from ced_lightning.data.segments import segment_table
+
+    with pytest.raises(ValueError, match="segment_seconds <= clip_seconds"):
+        LogitStore.create(
+            str(tmp_path / "s.zarr"), **_settings(), segments=segment_table(CLIP_LENGTHS, 32000)
+        )

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.augment import counter_uniform
+from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store import AudioStore
 
 Batch = dict[str, Any]
@@ -156,6 +157,11 @@ class ClipBatchStream(IterableDataset):
     (seed, epoch, clip) with `random_crop`), shorter ones zero-padded; `None` pads to the batch's longest.
     `transform(batch) -> batch` runs in the worker (targets, augmentation parameters). `keep` (bool per clip)
     leaves the other clips out of the epoch (`plan_epoch`).
+
+    With `segments` (a logit store's rows, `ced_lightning.data.segments`) the items are segments instead of
+    clips: `index` is the row, its samples are the row's segment of its clip (cut to `clip_samples`), and
+    `keep` is per row. Rows are planned in spans of the store's chunks as clips are (a clip's segments lie
+    side by side), so a long recording's segments spread over the epoch like other clips.
     """
 
     def __init__(
@@ -175,9 +181,15 @@ class ClipBatchStream(IterableDataset):
         transform: Callable[[Batch], Batch] | None = None,
         skip_batches: int = 0,
         keep: np.ndarray | None = None,
+        segments: SegmentTable | None = None,
     ) -> None:
         super().__init__()
         self.store = AudioStore.open(store) if isinstance(store, str) else store
+        if segments is not None and (random_crop or clip_samples is None):
+            raise ValueError(
+                "segments are read from their start at a fixed clip_samples, without random_crop"
+            )
+        self.segments = segments
         self.batch_size = batch_size
         self.epoch = epoch
         self.seed = seed
@@ -189,8 +201,11 @@ class ClipBatchStream(IterableDataset):
         # depends on it (windows are dealt to workers round robin).
         self.skip_workers: int | None = None
         self.rank, self.world_size = rank, world_size
+        chunk_spans = self.store.chunk_spans() if span_clips is None else None
+        if segments is not None and chunk_spans is not None:
+            chunk_spans = segments.row_bounds(chunk_spans)
         self.plan = plan_epoch(
-            len(self.store),
+            len(self.store) if segments is None else len(segments),
             batch_size,
             seed=seed,
             epoch=epoch,
@@ -200,11 +215,7 @@ class ClipBatchStream(IterableDataset):
             shuffle_window=shuffle_window,
             keep=keep,
             # Default: the store's chunks, one read each.
-            **(
-                {"span_bounds": self.store.chunk_spans()}
-                if span_clips is None
-                else {"span_clips": span_clips}
-            ),
+            **({"span_bounds": chunk_spans} if span_clips is None else {"span_clips": span_clips}),
         )
 
     def __len__(self) -> int:
@@ -260,7 +271,9 @@ class ClipBatchStream(IterableDataset):
         return None if self.random_crop or self.clip_samples is None else self.clip_samples
 
     def _read_window(self, indices: np.ndarray) -> dict[int, np.ndarray]:
-        """All clips of a window, one read per run of neighbouring clips."""
+        """All clips (or rows of `segments`) of a window, one read per run of neighbouring clips."""
+        if self.segments is not None:
+            return read_segments(self.store, self.segments, indices)
         ordered = np.sort(indices)
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         clips: dict[int, np.ndarray] = {}

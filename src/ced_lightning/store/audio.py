@@ -280,6 +280,16 @@ class AudioStore:
         clips = self._slice_clips(self.samples(first, last), first, start, stop)
         return clips if max_samples is None else [clip[:max_samples] for clip in clips]
 
+    def read_clip_range(self, i: int, begin: int, end: int) -> np.ndarray:
+        """Samples `[begin, end)` of clip `i` (int16, one read): the later segments of a long recording."""
+        i = self._check_index(int(i))
+        if not 0 <= begin <= end <= int(self.lengths[i]):
+            raise IndexError(
+                f"{self.url}: samples [{begin}, {end}) out of range for clip {i} of {int(self.lengths[i])}"
+            )
+        offset = int(self.offsets[i])
+        return self.samples(offset + begin, offset + end)
+
     def _slice_clips(self, flat: np.ndarray, first: int, start: int, stop: int) -> list[np.ndarray]:
         return [
             flat[int(a) - first : int(b) - first]

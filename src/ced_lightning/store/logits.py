@@ -12,6 +12,11 @@ Layout (documented for other tools in `docs/logit_store.md`):
                                      student leaves the others out of that epoch
     block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
                                         size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
+    segment_clip   int32   [N]       only in stores of segments (`segment_samples` attribute): the clip of
+    segment_start  int64   [N]       each row and its first sample (`ced_lightning.data.segments`); without
+                                     them row i is clip i from its start (N = num_clips)
+
+N is the number of rows: one per clip, or one per segment of a clip (attribute `num_segments`).
 
 Every data array is sharded by block: one shard holds all E epochs of `block_clips` consecutive clips, split
 into one inner chunk per epoch. A block is written by exactly one process in one call that covers whole
@@ -33,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe
+from ced_lightning.data.segments import SegmentTable
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.remote import redact_url
@@ -58,6 +64,7 @@ IDENTITY_KEYS: tuple[str, ...] = (
     "clip_samples",
     "block_clips",
     "teacher_precision",
+    "segment_samples",
 )
 
 # Optional [E, N] uint8 extra array: 1 where the (epoch, clip) has the teachers' top-k, 0 where it has none
@@ -128,11 +135,17 @@ class LogitStore:
         self.quantization: str = str(a["quantization"]["kind"])
         self.block_clips: int = int(a["block_clips"])
         self.num_clips: int = int(a["num_clips"])
+        # Rows: one per segment in a store of segments, else one per clip (every store before segments).
+        self.segment_samples: int | None = (
+            int(a["segment_samples"]) if a.get("segment_samples") is not None else None
+        )
+        self.num_rows: int = int(a["num_segments"]) if self.segment_samples is not None else self.num_clips
+        self._segments: SegmentTable | None = None
         self.teachers: list[dict[str, Any]] = list(a["teachers"])
         self.combine: str = str(a["combine"])
         # None: a store written before it was recorded (its blocks' codes still say how each was computed).
         self.teacher_precision: str | None = a.get("teacher_precision")
-        self.num_blocks: int = -(-self.num_clips // self.block_clips)
+        self.num_blocks: int = -(-self.num_rows // self.block_clips)
         self._fields = AugmentParams.fields(self.recipe)
         self.extra_arrays: dict[str, str] = dict(a.get("extra_arrays") or {})
 
@@ -159,6 +172,7 @@ class LogitStore:
         teacher_precision: str | None = None,
         extra_arrays: Mapping[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
+        segments: SegmentTable | None = None,
     ) -> LogitStore:
         """Create every array at full size, or reopen a store of the same extraction to resume it.
 
@@ -167,7 +181,9 @@ class LogitStore:
         `teacher_precision` (Lightning's name, e.g. `32-true`) is how the teachers compute; stores written
         before it was recorded resume at any precision (each block's `block_done` code records its own).
         `extra_arrays` (name -> dtype) adds `[E, N]` arrays that `write_block(extra=)` fills; `provenance`
-        is kept as a plain attribute (where the values came from).
+        is kept as a plain attribute (where the values came from). `segments` makes the rows segments of
+        the clips (`ced_lightning.data.segments`); a table of one segment per clip at 0 as long as
+        `clip_samples` is the layout of a store without it, and is stored as one (no position arrays).
         """
         url = str(url)
         if num_clips <= 0:
@@ -180,6 +196,17 @@ class LogitStore:
             raise ValueError(f"epochs ({epochs}) and block_clips ({block_clips}) must be >= 1")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        if segments is not None:
+            if segments.is_one_per_clip(num_clips) and segments.segment_samples == clip_samples:
+                segments = None  # the layout without positions: the store stays as it was before segments
+            elif segments.segment_samples > clip_samples:
+                raise ValueError(
+                    f"segments of {segments.segment_samples} samples do not fit the teachers' input of "
+                    f"{clip_samples} (clip_samples): choose segment_seconds <= clip_seconds"
+                )
+            elif len(segments) and (segments.clip.min() < 0 or segments.clip.max() >= num_clips):
+                raise ValueError(f"the segment table names clips outside 0..{num_clips - 1}")
+        num_rows = len(segments) if segments is not None else num_clips
         attrs = _jsonable(
             {
                 "format": FORMAT,
@@ -206,6 +233,11 @@ class LogitStore:
                 ),
                 **({"provenance": dict(provenance)} if provenance else {}),
                 **({"teacher_precision": str(teacher_precision)} if teacher_precision else {}),
+                **(
+                    {"segment_samples": int(segments.segment_samples), "num_segments": len(segments)}
+                    if segments is not None
+                    else {}
+                ),
             }
         )
         if store_exists(url) and not _interrupted_creation(url):
@@ -231,8 +263,8 @@ class LogitStore:
         check_free_for_store(url, "logit store", ours=True)  # a store here is our interrupted creation
         # Marked as ours and unfinished first, so that a run killed before the end can recreate it.
         group = zarr.open_group(url, mode="w", zarr_format=3, attributes={"format": FORMAT, _CREATING: True})
-        shape = (epochs, num_clips)
-        blocks = -(-num_clips // block_clips)
+        shape = (epochs, num_rows)
+        blocks = -(-num_rows // block_clips)
 
         def add_array(name: str, dtype: np.dtype, row: tuple[int, ...]) -> None:
             dtype = np.dtype(dtype)
@@ -264,6 +296,15 @@ class LogitStore:
             fill_value=0,
             dimension_names=("block",),
         )
+        if segments is not None:  # written once, here: every rank reads the positions from the store
+            for name, values in (("segment_clip", segments.clip), ("segment_start", segments.start)):
+                group.create_array(
+                    name,
+                    data=np.ascontiguousarray(values, dtype=np.int32 if name == "segment_clip" else np.int64),
+                    chunks=(max(1, min(num_rows, 64 * block_clips)),),
+                    compressors=_compressors(4 if name == "segment_clip" else 8),
+                    dimension_names=("clip",),
+                )
         # Attributes last, in one write that also drops the creation mark.
         group.attrs.put(attrs)
         return cls(zarr.open_group(url, mode="r+", zarr_format=3), url)
@@ -302,21 +343,36 @@ class LogitStore:
 
     # ----------------------------------------------------------------------------------------------- blocks
     def __len__(self) -> int:
-        return self.num_clips
+        """Rows: segments in a store of segments, else clips."""
+        return self.num_rows
+
+    def segments(self) -> SegmentTable:
+        """Row -> (clip, start sample): the stored positions, or one row per clip at 0 (stores without)."""
+        if self._segments is None:
+            if self.segment_samples is None:
+                self._segments = SegmentTable.one_per_clip(self.num_clips, self.clip_samples)
+            else:
+                self._segments = SegmentTable(
+                    np.asarray(self._group["segment_clip"][:], dtype=np.int32),
+                    np.asarray(self._group["segment_start"][:], dtype=np.int64),
+                    self.segment_samples,
+                )
+        return self._segments
 
     def __repr__(self) -> str:
+        rows = f", segments={self.num_rows}" if self.segment_samples is not None else ""
         return (
-            f"LogitStore({self.url!r}, clips={self.num_clips}, epochs={self.epochs}, topk={self.topk}, "
+            f"LogitStore({self.url!r}, clips={self.num_clips}{rows}, epochs={self.epochs}, topk={self.topk}, "
             f"quantization={self.quantization}, blocks done={self.num_blocks - len(self.missing_blocks())}/"
             f"{self.num_blocks})"
         )
 
     def block_range(self, b: int) -> tuple[int, int]:
-        """Clips `[start, stop)` of block `b`."""
+        """Rows `[start, stop)` of block `b`."""
         if not 0 <= b < self.num_blocks:
             raise IndexError(f"block {b} out of range: the store has {self.num_blocks} blocks")
         start = b * self.block_clips
-        return start, min(start + self.block_clips, self.num_clips)
+        return start, min(start + self.block_clips, self.num_rows)
 
     def done_mask(self) -> np.ndarray:
         return self.block_codes() > 0
@@ -404,13 +460,13 @@ class LogitStore:
             raise IndexError(f"epoch {epoch} out of range: {self.url} holds epochs 0..{self.epochs - 1}")
 
     def read(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray, AugmentParams]:
-        """Clip `i` of augmentation epoch `epoch`: (class indices int64 [k], probs float32 [k], params)."""
+        """Row `i` of augmentation epoch `epoch`: (class indices int64 [k], probs float32 [k], params)."""
         self._check_epoch(epoch)
-        if not 0 <= i < self.num_clips:
-            raise IndexError(f"clip {i} out of range: {self.url} holds {self.num_clips} clips")
+        if not 0 <= i < self.num_rows:
+            raise IndexError(f"row {i} out of range: {self.url} holds {self.num_rows} rows")
         block = i // self.block_clips
         if not self._group["block_done"][block]:
-            raise ValueError(f"{self.url}: clip {i} lies in block {block}, which is not extracted yet")
+            raise ValueError(f"{self.url}: row {i} lies in block {block}, which is not extracted yet")
         indices = np.asarray(self._group["topk_indices"][epoch, i]).astype(np.int64)
         probs = dequantize(self._group["topk_values"][epoch, i], self.quantization)
         params = AugmentParams(
@@ -449,7 +505,8 @@ class LogitStore:
         return store_nbytes(self.url)
 
     def bytes_per_clip_epoch(self) -> float:
-        """Stored bytes per (clip, epoch) of the data arrays (metadata and completion flags excluded)."""
+        """Stored bytes per (row, epoch) of the data arrays (metadata, positions and completion flags
+        excluded); a row is a segment in a store of segments."""
         fs, path = fsspec.core.url_to_fs(self.url)
         root = path.rstrip("/")
         data = 0
@@ -461,7 +518,7 @@ class LogitStore:
         ):
             if fs.exists(f"{root}/{name}/c"):
                 data += int(fs.du(f"{root}/{name}/c", total=True))
-        return data / (self.num_clips * self.epochs)
+        return data / (self.num_rows * self.epochs)
 
 
 def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
