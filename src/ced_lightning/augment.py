@@ -14,7 +14,7 @@ front ends (128 bins, another hop) mask the same part of the sound.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from functools import lru_cache
 from typing import Any
@@ -111,14 +111,53 @@ class AugmentRecipe:
 
     @classmethod
     def from_config(cls, cfg: Any) -> AugmentRecipe:
-        """From the Hydra `augment` group node (DictConfig or dict); `_target_` and `name` are ignored."""
+        """From the Hydra `augment` group node (DictConfig or dict), as written: its sizes unscaled (see
+        `for_clip`); `_target_`, `name` and the scaling switches are not recipe fields."""
         if cfg is None:
             return cls()
-        if not isinstance(cfg, Mapping):
-            from omegaconf import OmegaConf
+        return cls.from_dict({k: v for k, v in _plain(cfg).items() if k not in _CONFIG_ONLY_KEYS})
 
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        return cls.from_dict({k: v for k, v in dict(cfg).items() if k not in ("_target_", "name")})
+    @classmethod
+    def for_clip(cls, cfg: Any, clip_seconds: float) -> AugmentRecipe:
+        """The recipe a run on clips of `clip_seconds` applies: the `augment` group's, with its time sizes
+        scaled to the clip (`scale_to_clip`) unless the group says `scale_to_clip: false` (absolute sizes)."""
+        recipe = cls.from_config(cfg)
+        plain = _plain(cfg) if cfg is not None else {}
+        if not plain.get("scale_to_clip", True):
+            return recipe
+        reference = float(plain.get("reference_seconds", REFERENCE_CLIP_SECONDS))
+        return scale_to_clip(recipe, clip_seconds, reference)
+
+
+# The paper's recipe is sized for AudioSet's 10 s clips (a time mask of up to 192 of 1000 frames).
+REFERENCE_CLIP_SECONDS = 10.0
+# Keys of the `augment` group that say how to size the recipe; not fields of it (nor of a logit store's).
+_CONFIG_ONLY_KEYS = ("_target_", "name", "scale_to_clip", "reference_seconds")
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if not isinstance(cfg, Mapping):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def scale_to_clip(
+    recipe: AugmentRecipe, clip_seconds: float, reference_seconds: float = REFERENCE_CLIP_SECONDS
+) -> AugmentRecipe:
+    """The one rule that sizes a recipe for clips of `clip_seconds`: its time sizes are for clips of
+    `reference_seconds` and keep their share of the clip, so a 4 s clip gets 4/10 of the paper's 192-frame
+    time mask (77 frames), rounded half to even to whole frames (at most 255: the stores' uint8). The shift
+    needs no scaling (`shift_max` is already a fraction of each clip's own length), nor do frequency masks and
+    gain (no time extent)."""
+    if clip_seconds <= 0 or reference_seconds <= 0:
+        raise ValueError(
+            f"scaling augment to the clip needs clip_seconds > 0 and augment.reference_seconds > 0, got "
+            f"{clip_seconds} and {reference_seconds}"
+        )
+    frames = round(recipe.time_mask_frames * float(clip_seconds) / float(reference_seconds))
+    return replace(recipe, time_mask_frames=min(frames, int(np.iinfo(np.uint8).max)))
 
 
 class AugmentParams:

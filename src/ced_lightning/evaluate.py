@@ -314,10 +314,11 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """`python -m ced_lightning.evaluate` on a composed config: one checkpoint (`ckpt=`) or a teacher set
     (`teacher=NAME`); prints the summary (or the teacher table) and returns the result."""
     teacher_cfg = cfg.get("teacher")
-    if OmegaConf.is_missing(cfg, "store") or not cfg.get("store"):
+    # "???": also the default's value without a data group (`${oc.select:data.test,???}`).
+    if OmegaConf.is_missing(cfg, "store") or cfg.get("store") in (None, "", "???"):
         raise ValueError(
             "store= is required: python -m ced_lightning.evaluate ckpt=PATH store=STORE "
-            "(or teacher=NAME store=STORE for a teacher set)"
+            "(or teacher=NAME store=STORE for a teacher set, or data=custom data.root=DIR for its test store)"
         )
     if bool(cfg.get("ckpt")) == bool(teacher_cfg):
         raise ValueError(

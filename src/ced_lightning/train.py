@@ -31,7 +31,13 @@ from ced_lightning.runtime import (
     quiet_non_zero_ranks,
     test_checkpoint,
 )
-from ced_lightning.tasks import build_datamodule, build_module, ensure_inputs
+from ced_lightning.tasks import (
+    build_datamodule,
+    build_module,
+    ensure_inputs,
+    record_resolved,
+    resolved_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         continue_in_checkpoint_folder(callbacks, cfg.get("ckpt_path"))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers)
-    log_hyperparameters(cfg, module, trainer)
+    # The saved configs say what the run uses (a student's clip length and recipe come from its logit store).
+    log_hyperparameters(record_resolved(cfg, resolved_values(cfg, datamodule, module)), module, trainer)
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ced_lightning.audio import SAMPLE_RATE, pack_clips
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.store import AudioStore
+from ced_lightning.store.concat import open_audio, store_urls
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
 
     def __init__(
         self,
-        train: str | None = None,
+        train: str | Sequence[str] | None = None,
         val: str | Sequence[str] | None = None,
         test: str | Sequence[str] | None = None,
         batch_size: int = 32,
@@ -125,7 +126,8 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         clip_seconds: float | None = 10.0,
     ) -> None:
         super().__init__()
-        self.train_url = str(train) if train else None
+        # `train`: one audio store, or a list read as one (`store.concat`).
+        self.train_url = " + ".join(store_urls(train)) if train else None
         self.val_urls, self.test_urls = _as_list(val), _as_list(test)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -135,7 +137,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.shuffle_window = shuffle_window
         self.seed = seed
         self.clip_samples = round(clip_seconds * SAMPLE_RATE) if clip_seconds else None
-        self.train_store = AudioStore.open(self.train_url) if self.train_url else None
+        self.train_store = open_audio(train) if train else None
         self.val_stores = [AudioStore.open(u) for u in self.val_urls]
         self.test_stores = [AudioStore.open(u) for u in self.test_urls]
         self._check_classes()

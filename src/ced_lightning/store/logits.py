@@ -131,6 +131,9 @@ class LogitStore:
         self.seed: int | None = int(a["seed"]) if a.get("seed") is not None else None
         self.audio_fingerprint: str = str(a["audio_fingerprint"])
         self.audio_url: str = str(a.get("audio_store", ""))
+        # Extracted over a list of audio stores read as one (`store.concat`): each one's URL, fingerprint and
+        # clip count; None for a single store.
+        self.audio_sources: list[dict[str, Any]] | None = a.get("audio_sources")
         self.clip_samples: int = int(a["clip_samples"])
         self.quantization: str = str(a["quantization"]["kind"])
         self.block_clips: int = int(a["block_clips"])
@@ -173,6 +176,7 @@ class LogitStore:
         extra_arrays: Mapping[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
         segments: SegmentTable | None = None,
+        audio_sources: Sequence[Mapping[str, Any]] | None = None,
     ) -> LogitStore:
         """Create every array at full size, or reopen a store of the same extraction to resume it.
 
@@ -233,6 +237,8 @@ class LogitStore:
                 ),
                 **({"provenance": dict(provenance)} if provenance else {}),
                 **({"teacher_precision": str(teacher_precision)} if teacher_precision else {}),
+                # The members of a list of audio stores (their combined fingerprint is audio_fingerprint).
+                **({"audio_sources": [dict(s) for s in audio_sources]} if audio_sources else {}),
                 **(
                     {"segment_samples": int(segments.segment_samples), "num_segments": len(segments)}
                     if segments is not None

@@ -1,0 +1,330 @@
+"""Your own data, first class (issue 16): `data=custom` with train, extract, evaluate and multirun; masks
+scaled to the clip length; saved configs that say what the run used; labeled and unlabeled stores read as
+one without copying. Stores of 4 s clips from the project's generator; tiny untrained models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ced_lightning import conf_dir
+from ced_lightning.augment import AugmentRecipe, scale_to_clip
+from ced_lightning.data.demo import DEMO_CLASSES, build_demo_stores, generate_demo_clip
+from ced_lightning.models import create_ced, save_ced
+from ced_lightning.store import AudioStore, LogitStore
+from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.concat import ConcatAudioStore, open_audio
+
+CLIP_SECONDS = 4.0
+
+
+def _compose(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def _write_unlabeled(url: str, count: int, seed: int = 7) -> AudioStore:
+    """A pool of unlabeled 4 s clips (as `prepare` writes a folder without labels: no class list)."""
+    clips = (
+        (f"pool_{i:04d}", generate_demo_clip(seed, 10_000 + i, CLIP_SECONDS)[0], None) for i in range(count)
+    )
+    return write_audio_store(url, clips, source="test-pool")
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory) -> dict[str, str]:
+    """A folder of one's own stores: labeled train/val/test and an unlabeled pool (4 s clips), one teacher."""
+    root = tmp_path_factory.mktemp("own")
+    stores = build_demo_stores(str(root), seed=3, train=12, val=8, test=8, clip_seconds=CLIP_SECONDS)
+    unlabeled = str(root / "unlabeled.zarr")
+    _write_unlabeled(unlabeled, 6)
+    teacher = root / "teacher.pt"
+    torch.manual_seed(0)
+    save_ced(create_ced("ced_tiny", depth=1, num_classes=len(DEMO_CLASSES)), teacher)
+    return {**stores, "unlabeled": unlabeled, "root": str(root), "teacher": str(teacher)}
+
+
+def _pool(own: dict[str, str]) -> str:
+    return f"data.stores.distill=[{own['train']},{own['unlabeled']}]"
+
+
+def _extract_overrides(own: dict[str, str], *extra: str, pool: str | None = None) -> list[str]:
+    return [
+        "data=custom",
+        f"data.root={own['root']}",
+        f"data.clip_seconds={CLIP_SECONDS}",
+        pool or _pool(own),
+        "teacher=ced",
+        f"teacher.checkpoints=[{own['teacher']}]",
+        "epochs=1",
+        "topk=4",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "num_workers=0",
+        "allow_weak_teachers=true",  # an untrained teacher: the check runs, the store is made anyway
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def logits(own: dict[str, str], tmp_path_factory) -> str:
+    """The teacher's logit store over [train, unlabeled], made by `extract` from `data=custom` alone."""
+    from ced_lightning.extract import run_extract
+
+    cfg = _compose(_extract_overrides(own), tmp_path_factory.mktemp("extract_run"), config="extract")
+    assert cfg.output == f"{own['root']}/logits.zarr" and cfg.teacher_check.store == own["val"]
+    return str(run_extract(cfg).url)
+
+
+def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
+    return [
+        "experiment=ced_tiny",
+        "+model.depth=1",
+        "data=custom",
+        f"data.root={own['root']}",
+        _pool(own),
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.num_workers=0",
+        "trainer=cpu",
+        "logger=csv",
+        "callbacks.progress_bar=null",
+        *extra,
+    ]
+
+
+# -- data=custom ---------------------------------------------------------------------------------------
+
+
+def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
+    from ced_lightning.tasks import ensure_inputs
+    from ced_lightning.train import entry_point, train
+
+    cfg = _compose(["data=custom", f"data.root={tmp_path}", "task=supervised"])
+    assert entry_point(cfg) is train  # no demo layer: nothing is generated or trained on its own
+    with pytest.raises(
+        FileNotFoundError, match=r"^data\.train: no store at .*train\.zarr.*ced_lightning\.prepare"
+    ):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []
+    # Each member of a list of training stores by its place in the list.
+    cfg = _compose(
+        ["data=custom", f"data.root={tmp_path}", f"data.stores.distill=[{tmp_path}/a.zarr,{tmp_path}/b.zarr]"]
+    )
+    with pytest.raises(FileNotFoundError, match=r"^data\.train\[0\]: no store at .*a\.zarr"):
+        ensure_inputs(cfg)
+    for schedule_key in ("max_epochs", "epoch_length", "warmup_steps", "val_every", "patience", "mixup"):
+        assert schedule_key in cfg.data.schedule
+    assert "entry" not in cfg.data
+
+
+ONE_EPOCH = [
+    "debug=limit",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+]
+
+
+def test_custom_data_trains_a_teacher_and_records_its_scaled_recipe(
+    own: dict[str, str], tmp_path: Path
+) -> None:
+    from ced_lightning.train import train
+
+    out = tmp_path / "teacher"
+    cfg = _compose(
+        _train_overrides(own, "task=supervised", *ONE_EPOCH, f"data.clip_seconds={CLIP_SECONDS}"), out
+    )
+    assert "test/mAP" in train(cfg)
+    hparams = yaml.safe_load((out / "csv" / "hparams.yaml").read_text())
+    assert hparams["augment"]["time_mask_frames"] == 77 and hparams["data"]["clip_seconds"] == CLIP_SECONDS
+
+
+def test_custom_data_distils_a_student_and_records_what_it_used(
+    own: dict[str, str], logits: str, tmp_path: Path
+) -> None:
+    """The data group says 2 s (the augment group 192 frames, scaled); the student trains on the logit store's
+    4 s clips and replays its 77-frame recipe: its saved configs say so."""
+    from ced_lightning.train import train
+
+    out = tmp_path / "student"
+    cfg = _compose(_train_overrides(own, *ONE_EPOCH, "data.clip_seconds=2.0"), out)
+    with read_write(cfg.hydra.runtime):  # as in a real run: Hydra's record of the config in the run folder
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig().set_config(cfg)
+    (out / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), out / ".hydra" / "config.yaml"
+    )
+    assert "test/mAP" in train(cfg)
+    hparams = yaml.safe_load((out / "csv" / "hparams.yaml").read_text())
+    assert hparams["data"]["clip_seconds"] == CLIP_SECONDS
+    assert hparams["augment"]["time_mask_frames"] == 77 and hparams["augment"]["scale_to_clip"] is False
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert saved.data.clip_seconds == CLIP_SECONDS and saved.augment.time_mask_frames == 77
+    # The recorded recipe, read as a config again, is the one applied (absolute sizes, not scaled twice).
+    assert AugmentRecipe.for_clip(saved.augment, CLIP_SECONDS) == LogitStore.open(logits).recipe
+
+
+def test_custom_data_evaluates_a_checkpoint_and_a_teacher_set(own: dict[str, str]) -> None:
+    from ced_lightning.evaluate import run_evaluate
+
+    # The test store of data=custom by default.
+    cfg = _compose(
+        ["data=custom", f"data.root={own['root']}", f"ckpt={own['teacher']}", "output_dir=null"],
+        config="evaluate",
+    )
+    assert cfg.store == own["test"]
+    assert 0.0 <= run_evaluate(cfg)["mAP"] <= 1.0
+    cfg = _compose(
+        [
+            "data=custom",
+            f"data.root={own['root']}",
+            "teacher=ced",
+            f"teacher.checkpoints=[{own['teacher']}]",
+            "output_dir=null",
+        ],
+        config="evaluate",
+    )
+    assert "ensemble" in run_evaluate(cfg)
+
+
+def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) -> None:
+    args = [
+        "-m",
+        *_train_overrides(own, "debug=fdr", "test=false", f"paths.log_dir={tmp_path / 'logs'}"),
+        "seed=1,2",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ced_lightning.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+
+
+# -- masks scaled to the clip length ---------------------------------------------------------------------
+
+
+def test_time_masks_scale_with_the_clip_length_by_default() -> None:
+    ced = _compose([]).augment
+    assert AugmentRecipe.for_clip(ced, 10.0) == AugmentRecipe()  # the paper's sizes at 10 s
+    assert AugmentRecipe.for_clip(ced, 4.0).time_mask_frames == 77  # 4/10 of 192
+    assert AugmentRecipe.for_clip(ced, 2.0).time_mask_frames == 38
+    assert AugmentRecipe.for_clip(ced, 30.0).time_mask_frames == 255  # the stores' uint8 bound
+    # Absolute sizes: the switch.
+    absolute = _compose(["augment.scale_to_clip=false"]).augment
+    assert AugmentRecipe.for_clip(absolute, 4.0).time_mask_frames == 192
+    # Shift, frequency masks and gain have no time extent to scale (shift_max is a fraction of the clip).
+    scaled = scale_to_clip(AugmentRecipe(gain_db=3.0), 4.0)
+    assert (scaled.shift_max, scaled.freq_mask_bins, scaled.gain_db) == (0.5, 24, 3.0)
+    assert AugmentRecipe.for_clip(_compose(["augment=none"]).augment, 4.0) == AugmentRecipe.from_config(
+        _compose(["augment=none"]).augment
+    )
+
+
+def test_the_demo_keeps_its_recipe() -> None:
+    """The demo's explicit 40 frames stay absolute: its stores and numbers do not move."""
+    cfg = _compose(["data=demo"])
+    overrides = list(cfg.data.augment_overrides)
+    extract = _compose([*overrides, "output=x"], config="extract")
+    assert AugmentRecipe.for_clip(extract.augment, float(cfg.data.clip_seconds)).time_mask_frames == 40
+    teacher = _compose(["experiment=teacher_demo_ced", *overrides])
+    assert AugmentRecipe.for_clip(teacher.augment, float(teacher.data.clip_seconds)).time_mask_frames == 40
+
+
+def test_extraction_and_teachers_apply_the_scaled_masks(own: dict[str, str], logits: str) -> None:
+    from ced_lightning.tasks import build_datamodule, build_module
+
+    assert LogitStore.open(logits).recipe.time_mask_frames == 77
+    cfg = _compose(_train_overrides(own, "task=supervised", f"data.clip_seconds={CLIP_SECONDS}"))
+    module = build_module(cfg, build_datamodule(cfg))
+    assert module.recipe.time_mask_frames == 77
+
+
+# -- several stores read as one ------------------------------------------------------------------------------
+
+
+def test_concat_view_reads_its_members_in_order(own: dict[str, str]) -> None:
+    train, pool = AudioStore.open(own["train"]), AudioStore.open(own["unlabeled"])
+    view = open_audio([own["train"], own["unlabeled"]])
+    assert isinstance(view, ConcatAudioStore) and len(view) == len(train) + len(pool)
+    assert isinstance(open_audio([own["train"]]), AudioStore)  # a list of one is that store
+    n = len(train)
+    np.testing.assert_array_equal(view.lengths, np.concatenate([train.lengths, pool.lengths]))
+    both = view.read_clips(n - 2, n + 2, max_samples=1000)
+    expected = [*train.read_clips(n - 2, n, max_samples=1000), *pool.read_clips(0, 2, max_samples=1000)]
+    for got, want in zip(both, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(view.read_samples(n + 1), pool.read_samples(1))
+    np.testing.assert_array_equal(view.read_clip_range(n, 100, 900), pool.read_samples(0)[100:900])
+    spans = view.chunk_spans()
+    assert spans[0] == 0 and spans[-1] == len(view) and n in spans  # no span crosses stores
+    labels = view.label_matrix()
+    np.testing.assert_array_equal(labels[:n], train.label_matrix())
+    assert not labels[n:].any() and view.num_classes == train.num_classes and view.has_labels
+    assert view.fingerprint not in (train.fingerprint, pool.fingerprint)
+    # Another class list cannot join.
+    with pytest.raises(ValueError, match="another class list"):
+        ConcatAudioStore([train, _other_classes(Path(own["root"]) / "other.zarr")])
+
+
+def _other_classes(url: Path) -> AudioStore:
+    clip = generate_demo_clip(0, 0, 1.0)[0]
+    return write_audio_store(str(url), [("x", clip, [0])], class_names=["a", "b"], source="other")
+
+
+def test_logit_store_over_a_list_records_its_sources_and_refuses_another_list(
+    own: dict[str, str], logits: str
+) -> None:
+    from ced_lightning.data.distill import DistillDataModule
+
+    store = LogitStore.open(logits)
+    train, pool = AudioStore.open(own["train"]), AudioStore.open(own["unlabeled"])
+    assert store.num_clips == len(train) + len(pool)
+    assert [(s["fingerprint"], s["num_clips"]) for s in store.audio_sources] == [
+        (train.fingerprint, len(train)),
+        (pool.fingerprint, len(pool)),
+    ]
+    data = DistillDataModule(train=[own["train"], own["unlabeled"]], logits=logits, num_workers=0)
+    assert len(data.audio) == store.num_clips
+    with pytest.raises(ValueError, match=r"made over 2 audio stores .*, not 1\)"):
+        DistillDataModule(train=[own["train"]], logits=logits, num_workers=0)
+    other = r"audio store 2 of 2 differs: .*unlabeled\.zarr.*'audio_store=\[.*val\.zarr\]'"
+    with pytest.raises(ValueError, match=other):
+        DistillDataModule(train=[own["train"], own["val"]], logits=logits, num_workers=0)
+
+
+def test_extract_resumes_a_list_and_refuses_another(own: dict[str, str], logits: str, tmp_path: Path) -> None:
+    from ced_lightning.extract import run_extract
+
+    again = run_extract(_compose(_extract_overrides(own), tmp_path, config="extract"))  # complete: resumes
+    assert again.audio_fingerprint == LogitStore.open(logits).audio_fingerprint
+    pool = f"data.stores.distill=[{own['train']},{own['val']}]"
+    other = _compose(_extract_overrides(own, pool=pool), tmp_path, config="extract")
+    with pytest.raises(ValueError, match="audio_fingerprint"):
+        run_extract(other)
