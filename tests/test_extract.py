@@ -506,3 +506,208 @@ def test_credentials_in_urls_stay_out_of_the_store(workdir: Path) -> None:
     assert store.attrs["audio_store"] == "memory://***@bucket/small_audio.zarr"
     assert store.teachers[0]["checkpoint"] == "memory://creds/ced_tiny.pt?token=***"
     assert secret not in (out / "zarr.json").read_text() + (out / "extract_stats.json").read_text()
+
+
+# --- segments: long recordings teach on all their audio --------------------------------------------------
+# Seconds per clip and (clip_seconds=1) segments: 3.7 s -> 4 (the 0.7 s rest kept), 2.4 s -> 2 (0.4 s left
+# out), 1.6 s -> 2, 5 s -> 5; the rest one each. 18 rows over 9 clips: 3 blocks of 8.
+LONG_SECONDS = [1.0, 3.7, 0.3, 2.4, 1.0, 5.0, 0.8, 1.6, 1.0]
+LONG_STARTS = [[0], [0, 1, 2, 3], [0], [0, 1], [0], [0, 1, 2, 3, 4], [0], [0, 1], [0]]
+
+
+@pytest.fixture(scope="module")
+def long_audio(workdir: Path) -> str:
+    rng = np.random.default_rng(1)
+    clips = []
+    for i, seconds in enumerate(LONG_SECONDS):
+        samples = round(16000 * seconds)
+        t = np.arange(samples) / 16000
+        # The pitch rises through the clip: every segment of a long clip sounds different.
+        wave = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * t * (1 + t / 4)) + 0.05 * rng.standard_normal(
+            samples
+        )
+        clips.append((f"long{i}", wave.astype(np.float32), [i % C]))
+    url = workdir / "long_audio.zarr"
+    write_audio_store(url, clips, class_names=CLASSES)
+    return str(url)
+
+
+@pytest.fixture(scope="module")
+def segment_reference(workdir: Path, long_audio: str, one_thread: None) -> LogitStore:
+    from ced_lightning.extract import run_extract
+
+    return run_extract(
+        _cfg(workdir, str(workdir / "segments.zarr"), f"audio_store={long_audio}", "verify=36")
+    )
+
+
+def _assert_same_segments(a: str, b: str) -> None:
+    _assert_same_store(a, b)
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    for name in ("segment_clip", "segment_start"):
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+    assert ga.attrs["segment_samples"] == gb.attrs["segment_samples"]
+
+
+def test_long_clips_extract_every_segment(
+    segment_reference: LogitStore, workdir: Path, long_audio: str
+) -> None:
+    """Every segment of every clip is a row (the last partial one when at least half a segment), each row's
+    teachers' probabilities are those of its own stretch of audio, and the figures count segments."""
+    from ced_lightning.extract import load_teachers
+    from ced_lightning.modules.ensemble import ensemble_probabilities
+    from ced_lightning.store.audio import AudioStore
+
+    store = LogitStore.open(segment_reference.url)
+    rows = [(c, 16000 * s) for c, starts in enumerate(LONG_STARTS) for s in starts]
+    assert store.is_complete() and len(store) == len(rows) == 18 and store.num_clips == 9
+    assert store.segment_samples == 16000 and store.num_blocks == 3
+    table = store.segments()
+    assert list(zip(table.clip.tolist(), table.start.tolist(), strict=True)) == rows
+    stats = json.loads((Path(segment_reference.url) / "extract_stats.json").read_text())
+    assert stats["verify"]["ok"] and stats["verify"]["samples"] == 36  # every (epoch, row) replayed
+    assert stats["num_clips"] == stats["clips_extracted"] == 9
+    assert stats["num_segments"] == stats["segments_extracted"] == 18 and stats["segment_seconds"] == 1.0
+
+    # Independently of the store's read path: row 10 is the 5 s clip's second segment (1 s to 2 s).
+    audio = AudioStore.open(long_audio)
+    teachers, _, _ = load_teachers(_cfg(workdir, store.url).teacher)
+    row = 10
+    assert (int(table.clip[row]), int(table.start[row])) == (5, 16000)
+    wave = torch.from_numpy(audio.read_samples(5)[16000:32000].astype(np.float32) / 32768.0)[None]
+    for epoch in range(E):
+        classes, stored, params = store.read(epoch, row)
+        with torch.no_grad():
+            probs = ensemble_probabilities(
+                teachers,
+                wave,
+                torch.tensor([16000]),
+                params,
+                store.recipe,
+                store.combine,
+            )[0].numpy()
+        assert np.abs(probs[classes] - stored).max() < 1e-3
+    # Other stretches of the same clip give other targets.
+    assert not np.array_equal(store.read(0, 9)[1], store.read(0, 10)[1])
+
+
+def test_clips_that_fit_one_segment_store_no_positions(reference: LogitStore) -> None:
+    """The stores of before: clips that fit one segment give one row per clip and no position arrays (the
+    demo's stores are unchanged), and such a store reads as one segment per clip at 0."""
+    group = zarr.open_group(reference.url, mode="r")
+    assert "segment_clip" not in group and "segment_samples" not in group.attrs
+    table = LogitStore.open(reference.url).segments()
+    assert table.clip.tolist() == list(range(N_CLIPS)) and (table.start == 0).all()
+
+
+def test_segment_store_resume_after_interruption_equals_uninterrupted(
+    segment_reference: LogitStore, workdir: Path, long_audio: str
+) -> None:
+    from ced_lightning.extract import run_extract
+
+    out = str(workdir / "segments_resumed.zarr")
+    partial = run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "limit_blocks=1"))
+    assert partial.missing_blocks() == [1, 2]
+    run_extract(_cfg(workdir, out, f"audio_store={long_audio}"))
+    _assert_same_segments(segment_reference.url, out)
+    # Another segment length is another extraction.
+    with pytest.raises(
+        ValueError, match=r"(?s)other settings:.*segment_samples: stored 16000, requested 8000"
+    ):
+        run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "segment_seconds=0.5"))
+    with pytest.raises(ValueError, match="segment_seconds must be > 0 and at most clip_seconds"):
+        run_extract(
+            _cfg(workdir, str(workdir / "too_long.zarr"), f"audio_store={long_audio}", "segment_seconds=2")
+        )
+
+
+def test_store_begun_before_segments_resumes_its_own_layout(
+    workdir: Path, long_audio: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial store of long clips begun before segments (one row per clip, no positions) is finished that
+    way by a plain rerun, with a warning; asking for segments on it is refused."""
+    import ced_lightning.extract as extract
+    from ced_lightning.data.segments import SegmentTable
+
+    out = str(workdir / "before_segments.zarr")
+    with monkeypatch.context() as patch:  # the code of before: one row per clip
+        patch.setattr(extract, "segment_table", lambda lengths, s: SegmentTable.one_per_clip(len(lengths), s))
+        partial = extract.run_extract(
+            _cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "limit_blocks=1")
+        )
+    assert "segment_samples" not in partial.attrs and partial.missing_blocks() == [1, 2]
+    with pytest.raises(ValueError, match=r"segment_samples: stored None, requested 16000"):
+        extract.run_extract(
+            _cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "segment_seconds=1")
+        )
+    store = extract.run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "verify=6"))
+    assert store.is_complete() and len(store) == 9 and store.segment_samples is None
+    assert json.loads((Path(out) / "extract_stats.json").read_text())["verify"]["ok"]
+
+
+@pytest.mark.slow
+def test_segment_store_two_processes_equal_one(
+    segment_reference: LogitStore, workdir: Path, long_audio: str
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = str(workdir / "segments_ddp.zarr")
+    overrides = _overrides(
+        workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'segments_ddp_run'}"
+    )
+    overrides[0] = f"audio_store={long_audio}"
+    done = subprocess.run(
+        [sys.executable, "-m", "ced_lightning.extract", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=workdir,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "devices: 2" in done.stdout and "(18 segments of 1 s)" in done.stdout
+    _assert_same_segments(segment_reference.url, out)
+
+
+def test_student_reads_each_segment_as_the_teachers_did(
+    segment_reference: LogitStore, long_audio: str
+) -> None:
+    """Through the distillation data path: every row of an epoch, segments beyond a clip's first included,
+    arrives with its own stretch of audio, and the student's augmented spectrogram of it is bit-identical to
+    the teacher-side one built from that stretch and the stored parameters; a segment's labels are its
+    clip's."""
+    from ced_lightning.augment import AugmentParams, augmented_spectrogram
+    from ced_lightning.data.distill import DistillDataModule
+    from ced_lightning.store.audio import AudioStore
+
+    data = DistillDataModule(
+        train=long_audio, logits=segment_reference.url, batch_size=3, num_workers=0, with_labels=True
+    )
+    logits, audio = LogitStore.open(segment_reference.url), AudioStore.open(long_audio)
+    table = logits.segments()
+
+    class _Trainer:  # what the data module reads from Lightning's Trainer
+        current_epoch, global_rank, world_size = 3, 0, 1
+
+    data.trainer = _Trainer()
+    front_end = create_ced("ced_tiny", depth=1, num_classes=C).front_end
+    seen = []
+    for batch in data.train_dataloader():
+        batch = data.on_after_batch_transfer(batch, 0)
+        params = AugmentParams.from_torch(batch["augment"])
+        mel = augmented_spectrogram(front_end, batch["waveform"], batch["length"], params, logits.recipe)
+        for pos, row in enumerate(batch["index"].tolist()):
+            clip, start = int(table.clip[row]), int(table.start[row])
+            piece = audio.read(clip)[start : start + 16000]
+            wave = torch.zeros(1, 16000)
+            wave[0, : len(piece)] = piece
+            _, probs, stored = logits.read(3 % E, row)
+            teacher_side = augmented_spectrogram(
+                front_end, wave, torch.tensor([len(piece)]), stored, logits.recipe
+            )
+            assert torch.equal(mel[pos], teacher_side[0]), row
+            assert params.subset(np.array([pos])) == stored
+            assert torch.equal(batch["topk_probs"][pos], torch.from_numpy(probs))
+            assert batch["target"][pos].nonzero().flatten().tolist() == [clip % C]
+            seen.append((clip, start))
+    assert len(seen) == 18 // 3 * 3 and len(set(seen)) == len(seen)
+    assert {(5, 64000), (1, 48000)} <= set(seen)  # the 5 s clip's last segment, the 3.7 s clip's kept rest

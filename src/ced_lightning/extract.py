@@ -1,11 +1,16 @@
 """`python -m ced_lightning.extract`: run a teacher ensemble over an audio store into a logit store.
 
     python -m ced_lightning.extract audio_store=STORE output=LOGIT_STORE teacher=CONFIG epochs=E topk=K \
-        [quantization=float16|int8] [trainer.devices=N strategy=ddp] [clip_seconds=10.0] [seed=0] [verify=200]
+        [quantization=float16|int8] [trainer.devices=N strategy=ddp] [clip_seconds=10.0] [segment_seconds=S]
+        [seed=0] [verify=200]
+
+Every clip is taught on all its audio: one logit-store row per `segment_seconds` segment (default
+clip_seconds; the last partial segment kept when at least half a segment, `ced_lightning.data.segments`).
+Clips that fit one segment give one row each, as before segments.
 
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
 With several devices every rank writes a disjoint, contiguous share of the missing blocks. `verify=N`
-re-runs the teachers on N random (epoch, clip) pairs from the stored parameters and reports the largest
+re-runs the teachers on N random (epoch, row) pairs from the stored parameters and reports the largest
 difference from the stored probabilities; a mismatch ends the command with exit status 1 (also when only
 verifying a complete store). One run writes a store at a time (`store.lock`); the figures are kept in the
 store, `<output>/extract_stats.json`.
@@ -32,6 +37,7 @@ from torch import nn
 from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
 from ced_lightning.augment import AugmentRecipe, front_end_sources
+from ced_lightning.data.segments import SegmentTable, read_segments, segment_table
 from ced_lightning.evaluate import (
     MIN_GAIN_OVER_CHANCE,
     evaluate_teachers,
@@ -54,11 +60,10 @@ from ced_lightning.runtime import (
     quiet_non_zero_ranks,
     resolve_precision,
 )
-from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
+from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
 from ced_lightning.store.lock import store_lock
-from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
+from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
 from ced_lightning.teachers import load_teachers, state_dict_sha256, teacher_members  # noqa: F401 (re-exported)
 
@@ -100,11 +105,10 @@ def create_or_resume(
         "num_classes": num_classes,
         "class_names": class_names,
         "quantization": str(cfg.quantization),
-        "recipe": AugmentRecipe.for_clip(cfg.get("augment"), float(cfg.clip_seconds)),  # scaled to the clip
+        "recipe": AugmentRecipe.from_config(cfg.get("augment")),
         "seed": int(cfg.seed),
         "audio_fingerprint": audio.fingerprint,
         "audio_url": audio.url,
-        "audio_sources": source_records(audio),
         "clip_samples": clip_samples(cfg),
         "teachers": records,
         "combine": combine,
@@ -118,7 +122,35 @@ def create_or_resume(
         removed = remove_partial_writes(str(cfg.output))
         if removed:
             log.info("%s: removed %d partial writes left by an interrupted run", cfg.output, removed)
-    return LogitStore.create(str(cfg.output), **settings)
+    segments = resumed_layout(cfg, audio, segment_table(audio.lengths, segment_samples(cfg)))
+    return LogitStore.create(str(cfg.output), **settings, segments=segments)
+
+
+def resumed_layout(cfg: DictConfig, audio: AudioStore, segments: SegmentTable) -> SegmentTable:
+    """`segments`, or one row per clip where `cfg.output` is a store of the same audio written before segments
+    (no positions) and `segment_seconds` is not given: resuming it keeps its layout (each clip's head)."""
+    if cfg.get("segment_seconds") is not None or segments.is_one_per_clip(len(audio)):
+        return segments
+    url = str(cfg.output)
+    if not store_exists(url):
+        return segments
+    attrs = read_attrs(url)
+    if (
+        attrs.get("format") != FORMAT
+        or attrs.get("creation_incomplete")
+        or attrs.get("segment_samples") is not None
+        or attrs.get("audio_fingerprint") != audio.fingerprint  # another extraction: refused by create
+    ):
+        return segments
+    log.warning(
+        "%s was made before segments: it holds each clip's first %g s, so this run finishes it that way. "
+        "Extract into a new output to teach on all %d segments of the %d clips.",
+        redact_url(url),
+        clip_samples(cfg) / SAMPLE_RATE,
+        len(segments),
+        len(audio),
+    )
+    return SegmentTable.one_per_clip(len(audio), clip_samples(cfg))
 
 
 # Lightning's older spellings of its precision settings, and what it runs for each.
@@ -139,6 +171,20 @@ def clip_samples(cfg: DictConfig) -> int:
     samples = round(float(cfg.clip_seconds) * SAMPLE_RATE)
     if samples < 1:
         raise ValueError(f"clip_seconds must be > 0, got {cfg.clip_seconds}")
+    return samples
+
+
+def segment_samples(cfg: DictConfig) -> int:
+    """`segment_seconds` in samples (default: `clip_seconds`, the teachers' input)."""
+    seconds = cfg.get("segment_seconds")
+    if seconds is None:
+        return clip_samples(cfg)
+    samples = round(float(seconds) * SAMPLE_RATE)
+    if not 1 <= samples <= clip_samples(cfg):
+        raise ValueError(
+            f"segment_seconds must be > 0 and at most clip_seconds ({cfg.clip_seconds}: the teachers' "
+            f"input), got {seconds}"
+        )
     return samples
 
 
@@ -223,7 +269,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
 
 
 def _extract(cfg: DictConfig) -> LogitStore:
-    audio = open_audio(store_urls(cfg.audio_store))  # a list of stores: read as one (store.concat)
+    audio = AudioStore.open(str(cfg.audio_store))
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
     quality = None
     if global_rank() == 0:  # before the store exists: weak teachers leave nothing behind
@@ -241,7 +287,7 @@ def _extract(cfg: DictConfig) -> LogitStore:
         topk=store.topk,
         combine=store.combine,
         micro_batch_size=int(cfg.micro_batch_size),
-        audio_url=audio_source(audio),
+        audio_url=audio.url,
         num_workers=int(cfg.num_workers),
         limit_blocks=cfg.get("limit_blocks"),
         throttle_s=float(cfg.get("throttle_s") or 0.0),
@@ -249,13 +295,15 @@ def _extract(cfg: DictConfig) -> LogitStore:
     )
     todo = module.blocks_to_do()
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    rows = np.concatenate([np.arange(*store.block_range(b)) for b in todo] or [np.zeros(0, np.int64)])
+    clips = store.segments().num_clips_in(rows)
     if todo:
-        clips = sum(stop - start for start, stop in map(store.block_range, todo))
         log.info(
-            "%s: extracting %d of %d blocks (%d clips x %d epochs)",
+            "%s: extracting %d of %d blocks (%d segments of %d clips x %d epochs)",
             store.url,
             len(todo),
             store.num_blocks,
+            len(rows),
             clips,
             store.epochs,
         )
@@ -264,7 +312,7 @@ def _extract(cfg: DictConfig) -> LogitStore:
         module.finish(trainer)
         seconds = time.perf_counter() - started
     else:
-        clips, seconds = 0, 0.0
+        seconds = 0.0
         log.info("%s is complete already; nothing to extract", store.url)
     if not trainer.is_global_zero:
         return store
@@ -272,7 +320,7 @@ def _extract(cfg: DictConfig) -> LogitStore:
     store = LogitStore.open(store.url)
     if cfg.get("limit_blocks") is None and not store.is_complete():
         raise RuntimeError(f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction")
-    stats = extraction_stats(store, audio, clips, seconds, trainer)
+    stats = extraction_stats(store, audio, clips, seconds, trainer, segments=len(rows))
     if quality is not None:
         stats["teacher_check"] = quality
     if todo and module.steady_clips_per_s is not None:
@@ -301,20 +349,34 @@ def _extract(cfg: DictConfig) -> LogitStore:
 
 
 def extraction_stats(
-    store: LogitStore, audio: AudioStore, clips: int, seconds: float, trainer: Any | None = None
+    store: LogitStore,
+    audio: AudioStore,
+    clips: int,
+    seconds: float,
+    trainer: Any | None = None,
+    segments: int | None = None,
 ) -> dict[str, Any]:
+    """The run's figures: `clips` and their `segments` (logit-store rows; default `clips`) extracted in
+    `seconds`, and the store's clips and segments. Per-row figures (`clip_epochs_per_s`,
+    `bytes_per_clip_epoch`, `steady_clips_per_s`) count segments in a store of segments."""
+    segments = clips if segments is None else segments
     stored = store.nbytes_stored()
-    audio_bytes = audio_nbytes(audio)
+    audio_bytes = store_nbytes(audio.url)
     stats: dict[str, Any] = {
         "clips_extracted": clips,
+        "segments_extracted": segments,
         "seconds": round(seconds, 3),
         "clips_per_s": round(clips / seconds, 2) if seconds > 0 else None,
-        "clip_epochs_per_s": round(clips * store.epochs / seconds, 2) if seconds > 0 else None,
+        "segments_per_s": round(segments / seconds, 2) if seconds > 0 else None,
+        "clip_epochs_per_s": round(segments * store.epochs / seconds, 2) if seconds > 0 else None,
         "bytes_per_clip_epoch": round(store.bytes_per_clip_epoch(), 2),
         "store_bytes": stored,
         "audio_store_bytes": audio_bytes,
         "percent_of_audio_store": round(100.0 * stored / max(audio_bytes, 1), 3),
         "complete": store.is_complete(),
+        "num_clips": store.num_clips,
+        "num_segments": store.num_rows,
+        "segment_seconds": round((store.segment_samples or store.clip_samples) / SAMPLE_RATE, 6),
     }
     if trainer is not None:
         stats["devices"] = int(trainer.world_size)
@@ -324,8 +386,13 @@ def extraction_stats(
 
 def report(store: LogitStore, stats: dict[str, Any]) -> None:
     """Print the figures and keep them in the store (`<output>/extract_stats.json`)."""
+    segments = (
+        f" ({store.num_rows} segments of {store.segment_samples / SAMPLE_RATE:g} s)"
+        if store.segment_samples is not None
+        else ""
+    )
     lines = [
-        f"logit store {redact_url(store.url)}: {store.num_clips} clips x {store.epochs} epochs, "
+        f"logit store {redact_url(store.url)}: {store.num_clips} clips{segments} x {store.epochs} epochs, "
         f"top-{store.topk}, {store.quantization}"
     ]
     lines += [f"  {key}: {value}" for key, value in stats.items() if key not in ("verify", "teacher_check")]
@@ -354,7 +421,8 @@ def verify_store(
     seed: int,
     replay_reduced: bool = False,
 ) -> dict[str, Any]:
-    """Replay `samples` random (epoch, clip) pairs from the stored parameters through the teachers.
+    """Replay `samples` random (epoch, row) pairs from the stored parameters through the teachers (a row is
+    a segment of a clip: `LogitStore.segments`).
 
     Compares the teachers' probabilities of the stored classes with the stored values: the largest absolute
     difference must lie within the quantization error plus a slack for arithmetic, `REPLAY_SLACK[True]` where
@@ -363,19 +431,21 @@ def verify_store(
     stored classes.
     """
     rng = np.random.default_rng(seed)
-    n = min(samples, store.num_clips * store.epochs)
-    picks = rng.choice(store.num_clips * store.epochs, size=n, replace=False)
+    n = min(samples, store.num_rows * store.epochs)
+    picks = rng.choice(store.num_rows * store.epochs, size=n, replace=False)
+    segments = store.segments()
     device = next(teachers[0].parameters()).device
     codes = store.block_codes()
     mel_sources = front_end_sources([t.front_end for t in teachers])
     diffs, excess, agree, bound_slack = [], [], 0, 0.0
     for pick in picks:
-        epoch, i = divmod(int(pick), store.num_clips)
+        epoch, i = divmod(int(pick), store.num_rows)
         block_reduced = codes[i // store.block_clips] == BLOCK_REDUCED_PRECISION
         slack = REPLAY_SLACK[bool(block_reduced) or replay_reduced]
         bound_slack = max(bound_slack, slack)
         classes, stored, params = store.read(epoch, i)
-        wav, lengths = pack_clips(audio_store.read_clips(i, i + 1, store.clip_samples), store.clip_samples)
+        row = read_segments(audio_store, segments, np.array([i]))[i]
+        wav, lengths = pack_clips([row], store.clip_samples)
         wav_t = int16_to_float(torch.from_numpy(wav).to(device))
         lengths_t = torch.from_numpy(lengths).to(device)
         probs = ensemble_probabilities(

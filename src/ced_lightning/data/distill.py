@@ -1,4 +1,8 @@
-"""DistillDataModule: audio from the audio store; teachers' top-k and augmentation from the logit store."""
+"""DistillDataModule: audio from the audio store; teachers' top-k and augmentation from the logit store.
+
+A training item is a row of the logit store: a clip, or a segment of a long clip in a store of segments
+(`LogitStore.segments`); its audio is read at the row's clip and start, as the teachers read it.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,6 @@ from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.losses import sample_mixup_lambda
 from ced_lightning.store import AudioStore, LogitStore
-from ced_lightning.store.concat import (
-    ConcatAudioStore,
-    audio_source,
-    describe_source_mismatch,
-    open_audio,
-    store_urls,
-)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +50,7 @@ class DistillBatchTransform:
         epoch: int,
         mixup: float | None = None,
         labels: np.ndarray | None = None,
+        row_clips: np.ndarray | None = None,
         fresh_shift: bool = True,
     ) -> None:
         self.topk_indices = topk_indices
@@ -64,6 +62,7 @@ class DistillBatchTransform:
         self.epoch = epoch
         self.mixup = mixup or None
         self.labels = labels
+        self.row_clips = row_clips  # each row's clip (None: row i is clip i)
         self.fresh_shift = fresh_shift
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +83,9 @@ class DistillBatchTransform:
             batch["mixup_lambda"] = torch.from_numpy(
                 sample_mixup_lambda(self.seed, self.epoch, index, self.mixup)
             )
-        if self.labels is not None:
-            batch["target"] = torch.from_numpy(self.labels[index].astype(np.float32))
+        if self.labels is not None:  # per clip: a segment has its clip's labels
+            clips = index if self.row_clips is None else self.row_clips[index]
+            batch["target"] = torch.from_numpy(self.labels[clips].astype(np.float32))
         return batch
 
 
@@ -98,7 +98,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
 
     def __init__(
         self,
-        train: str | list[str],
+        train: str,
         logits: str,
         val: str | list[str] | None = None,
         test: str | list[str] | None = None,
@@ -114,8 +114,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         inconsistent_shift: str = "fresh",
     ) -> None:
         super().__init__()
-        # `train`: one audio store, or a list read as one (`store.concat`: labeled then unlabeled, uncopied).
-        self.train_url, self.logits_url = " + ".join(store_urls(train)), str(logits)
+        self.train_url, self.logits_url = str(train), str(logits)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -129,7 +128,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.inconsistent_shift = inconsistent_shift
         self.mixup = mixup or None
         self.with_labels = with_labels
-        self.audio = open_audio(train)
+        self.audio = AudioStore.open(self.train_url)
         self.logits = LogitStore.open(self.logits_url)
         check_logits_match_audio(self.logits, self.audio, self.logits_url, self.train_url)
         if with_labels and not self.audio.has_labels:
@@ -185,6 +184,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             epoch=epoch,
             mixup=self.mixup,
             labels=self.audio.label_matrix() if self.with_labels else None,
+            row_clips=self.logits.segments().clip if self.logits.segment_samples is not None else None,
             fresh_shift=self.inconsistent_shift == "fresh",
         )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -194,12 +194,13 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             epoch=epoch,
             seed=self.seed,
             clip_samples=self.logits.clip_samples,
-            random_crop=False,  # the teachers saw each clip from its start
+            random_crop=False,  # the teachers saw each row from its segment's start
+            segments=self.logits.segments(),
             shuffle_window=self.shuffle_window,
             rank=rank,
             world_size=world,
             transform=transform,
-            # Clips the teachers have no rows for in this epoch (an imported release without them) sit out.
+            # Rows without the teachers' targets in this epoch (an imported release lacks some) sit out.
             keep=slice_.has_targets,
         )
         return ResumableLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -211,21 +212,14 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         return self.eval_data.test_dataloader()
 
 
-def check_logits_match_audio(
-    logits: LogitStore, audio: AudioStore | ConcatAudioStore, logits_url: str, audio_url: str
-) -> None:
-    """Refuse a logit store that was extracted from another audio store (a different clip list), or from
-    another list of stores (naming the member that differs)."""
+def check_logits_match_audio(logits: LogitStore, audio: AudioStore, logits_url: str, audio_url: str) -> None:
+    """Refuse a logit store that was extracted from another audio store (a different clip list)."""
     if logits.audio_fingerprint != audio.fingerprint or logits.num_clips != len(audio):
-        source = audio_source(audio)
-        listed = f"[{','.join(source)}]" if isinstance(source, list) else None
-        argument = f"'audio_store={listed}'" if listed else f"audio_store={source}"
-        which = describe_source_mismatch(logits.audio_sources, audio)
         raise ValueError(
             f"logit store {logits_url} was made from another audio store than {audio_url} "
             f"(fingerprint {logits.audio_fingerprint}, {logits.num_clips} clips; the audio store has "
-            f"{audio.fingerprint}, {len(audio)} clips{'; ' + which if which else ''}). Rebuild it: "
-            f"python -m ced_lightning.extract {argument} output={logits_url} teacher=..."
+            f"{audio.fingerprint}, {len(audio)} clips). Rebuild it: python -m ced_lightning.extract "
+            f"audio_store={audio_url} output={logits_url} teacher=..."
         )
 
 

@@ -1,10 +1,11 @@
 """TeacherEnsembleModule: runs a teacher ensemble over an audio store and fills a logit store, block by block.
 
-One DataLoader item is one block of the logit store (`block_clips` consecutive clips). `BlockSampler` hands
-each rank a contiguous share of the blocks still missing, so every block is written by exactly one process
-(never Lightning's interleaved DistributedSampler: set `use_distributed_sampler=False`). For every
-augmentation epoch the module draws the block's parameters from (seed, epoch, clip index), runs every
-teacher on the augmented spectrograms in micro-batches, combines them, keeps the top-k and writes the block.
+One DataLoader item is one block of the logit store (`block_clips` consecutive rows: clips, or the segments
+of clips in a store of segments, `ced_lightning.data.segments`). `BlockSampler` hands each rank a contiguous
+share of the blocks still missing, so every block is written by exactly one process (never Lightning's
+interleaved DistributedSampler: set `use_distributed_sampler=False`). For every augmentation epoch the module
+draws the block's parameters from (seed, epoch, row index), runs every teacher on the augmented spectrograms
+in micro-batches, combines them, keeps the top-k and writes the block.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ced_lightning.augment import (
     front_end_sources,
     sample_augment_params,
 )
+from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.concat import ConcatAudioStore, open_audio
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
@@ -43,32 +44,32 @@ def check_combine(combine: str) -> None:
 
 
 class BlockDataset(Dataset):
-    """Item `b`: block `b` of the logit store, `{"block", "index" [n], "waveform" int16 [n, T], "length"}`.
+    """Item `b`: block `b` of the logit store, `{"block", "index" [n], "waveform" int16 [n, T], "length"}`
+    (`index`: the block's rows).
 
     Waveforms stay int16 until a micro-batch reaches the model: a 1024-clip block of 10 s clips is 330 MB
     as int16, twice that as float32.
     """
 
-    def __init__(
-        self, audio_url: str | list[str], num_clips: int, block_clips: int, clip_samples: int
-    ) -> None:
-        self.audio_url = audio_url if isinstance(audio_url, list) else str(audio_url)  # a list: read as one
-        self.num_clips = num_clips
+    def __init__(self, audio_url: str, segments: SegmentTable, block_clips: int, clip_samples: int) -> None:
+        self.audio_url = str(audio_url)
+        self.segments = segments
+        self.num_rows = len(segments)
         self.block_clips = block_clips
         self.clip_samples = clip_samples
-        self._audio: AudioStore | ConcatAudioStore | None = None
+        self._audio: AudioStore | None = None
 
     def __len__(self) -> int:
-        return -(-self.num_clips // self.block_clips)
+        return -(-self.num_rows // self.block_clips)
 
     def __getitem__(self, b: int) -> dict[str, Any]:
         if self._audio is None:  # opened in the worker process that reads
-            self._audio = open_audio(self.audio_url)
+            self._audio = AudioStore.open(self.audio_url)
         start = b * self.block_clips
-        stop = min(start + self.block_clips, self.num_clips)
-        # Teachers see each clip's first clip_samples: an hour-long recording is not read whole.
-        clips = self._audio.read_clips(start, stop, max_samples=self.clip_samples)
-        waveform, lengths = pack_clips(clips, self.clip_samples)
+        stop = min(start + self.block_clips, self.num_rows)
+        # Teachers see each row's segment (at most clip_samples): an hour-long recording is not read whole.
+        rows = read_segments(self._audio, self.segments, np.arange(start, stop))
+        waveform, lengths = pack_clips([rows[r] for r in range(start, stop)], self.clip_samples)
         return {
             "block": b,
             "index": torch.arange(start, stop, dtype=torch.int64),
@@ -183,7 +184,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         topk: int,
         combine: str = "mean_prob",
         micro_batch_size: int = 64,
-        audio_url: str | list[str] | None = None,
+        audio_url: str | None = None,
         num_workers: int = 1,
         limit_blocks: int | None = None,
         throttle_s: float = 0.0,
@@ -259,7 +260,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         sampler = BlockSampler(todo, num_replicas=world, rank=rank)
         log.info("rank %d/%d: %d of %d missing blocks", rank, world, len(sampler.blocks), len(todo))
         audio_url = self.audio_url or store.audio_url
-        dataset = BlockDataset(audio_url, len(store), store.block_clips, store.clip_samples)
+        dataset = BlockDataset(audio_url, store.segments(), store.block_clips, store.clip_samples)
         return DataLoader(
             dataset,
             batch_size=None,  # one item is one whole block
