@@ -60,8 +60,9 @@ from ced_lightning.runtime import (
     quiet_non_zero_ranks,
     resolve_precision,
 )
-from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
+from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
 from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
@@ -105,10 +106,11 @@ def create_or_resume(
         "num_classes": num_classes,
         "class_names": class_names,
         "quantization": str(cfg.quantization),
-        "recipe": AugmentRecipe.from_config(cfg.get("augment")),
+        "recipe": AugmentRecipe.for_clip(cfg.get("augment"), float(cfg.clip_seconds)),  # scaled to the clip
         "seed": int(cfg.seed),
         "audio_fingerprint": audio.fingerprint,
         "audio_url": audio.url,
+        "audio_sources": source_records(audio),
         "clip_samples": clip_samples(cfg),
         "teachers": records,
         "combine": combine,
@@ -269,7 +271,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
 
 
 def _extract(cfg: DictConfig) -> LogitStore:
-    audio = AudioStore.open(str(cfg.audio_store))
+    audio = open_audio(store_urls(cfg.audio_store))  # a list of stores: read as one (store.concat)
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
     quality = None
     if global_rank() == 0:  # before the store exists: weak teachers leave nothing behind
@@ -287,7 +289,7 @@ def _extract(cfg: DictConfig) -> LogitStore:
         topk=store.topk,
         combine=store.combine,
         micro_batch_size=int(cfg.micro_batch_size),
-        audio_url=audio.url,
+        audio_url=audio_source(audio),
         num_workers=int(cfg.num_workers),
         limit_blocks=cfg.get("limit_blocks"),
         throttle_s=float(cfg.get("throttle_s") or 0.0),
@@ -361,7 +363,7 @@ def extraction_stats(
     `bytes_per_clip_epoch`, `steady_clips_per_s`) count segments in a store of segments."""
     segments = clips if segments is None else segments
     stored = store.nbytes_stored()
-    audio_bytes = store_nbytes(audio.url)
+    audio_bytes = audio_nbytes(audio)
     stats: dict[str, Any] = {
         "clips_extracted": clips,
         "segments_extracted": segments,

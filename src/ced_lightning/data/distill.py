@@ -19,6 +19,13 @@ from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.losses import sample_mixup_lambda
 from ced_lightning.store import AudioStore, LogitStore
+from ced_lightning.store.concat import (
+    ConcatAudioStore,
+    audio_source,
+    describe_source_mismatch,
+    open_audio,
+    store_urls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
 
     def __init__(
         self,
-        train: str,
+        train: str | list[str],
         logits: str,
         val: str | list[str] | None = None,
         test: str | list[str] | None = None,
@@ -114,7 +121,8 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         inconsistent_shift: str = "fresh",
     ) -> None:
         super().__init__()
-        self.train_url, self.logits_url = str(train), str(logits)
+        # `train`: one audio store, or a list read as one (`store.concat`: labeled then unlabeled, uncopied).
+        self.train_url, self.logits_url = " + ".join(store_urls(train)), str(logits)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -128,7 +136,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.inconsistent_shift = inconsistent_shift
         self.mixup = mixup or None
         self.with_labels = with_labels
-        self.audio = AudioStore.open(self.train_url)
+        self.audio = open_audio(train)
         self.logits = LogitStore.open(self.logits_url)
         check_logits_match_audio(self.logits, self.audio, self.logits_url, self.train_url)
         if with_labels and not self.audio.has_labels:
@@ -212,14 +220,21 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         return self.eval_data.test_dataloader()
 
 
-def check_logits_match_audio(logits: LogitStore, audio: AudioStore, logits_url: str, audio_url: str) -> None:
-    """Refuse a logit store that was extracted from another audio store (a different clip list)."""
+def check_logits_match_audio(
+    logits: LogitStore, audio: AudioStore | ConcatAudioStore, logits_url: str, audio_url: str
+) -> None:
+    """Refuse a logit store that was extracted from another audio store (a different clip list), or from
+    another list of stores (naming the member that differs)."""
     if logits.audio_fingerprint != audio.fingerprint or logits.num_clips != len(audio):
+        source = audio_source(audio)
+        listed = f"[{','.join(source)}]" if isinstance(source, list) else None
+        argument = f"'audio_store={listed}'" if listed else f"audio_store={source}"
+        which = describe_source_mismatch(logits.audio_sources, audio)
         raise ValueError(
             f"logit store {logits_url} was made from another audio store than {audio_url} "
             f"(fingerprint {logits.audio_fingerprint}, {logits.num_clips} clips; the audio store has "
-            f"{audio.fingerprint}, {len(audio)} clips). Rebuild it: python -m ced_lightning.extract "
-            f"audio_store={audio_url} output={logits_url} teacher=..."
+            f"{audio.fingerprint}, {len(audio)} clips{'; ' + which if which else ''}). Rebuild it: "
+            f"python -m ced_lightning.extract {argument} output={logits_url} teacher=..."
         )
 
 

@@ -31,6 +31,7 @@ from ced_lightning.augment import (
 )
 from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.concat import ConcatAudioStore, open_audio
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,22 @@ class BlockDataset(Dataset):
     as int16, twice that as float32.
     """
 
-    def __init__(self, audio_url: str, segments: SegmentTable, block_clips: int, clip_samples: int) -> None:
-        self.audio_url = str(audio_url)
+    def __init__(
+        self, audio_url: str | list[str], segments: SegmentTable, block_clips: int, clip_samples: int
+    ) -> None:
+        self.audio_url = audio_url if isinstance(audio_url, list) else str(audio_url)  # a list: read as one
         self.segments = segments
         self.num_rows = len(segments)
         self.block_clips = block_clips
         self.clip_samples = clip_samples
-        self._audio: AudioStore | None = None
+        self._audio: AudioStore | ConcatAudioStore | None = None
 
     def __len__(self) -> int:
         return -(-self.num_rows // self.block_clips)
 
     def __getitem__(self, b: int) -> dict[str, Any]:
         if self._audio is None:  # opened in the worker process that reads
-            self._audio = AudioStore.open(self.audio_url)
+            self._audio = open_audio(self.audio_url)
         start = b * self.block_clips
         stop = min(start + self.block_clips, self.num_rows)
         # Teachers see each row's segment (at most clip_samples): an hour-long recording is not read whole.
@@ -184,7 +187,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         topk: int,
         combine: str = "mean_prob",
         micro_batch_size: int = 64,
-        audio_url: str | None = None,
+        audio_url: str | list[str] | None = None,
         num_workers: int = 1,
         limit_blocks: int | None = None,
         throttle_s: float = 0.0,
