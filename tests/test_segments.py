@@ -134,3 +134,24 @@ def test_audio_store_read_clip_range(long_store: AudioStore) -> None:
     np.testing.assert_array_equal(long_store.read_clip_range(2, 1000, 3500), whole[1000:3500])
     with pytest.raises(IndexError, match="out of range for clip 2"):
         long_store.read_clip_range(2, 4000, 4800)
+
+
+def test_read_segments_over_a_list_of_stores(long_store: AudioStore, tmp_path) -> None:
+    """The list-of-stores view (`store.concat`) serves segment reads: rows of the second store's long clip
+    are its own stretches of audio."""
+    from ced_lightning.store.concat import ConcatAudioStore
+
+    rng = np.random.default_rng(1)
+    first = tmp_path / "first.zarr"
+    write_audio_store(
+        first, [("a", rng.uniform(-0.5, 0.5, 900).astype(np.float32), [0])], class_names=["a", "b"]
+    )
+    both = ConcatAudioStore([AudioStore.open(first), long_store])
+    table = segment_table(both.lengths, 1000)
+    lengths = table.lengths(both.lengths)
+    got = read_segments(both, table, np.arange(len(table)))
+    for r in range(len(table)):
+        c, s = int(table.clip[r]), int(table.start[r])
+        np.testing.assert_array_equal(got[r], both.read_samples(c)[s : s + lengths[r]])
+    # The 4,700-sample clip, now clip 3: 4 whole segments and a rest of 700.
+    assert (table.clip == 3).sum() == 5
