@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ced_lightning.data.segments import SegmentTable, read_segments, segment_counts, segment_table
-from ced_lightning.data.stream import ClipBatchStream
+from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store.audio import AudioStore, write_audio_store
 
 S = 100  # samples per segment in the rule's tests
@@ -155,3 +155,29 @@ def test_read_segments_over_a_list_of_stores(long_store: AudioStore, tmp_path) -
         np.testing.assert_array_equal(got[r], both.read_samples(c)[s : s + lengths[r]])
     # The 4,700-sample clip, now clip 3: 4 whole segments and a rest of 700.
     assert (table.clip == 3).sum() == 5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_epoch_of_segments_trains_the_rest_exactly(long_store: AudioStore, workers: int) -> None:
+    """A run resumed mid-epoch (Lightning hands the loader's state back) gets exactly the segment batches
+    the interrupted run had left, rows of the long clips included."""
+    table = segment_table(long_store.lengths, 500)
+
+    def loader() -> ResumableLoader:
+        stream = ClipBatchStream(
+            long_store, 3, epoch=1, seed=4, clip_samples=500, segments=table, shuffle_window=3
+        )
+        return ResumableLoader(stream, num_workers=workers)
+
+    full = [(b["index"].numpy().copy(), b["waveform"].clone()) for b in loader()]
+    assert len(full) == len(table) // 3 >= 6
+    first = loader()
+    iterator = iter(first)
+    for _ in range(4):
+        next(iterator)
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    rest = [(b["index"].numpy().copy(), b["waveform"].clone()) for b in resumed]
+    assert len(rest) == len(full) - 4
+    for (i_full, w_full), (i_rest, w_rest) in zip(full[4:], rest, strict=True):
+        assert np.array_equal(i_full, i_rest) and np.array_equal(w_full.numpy(), w_rest.numpy())
