@@ -231,13 +231,15 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
 
 
 def test_time_masks_scale_with_the_clip_length_by_default() -> None:
-    ced = _compose([]).augment
+    ced = _compose(["data=custom"]).augment
+    extract = _compose(["output=x"], config="extract").augment  # no data group: scaled as well
+    assert AugmentRecipe.for_clip(extract, 4.0).time_mask_frames == 77
     assert AugmentRecipe.for_clip(ced, 10.0) == AugmentRecipe()  # the paper's sizes at 10 s
     assert AugmentRecipe.for_clip(ced, 4.0).time_mask_frames == 77  # 4/10 of 192
     assert AugmentRecipe.for_clip(ced, 2.0).time_mask_frames == 38
     assert AugmentRecipe.for_clip(ced, 30.0).time_mask_frames == 255  # the stores' uint8 bound
     # Absolute sizes: the switch.
-    absolute = _compose(["augment.scale_to_clip=false"]).augment
+    absolute = _compose(["data=custom", "augment.scale_to_clip=false"]).augment
     assert AugmentRecipe.for_clip(absolute, 4.0).time_mask_frames == 192
     # Shift, frequency masks and gain have no time extent to scale (shift_max is a fraction of the clip).
     scaled = scale_to_clip(AugmentRecipe(gain_db=3.0), 4.0)
@@ -255,6 +257,11 @@ def test_the_demo_keeps_its_recipe() -> None:
     assert AugmentRecipe.for_clip(extract.augment, float(cfg.data.clip_seconds)).time_mask_frames == 40
     teacher = _compose(["experiment=teacher_demo_ced", *overrides])
     assert AugmentRecipe.for_clip(teacher.augment, float(teacher.data.clip_seconds)).time_mask_frames == 40
+    # Any run on the demo's data keeps absolute sizes, as before scaling existed (a teacher trained by hand).
+    by_hand = _compose(["experiment=teacher_demo_ced", "augment.time_mask_frames=40"])
+    assert AugmentRecipe.for_clip(by_hand.augment, 2.0).time_mask_frames == 40
+    assert AugmentRecipe.for_clip(_compose(["data=demo"]).augment, 2.0).time_mask_frames == 192
+    assert AugmentRecipe.for_clip(_compose(["data=custom"]).augment, 2.0).time_mask_frames == 38
 
 
 def test_extraction_and_teachers_apply_the_scaled_masks(own: dict[str, str], logits: str) -> None:
