@@ -1,67 +1,111 @@
-"""`python -m bench.ablations [seeds=3] [epochs=5] [model=ced_tiny]`: the student ablations on the demo.
+"""`python -m bench.ablations [seeds=3] [jobs=2] [experiment=student_demo] [epochs=N] [only=0,3] [OVERRIDES]`:
+the paper's student ablations on the demo, each row the mean and spread over seeds.
 
-Consistent teaching against fresh augmentations, an 8-bit against a float16 logit store, and KL against
-BCE, each averaged over seeds, with everything else fixed (the demo's teachers and stores, built first if
-missing). Writes `bench/ablations.json` and `bench/ablations.md`; the README quotes the table.
+Every row is the demo's student (`experiment=student_demo`: label-free over the labeled clips and the
+unlabeled pool, the demo's teachers, schedule and stores) with one thing changed:
 
-A reduced schedule by default (CED-Tiny, 5 epochs) so the 12 runs fit a 2-core CPU in about half an hour;
-`model=ced_mini epochs=10` is the demo's own student.
+- consistent teaching (replay the teachers' augmentation) against inconsistent teaching, as the paper
+  defines it (the student hears the clip unshifted, with fresh masks) and as we do (fresh shift and masks);
+- the ensemble against its best single teacher (MobileNet, `teacher=demo_mobilenet`);
+- top-k (1, 5, every class) and augmentation epochs E (1, 3) of the logit store;
+- 8-bit against float16 stored values;
+and, as the reference users compare against, the same network with labels on the labeled clips alone for the
+same number of optimizer steps (`ced_lightning.demo.label_only_cfg`).
+
+What the rows need (stores, teachers, each row's logit store) is built first, one at a time, through the
+demo's own builders; then the runs go `jobs` at a time, each process with its share of the cores.
+Writes `bench/ablations.json` (every run) and `bench/ablations.md`; `python -m bench.readme` puts the table
+into the README. `only=` reruns the listed rows (their index) and keeps the other rows of the last run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
-from ced_lightning import conf_dir
-
 HERE = Path(__file__).parent
+LABEL_ONLY = "same network with labels, labeled clips only (the baseline)"
 CONDITIONS: dict[str, list[str]] = {
-    "consistent, int8 store, KL (default)": [],
-    "fresh augmentations (consistent=false)": ["distill.consistent=false"],
+    "consistent, ensemble, top-5, E=3, int8 (the demo's student)": [],
+    "inconsistent as the paper: no shift, fresh masks": [
+        "distill.consistent=false",
+        "distill.inconsistent_shift=none",
+    ],
+    "inconsistent as ours: fresh shift and masks": ["distill.consistent=false"],
+    "single teacher (MobileNet, the best one)": ["teacher=demo_mobilenet"],
+    "top-1": ["data.extract.topk=1", "data.logits=${data.root}/logits_${teacher.name}_top1.zarr"],
+    "top-16 (every class)": [
+        "data.extract.topk=16",
+        "data.logits=${data.root}/logits_${teacher.name}_top16.zarr",
+    ],
+    "E=1": ["data.extract.epochs=1", "data.logits=${data.root}/logits_${teacher.name}_e1.zarr"],
     "float16 store": [
         "data.extract.quantization=float16",
         "data.logits=${data.root}/logits_${teacher.name}_float16.zarr",
     ],
-    "BCE loss": ["distill.loss=bce"],
+    LABEL_ONLY: [],
 }
+# The rows' store-quality figures compare these two conditions' stores (same teachers, clips and draws).
+INT8_ROW, FLOAT16_ROW = next(iter(CONDITIONS)), "float16 store"
 
 
-def run_one(overrides: list[str], output_dir: Path) -> dict[str, float]:
-    # The demo's own entry: it builds the teachers and stores a condition needs (a float16 store) if missing.
-    from ced_lightning.demo import run_demo
+def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> Any:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ced_lightning import conf_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
-        metrics = run_demo(cfg)
-    return {k: v for k, v in metrics.items() if k in ("val/mAP", "test/mAP")}
+    return cfg
 
 
-def quantization_error() -> dict[str, float]:
-    """8-bit against float16 values of the same teachers, parameters and clips (the demo's two stores): the
-    8-bit reconstruction error, to within float16's own (at most 2.4e-4)."""
+def build_inputs(overrides: list[str]) -> None:
+    """The stores, teachers and logit store of one row, built once before any run starts."""
+    from ced_lightning.demo import build_demo_artifacts
+
+    build_demo_artifacts(compose_cfg([*overrides, "data.build_missing=true"]))
+
+
+def run_one(condition: str, overrides: list[str], output_dir: str, threads: int) -> dict[str, float]:
+    """One row's run in its own process: the student (or, for the baseline row, the same network with
+    labels), its best validation mAP and its tested checkpoint's test mAP."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from ced_lightning.demo import label_only_cfg, run_demo
+    from ced_lightning.train import train
+
+    cfg = compose_cfg([*overrides, "data.build_missing=false"], Path(output_dir))
+    start = time.perf_counter()
+    metrics = train(label_only_cfg(cfg)) if condition == LABEL_ONLY else run_demo(cfg)
+    out = {k: float(v) for k, v in metrics.items() if k in ("val/mAP", "test/mAP")}
+    out["minutes"] = (time.perf_counter() - start) / 60
+    return out
+
+
+def quantization_error(int8_url: str, float16_url: str) -> dict[str, float]:
+    """8-bit against float16 values of the same teachers, parameters and clips: the 8-bit reconstruction
+    error, to within float16's own (at most 2.4e-4)."""
     import numpy as np
 
     from ced_lightning.store import LogitStore
 
-    root = Path("data/demo")
-    int8, fp16 = (
-        LogitStore.open(str(root / "logits_demo.zarr")),
-        LogitStore.open(str(root / "logits_demo_float16.zarr")),
-    )
+    int8, fp16 = LogitStore.open(int8_url), LogitStore.open(float16_url)
     diffs = []
     for epoch in range(int8.epochs):
         a, b = int8.read_epoch(epoch), fp16.read_epoch(epoch)
@@ -76,80 +120,115 @@ def quantization_error() -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    seeds = range(int(args.get("seeds", 3)))
-    epochs = int(args.get("epochs", 5))
-    model = args.get("model", "ced_tiny")
-    common = [
-        f"experiment={model}",
-        f"data.schedule.max_epochs={epochs}",
-        "logger=csv",
-        "callbacks.progress_bar=null",
-        "+summary=false",
-        # One student per row: the demo's label-only baseline row does not change with these conditions.
-        "data.label_only_baseline=false",
-    ]
-    runs: dict[str, list[dict[str, float]]] = {}
-    only = args.get("only")  # rerun one condition (its index), keep the others' results from the last run
-    if only is not None and (HERE / "ablations.json").is_file():
-        previous = json.loads((HERE / "ablations.json").read_text())["results"]
-        runs = {
-            n: [{m: v["runs"][k] for m, v in r.items()} for k in range(len(seeds))]
-            for n, r in previous.items()
-        }
-    root = HERE / "ablation_runs"
-    start = time.perf_counter()
-    for index, (name, extra) in enumerate(CONDITIONS.items()):
-        if only is not None and index != int(only):
-            continue
-        runs[name] = []
-        for seed in seeds:
-            tag = f"{index}_{seed}"
-            print(f"== {name}, seed {seed}", flush=True)
-            result = run_one([*common, *extra, f"seed={seed}"], root / tag)
-            runs.setdefault(name, []).append(result)
-    table = {
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    return {
         name: {
             metric: {
                 "mean": statistics.mean(r[metric] for r in results),
                 "std": statistics.stdev(r[metric] for r in results) if len(results) > 1 else 0.0,
                 "runs": [r[metric] for r in results],
             }
-            for metric in ("val/mAP", "test/mAP")
+            for metric in ("val/mAP", "test/mAP", "minutes")
         }
         for name, results in runs.items()
     }
-    out = {
-        "quantization_on_demo": quantization_error(),
-        "config": {"model": model, "epochs": epochs, "seeds": list(seeds), "common_overrides": common},
-        "minutes": round((time.perf_counter() - start) / 60, 1),
-        "results": table,
-    }
-    (HERE / "ablations.json").write_text(json.dumps(out, indent=2))
+
+
+def markdown(out: dict[str, Any]) -> str:
+    config = out["config"]
     lines = [
-        f"Student {model}, {epochs} epochs on the demo, mean ± std over seeds {list(seeds)} "
-        f"(`python -m bench.ablations seeds={len(seeds)} epochs={epochs} model={model}`):",
+        f"The demo's student ({config['experiment']}, {config['epochs']} epochs), one thing changed per row; "
+        f"mean ± std over seeds {config['seeds']} (`{config['command']}`, {out['minutes']} min with "
+        f"{config['jobs']} runs at a time):",
         "",
-        "| condition | val mAP | test mAP |",
+        "| row | val mAP | test mAP |",
         "|---|---|---|",
     ]
-    for name, metrics in table.items():
+    for name, metrics in out["results"].items():
         val, test = metrics["val/mAP"], metrics["test/mAP"]
         lines.append(
             f"| {name} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
         )
-    q = out["quantization_on_demo"]
-    lines += [
-        "",
-        "8-bit store values against float16 on the demo's top-k: max |Δp| "
-        f"{q['max_abs_prob_error_int8_vs_float16']:.4f}, "
-        f"mean {q['mean_abs_prob_error_int8_vs_float16']:.5f}; "
-        f"{q['bytes_per_clip_epoch_int8']:.1f} against "
-        f"{q['bytes_per_clip_epoch_float16']:.1f} bytes per clip-epoch (top-5).",
+    q = out.get("quantization_on_demo")
+    if q:
+        lines += [
+            "",
+            "8-bit store values against float16 on the demo's top-k: max |Δp| "
+            f"{q['max_abs_prob_error_int8_vs_float16']:.4f}, "
+            f"mean {q['mean_abs_prob_error_int8_vs_float16']:.5f}; "
+            f"{q['bytes_per_clip_epoch_int8']:.1f} against "
+            f"{q['bytes_per_clip_epoch_float16']:.1f} bytes per clip-epoch on disk.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = dict(a.split("=", 1) for a in argv)
+    seeds = list(range(int(args.get("seeds", 3))))
+    jobs = int(args.get("jobs", 2))
+    experiment = args.get("experiment", "student_demo")
+    common = [f"experiment={experiment}", "logger=csv", "callbacks.progress_bar=null", "+summary=false"]
+    common.append("data.label_only_baseline=false")  # the baseline is a row of its own
+    if "epochs" in args:
+        common.append(f"data.schedule.max_epochs={args['epochs']}")
+    # Any other key=value is a Hydra override of every run (e.g. paths.data_dir=... for stores elsewhere).
+    common += [
+        f"{k}={v}" for k, v in args.items() if k not in ("seeds", "jobs", "experiment", "epochs", "only")
     ]
-    (HERE / "ablations.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    only = {int(i) for i in args["only"].split(",")} if args.get("only") else None
+    names = [n for i, n in enumerate(CONDITIONS) if only is None or i in only]
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    previous = HERE / "ablations.json"
+    if only is not None and previous.is_file():  # keep the rows not rerun
+        for name, result in json.loads(previous.read_text())["results"].items():
+            if name in CONDITIONS and name not in names:
+                count = len(result["val/mAP"]["runs"])
+                runs[name] = [{m: v["runs"][k] for m, v in result.items()} for k in range(count)]
+
+    start = time.perf_counter()
+    for name in names:
+        print(f"== inputs of: {name}", flush=True)
+        build_inputs([*common, *CONDITIONS[name]])
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    root = HERE / "ablation_runs"
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {
+            (name, seed): pool.submit(
+                run_one,
+                name,
+                [*common, *CONDITIONS[name], f"seed={seed}"],
+                str(root / f"{list(CONDITIONS).index(name)}_{seed}"),
+                threads,
+            )
+            for name in names
+            for seed in seeds
+        }
+        for (name, seed), future in futures.items():
+            result = future.result()
+            print(f"== {name}, seed {seed}: {result}", flush=True)
+            runs.setdefault(name, []).append(result)
+
+    epochs_cfg = compose_cfg(common)
+    out: dict[str, Any] = {
+        "config": {
+            "experiment": experiment,
+            "epochs": int(epochs_cfg.data.schedule.max_epochs),
+            "seeds": seeds,
+            "jobs": jobs,
+            "common_overrides": common,
+            "command": "python -m bench.ablations " + " ".join(argv) if argv else "python -m bench.ablations",
+        },
+        "minutes": round((time.perf_counter() - start) / 60, 1),
+        "results": {n: summarize(runs)[n] for n in CONDITIONS if n in runs},
+    }
+    if INT8_ROW in runs and FLOAT16_ROW in runs:
+        urls = [str(compose_cfg([*common, *CONDITIONS[n]]).data.logits) for n in (INT8_ROW, FLOAT16_ROW)]
+        out["quantization_on_demo"] = quantization_error(*urls)
+    previous.write_text(json.dumps(out, indent=2))
+    (HERE / "ablations.md").write_text(markdown(out))
+    print(markdown(out))
     return out
 
 

@@ -1,0 +1,60 @@
+"""bench.ablations: every row composes, and rows that change the logit store read a store of their own."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMON = ["experiment=student_demo", "+summary=false", "data.label_only_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    # `bench` is a top-level package beside `tests`, not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        yield importlib.import_module("bench.ablations")
+    finally:
+        sys.path.pop(0)
+
+
+def test_every_row_composes_and_store_changes_get_their_own_store(ablations):
+    CONDITIONS, LABEL_ONLY, compose_cfg = ablations.CONDITIONS, ablations.LABEL_ONLY, ablations.compose_cfg
+    stores: dict[tuple, str] = {}
+    for name, overrides in CONDITIONS.items():
+        cfg = compose_cfg([*COMMON, *overrides])
+        assert cfg.task == "distill", name
+        extract = cfg.data.extract
+        key = (cfg.teacher.name, extract.topk, extract.epochs, extract.quantization)
+        # One store per extraction setting: two settings never share a path (a stale store would be reused).
+        assert stores.setdefault(key, str(cfg.data.logits)) == str(cfg.data.logits), name
+    assert len(set(stores.values())) == len(stores)
+    assert LABEL_ONLY in CONDITIONS
+
+
+def test_paper_and_our_inconsistency_differ_only_in_the_shift(ablations):
+    CONDITIONS, compose_cfg = ablations.CONDITIONS, ablations.compose_cfg
+    paper = compose_cfg([*COMMON, *CONDITIONS["inconsistent as the paper: no shift, fresh masks"]])
+    ours = compose_cfg([*COMMON, *CONDITIONS["inconsistent as ours: fresh shift and masks"]])
+    assert not paper.distill.consistent and not ours.distill.consistent
+    assert (paper.distill.inconsistent_shift, ours.distill.inconsistent_shift) == ("none", "fresh")
+
+
+def test_table_gives_mean_and_spread_per_row(ablations):
+    summarize, markdown = ablations.summarize, ablations.markdown
+    runs = {
+        "a": [
+            {"val/mAP": 0.5, "test/mAP": 0.4, "minutes": 1.0},
+            {"val/mAP": 0.7, "test/mAP": 0.6, "minutes": 1.0},
+        ]
+    }
+    out = {
+        "config": {"experiment": "student_demo", "epochs": 6, "seeds": [0, 1], "jobs": 2, "command": "x"},
+        "minutes": 2.0,
+        "results": summarize(runs),
+    }
+    text = markdown(out)
+    assert "| a | 0.6000 ± 0.1414 | 0.5000 ± 0.1414 |" in text
