@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
-from ced_lightning.demo import label_only_epochs
+from ced_lightning.demo import label_only_epochs, label_only_validations
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 
@@ -107,6 +107,17 @@ def test_label_only_baseline_gets_the_students_optimizer_steps() -> None:
         assert epochs * per_epoch >= student_steps > (epochs - 1) * per_epoch
     with pytest.raises(ValueError, match="fewer than one batch"):
         label_only_epochs(2, 100, 10, 32)
+
+
+def test_label_only_baseline_is_validated_as_often_as_the_student() -> None:
+    # 75 baseline epochs against a student validated 6 times: every 13 epochs, 78 epochs (never fewer steps).
+    assert label_only_validations(75, 6, 1) == (78, 13)
+    assert label_only_validations(25, 6, 1) == (30, 5)
+    assert label_only_validations(3, 3, 1) == (3, 1)  # no pool: the student's own schedule
+    assert label_only_validations(10, 6, 2) == (12, 4)  # a student validated every 2nd epoch: 3 validations
+    for baseline_epochs, student_epochs in [(7, 3), (40, 12), (1, 1)]:
+        epochs, every = label_only_validations(baseline_epochs, student_epochs, 1)
+        assert epochs % every == 0 and epochs // every == student_epochs and epochs >= baseline_epochs
 
 
 def test_worker_processes_give_the_same_store(tmp_path: Path) -> None:

@@ -98,6 +98,17 @@ def label_only_epochs(student_epochs: int, student_clips: int, labeled_clips: in
     return max(1, math.ceil(student_steps / labeled_batches))
 
 
+def label_only_validations(
+    baseline_epochs: int, student_epochs: int, student_val_every: int
+) -> tuple[int, int]:
+    """(epochs, val_every) of the label-only baseline: as many validations as the student has, the last at
+    its last epoch, so both runs' best validation and averaged checkpoint pick among equally many points.
+    The epochs round up to a multiple of `val_every` (a few steps more for the baseline, never fewer)."""
+    validations = max(1, student_epochs // max(1, student_val_every))
+    val_every = max(1, math.ceil(baseline_epochs / validations))
+    return val_every * validations, val_every
+
+
 def label_only_cfg(cfg: DictConfig) -> DictConfig:
     """The label-only baseline of the student run `cfg`: the same network, optimizer, schedule shape, mixup
     and seed, task=supervised on the labeled store with the teachers' augmentation recipe, for as many
@@ -109,8 +120,10 @@ def label_only_cfg(cfg: DictConfig) -> DictConfig:
         baseline.task = "supervised"
         student_clips = len(AudioStore.open(str(cfg.data.train)))
         labeled_clips = len(AudioStore.open(str(baseline.data.train)))
-        baseline.data.schedule.max_epochs = label_only_epochs(
-            int(cfg.data.schedule.max_epochs), student_clips, labeled_clips, int(cfg.data.batch_size)
+        student_epochs = int(cfg.data.schedule.max_epochs)
+        epochs = label_only_epochs(student_epochs, student_clips, labeled_clips, int(cfg.data.batch_size))
+        baseline.data.schedule.max_epochs, baseline.data.schedule.val_every = label_only_validations(
+            epochs, student_epochs, int(cfg.data.schedule.val_every)
         )
         baseline.paths.output_dir = str(Path(cfg.paths.output_dir) / "label_only")
         baseline.tags = [*list(cfg.get("tags") or []), "label_only"]
@@ -121,13 +134,14 @@ def label_only_cfg(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(baseline, key, yaml.safe_load(value), force_add=True)
     log.info(
         "demo: label-only baseline: %s with labels on %s (%d clips) for %d epochs, the student's optimizer "
-        "steps (%d epochs over %d clips)",
+        "steps (%d epochs over %d clips), validated every %d epochs as often as the student",
         cfg.model.get("name", "the student"),
         baseline.data.train,
         labeled_clips,
         baseline.data.schedule.max_epochs,
         cfg.data.schedule.max_epochs,
         student_clips,
+        baseline.data.schedule.val_every,
     )
     return baseline
 
