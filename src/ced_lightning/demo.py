@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -235,6 +234,10 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"clip_seconds={cfg.data.clip_seconds}",
         # The store's own seed: the student's training seed must not change what the teachers saw.
         f"seed={cfg.data.extract.seed}",
+        # Each teacher and the ensemble scored on the validation store before their logits are stored (the
+        # table a user of their own data sees; weak teachers stop the extraction).
+        f"teacher_check.store={cfg.data.val}",
+        f"allow_weak_teachers={bool(cfg.data.extract.get('allow_weak_teachers', False))}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
         *list(cfg.data.get("augment_overrides") or []),
     ]
@@ -267,27 +270,24 @@ def _fmt(value: Any) -> str:
     return f"{float(value):.4f}" if value is not None else "n/a"
 
 
-@torch.no_grad()
 def teacher_maps(cfg: DictConfig, store: str) -> dict[str, float]:
     """mAP on `store` of each teacher checkpoint and of the ensemble, combined as the logit store combines it
-    (`teacher.combine`), all from one pass over the store."""
-    from ced_lightning.data.labeled import LabeledDataModule
-    from ced_lightning.metrics import TaggingMetrics
+    (`teacher.combine`): `evaluate`'s teacher-set path (`evaluate.evaluate_teachers`), one pass."""
+    from ced_lightning.evaluate import evaluate_teachers
     from ced_lightning.models import load_model
-    from ced_lightning.modules.ensemble import combine_probabilities
 
     teachers = {m.name: load_model(m.checkpoint).eval() for m in cfg.teacher.members}
-    num_classes = next(iter(teachers.values())).num_classes
-    metrics = {name: TaggingMetrics(num_classes) for name in [*teachers, "ensemble"]}
-    data = LabeledDataModule(val=store, eval_batch_size=cfg.data.eval_batch_size, num_workers=0)
-    for batch in data.val_dataloader():
-        batch = data.on_after_batch_transfer(batch, 0)  # int16 -> float32, as in training
-        logits = {name: t(batch["waveform"]).float() for name, t in teachers.items()}
-        for name, value in logits.items():
-            metrics[name].update(torch.sigmoid(value), batch["target"])
-        ensemble = combine_probabilities(list(logits.values()), cfg.teacher.get("combine", "mean_prob"))
-        metrics["ensemble"].update(ensemble, batch["target"])
-    return {name: float(m.compute()["mAP"]) for name, m in metrics.items()}
+    table = evaluate_teachers(
+        teachers,
+        store,
+        combine=str(cfg.teacher.get("combine", "mean_prob")),
+        batch_size=int(cfg.data.eval_batch_size),
+        device="cpu" if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else None,
+    )
+    return {
+        **{n: float(r["mAP"]) for n, r in table["teachers"].items()},
+        "ensemble": float(table["ensemble"]["mAP"]),
+    }
 
 
 def print_demo_summary(rows: list[tuple[str, str, str]]) -> None:

@@ -1,7 +1,7 @@
 """`python -m ced_lightning.prepare`: decode audio files into an audio store (or build the demo's stores).
 
     python -m ced_lightning.prepare input=PATH output=STORE [audio_dir=DIR] [class_labels=CSV] [workers=N]
-    python -m ced_lightning.prepare source=demo output=DIR [demo.train=1200 demo.val=300 demo.test=300]
+    python -m ced_lightning.prepare source=demo output=DIR [demo.train=400 demo.unlabeled=4400 demo.val=300]
 
 `input` is an audio directory, a CSV/TSV file list, or AudioSet segment CSV(s) (with `audio_dir`). Files are
 decoded in worker processes and written by this one, in order. Bad files are skipped and listed in the
@@ -339,6 +339,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             str(cfg.output),
             seed=int(cfg.demo.seed),
             train=int(cfg.demo.train),
+            unlabeled=int(cfg.demo.get("unlabeled", 0)),
             val=int(cfg.demo.val),
             test=int(cfg.demo.test),
             clip_seconds=float(cfg.demo.clip_seconds),
