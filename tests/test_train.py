@@ -479,3 +479,17 @@ def test_training_validates_on_clips_shorter_than_one_stft_window(
     train(_compose(overrides, output_dir=tmp_path / "distill"))
     overrides[0:3] = ["experiment=teacher_demo_cnn", "model=timm", "model.backbone=mobilenetv3_small_050"]
     train(_compose(overrides, output_dir=tmp_path / "teacher"))  # its 1024-point window: 200 < 512 < 1024
+
+
+def test_a_run_shorter_than_its_validation_interval_still_validates() -> None:
+    """The demo's CED teacher validates every 3rd epoch; trained for 1 epoch (a quick look, or a test) it must
+    still validate once, or it ends without a best or averaged checkpoint."""
+    from ced_lightning.runtime import build_trainer, validation_interval
+
+    assert (
+        validation_interval(3, 1) == 1 and validation_interval(3, 60) == 3 and validation_interval(1, 5) == 1
+    )
+    assert validation_interval(None, 4) is None and validation_interval(5, None) == 5
+    cfg = _compose(["experiment=teacher_demo_ced", "data.schedule.max_epochs=1", "trainer=cpu"])
+    assert cfg.trainer.check_val_every_n_epoch == 3
+    assert build_trainer(cfg, callbacks=[], loggers=[]).check_val_every_n_epoch == 1

@@ -274,7 +274,19 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         )
         if trainer_cfg.get("sync_batchnorm") and not _on_gpu(trainer_cfg.accelerator):
             trainer_cfg.sync_batchnorm = False  # torch's SyncBatchNorm runs on GPUs only (DDP on CPU: gloo)
+        trainer_cfg.check_val_every_n_epoch = validation_interval(
+            trainer_cfg.get("check_val_every_n_epoch"), trainer_cfg.get("max_epochs")
+        )
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def validation_interval(val_every: int | None, max_epochs: int | None) -> int | None:
+    """Epochs between validations, at most the run's epochs: a run shorter than its recipe's interval (a
+    quick look at a teacher validated every 3rd epoch, for 1 epoch) still validates, so it has a best and an
+    averaged checkpoint."""
+    if val_every is None or max_epochs is None or int(max_epochs) < 1:
+        return val_every
+    return max(1, min(int(val_every), int(max_epochs)))
 
 
 def _local_checkpoint_file(ckpt_path: str | None) -> bool:
