@@ -57,21 +57,9 @@ INT8_ROW, FLOAT16_ROW = next(iter(CONDITIONS)), "float16 store"
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from ced_lightning import compose_config
 
-    from ced_lightning import conf_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return compose_config(overrides, output_dir)
 
 
 def build_inputs(overrides: list[str]) -> None:

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf, read_write
 
-from ced_lightning import conf_dir
+from ced_lightning import compose_config
 from ced_lightning.augment import AugmentRecipe, scale_to_clip
 from ced_lightning.data.demo import DEMO_CLASSES, build_demo_stores, generate_demo_clip
 from ced_lightning.models import create_ced, save_ced
@@ -29,15 +27,7 @@ from ced_lightning.store.concat import ConcatAudioStore, open_audio
 CLIP_SECONDS = 4.0
 
 
-def _compose(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+_compose = compose_config
 
 
 def _write_unlabeled(url: str, count: int, seed: int = 7) -> AudioStore:

@@ -14,27 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-from ced_lightning import conf_dir
+from ced_lightning import compose_config, conf_dir
 from ced_lightning.models import create_ced, save_ced
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
-def _compose(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+_compose = compose_config
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -1,6 +1,9 @@
 """ced-lightning: Consistent Ensemble Distillation for audio tagging, in PyTorch Lightning and Hydra."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -16,3 +19,22 @@ def conf_dir() -> Path:
 def resources_dir() -> Path:
     """Data shipped with the package (AudioSet's class list)."""
     return Path(__file__).resolve().parent / "resources"
+
+
+def compose_config(overrides: list[str], output_dir: Path | str | None = None, config: str = "train") -> Any:
+    """A command's config as `python -m ced_lightning.<config> OVERRIDES` would see it (Hydra's runtime config
+    set, so `${hydra:...}` resolves), for code that runs a command in-process: tests, benchmarks. With
+    `output_dir`, the run writes there."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
