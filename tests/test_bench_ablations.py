@@ -58,3 +58,19 @@ def test_table_gives_mean_and_spread_per_row(ablations):
     }
     text = markdown(out)
     assert "| a | 0.6000 ± 0.1414 | 0.5000 ± 0.1414 |" in text
+
+
+def test_a_command_started_in_process_composes_inside_and_outside_a_hydra_app(tmp_path):
+    # bench.ablations builds missing teachers outside any Hydra app (after `compose_config`): the demo's inner
+    # commands must compose there too, and inside an app without replacing its runtime config.
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ced_lightning import compose_config, compose_inner
+
+    outer = compose_config([*COMMON], tmp_path / "outer")
+    assert not GlobalHydra.instance().is_initialized()
+    teacher = compose_inner("train", ["experiment=teacher_demo_cnn", f"++paths.output_dir={tmp_path}/t"])
+    assert teacher.task == "supervised"
+    assert compose_inner("extract", ["topk=3"]).topk == 3
+    assert list(HydraConfig.get().overrides.task) == list(outer.hydra.overrides.task) == COMMON

@@ -38,3 +38,16 @@ def compose_config(overrides: list[str], output_dir: Path | str | None = None, c
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def compose_inner(config: str, overrides: list[str]) -> Any:
+    """The config of a command that a running command starts in-process (the demo's teachers and extraction):
+    composed in the running Hydra app when there is one, leaving its runtime config (output folder, saved
+    configs) the outer run's; else from `conf/`, e.g. under `compose_config` in a benchmark."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config, overrides=overrides)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name=config, overrides=overrides)

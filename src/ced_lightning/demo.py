@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ced_lightning import compose_inner
 from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.extract import run_extract
 from ced_lightning.runtime import global_rank
@@ -205,7 +205,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
         *list(cfg.data.get("teacher_overrides") or []),
         *list(member.get("overrides") or []),
     ]
-    teacher_cfg = compose(config_name="train", overrides=overrides)
+    teacher_cfg = compose_inner("train", overrides)
     metrics = train(teacher_cfg)
     best = Path(str(metrics.get("tested_checkpoint") or ""))
     if not best.is_file():
@@ -241,7 +241,7 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"trainer.accelerator={cfg.trainer.accelerator}",
         *list(cfg.data.get("augment_overrides") or []),
     ]
-    extract_cfg = compose(config_name="extract", overrides=overrides)
+    extract_cfg = compose_inner("extract", overrides)
     with open_dict(extract_cfg):
         # The teachers this run trained, also when the command line changed the `teacher` group's members.
         extract_cfg.teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
