@@ -128,8 +128,9 @@ def test_heterogeneous_ensemble_extracts_and_verifies(reference: LogitStore, wor
 
 
 def test_verify_detects_tampering(reference: LogitStore, workdir: Path) -> None:
-    from ced_lightning.extract import load_teachers, verify_store
     from ced_lightning.store.audio import AudioStore
+    from ced_lightning.teachers import load_teachers
+    from ced_lightning.verify import verify_store
 
     cfg = _cfg(workdir, reference.url)
     teachers, _, _ = load_teachers(cfg.teacher)
@@ -369,10 +370,12 @@ def test_bf16_mixed_extraction_verifies(reference: LogitStore, workdir: Path) ->
     # What GPUs run (bf16 autocast, float32 front end), here on the CPU (slow there: 4 clips, 1 epoch): it
     # works and replays within bf16 slack. Each block's `block_done` code records the precision, so a later
     # float32 run verifies the store with bf16's tolerance (and a float32 store keeps the tight one).
-    from ced_lightning.extract import REPLAY_SLACK, load_teachers, run_extract, verify_store
+    from ced_lightning.extract import run_extract
     from ced_lightning.quantize import max_abs_error
     from ced_lightning.store.audio import AudioStore
     from ced_lightning.store.logits import BLOCK_FULL_PRECISION, BLOCK_REDUCED_PRECISION
+    from ced_lightning.teachers import load_teachers
+    from ced_lightning.verify import REPLAY_SLACK, verify_store
 
     out = workdir / "bf16.zarr"
     small = f"audio_store={workdir / 'small_audio.zarr'}"
@@ -554,9 +557,9 @@ def test_long_clips_extract_every_segment(
 ) -> None:
     """Every segment of every clip is a row (the last partial one when at least half a segment), each row's
     teachers' probabilities are those of its own stretch of audio, and the figures count segments."""
-    from ced_lightning.extract import load_teachers
     from ced_lightning.modules.ensemble import ensemble_probabilities
     from ced_lightning.store.audio import AudioStore
+    from ced_lightning.teachers import load_teachers
 
     store = LogitStore.open(segment_reference.url)
     rows = [(c, 16000 * s) for c, starts in enumerate(LONG_STARTS) for s in starts]

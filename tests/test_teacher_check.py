@@ -201,7 +201,7 @@ def test_extract_refuses_teachers_near_chance(workdir: Path, tmp_path: Path, cap
 
 def test_duplicate_teacher_names_from_checkpoints_refused(workdir: Path) -> None:
     """Before: two runs' `averaged.ckpt` both became teacher `averaged`, silently."""
-    from ced_lightning.extract import teacher_members
+    from ced_lightning.teachers import teacher_members
 
     a, b = "runs/a/checkpoints/averaged.ckpt", "runs/b/checkpoints/averaged.ckpt"
     with pytest.raises(ValueError, match=r"'averaged' <- runs/a/.*name: a_averaged, checkpoint: runs/a/"):

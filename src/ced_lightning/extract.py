@@ -11,9 +11,9 @@ Clips that fit one segment give one row each, as before segments.
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
 With several devices every rank writes a disjoint, contiguous share of the missing blocks. `verify=N`
 re-runs the teachers on N random (epoch, row) pairs from the stored parameters and reports the largest
-difference from the stored probabilities; a mismatch ends the command with exit status 1 (also when only
-verifying a complete store). One run writes a store at a time (`store.lock`); the figures are kept in the
-store, `<output>/extract_stats.json`.
+difference from the stored probabilities (`ced_lightning.verify`); a mismatch ends the command with exit
+status 1 (also when only verifying a complete store). One run writes a store at a time (`store.lock`); the
+figures are kept in the store, `<output>/extract_stats.json`.
 
 With `teacher_check.store=VAL_STORE` (a labelled store) each teacher and the ensemble are first scored on it
 (`evaluate.evaluate_teachers`, the table goes into the stats), and teachers near chance are refused before
@@ -30,14 +30,13 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE, int16_to_float, pack_clips
-from ced_lightning.augment import AugmentRecipe, front_end_sources
-from ced_lightning.data.segments import SegmentTable, read_segments, segment_table
+from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.augment import AugmentRecipe
+from ced_lightning.data.segments import SegmentTable, segment_table
 from ced_lightning.evaluate import (
     MIN_GAIN_OVER_CHANCE,
     evaluate_teachers,
@@ -48,10 +47,8 @@ from ced_lightning.labels import resolve_class_names
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
-    ensemble_probabilities,
     reduced_precision,
 )
-from ced_lightning.quantize import max_abs_error
 from ced_lightning.runtime import (
     build_trainer,
     finish_task,
@@ -64,15 +61,12 @@ from ced_lightning.store import remove_partial_writes, store_exists, write_store
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
 from ced_lightning.store.lock import store_lock
-from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, FORMAT, LogitStore, read_attrs
+from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
-from ced_lightning.teachers import load_teachers, state_dict_sha256, teacher_members  # noqa: F401 (re-exported)
+from ced_lightning.teachers import load_teachers
+from ced_lightning.verify import check_verified, verify_store
 
 log = logging.getLogger(__name__)
-
-# Largest replay difference beyond quantization, by whether either side computed in reduced precision:
-# bf16 teachers differ from a float32 replay by about 1% of a probability, float32 ones by round-off.
-REPLAY_SLACK = {False: 1e-4, True: 2e-2}
 
 # The extraction's figures, kept inside the store: a name next to it could be a user's file.
 STATS_FILE = "extract_stats.json"
@@ -202,10 +196,6 @@ def _store_class_names(
     return resolve_class_names(num_classes, teacher_names, audio.class_names, placeholders=False)
 
 
-class VerificationError(RuntimeError):
-    """`verify=N` found stored probabilities that the teachers do not reproduce."""
-
-
 class WeakTeachersError(RuntimeError):
     """`teacher_check` found teachers near chance on the labelled store, and `allow_weak_teachers` is off."""
 
@@ -258,7 +248,7 @@ def check_teacher_quality(
 def run_extract(cfg: DictConfig) -> LogitStore:
     """Extract (or finish extracting) the logit store `cfg.output`; returns it, complete.
 
-    Raises StoreLockedError when another run writes the store, VerificationError when `verify` fails.
+    Raises StoreLockedError when another run writes the store, `verify.VerificationError` when `verify` fails.
     """
     if cfg.get("output") in (None, "", "???"):
         raise ValueError("output=PATH is required: where the logit store goes")
@@ -339,14 +329,8 @@ def _extract(cfg: DictConfig) -> LogitStore:
             replay_reduced=reduced_precision(trainer.precision, device),
         )
     report(store, stats)
-    if "verify" in stats and not stats["verify"]["ok"]:
-        v = stats["verify"]
-        raise VerificationError(
-            f"{redact_url(store.url)}: verification failed: the teachers' probabilities differ from the "
-            f"stored ones by up to {v['max_abs_diff']:.2e} (bound {v['bound']:.2e}) on {v['samples']} "
-            "(epoch, clip) pairs. The store does not hold what these teachers compute on this audio store: "
-            "check the teacher checkpoints and the audio store, or extract into a new output."
-        )
+    if "verify" in stats:  # after the figures are printed and saved
+        check_verified(store.url, stats["verify"])
     return store
 
 
@@ -412,63 +396,6 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
         )
     print("\n".join(lines))
     write_store_json(store.url, STATS_FILE, stats)
-
-
-@torch.no_grad()
-def verify_store(
-    store: LogitStore,
-    teachers: Sequence[nn.Module],
-    audio_store: AudioStore,
-    samples: int,
-    seed: int,
-    replay_reduced: bool = False,
-) -> dict[str, Any]:
-    """Replay `samples` random (epoch, row) pairs from the stored parameters through the teachers (a row is
-    a segment of a clip: `LogitStore.segments`).
-
-    Compares the teachers' probabilities of the stored classes with the stored values: the largest absolute
-    difference must lie within the quantization error plus a slack for arithmetic, `REPLAY_SLACK[True]` where
-    the pair's block was extracted in reduced precision (its `block_done` code) or the replay itself runs in
-    it (`replay_reduced`), float round-off otherwise. Also reports how often the recomputed top-k has the
-    stored classes.
-    """
-    rng = np.random.default_rng(seed)
-    n = min(samples, store.num_rows * store.epochs)
-    picks = rng.choice(store.num_rows * store.epochs, size=n, replace=False)
-    segments = store.segments()
-    device = next(teachers[0].parameters()).device
-    codes = store.block_codes()
-    mel_sources = front_end_sources([t.front_end for t in teachers])
-    diffs, excess, agree, bound_slack = [], [], 0, 0.0
-    for pick in picks:
-        epoch, i = divmod(int(pick), store.num_rows)
-        block_reduced = codes[i // store.block_clips] == BLOCK_REDUCED_PRECISION
-        slack = REPLAY_SLACK[bool(block_reduced) or replay_reduced]
-        bound_slack = max(bound_slack, slack)
-        classes, stored, params = store.read(epoch, i)
-        row = read_segments(audio_store, segments, np.array([i]))[i]
-        wav, lengths = pack_clips([row], store.clip_samples)
-        wav_t = int16_to_float(torch.from_numpy(wav).to(device))
-        lengths_t = torch.from_numpy(lengths).to(device)
-        probs = ensemble_probabilities(
-            teachers, wav_t, lengths_t, params, store.recipe, store.combine, mel_sources
-        )[0]
-        probs = probs.cpu().numpy()
-        recomputed = probs[classes]
-        diff = np.abs(recomputed - stored)
-        diffs.append(diff.max())
-        excess.append((diff - max_abs_error(recomputed, store.quantization) - slack).max())
-        top = np.argsort(-probs, kind="stable")[: store.topk]
-        agree += int(set(top.tolist()) == set(classes.tolist()))
-    bound = float(max_abs_error(1.0, store.quantization)) + bound_slack
-    return {
-        "samples": int(n),
-        "max_abs_diff": float(max(diffs)),
-        "mean_abs_diff": float(np.mean(diffs)),
-        "bound": bound,
-        "ok": bool(max(excess) <= 0),
-        "topk_set_agreement": agree / n,
-    }
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")
