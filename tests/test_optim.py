@@ -31,6 +31,31 @@ def test_parameter_groups_decay_matrices_only() -> None:
     assert {id(p) for p in no_decay["params"]} == expected  # the frozen matrix is in neither group
 
 
+def test_parameter_groups_hold_every_trainable_parameter_once() -> None:
+    """On a real model (CED: `no_weight_decay` names its two position embeddings): the groups
+    partition the trainable parameters, decay goes to matrices not named there, and a model without 1-d
+    parameters or skipped names gets one group."""
+    from ced_lightning.models import create_ced
+
+    model = create_ced("ced_tiny", depth=1, num_classes=3)
+    model.outputlayer.requires_grad_(False)  # a frozen head: in neither group
+    groups = parameter_groups(model, weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}
+    assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
+    skip = set(model.no_weight_decay())
+    assert skip and skip <= {name for name, _ in model.named_parameters()}
+    decayed = {trainable[i][0] for i in map(id, groups[0]["params"])}
+    assert decayed == {name for name, p in trainable.values() if p.ndim >= 2 and name not in skip}
+    assert skip.isdisjoint(decayed) and any(p.ndim >= 2 for name, p in trainable.values() if name in skip)
+
+    only_matrices = nn.Linear(3, 2, bias=False)
+    assert [(len(g["params"]), g["weight_decay"]) for g in parameter_groups(only_matrices, 0.05)] == [
+        (1, 0.05)
+    ]
+
+
 def test_build_optimizer_applies_the_partials_weight_decay_to_matrices_only() -> None:
     from functools import partial
 
