@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
 from ced_lightning.audio import pack_clips
+from ced_lightning.data.blocks import BlockSampler, rank_share
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.modules.ensemble import BlockSampler, check_teachers, rank_share
+from ced_lightning.modules.ensemble import check_teachers
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
 

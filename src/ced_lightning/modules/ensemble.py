@@ -1,27 +1,26 @@
 """TeacherEnsembleModule: runs a teacher ensemble over an audio store and fills a logit store, block by block.
 
-One DataLoader item is one block of the logit store (`block_clips` consecutive rows: clips, or the segments
-of clips in a store of segments, `ced_lightning.data.segments`). `BlockSampler` hands each rank a contiguous
-share of the blocks still missing, so every block is written by exactly one process (never Lightning's
-interleaved DistributedSampler: set `use_distributed_sampler=False`). For every augmentation epoch the module
-draws the block's parameters from (seed, epoch, row index), runs every teacher on the augmented spectrograms
-in micro-batches, combines them, keeps the top-k and writes the block.
+One DataLoader item is one block of the logit store (`ced_lightning.data.blocks`: `BlockDataset` reads it,
+`BlockSampler` hands each rank a contiguous share of the blocks still missing, so every block is written by
+exactly one process; never Lightning's interleaved DistributedSampler: set `use_distributed_sampler=False`).
+For every augmentation epoch the module draws the block's parameters from (seed, epoch, row index), runs every
+teacher on the augmented spectrograms in micro-batches, combines them, keeps the top-k and writes the block.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from ced_lightning.audio import int16_to_float, pack_clips
+from ced_lightning.audio import int16_to_float
 from ced_lightning.augment import (
     AugmentParams,
     AugmentRecipe,
@@ -29,9 +28,7 @@ from ced_lightning.augment import (
     front_end_sources,
     sample_augment_params,
 )
-from ced_lightning.data.segments import SegmentTable, read_segments
-from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.concat import ConcatAudioStore, open_audio
+from ced_lightning.data.blocks import BlockDataset, BlockSampler
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
@@ -42,64 +39,6 @@ COMBINES = ("mean_prob", "mean_logit")
 def check_combine(combine: str) -> None:
     if combine not in COMBINES:
         raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
-
-
-class BlockDataset(Dataset):
-    """Item `b`: block `b` of the logit store, `{"block", "index" [n], "waveform" int16 [n, T], "length"}`
-    (`index`: the block's rows).
-
-    Waveforms stay int16 until a micro-batch reaches the model: a 1024-clip block of 10 s clips is 330 MB
-    as int16, twice that as float32.
-    """
-
-    def __init__(
-        self, audio_url: str | list[str], segments: SegmentTable, block_clips: int, clip_samples: int
-    ) -> None:
-        self.audio_url = audio_url if isinstance(audio_url, list) else str(audio_url)  # a list: read as one
-        self.segments = segments
-        self.num_rows = len(segments)
-        self.block_clips = block_clips
-        self.clip_samples = clip_samples
-        self._audio: AudioStore | ConcatAudioStore | None = None
-
-    def __len__(self) -> int:
-        return -(-self.num_rows // self.block_clips)
-
-    def __getitem__(self, b: int) -> dict[str, Any]:
-        if self._audio is None:  # opened in the worker process that reads
-            self._audio = open_audio(self.audio_url)
-        start = b * self.block_clips
-        stop = min(start + self.block_clips, self.num_rows)
-        # Teachers see each row's segment (at most clip_samples): an hour-long recording is not read whole.
-        rows = read_segments(self._audio, self.segments, np.arange(start, stop))
-        waveform, lengths = pack_clips([rows[r] for r in range(start, stop)], self.clip_samples)
-        return {
-            "block": b,
-            "index": torch.arange(start, stop, dtype=torch.int64),
-            "waveform": torch.from_numpy(waveform),
-            "length": torch.from_numpy(lengths),
-        }
-
-
-def rank_share(blocks: Sequence[int], num_replicas: int, rank: int) -> list[int]:
-    """Rank `rank`'s contiguous share of `blocks` (shares differ in size by at most one block)."""
-    if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank {rank} out of range for {num_replicas} processes")
-    bounds = np.linspace(0, len(blocks), num_replicas + 1).round().astype(int)
-    return [int(b) for b in blocks[bounds[rank] : bounds[rank + 1]]]
-
-
-class BlockSampler(Sampler[int]):
-    """Yields this rank's contiguous share of `blocks`, in order (disjoint across ranks, nothing repeated)."""
-
-    def __init__(self, blocks: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
-        self.blocks = rank_share(list(blocks), num_replicas, rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
 
 def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
