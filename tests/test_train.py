@@ -248,22 +248,6 @@ def test_multirun_two_jobs_and_offline_wandb(tiny_demo: dict[str, str], tmp_path
     assert "logging offline (not logged in" in result.stdout + result.stderr
 
 
-def test_wandb_offline_reason_finds_the_netrc_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ced_lightning.runtime import wandb_offline_reason
-
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.invalid")
-    netrc = tmp_path / ".netrc"
-    monkeypatch.setenv("NETRC", str(netrc))
-    assert wandb_offline_reason(timeout=0.5) == "not logged in (wandb login)"
-    netrc.write_text("machine wandb.invalid\n  login user\n  password " + "0" * 40 + "\n")
-    netrc.chmod(0o600)
-    assert wandb_offline_reason(timeout=0.5) == "wandb.invalid is unreachable"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert wandb_offline_reason() == "WANDB_MODE=offline"
-
-
 def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_path: Path) -> None:
     """DDP on the CPU (gloo, 2 processes re-executed by Lightning): one run folder, one log, rank-disjoint
     batches, and the test step sees every clip once. Only `trainer.devices=2`, not `trainer=ddp`: Lightning
@@ -396,47 +380,6 @@ def test_run_options_are_refused_before_anything_starts(
     assert not any(tmp_path.iterdir())  # the demo built nothing
 
 
-def test_multirun_ddp_is_allowed_when_a_cluster_launcher_started_the_ranks() -> None:
-    from ced_lightning.runtime import check_multirun_ddp, launched_externally, requested_processes
-
-    cfg = _compose(["hydra.mode=MULTIRUN", "trainer=cpu", "trainer.devices=1"])
-    check_multirun_ddp(cfg)  # one process per job: nothing to relaunch
-    assert requested_processes(_compose(["trainer.devices='0,1'", "trainer.num_nodes=2"]).trainer) == 4
-    assert launched_externally({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
-    assert launched_externally({"TORCHELASTIC_RUN_ID": "x"}) and launched_externally({"SLURM_NTASKS": "8"})
-    assert not launched_externally({"SLURM_NTASKS": "1"})
-
-
-def test_documented_wandb_resume_overrides_reach_the_logger(tmp_path: Path) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    from ced_lightning.runtime import build_loggers
-
-    cfg = _compose(["+logger.wandb.id=abc123", "+logger.wandb.resume=allow"], output_dir=tmp_path)
-    (wandb_logger,) = (lg for lg in build_loggers(cfg) if isinstance(lg, WandbLogger))
-    assert wandb_logger.version == "abc123"  # the run W&B continues; `resume` goes to wandb.init
-
-
-@pytest.mark.parametrize(
-    ("env", "rank"),
-    [
-        ({}, 0),
-        ({"RANK": "3", "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 3),  # torchrun (or Lightning after setup)
-        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 5),  # srun: every task ran as rank 0 before
-        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "LOCAL_RANK": "2"}, 2),  # one task; Lightning's children
-        ({"LOCAL_RANK": "1", "NODE_RANK": "2"}, 3),
-    ],
-)
-def test_global_rank_before_lightning_sets_it(monkeypatch: pytest.MonkeyPatch, env: dict, rank: int) -> None:
-    from ced_lightning.runtime import global_rank
-
-    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert global_rank() == rank
-
-
 def _store_with_short_clips(source_url: str, url: Path, samples: int = 200) -> str:
     """The clips of `source_url`, every other one cut to `samples`: same classes, labels and names."""
     from ced_lightning.store import AudioStore
@@ -467,17 +410,3 @@ def test_training_validates_on_clips_shorter_than_one_stft_window(
     train(_compose(overrides, output_dir=tmp_path / "distill"))
     overrides[0:3] = ["experiment=teacher_demo_cnn", "model=timm", "model.backbone=mobilenetv3_small_050"]
     train(_compose(overrides, output_dir=tmp_path / "teacher"))  # its 1024-point window: 200 < 512 < 1024
-
-
-def test_a_run_shorter_than_its_validation_interval_still_validates() -> None:
-    """The demo's CED teacher validates every 3rd epoch; trained for 1 epoch (a quick look, or a test) it must
-    still validate once, or it ends without a best or averaged checkpoint."""
-    from ced_lightning.runtime import build_trainer, validation_interval
-
-    assert (
-        validation_interval(3, 1) == 1 and validation_interval(3, 60) == 3 and validation_interval(1, 5) == 1
-    )
-    assert validation_interval(None, 4) is None and validation_interval(5, None) == 5
-    cfg = _compose(["experiment=teacher_demo_ced", "data.schedule.max_epochs=1", "trainer=cpu"])
-    assert cfg.trainer.check_val_every_n_epoch == 3
-    assert build_trainer(cfg, callbacks=[], loggers=[]).check_val_every_n_epoch == 1

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ced_lightning import compose_inner
 from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.extract import run_extract
-from ced_lightning.runtime import global_rank
+from ced_lightning.launch import global_rank
 from ced_lightning.store import store_exists, store_nbytes
 from ced_lightning.tasks import check_train_config
 from ced_lightning.train import train

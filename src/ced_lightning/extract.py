@@ -44,19 +44,13 @@ from ced_lightning.evaluate import (
     weak_teachers,
 )
 from ced_lightning.labels import resolve_class_names
+from ced_lightning.launch import global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
     reduced_precision,
 )
-from ced_lightning.runtime import (
-    build_trainer,
-    finish_task,
-    global_rank,
-    prepare_ddp_relaunch,
-    quiet_non_zero_ranks,
-    resolve_precision,
-)
+from ced_lightning.runtime import build_trainer, finish_task, resolve_precision
 from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls

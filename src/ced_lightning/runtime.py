@@ -1,5 +1,8 @@
-"""The plumbing of Hydra entry points that run a Trainer: loggers (W&B that never hangs), callbacks,
-precision, DDP under Hydra, and the task wrapper. Nothing here knows about audio."""
+"""A run's set-up around the Trainer, shared by the Hydra entry points that run one (train, extract):
+loggers (W&B that never hangs: credentials probed without prompting, offline when it cannot reach its host),
+callbacks, precision, warning filters, the Trainer, the hyperparameters it logs, and W&B closed when a task
+ends. Nothing here knows about audio; how the process was launched is `launch`'s, which checkpoint a fit
+resumes into and tests is `fit_checkpoints`'."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 import socket
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,128 +23,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ced_lightning.callbacks import AverageBestCheckpoints
+from ced_lightning.launch import global_rank, on_gpu
 
 log = logging.getLogger(__name__)
-
-
-def global_rank() -> int:
-    """This process's rank as the launchers set it (0 before any launch); only `== 0` is relied upon.
-
-    torchrun sets RANK, SLURM's srun SLURM_PROCID (Lightning sets RANK only later, in `trainer.fit`), and
-    Lightning's own launcher LOCAL_RANK and NODE_RANK.
-    """
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if _slurm_tasks(os.environ) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
-
-
-def quiet_non_zero_ranks() -> None:
-    """Processes of rank > 0 (re-executed by Lightning's DDP launcher) log warnings only and write no log
-    file of their own, so a run's folder holds one log, not one per rank."""
-    if global_rank() == 0:
-        return
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
-
-
-def prepare_ddp_relaunch() -> None:
-    """Lightning's DDP launcher re-executes `sys.argv` for ranks > 0 with `hydra.run.dir` set to the run
-    folder template. Point that at this job's folder, and in a multirun replay only this job's overrides:
-    the sweep's own argv would start the whole sweep again on every rank. (That makes the first job of a
-    multirun work; `train` refuses multirun DDP anyway, see `check_multirun_ddp`.)
-
-    Runs in every launching process: on a multi-node job, node k's (global rank k x devices) as well.
-    """
-    if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:  # a process a launcher started
-        return
-    hydra_cfg = HydraConfig.instance().cfg
-    output_dir = hydra_cfg.hydra.runtime.output_dir
-    with read_write(hydra_cfg.hydra.run):
-        hydra_cfg.hydra.run.dir = output_dir
-    if hydra_cfg.hydra.mode == RunMode.MULTIRUN:
-        sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task, "hydra.mode=RUN"]
-
-
-# The environment as this process started. Lightning's DDP launcher leaves LOCAL_RANK/WORLD_SIZE set after a
-# fit, so later in the same process they no longer say whether a cluster launcher started us.
-_STARTUP_ENV = dict(os.environ)
-
-
-def launched_externally(environ: dict[str, str] | None = None) -> bool:
-    """Whether torchrun, SLURM's srun or a hand launch started this process as one of several ranks (in
-    which case Lightning starts no processes of its own). `environ`: the startup environment by default."""
-    env = _STARTUP_ENV if environ is None else environ
-    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or _slurm_tasks(env) > 1
-
-
-def _slurm_tasks(env: Mapping[str, str]) -> int:
-    """Tasks of the SLURM job step (`srun -n`); 1 outside SLURM."""
-    return int(env.get("SLURM_NTASKS", "1") or 1)
-
-
-def requested_processes(trainer_cfg: DictConfig) -> int:
-    """How many processes `trainer.devices` x `trainer.num_nodes` asks for (`auto`/-1: every visible GPU
-    on a GPU accelerator, one process on the CPU, as Lightning decides)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, str) and "," in devices:  # "0,1": GPU ids
-        count = len([d for d in devices.split(",") if d.strip()])
-    elif isinstance(devices, str | int) and str(devices).strip() in {"auto", "-1"}:
-        count = torch.cuda.device_count() if _on_gpu(str(trainer_cfg.get("accelerator", "auto"))) else 1
-    elif isinstance(devices, str | int):
-        count = int(devices)
-    else:  # a list of GPU ids
-        count = len(devices)
-    return max(count, 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
-
-
-def check_multirun_ddp(cfg: DictConfig) -> None:
-    """Refuse a Hydra multirun whose jobs would each start DDP processes through Lightning's launcher: the
-    launcher leaves LOCAL_RANK/WORLD_SIZE in the environment after the first job, so the second job takes
-    itself for an externally launched rank, starts no processes and waits for them forever."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    processes = requested_processes(cfg.trainer)
-    if processes > 1 and not launched_externally():
-        raise ValueError(
-            f"a multirun (-m, hydra.mode=MULTIRUN, hparams_search) cannot train with trainer.devices="
-            f"{cfg.trainer.get('devices')} x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)} "
-            f"({processes} processes): Lightning starts the DDP processes of the first job only, and the "
-            "second job would wait for them forever. Run one job per launch (one command per setting, "
-            "without -m), or a Hydra launcher plugin that starts every job in a fresh process "
-            "(e.g. hydra/launcher=submitit_slurm), or train each job on one device (trainer.devices=1)."
-        )
-
-
-# Values of `test_ckpt`: which checkpoint of the fit `trainer.test` evaluates (see `test_checkpoint`).
-TEST_CHECKPOINTS = ("best", "last", "averaged")
-# `ckpt_path` values that Lightning resolves itself rather than reading a file.
-_LIGHTNING_CKPT_NAMES = {"best", "last", "hpc"}
-
-
-def check_run_options(cfg: DictConfig) -> None:
-    """The train config's own switches, checked before anything long starts (a typo found after a fit of
-    hours loses the test of it)."""
-    if cfg.test_ckpt not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {cfg.test_ckpt!r}")
-    ckpt_path = cfg.get("ckpt_path")
-    if cfg.test and not cfg.train and not ckpt_path:
-        raise ValueError(
-            "train=false test=true tests the weights of ckpt_path, but ckpt_path is null (that would test "
-            "untrained weights): set ckpt_path=<run>/checkpoints/averaged.ckpt (or a best/last checkpoint)"
-        )
-    if _local_checkpoint_file(ckpt_path) and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    check_multirun_ddp(cfg)
 
 
 @contextlib.contextmanager
@@ -233,15 +121,11 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
-def _on_gpu(accelerator: str) -> bool:
-    return accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     """`auto`: bf16-mixed where a CUDA device will be used, full 32-bit on the CPU."""
     if precision != "auto":
         return precision
-    return "bf16-mixed" if _on_gpu(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if on_gpu(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 # Warnings users can do nothing about, repeated every epoch: our streams give every worker its own windows,
@@ -272,7 +156,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         trainer_cfg.precision = resolve_precision(
             trainer_cfg.get("precision", "auto"), trainer_cfg.accelerator
         )
-        if trainer_cfg.get("sync_batchnorm") and not _on_gpu(trainer_cfg.accelerator):
+        if trainer_cfg.get("sync_batchnorm") and not on_gpu(trainer_cfg.accelerator):
             trainer_cfg.sync_batchnorm = False  # torch's SyncBatchNorm runs on GPUs only (DDP on CPU: gloo)
         trainer_cfg.check_val_every_n_epoch = validation_interval(
             trainer_cfg.get("check_val_every_n_epoch"), trainer_cfg.get("max_epochs")
@@ -287,52 +171,6 @@ def validation_interval(val_every: int | None, max_epochs: int | None) -> int | 
     if val_every is None or max_epochs is None or int(max_epochs) < 1:
         return val_every
     return max(1, min(int(val_every), int(max_epochs)))
-
-
-def _local_checkpoint_file(ckpt_path: str | None) -> bool:
-    """Whether `ckpt_path` names a local file (not Lightning's "best"/"last"/"hpc", nor an fsspec URL)."""
-    return bool(ckpt_path) and str(ckpt_path) not in _LIGHTNING_CKPT_NAMES and "://" not in str(ckpt_path)
-
-
-def continue_in_checkpoint_folder(callbacks: list[Callback], ckpt_path: str | None) -> None:
-    """Resuming from `ckpt_path`: checkpoint into its folder, not the new run's. Lightning restores a
-    ModelCheckpoint's best-k bookkeeping (`best_k_models`, `best_model_score`) only into the same `dirpath`,
-    and the averaged checkpoint and the sweep objective are built from that bookkeeping."""
-    if not _local_checkpoint_file(ckpt_path):
-        return
-    folder = os.path.realpath(Path(ckpt_path).parent)  # as ModelCheckpoint resolves its own dirpath
-    for callback in callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback.dirpath = folder
-            log.info("resuming: checkpoints continue in %s (the folder of ckpt_path)", folder)
-    # Expected when resuming into it; Lightning warns about it at every resume otherwise.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-
-def best_monitored(trainer: pl.Trainer) -> dict[str, float]:
-    """`{monitor: best value}` of the checkpoint callback over the whole run (a resumed one included): the
-    best validation, where the last one is up to `patience` validations past it after early stopping.
-    Empty without a monitored checkpoint callback or before any validation."""
-    checkpoint_cb = trainer.checkpoint_callback
-    if not isinstance(checkpoint_cb, ModelCheckpoint) or checkpoint_cb.best_model_score is None:
-        return {}
-    return {checkpoint_cb.monitor: float(checkpoint_cb.best_model_score)} if checkpoint_cb.monitor else {}
-
-
-def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
-    """The checkpoint to test after fitting: `best`, `last` or `averaged` (falls back to best)."""
-    checkpoint_cb = trainer.checkpoint_callback
-    if not isinstance(checkpoint_cb, ModelCheckpoint):
-        return None
-    if which == "averaged":
-        averaged = next((cb.path for cb in trainer.callbacks if isinstance(cb, AverageBestCheckpoints)), None)
-        if averaged is not None and Path(averaged).is_file():
-            return str(averaged)
-        which = "best"
-    if which not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {which!r}")
-    path = checkpoint_cb.best_model_path if which == "best" else checkpoint_cb.last_model_path
-    return path or None
 
 
 def log_hyperparameters(cfg: DictConfig, module: pl.LightningModule, trainer: pl.Trainer) -> None:

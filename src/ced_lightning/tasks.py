@@ -14,8 +14,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentRecipe
+from ced_lightning.fit_checkpoints import check_run_options
+from ced_lightning.launch import global_rank
 from ced_lightning.models import CED, load_matching_weights
-from ced_lightning.runtime import check_run_options, global_rank
 from ced_lightning.store import store_exists
 
 log = logging.getLogger(__name__)

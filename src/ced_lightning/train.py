@@ -19,17 +19,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
+from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
+from ced_lightning.launch import prepare_ddp_relaunch, quiet_non_zero_ranks
 from ced_lightning.runtime import (
-    best_monitored,
     build_callbacks,
     build_loggers,
     build_trainer,
-    continue_in_checkpoint_folder,
     finish_task,
     log_hyperparameters,
-    prepare_ddp_relaunch,
-    quiet_non_zero_ranks,
-    test_checkpoint,
 )
 from ced_lightning.tasks import (
     build_datamodule,

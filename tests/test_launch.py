@@ -1,0 +1,37 @@
+"""`ced_lightning.launch`: ranks as the launchers set them, and the multirun guard that lets a cluster
+launcher's ranks through. (`test_train.py::test_ddp_two_processes_share_one_run_folder` runs the DDP relaunch
+end to end.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from ced_lightning import compose_config
+from ced_lightning.launch import check_multirun_ddp, global_rank, launched_externally, requested_processes
+
+
+def test_multirun_ddp_is_allowed_when_a_cluster_launcher_started_the_ranks() -> None:
+    cfg = compose_config(["hydra.mode=MULTIRUN", "trainer=cpu", "trainer.devices=1"])
+    check_multirun_ddp(cfg)  # one process per job: nothing to relaunch
+    assert requested_processes(compose_config(["trainer.devices='0,1'", "trainer.num_nodes=2"]).trainer) == 4
+    assert launched_externally({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert launched_externally({"TORCHELASTIC_RUN_ID": "x"}) and launched_externally({"SLURM_NTASKS": "8"})
+    assert not launched_externally({"SLURM_NTASKS": "1"})
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 3),  # torchrun (or Lightning after setup)
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, 5),  # srun: every task ran as rank 0 before
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "LOCAL_RANK": "2"}, 2),  # one task; Lightning's children
+        ({"LOCAL_RANK": "1", "NODE_RANK": "2"}, 3),
+    ],
+)
+def test_global_rank_before_lightning_sets_it(monkeypatch: pytest.MonkeyPatch, env: dict, rank: int) -> None:
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert global_rank() == rank
