@@ -20,7 +20,6 @@ from ced_lightning.models.ced import average_pieces
 from ced_lightning.predict import (
     TagsWriter,
     WindowsWriter,
-    batches_by_length,
     expand_inputs,
     segment_starts,
     tag_files,
@@ -47,13 +46,6 @@ def audio_dir(tmp_path_factory) -> Path:
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
     (folder / "notes.txt").write_text("not audio, ignored when a folder is searched")
     return folder
-
-
-def test_batches_by_length():
-    assert batches_by_length([5, 3, 5, 5, 3], batch_size=2) == [[1, 4], [0, 2], [3]]
-    assert batches_by_length([100, 101, 300], batch_size=8, tolerance=1) == [[0, 1], [2]]
-    with pytest.raises(ValueError, match="batch_size"):
-        batches_by_length([1], batch_size=0)
 
 
 def test_segment_starts():

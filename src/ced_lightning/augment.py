@@ -2,8 +2,8 @@
 
 Consistent teaching needs the student to see exactly the spectrograms its teachers saw. So augmentation is
 described by small integer parameters per clip (`AugmentParams`), drawn from a counter-based hash of
-(seed, epoch, clip index, stream) and stored beside the teachers' logits; both sides then call the one
-function `augmented_spectrogram` with those parameters.
+(seed, epoch, clip index, stream) (`rng.counter_uniform`) and stored beside the teachers' logits; both
+sides then call the one function `augmented_spectrogram` with those parameters.
 
 Parameters live on reference grids that do not depend on any model: time masks in 10 ms frames (160 samples
 at 16 kHz), frequency masks in the 64 bands of the 0–8000 Hz mel range (torchaudio's default 'htk' scale).
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.rng import STREAMS, counter_uniform, stream_id
 
 # Reference grids the stored parameters are expressed on.
 REF_HOP = SAMPLE_RATE // 100  # 10 ms frames at 16 kHz
@@ -41,12 +42,8 @@ FIELD_DTYPES: dict[str, np.dtype] = {
     "freq_width": np.dtype(np.uint8),  # reference mel bands
 }
 
-# Stream ids of the hash: each parameter (and each mask slot) gets its own, so no two draws are shared.
-_STREAM_SHIFT_APPLY = 1
-_STREAM_SHIFT_AMOUNT = 2
-_STREAM_GAIN = 3
-_STREAM_BASE = {"time_width": 0x100, "time_start": 0x200, "freq_width": 0x300, "freq_start": 0x400}
-_MAX_MASKS = 0x100
+# Each parameter (and each mask slot) draws from its own stream of rng.STREAMS, so no two draws are shared.
+_MAX_MASKS = len(STREAMS["augment.time_width"])
 
 
 @dataclass(frozen=True)
@@ -269,38 +266,6 @@ def _as_dtype(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
 # Drawing
 # ---------------------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_KEY_EPOCH = np.uint64(0xD1B54A32D192ED03)
-_KEY_STREAM = np.uint64(0x8CB92BA72F3D8DD7)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijective, well-avalanched mix of uint64 (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def counter_uniform(seed: int, epoch: int, indices: np.ndarray, stream: int) -> np.ndarray:
-    """float64 `[len(indices)]` in [0, 1), a pure function of (seed, epoch, index, stream).
-
-    Pure integer arithmetic (SplitMix64 rounds keyed in turn by seed, epoch and stream, then the index), so
-    the value of a clip never depends on batch composition, worker or rank count, or library versions.
-    """
-    indices = np.asarray(indices)
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"indices must be a 1-D integer array, got {indices.dtype}{list(indices.shape)}")
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
-        key = _splitmix64(key ^ (np.uint64(int(epoch) & _MASK64) * _KEY_EPOCH))
-        key = _splitmix64(key ^ (np.uint64(int(stream) & _MASK64) * _KEY_STREAM))
-        h = _splitmix64(key ^ indices.astype(np.int64).view(np.uint64))
-        h = _splitmix64(h)  # a second round so neighbouring indices decorrelate fully
-    # the top 53 bits make an exact double in [0, 1)
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
 
 def _uniform_int(u: np.ndarray, high: np.ndarray | int) -> np.ndarray:
     """Integers uniform in [0, high] (inclusive) from u in [0, 1); high may differ per clip."""
@@ -323,19 +288,19 @@ def sample_augment_params(
     if lengths.size and lengths.min() < 0:
         raise ValueError("lengths must be >= 0 samples")
     n = len(indices)
-    draw = lambda stream: counter_uniform(seed, epoch, indices, stream)
+    draw = lambda name, slot=0: counter_uniform(seed, epoch, indices, stream_id(f"augment.{name}", slot))
     values: dict[str, np.ndarray] = {}
 
     shift = np.zeros(n, dtype=np.int64)
     if recipe.shift_prob > 0 and recipe.shift_max > 0:
-        applied = draw(_STREAM_SHIFT_APPLY) < recipe.shift_prob
-        fraction = (2.0 * draw(_STREAM_SHIFT_AMOUNT) - 1.0) * recipe.shift_max
+        applied = draw("shift_apply") < recipe.shift_prob
+        fraction = (2.0 * draw("shift_amount") - 1.0) * recipe.shift_max
         shift = np.where(applied, np.rint(fraction * lengths), 0).astype(np.int64)
     values["shift"] = shift.astype(np.int32)
 
     if recipe.gain_db > 0:
         steps = int(np.floor(recipe.gain_db / GAIN_STEP_DB + 1e-9))
-        values["gain"] = (_uniform_int(draw(_STREAM_GAIN), 2 * steps) - steps).astype(np.int8)
+        values["gain"] = (_uniform_int(draw("gain"), 2 * steps) - steps).astype(np.int8)
 
     if recipe.time_masks > 0:
         clip_frames = -(-lengths // REF_HOP)  # frames of 10 ms the clip touches
@@ -346,9 +311,9 @@ def sample_augment_params(
             )
         starts, widths = [], []
         for m in range(recipe.time_masks):
-            width = _uniform_int(draw(_STREAM_BASE["time_width"] + m), recipe.time_mask_frames)
+            width = _uniform_int(draw("time_width", m), recipe.time_mask_frames)
             width = np.minimum(width, clip_frames)
-            starts.append(_uniform_int(draw(_STREAM_BASE["time_start"] + m), clip_frames - width))
+            starts.append(_uniform_int(draw("time_start", m), clip_frames - width))
             widths.append(width)
         values["time_start"] = np.stack(starts, axis=1).astype(np.uint16)
         values["time_width"] = np.stack(widths, axis=1).astype(np.uint8)
@@ -356,8 +321,8 @@ def sample_augment_params(
     if recipe.freq_masks > 0:
         starts, widths = [], []
         for m in range(recipe.freq_masks):
-            width = _uniform_int(draw(_STREAM_BASE["freq_width"] + m), recipe.freq_mask_bins)
-            starts.append(_uniform_int(draw(_STREAM_BASE["freq_start"] + m), REF_N_MELS - width))
+            width = _uniform_int(draw("freq_width", m), recipe.freq_mask_bins)
+            starts.append(_uniform_int(draw("freq_start", m), REF_N_MELS - width))
             widths.append(width)
         values["freq_start"] = np.stack(starts, axis=1).astype(np.uint8)
         values["freq_width"] = np.stack(widths, axis=1).astype(np.uint8)

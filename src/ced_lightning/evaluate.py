@@ -29,6 +29,7 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.metrics import (
     TaggingMetrics,
@@ -37,7 +38,7 @@ from ced_lightning.metrics import (
     plot_per_class_ap,
     write_per_class_csv,
 )
-from ced_lightning.predict import batches_by_length, default_device, pad_batch
+from ced_lightning.predict import default_device
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def score_store(
 
     def run(advance: Callable[[int], Any]) -> None:
         for batch in batches:
-            waveform = pad_batch([store.read(i) for i in batch]).to(device)
+            waveform = pad_batch([store.read(i) for i in batch])[0].to(device)
             logits = {name: model(waveform).float() for name, model in models.items()}
             for name, value in logits.items():
                 probabilities[name][batch] = torch.sigmoid(value).cpu()

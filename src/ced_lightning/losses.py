@@ -9,6 +9,8 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
+from ced_lightning.rng import counter_uniform, stream_id
+
 DistillLoss = Literal["kl", "bce"]
 
 
@@ -67,12 +69,7 @@ def mixup_lambda(uniform: np.ndarray, alpha: float) -> np.ndarray:
     return scipy.special.betaincinv(alpha, alpha, uniform).astype(np.float32)
 
 
-# counter_uniform stream of mixup's λ draws (augmentation parameters use other streams).
-MIXUP_STREAM = 0x313C
-
-
 def sample_mixup_lambda(seed: int, epoch: int, indices: np.ndarray, alpha: float) -> np.ndarray:
     """Per-clip mixup λ for training epoch `epoch`, keyed by (seed, epoch, clip index)."""
-    from ced_lightning.augment import counter_uniform
-
-    return mixup_lambda(counter_uniform(seed, epoch, np.asarray(indices), MIXUP_STREAM), alpha)
+    uniform = counter_uniform(seed, epoch, np.asarray(indices), stream_id("losses.mixup_lambda"))
+    return mixup_lambda(uniform, alpha)

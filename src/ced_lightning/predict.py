@@ -38,6 +38,7 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
+from ced_lightning.data.batching import pad_batch
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.models.ced import PIECE_AVERAGES
@@ -54,33 +55,6 @@ EMBEDDINGS_FORMATS = ("npy", "zarr")
 # --------------------------------------------------------------------------------------------- batching
 
 
-def batches_by_length(lengths: Sequence[int], batch_size: int, tolerance: int = 0) -> list[list[int]]:
-    """Group item indices into batches of at most `batch_size` whose lengths differ by at most `tolerance`.
-
-    Items are sorted by length (ties keep input order), so with `tolerance=0` a batch only holds clips of
-    exactly one length and needs no padding.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        current = batches[-1] if batches else None
-        if current and len(current) < batch_size and lengths[i] - lengths[current[0]] <= tolerance:
-            current.append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pad_batch(waveforms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack 1-D waveforms into `[B, max_samples]`, zero-padding the shorter ones at the end."""
-    longest = max(w.shape[-1] for w in waveforms)
-    return torch.stack(
-        [F.pad(w, (0, longest - w.shape[-1])) if w.shape[-1] < longest else w for w in waveforms]
-    )
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -90,7 +64,7 @@ def run_model(
     model: nn.Module, waveforms: Sequence[torch.Tensor], device: torch.device, embeddings: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits `[B, C]` and, with `embeddings`, the pooled embeddings `[B, D]` (float32, CPU) of one batch."""
-    batch = pad_batch(waveforms).to(device)
+    batch = pad_batch(waveforms)[0].to(device)
     if embeddings:
         logits, embedded = model.forward_and_embed(batch)
         return logits.float().cpu(), embedded.float().cpu()

@@ -18,6 +18,7 @@ from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_p
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.losses import sample_mixup_lambda
+from ced_lightning.rng import FRESH_AUGMENT_SEED_OFFSET
 from ced_lightning.store import AudioStore, LogitStore
 from ced_lightning.store.concat import (
     ConcatAudioStore,
@@ -28,9 +29,6 @@ from ced_lightning.store.concat import (
 )
 
 log = logging.getLogger(__name__)
-
-# Fresh (inconsistent) draws use another key than the teachers' so they never coincide with the stored ones.
-_FRESH_SEED_OFFSET = 0x5EED_0F_57D
 
 
 def without_shift(params: AugmentParams) -> AugmentParams:
@@ -79,7 +77,7 @@ class DistillBatchTransform:
         if self.consistent:
             params = self.params.subset(index)
         else:
-            fresh_seed = self.seed + _FRESH_SEED_OFFSET
+            fresh_seed = self.seed + FRESH_AUGMENT_SEED_OFFSET
             params = sample_augment_params(
                 self.recipe, fresh_seed, self.epoch, index, batch["length"].numpy()
             )

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ced_lightning.audio import SAMPLE_RATE, pack_clips
+from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.store import AudioStore
 from ced_lightning.store.concat import open_audio, store_urls
@@ -56,7 +57,8 @@ class ClipDataset(Dataset):
 
 
 class EqualLengthBatches(Sampler[list[int]]):
-    """Batches of clips of exactly equal length, so padding never changes a clip's output; rank r of N
+    """Batches of clips of exactly equal length (`batches_by_length`), so padding never changes a clip's
+    output; rank r of N
     takes every N-th batch (no duplicated clips, unlike a padded DistributedSampler).
 
     With fewer batches than ranks the largest batches are halved until every rank has one: Lightning
@@ -67,11 +69,7 @@ class EqualLengthBatches(Sampler[list[int]]):
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         if len(lengths) < world_size:
             raise ValueError(f"{len(lengths)} clips cannot give each of {world_size} ranks a batch")
-        order = np.argsort(lengths, kind="stable")
-        batches: list[list[int]] = []
-        for length in np.unique(lengths):
-            group = order[lengths[order] == length]
-            batches += [group[b : b + batch_size].tolist() for b in range(0, len(group), batch_size)]
+        batches = batches_by_length([int(n) for n in lengths], batch_size)
         while len(batches) < world_size:
             i = max(range(len(batches)), key=lambda b: len(batches[b]))
             half = len(batches[i]) // 2
@@ -87,13 +85,11 @@ class EqualLengthBatches(Sampler[list[int]]):
 
 def collate_clips(items: list[Batch]) -> Batch:
     """Pad the int16 waveforms to the longest, with `length`; stack the rest."""
-    waveform, lengths = pack_clips(
-        [item["waveform"] for item in items], max(len(i["waveform"]) for i in items)
-    )
+    waveform, lengths = pad_batch([item["waveform"] for item in items])
     batch: Batch = {
         "index": torch.tensor([item["index"] for item in items]),
-        "waveform": torch.from_numpy(waveform),
-        "length": torch.from_numpy(lengths),
+        "waveform": waveform,
+        "length": lengths,
     }
     if "target" in items[0]:
         batch["target"] = torch.stack([item["target"] for item in items])

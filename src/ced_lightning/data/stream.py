@@ -33,14 +33,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ced_lightning.audio import int16_to_float, pack_clips
-from ced_lightning.augment import counter_uniform
 from ced_lightning.data.segments import SegmentTable, read_segments
+from ced_lightning.rng import counter_uniform, stream_id
 from ced_lightning.store import AudioStore
 
 Batch = dict[str, Any]
-
-# Stream ids of counter_uniform draws made here (augmentation uses its own).
-_SPAN_ORDER, _WINDOW_ORDER, _CROP = 0x5A01, 0x5A03, 0x5A04
 
 MIN_WINDOW_SPANS = 16
 
@@ -98,7 +95,7 @@ def plan_epoch(
         span_bounds = np.append(np.concatenate(pieces), num_clips)
     spans = np.arange(len(span_bounds) - 1, dtype=np.int64)
     if shuffle:
-        spans = _hashed_order(seed, epoch, spans, _SPAN_ORDER)
+        spans = _hashed_order(seed, epoch, spans, stream_id("stream.span_order"))
     rank_spans = [spans[r::world_size] for r in range(world_size)]
 
     def clips_of(chosen: np.ndarray) -> np.ndarray:
@@ -114,11 +111,12 @@ def plan_epoch(
     window_batches = max(1, math.ceil(window / batch_size)) if shuffle else max(1, num_batches)
     window_clips = window_batches * batch_size
     windows = []
+    window_stream = stream_id("stream.window_order", rank)
     for w, begin in enumerate(range(0, len(sequence), window_clips)):
         clips = sequence[begin : begin + window_clips]
         if shuffle:
             # Keyed by (epoch, window, rank) so windows differ; clip indices keep the draw per clip.
-            clips = clips[np.argsort(counter_uniform(seed, epoch * 65_537 + w, clips, _WINDOW_ORDER + rank))]
+            clips = clips[np.argsort(counter_uniform(seed, epoch * 65_537 + w, clips, window_stream))]
         windows.append([clips[b : b + batch_size] for b in range(0, len(clips), batch_size)])
     return EpochPlan(windows)
 
@@ -143,7 +141,7 @@ def crop_offsets(
 ) -> np.ndarray:
     """Random crop start per clip (0 where the clip is not longer than `clip_samples`)."""
     room = np.maximum(lengths - clip_samples, 0)
-    uniform = counter_uniform(seed, epoch, indices, _CROP)
+    uniform = counter_uniform(seed, epoch, indices, stream_id("stream.crop"))
     return np.minimum((uniform * (room + 1)).astype(np.int64), room)
 
 
