@@ -733,34 +733,18 @@ class AudioStoreWriter:
 def write_audio_store(
     url: str | os.PathLike,
     clips: Iterable[tuple[str, np.ndarray | torch.Tensor, Sequence[int] | None]],
-    *,
-    class_names: Sequence[str] | None = None,
-    class_mids: Sequence[str] | None = None,
-    source: str = "memory",
-    config: dict | None = None,
-    overwrite: bool = False,
-    chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
-    shard_chunks: int = DEFAULT_SHARD_CHUNKS,
-    compression: str = "none",
+    **options: Any,
 ) -> AudioStore:
     """Write `(name, waveform, labels)` clips (16 kHz mono, float32 in [-1, 1] or int16) to a new store.
 
+    `options` are `AudioStoreWriter`'s keyword arguments (class_names, class_mids, source, config,
+    overwrite, chunk_samples, shard_chunks, compression), passed on rather than spelt out a second time.
     A complete store at `url` written with the same source/config/classes is returned as it is, an
     incomplete one resumes (the first clips it committed are skipped from `clips`); other stores there are
     refused unless `overwrite`.
     """
     with store_lock(url, "writer"):
-        writer = AudioStoreWriter(
-            url,
-            class_names=class_names,
-            class_mids=class_mids,
-            source=source,
-            config=config,
-            overwrite=overwrite,
-            chunk_samples=chunk_samples,
-            shard_chunks=shard_chunks,
-            compression=compression,
-        )
+        writer = AudioStoreWriter(url, **options)
         if writer.complete_store is not None:
             return writer.complete_store
         skip = writer.skip_items()
