@@ -30,7 +30,7 @@ from torch import nn
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
-from ced_lightning.labels import resolve_class_names
+from ced_lightning.labels import check_same_classes, resolve_class_names
 from ced_lightning.metrics import (
     TaggingMetrics,
     chance_map,
@@ -61,9 +61,13 @@ def _store_class_names(
     if store_classes != num_classes:
         raise ValueError(f"store={store_url} has {store_classes} classes but {what} predicts {num_classes}")
     store_names = list(store.class_names) if store.class_names is not None else None
-    if model_names and store_names and model_names != store_names:
-        # Same count, different order or vocabulary: the numbers would be silently wrong.
-        raise ValueError(f"{what} and store={store_url} list different class names (or orders)")
+    # Same count, different order or vocabulary: the numbers would be silently wrong.
+    check_same_classes(
+        model_names or None,
+        store_names or None,
+        sources=(what, f"store={store_url}"),
+        message=f"{what} and store={store_url} list different class names (or orders)",
+    )
     # No placeholder names: unnamed classes stay unnamed in the per-class table and chart.
     return resolve_class_names(num_classes, model_names, store_names, placeholders=False)
 

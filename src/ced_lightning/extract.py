@@ -43,7 +43,7 @@ from ced_lightning.evaluate import (
     format_teacher_table,
     weak_teachers,
 )
-from ced_lightning.labels import resolve_class_names
+from ced_lightning.labels import class_list_difference, resolve_class_names
 from ced_lightning.launch import global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
@@ -181,12 +181,11 @@ def segment_samples(cfg: DictConfig) -> int:
 def _store_class_names(
     teacher_names: list[str] | None, audio: AudioStore, num_classes: int
 ) -> list[str] | None:
-    if (
-        teacher_names is not None
-        and audio.class_names is not None
-        and list(audio.class_names) != teacher_names
-    ):
-        log.warning("the teachers' class list differs from the audio store's; storing the teachers'")
+    difference = class_list_difference(teacher_names, audio.class_names, sources=("the teachers", audio.url))
+    if difference is not None and teacher_names is not None and audio.class_names is not None:
+        log.warning(
+            "the teachers' class list differs from the audio store's (%s); storing the teachers'", difference
+        )
     return resolve_class_names(num_classes, teacher_names, audio.class_names, placeholders=False)
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
 from ced_lightning.augment import AugmentParams
-from ced_lightning.labels import audioset_classes, resolve_class_names
+from ced_lightning.labels import audioset_classes, class_list_difference, resolve_class_names
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
 from ced_lightning.quantize import KINDS
 from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
@@ -137,9 +137,11 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         validate_rows(f, num_classes)
     provenance_files = file_provenance(files)
     released_names = list(audioset_classes().names) if num_classes == len(audioset_classes()) else None
-    if audio.class_names is not None and released_names is not None and audio.class_names != released_names:
+    difference = class_list_difference(audio.class_names, released_names, sources=(audio.url, "AudioSet"))
+    if difference is not None and audio.class_names is not None and released_names is not None:
         log.warning(
-            "the audio store's class list differs from AudioSet's (the release's); storing AudioSet's"
+            "the audio store's class list differs from AudioSet's (the release's: %s); storing AudioSet's",
+            difference,
         )
     class_names = resolve_class_names(num_classes, released_names, audio.class_names, placeholders=False)
     if store_exists(output):

@@ -1,4 +1,6 @@
-"""Class lists: AudioSet's 527 classes (shipped) and user lists in the same `index,mid,display_name` CSV."""
+"""Class lists: AudioSet's 527 classes (shipped) and user lists in the same `index,mid,display_name` CSV,
+the names a model's outputs get (`resolve_class_names`), and the one check that two lists are the same
+(`class_list_difference`, `check_same_classes`: count, names and order)."""
 
 from __future__ import annotations
 
@@ -69,3 +71,56 @@ def resolve_class_names(
     if num_classes == len(audioset_classes()):
         return list(audioset_classes().names)
     return [f"class_{i}" for i in range(num_classes)] if placeholders else None
+
+
+def class_list_difference(
+    first: Sequence[str] | None,
+    second: Sequence[str] | None,
+    *,
+    sources: tuple[str, str],
+    counts: tuple[int | None, int | None] = (None, None),
+    unnamed_matches: bool = True,
+) -> str | None:
+    """None when two class lists are the same; otherwise their first difference in words, naming both
+    `sources` (`"A has 4 classes, B has 5"`, `"class 2 is 'Dog' in A, 'Cat' in B"`).
+
+    A list is its names, or only its count where unnamed (None; `counts` gives counts beside or instead of
+    names). An unnamed list matches a named one of its count, unless `unnamed_matches` is off (stores read
+    as one, which must carry the same list).
+    """
+    lengths = [
+        count if count is not None else (len(names) if names is not None else None)
+        for names, count in zip((first, second), counts)
+    ]
+    if None not in lengths and lengths[0] != lengths[1]:  # an unnamed list of unknown count has any
+        return f"{sources[0]} has {lengths[0]} classes, {sources[1]} has {lengths[1]}"
+    if first is None or second is None:
+        if (first is None and second is None) or unnamed_matches:
+            return None
+        named = sources[0] if first is not None else sources[1]
+        return f"only {named} names its classes"
+    if len(first) != len(second):
+        return f"{sources[0]} names {len(first)} classes, {sources[1]} names {len(second)}"
+    for c, (a, b) in enumerate(zip(first, second)):
+        if a != b:  # same count, other names or another order: results would be silently wrong
+            return f"class {c} is {a!r} in {sources[0]}, {b!r} in {sources[1]}"
+    return None
+
+
+def check_same_classes(
+    first: Sequence[str] | None,
+    second: Sequence[str] | None,
+    *,
+    sources: tuple[str, str],
+    message: str,
+    advice: str = "",
+    counts: tuple[int | None, int | None] = (None, None),
+    unnamed_matches: bool = True,
+) -> None:
+    """Raise ValueError `"{message} ({first difference}); {advice}"` when the two class lists differ
+    (`class_list_difference`); `message` says what cannot go together, `advice` what to do."""
+    difference = class_list_difference(
+        first, second, sources=sources, counts=counts, unnamed_matches=unnamed_matches
+    )
+    if difference is not None:
+        raise ValueError(f"{message} ({difference})" + (f"; {advice}" if advice else ""))

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from ced_lightning.labels import check_same_classes
 from ced_lightning.models import load_checkpoint
 from ced_lightning.models.released import released_entry
 from ced_lightning.modules.ensemble import check_teachers
@@ -121,7 +122,12 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
         models.append(model)
         records.append(record)
     check_teachers(models, [r["name"] for r in records])
-    distinct = {tuple(v) for v in class_lists.values()}
-    if len(distinct) > 1:
-        raise ValueError(f"teachers were trained on different class lists: {sorted(class_lists)}")
-    return models, records, (list(next(iter(distinct))) if distinct else None)
+    named = list(class_lists.items())
+    for name, names in named[1:]:
+        check_same_classes(
+            named[0][1],
+            names,
+            sources=(f"teacher {named[0][0]}", f"teacher {name}"),
+            message=f"teachers were trained on different class lists: {sorted(class_lists)}",
+        )
+    return models, records, (list(named[0][1]) if named else None)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
+from ced_lightning.labels import check_same_classes
 from ced_lightning.losses import sample_mixup_lambda
 from ced_lightning.rng import FRESH_AUGMENT_SEED_OFFSET
 from ced_lightning.store import AudioStore, LogitStore
@@ -241,18 +242,12 @@ def check_eval_classes_match_logits(
 ) -> None:
     """Refuse an evaluation store whose class list differs from the logit store's (the student's outputs):
     another count, or the same count with other names or another order (which would give a wrong mAP)."""
-    if store.num_classes != logits.num_classes:
-        raise ValueError(
-            f"{where} has {store.num_classes} classes, but the logit store {logits_url} (the student's "
-            f"outputs) has {logits.num_classes}; evaluate on a store with the teachers' class list"
-        )
-    if store.class_names is None or logits.class_names is None:
-        return
-    names, teacher_names = list(store.class_names), list(logits.class_names)
-    if names != teacher_names:
-        c = next(i for i, (a, b) in enumerate(zip(names, teacher_names)) if a != b)
-        raise ValueError(
-            f"{where} names its classes differently from the logit store {logits_url} (class {c}: "
-            f"{names[c]!r} there, {teacher_names[c]!r} in the logit store); mAP would compare the wrong "
-            "columns. Evaluate on a store with the teachers' class list in the same order"
-        )
+    check_same_classes(
+        store.class_names,
+        logits.class_names,
+        sources=(where, f"the logit store {logits_url} (the student's outputs)"),
+        counts=(store.num_classes, logits.num_classes),
+        message=f"{where} names its classes differently from the logit store {logits_url}",
+        advice="mAP would compare the wrong columns. Evaluate on a store with the teachers' class list "
+        "in the same order",
+    )

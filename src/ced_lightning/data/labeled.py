@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
+from ced_lightning.labels import check_same_classes
 from ced_lightning.store import AudioStore
 from ced_lightning.store.concat import open_audio, store_urls
 
@@ -147,11 +148,15 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         for url, store in named:
             if not store.has_labels:
                 raise ValueError(f"{url}: this audio store has no labels; training and evaluation need them")
-            if store.num_classes != first.num_classes or store.class_names != first.class_names:
-                raise ValueError(
-                    f"{url} has another class list ({store.num_classes} classes) than {first_url} "
-                    f"({first.num_classes}); all stores of one run must share it"
-                )
+            check_same_classes(
+                store.class_names,
+                first.class_names,
+                sources=(url, first_url),
+                counts=(store.num_classes, first.num_classes),
+                unnamed_matches=False,
+                message=f"{url} has another class list than {first_url}",
+                advice="all stores of one run must share it",
+            )
 
     @property
     def _reference(self) -> AudioStore | None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ced_lightning.audio import int16_to_float
+from ced_lightning.labels import check_same_classes
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.files import store_nbytes
 from ced_lightning.store.remote import redact_url
@@ -108,11 +109,15 @@ class ConcatAudioStore:
         # Unlabeled stores (no class list) join any; stores with class lists must share one.
         labeled = [s for s in self.stores if s.num_classes]
         for s in labeled[1:]:
-            if s.num_classes != labeled[0].num_classes or s.class_names != labeled[0].class_names:
-                raise ValueError(
-                    f"{s.url} has another class list ({s.num_classes} classes) than {labeled[0].url} "
-                    f"({labeled[0].num_classes}); stores read as one must share it"
-                )
+            check_same_classes(
+                s.class_names,
+                labeled[0].class_names,
+                sources=(s.url, labeled[0].url),
+                counts=(s.num_classes, labeled[0].num_classes),
+                unnamed_matches=False,
+                message=f"{s.url} has another class list than {labeled[0].url}",
+                advice="stores read as one must share it",
+            )
         self.num_classes: int | None = labeled[0].num_classes if labeled else None
         self.class_names: list[str] | None = labeled[0].class_names if labeled else None
         self.class_mids: list[str] | None = labeled[0].class_mids if labeled else None
