@@ -113,7 +113,7 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
     graph as eager): `{"mAP": {mode: value}, "max |p - eager float32|": {...}, "top-1 agreement with eager
     float32": {...}}`."""
     from ced_lightning.evaluate import score_store
-    from ced_lightning.metrics import TaggingMetrics
+    from ced_lightning.metrics import tagging_scores
     from ced_lightning.models import load_checkpoint
 
     model = load_checkpoint(ckpt).model.eval()
@@ -141,9 +141,7 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
         "top-1 agreement with eager float32": {},
     }
     for mode, probs in probabilities.items():
-        metric = TaggingMetrics(classes)
-        metric.update(probs, labels)
-        result["mAP"][mode] = float(metric.compute()["mAP"])
+        result["mAP"][mode] = float(tagging_scores(probs, labels)["mAP"])
         result["max |p - eager float32|"][mode] = float((probs - reference).abs().max())
         agreement = (probs.argmax(1) == reference.argmax(1)).float().mean()
         result["top-1 agreement with eager float32"][mode] = float(agreement)

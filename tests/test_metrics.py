@@ -14,6 +14,9 @@ from ced_lightning.metrics import (
     average_precision_per_class,
     d_prime_from_auc,
     plot_per_class_ap,
+    probabilities_from_logits,
+    tagging_scores,
+    write_per_class,
     write_per_class_csv,
 )
 
@@ -122,3 +125,31 @@ def test_csv_and_png(tmp_path):
     many = torch.rand(527)
     plot_per_class_ap(tmp_path / "many.png", many, None, many.mean())
     assert (tmp_path / "many.png").stat().st_size > 1000
+
+
+def test_probabilities_from_logits_cast_before_the_sigmoid():
+    """16-bit logits (mixed precision) become float32 probabilities without ties a bf16 sigmoid makes:
+    evaluation (`evaluate`, the Lightning steps) ranks clips by these."""
+    logits = torch.tensor([[8.0, 9.0, -7.0, -7.5]], dtype=torch.bfloat16)
+    probs = probabilities_from_logits(logits)
+    assert probs.dtype == torch.float32
+    assert torch.equal(probs, torch.sigmoid(logits.float()))
+    assert len(set(probs[0].tolist())) == 4  # in bf16, sigmoid(8.0) == sigmoid(9.0) == 1.0
+    assert torch.sigmoid(logits)[0, 0] == torch.sigmoid(logits)[0, 1]
+
+
+def test_tagging_scores_and_per_class_files(tmp_path):
+    metric = TaggingMetrics(num_classes=4)
+    metric.update(PROBS, TARGETS)
+    accumulated, at_once = metric.compute(), tagging_scores(PROBS, TARGETS)
+    for key in ("mAP", "d_prime", "per_class_ap", "positives"):
+        assert torch.equal(accumulated[key].nan_to_num(-1), at_once[key].nan_to_num(-1)), key
+    # `evaluate`'s table and chart; the test step's table alone, under its prefix.
+    paths = write_per_class(tmp_path / "eval", at_once, ["a", "b", "c", "d"])
+    assert sorted(p.name for p in paths.values()) == ["per_class_ap.csv", "per_class_ap.png"]
+    test_paths = write_per_class(tmp_path / "run", at_once, None, prefix="test_", chart=False)
+    assert list(test_paths) == ["per_class_csv"] and sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "test_per_class_ap.csv"
+    ]
+    rows = list(csv.DictReader(test_paths["per_class_csv"].open()))
+    assert [r["positives"] for r in rows] == [str(int(n)) for n in TARGETS.sum(0)]

@@ -272,15 +272,17 @@ def _fmt(value: Any) -> str:
 
 def teacher_maps(cfg: DictConfig, store: str) -> dict[str, float]:
     """mAP on `store` of each teacher checkpoint and of the ensemble, combined as the logit store combines it
-    (`teacher.combine`): `evaluate`'s teacher-set path (`evaluate.evaluate_teachers`), one pass."""
+    (`teacher.combine`): `evaluate`'s teacher-set path (`teachers.load_teachers`,
+    `evaluate.evaluate_teachers`), one pass."""
     from ced_lightning.evaluate import evaluate_teachers
-    from ced_lightning.models import load_model
+    from ced_lightning.teachers import load_teachers
 
-    teachers = {m.name: load_model(m.checkpoint).eval() for m in cfg.teacher.members}
+    models, records, class_names = load_teachers(cfg.teacher)  # as extract and evaluate teacher=... load them
     table = evaluate_teachers(
-        teachers,
+        {record["name"]: model for record, model in zip(records, models, strict=True)},
         store,
         combine=str(cfg.teacher.get("combine", "mean_prob")),
+        class_names=class_names,
         batch_size=int(cfg.data.eval_batch_size),
         device="cpu" if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else None,
     )

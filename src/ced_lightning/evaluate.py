@@ -32,11 +32,11 @@ from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.labels import check_same_classes, resolve_class_names
 from ced_lightning.metrics import (
-    TaggingMetrics,
     chance_map,
     gain_over_chance,
-    plot_per_class_ap,
-    write_per_class_csv,
+    probabilities_from_logits,
+    tagging_scores,
+    write_per_class,
 )
 from ced_lightning.predict import default_device
 
@@ -87,7 +87,8 @@ def score_store(
     audio store, and with `combine` the ensemble's (`combine_probabilities`, as `extract` combines them).
 
     The project's one evaluation pass: clips grouped by length (`batches_by_length`), each batch read once
-    and run through every model, so a clip's scores do not depend on the batch size.
+    and run through every model, so a clip's scores do not depend on the batch size. Probabilities are
+    `metrics.probabilities_from_logits`, as the Lightning validation and test steps score them.
     """
     from ced_lightning.modules.ensemble import combine_probabilities
 
@@ -110,9 +111,9 @@ def score_store(
     def run(advance: Callable[[int], Any]) -> None:
         for batch in batches:
             waveform = pad_batch([store.read(i) for i in batch])[0].to(device)
-            logits = {name: model(waveform).float() for name, model in models.items()}
+            logits = {name: model(waveform) for name, model in models.items()}
             for name, value in logits.items():
-                probabilities[name][batch] = torch.sigmoid(value).cpu()
+                probabilities[name][batch] = probabilities_from_logits(value).cpu()
             if ensemble is not None:
                 ensemble[batch] = combine_probabilities(list(logits.values()), combine).cpu()
             advance(len(batch))
@@ -161,9 +162,7 @@ def evaluate_checkpoint(
         progress=progress,
     )
     probabilities = scored[str(ckpt)]
-    metric = TaggingMetrics(num_classes)
-    metric.update(probabilities, labels)
-    scores = metric.compute()
+    scores = tagging_scores(probabilities, labels)
     result: dict[str, Any] = {
         "mAP": float(scores["mAP"]),
         "d_prime": float(scores["d_prime"]),
@@ -174,19 +173,8 @@ def evaluate_checkpoint(
         "probabilities": probabilities,
     }
     if output_dir is not None:
-        result.update(_write_per_class(output_dir, scores, class_names))
+        result.update(write_per_class(output_dir, scores, class_names))
     return result
-
-
-def _write_per_class(
-    output_dir: str | PathLike, scores: dict[str, torch.Tensor], class_names: list[str] | None
-) -> dict[str, Path]:
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"per_class_csv": folder / "per_class_ap.csv", "per_class_png": folder / "per_class_ap.png"}
-    write_per_class_csv(paths["per_class_csv"], scores["per_class_ap"], class_names, scores["positives"])
-    plot_per_class_ap(paths["per_class_png"], scores["per_class_ap"], class_names, scores["mAP"])
-    return paths
 
 
 # `teacher_check.min_gain`'s default: a teacher set must close at least this share of the gap from chance
@@ -235,9 +223,7 @@ def evaluate_teachers(
     chance = chance_map(labels)
 
     def row(probabilities: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        metric = TaggingMetrics(num_classes)
-        metric.update(probabilities, labels)
-        scores = metric.compute()
+        scores = tagging_scores(probabilities, labels)
         mean_ap = float(scores["mAP"])
         figures = {
             "mAP": _json_float(mean_ap),
@@ -258,7 +244,7 @@ def evaluate_teachers(
         "ensemble": ensemble_row,
     }
     if output_dir is not None:
-        _write_per_class(output_dir, ensemble_scores, names)
+        write_per_class(output_dir, ensemble_scores, names)
     return table
 
 

@@ -10,6 +10,7 @@ import csv
 import math
 import warnings
 from os import PathLike
+from pathlib import Path
 
 import fsspec
 import torch
@@ -110,6 +111,40 @@ class TaggingMetrics(torchmetrics.Metric):
             "per_class_ap": per_class_ap,
             "positives": targets.long().sum(0),
         }
+
+
+def probabilities_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A tagger's logits -> its probabilities, float32. The cast comes first: a sigmoid in 16 bits (mixed
+    precision) would round probabilities near 0 and 1 into ties that change the ranking AP measures. Every
+    evaluation scores these: `evaluate`, the teacher table and the Lightning validation and test steps."""
+    return torch.sigmoid(logits.float())
+
+
+def tagging_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`TaggingMetrics` of one set of scores `[N, C]` and multi-hot targets, computed at once:
+    `{"mAP", "d_prime", "per_class_ap", "positives"}` (the Lightning steps accumulate the same metric)."""
+    metric = TaggingMetrics(probs.shape[1])
+    metric.update(probs, targets)
+    return metric.compute()
+
+
+def write_per_class(
+    folder: str | PathLike,
+    scores: dict[str, torch.Tensor],
+    class_names: list[str] | None,
+    prefix: str = "",
+    chart: bool = True,
+) -> dict[str, Path]:
+    """The per-class AP table of `scores` (`TaggingMetrics.compute`'s) as `<folder>/<prefix>per_class_ap.csv`
+    and, with `chart`, its bar chart `.png`; returns the paths (`per_class_csv`, `per_class_png`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"per_class_csv": folder / f"{prefix}per_class_ap.csv"}
+    write_per_class_csv(paths["per_class_csv"], scores["per_class_ap"], class_names, scores["positives"])
+    if chart:
+        paths["per_class_png"] = folder / f"{prefix}per_class_ap.png"
+        plot_per_class_ap(paths["per_class_png"], scores["per_class_ap"], class_names, scores["mAP"])
+    return paths
 
 
 def write_per_class_csv(

@@ -7,7 +7,6 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ced_lightning.metrics import TaggingMetrics, write_per_class_csv
+from ced_lightning.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
 from ced_lightning.models import model_spec
 from ced_lightning.optim import build_optimizer, warmup_cosine
 
@@ -26,7 +25,8 @@ class TaggingModule(LightningModule):
     """A multi-label audio tagger `self.model` (plain nn.Module: CED or a timm backbone on log-mel).
 
     Subclasses implement `training_step`. Validation and test compute mAP and d-prime on labeled batches
-    (`waveform`, `length`, `target`), with the EMA weights when `ema_decay` is set.
+    (`waveform`, `length`, `target`), with the EMA weights when `ema_decay` is set, from the probabilities
+    and per-class table `evaluate` uses (`metrics.probabilities_from_logits`, `metrics.write_per_class`).
     """
 
     def __init__(
@@ -58,23 +58,21 @@ class TaggingModule(LightningModule):
         return self.eval_model(waveform)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(torch.sigmoid(self(batch["waveform"]).float()), batch["target"])
+        self.val_metrics.update(probabilities_from_logits(self(batch["waveform"])), batch["target"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metrics.update(torch.sigmoid(self(batch["waveform"]).float()), batch["target"])
+        self.test_metrics.update(probabilities_from_logits(self(batch["waveform"])), batch["target"])
 
     def on_test_epoch_end(self) -> None:
         result = self._log_metrics("test", self.test_metrics)
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.log_dir
         if self.trainer.is_global_zero and folder:
             # Next to the checkpoints, where a reader of the results looks for it.
-            path = Path(folder) / "test_per_class_ap.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_per_class_csv(path, result["per_class_ap"], self.class_names, result["positives"])
-            log.info("per-class AP table: %s", path)
+            paths = write_per_class(folder, result, self.class_names, prefix="test_", chart=False)
+            log.info("per-class AP table: %s", paths["per_class_csv"])
 
     def _log_metrics(self, stage: str, metrics: TaggingMetrics) -> dict[str, Any]:
         result = metrics.compute()
