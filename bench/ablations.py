@@ -16,6 +16,8 @@ What the rows need (stores, teachers, each row's logit store) is built first, on
 demo's own builders; then the runs go `jobs` at a time, each process with its share of the cores.
 Writes `bench/ablations.json` (every run) and `bench/ablations.md`; `python -m bench.readme` puts the table
 into the README. `only=` reruns the listed rows (their index) and keeps the other rows of the last run.
+Each finished run is saved at once: run again the same way, a stopped invocation runs only what it had not
+finished (`fresh=true` starts over).
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def markdown(out: dict[str, Any]) -> str:
     ]
     for name, metrics in out["results"].items():
         val, test = metrics["val/mAP"], metrics["test/mAP"]
+        count = len(val["runs"])
+        row = name if count == len(config["seeds"]) else f"{name} ({count} of {len(config['seeds'])} seeds)"
         lines.append(
-            f"| {name} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
+            f"| {row} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
         )
     q = out.get("quantization_on_demo")
     if q:
@@ -150,6 +154,31 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPTIONS = ("seeds", "jobs", "experiment", "epochs", "only", "fresh")
+
+
+def previous_runs(path: Path, common: list[str], names: list[str], fresh: bool) -> dict[str, dict[str, Any]]:
+    """The runs a previous (possibly stopped) invocation finished, row -> seed -> result, kept when it ran
+    the same common overrides: `only=` rows are run again, `fresh=true` keeps nothing. A file from before
+    per-run results (no "runs") is kept row by row, its seeds in order."""
+    if fresh or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("config", {}).get("common_overrides") != common:
+        return {}
+    if "runs" in saved:
+        kept = saved["runs"]
+    else:
+        kept = {
+            name: {
+                str(k): {m: v["runs"][k] for m, v in result.items()}
+                for k in range(len(result["val/mAP"]["runs"]))
+            }
+            for name, result in saved["results"].items()
+        }
+    return {name: dict(seeds) for name, seeds in kept.items() if name in CONDITIONS and name not in names}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = dict(a.split("=", 1) for a in argv)
@@ -161,22 +190,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "epochs" in args:
         common.append(f"data.schedule.max_epochs={args['epochs']}")
     # Any other key=value is a Hydra override of every run (e.g. paths.data_dir=... for stores elsewhere).
-    common += [
-        f"{k}={v}" for k, v in args.items() if k not in ("seeds", "jobs", "experiment", "epochs", "only")
+    common += [f"{k}={v}" for k, v in args.items() if k not in OPTIONS]
+    only = {int(i) for i in args["only"].split(",")} if args.get("only") else set()
+    rerun = [n for i, n in enumerate(CONDITIONS) if i in only]
+    path = HERE / "ablations.json"
+    # Every finished run is saved at once: a stopped invocation, run again the same way, runs only what is
+    # missing (about two hours in all on a 2-core CPU).
+    runs = previous_runs(path, common, rerun, args.get("fresh", "false").lower() == "true")
+    todo = [
+        (n, s)
+        for n in CONDITIONS
+        for s in seeds
+        if (not only or n in rerun) and str(s) not in runs.get(n, {})
     ]
-    only = {int(i) for i in args["only"].split(",")} if args.get("only") else None
-    names = [n for i, n in enumerate(CONDITIONS) if only is None or i in only]
+    if runs:
+        print(f"== kept from {path}: {sum(map(len, runs.values()))} runs; to run: {len(todo)}", flush=True)
 
-    runs: dict[str, list[dict[str, float]]] = {}
-    previous = HERE / "ablations.json"
-    if only is not None and previous.is_file():  # keep the rows not rerun
-        for name, result in json.loads(previous.read_text())["results"].items():
-            if name in CONDITIONS and name not in names:
-                count = len(result["val/mAP"]["runs"])
-                runs[name] = [{m: v["runs"][k] for m, v in result.items()} for k in range(count)]
-
+    epochs_cfg = compose_cfg(common)
+    # Minutes in all, over a stopped invocation and the one that finished it.
+    before = json.loads(path.read_text()).get("minutes", 0.0) if runs else 0.0
     start = time.perf_counter()
-    for name in names:
+    out: dict[str, Any] = {
+        "config": {
+            "experiment": experiment,
+            "epochs": int(epochs_cfg.data.schedule.max_epochs),
+            "seeds": seeds,
+            "jobs": jobs,
+            "common_overrides": common,
+            "command": "python -m bench.ablations " + " ".join(argv) if argv else "python -m bench.ablations",
+        },
+    }
+
+    def save() -> None:
+        ordered = {n: runs[n] for n in CONDITIONS if runs.get(n)}
+        out["runs"] = ordered
+        out["results"] = summarize({n: [r[k] for k in sorted(r, key=int)] for n, r in ordered.items()})
+        out["minutes"] = round(before + (time.perf_counter() - start) / 60, 1)
+        out["complete"] = all(str(s) in runs.get(n, {}) for n in CONDITIONS for s in seeds)
+        path.write_text(json.dumps(out, indent=2))
+        (HERE / "ablations.md").write_text(markdown(out))
+
+    for name in dict.fromkeys(n for n, _ in todo):
         print(f"== inputs of: {name}", flush=True)
         build_inputs([*common, *CONDITIONS[name]])
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -190,32 +244,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 str(root / f"{list(CONDITIONS).index(name)}_{seed}"),
                 threads,
             )
-            for name in names
-            for seed in seeds
+            for name, seed in todo
         }
         for (name, seed), future in futures.items():
             result = future.result()
             print(f"== {name}, seed {seed}: {result}", flush=True)
-            runs.setdefault(name, []).append(result)
+            runs.setdefault(name, {})[str(seed)] = result
+            save()
 
-    epochs_cfg = compose_cfg(common)
-    out: dict[str, Any] = {
-        "config": {
-            "experiment": experiment,
-            "epochs": int(epochs_cfg.data.schedule.max_epochs),
-            "seeds": seeds,
-            "jobs": jobs,
-            "common_overrides": common,
-            "command": "python -m bench.ablations " + " ".join(argv) if argv else "python -m bench.ablations",
-        },
-        "minutes": round((time.perf_counter() - start) / 60, 1),
-        "results": {n: summarize(runs)[n] for n in CONDITIONS if n in runs},
-    }
     if INT8_ROW in runs and FLOAT16_ROW in runs:
         urls = [str(compose_cfg([*common, *CONDITIONS[n]]).data.logits) for n in (INT8_ROW, FLOAT16_ROW)]
         out["quantization_on_demo"] = quantization_error(*urls)
-    previous.write_text(json.dumps(out, indent=2))
-    (HERE / "ablations.md").write_text(markdown(out))
+    save()
     print(markdown(out))
     return out
 

@@ -74,3 +74,33 @@ def test_a_command_started_in_process_composes_inside_and_outside_a_hydra_app(tm
     assert teacher.task == "supervised"
     assert compose_inner("extract", ["topk=3"]).topk == 3
     assert list(HydraConfig.get().overrides.task) == list(outer.hydra.overrides.task) == COMMON
+
+
+def test_a_stopped_invocation_keeps_its_finished_runs(ablations, tmp_path):
+    # bench.ablations takes hours: what finished is kept and a rerun with the same overrides runs the rest.
+    CONDITIONS, previous_runs, markdown = ablations.CONDITIONS, ablations.previous_runs, ablations.markdown
+    first, second = list(CONDITIONS)[:2]
+    result = {"val/mAP": 0.5, "test/mAP": 0.4, "minutes": 3.0}
+    saved = {
+        "config": {
+            "common_overrides": ["a=1"],
+            "seeds": [0, 1, 2],
+            "experiment": "x",
+            "epochs": 6,
+            "jobs": 2,
+        },
+        "runs": {first: {"0": result, "1": result}, "no longer a row": {"0": result}},
+    }
+    path = tmp_path / "ablations.json"
+    path.write_text(__import__("json").dumps(saved))
+    assert previous_runs(path, ["a=1"], [], fresh=False) == {first: {"0": result, "1": result}}
+    assert previous_runs(path, ["a=2"], [], fresh=False) == {}  # other overrides: nothing kept
+    assert previous_runs(path, ["a=1"], [first], fresh=False) == {}  # only= reruns the row
+    assert previous_runs(path, ["a=1"], [], fresh=True) == {}
+    # A file written before per-run results: its rows' seeds in order.
+    old = {"config": saved["config"], "results": ablations.summarize({second: [result, result]})}
+    path.write_text(__import__("json").dumps(old))
+    assert previous_runs(path, ["a=1"], [], fresh=False) == {second: {"0": result, "1": result}}
+    out = {"config": {**saved["config"], "command": "c"}, "minutes": 1.0}
+    out["results"] = ablations.summarize({first: [result, result]})
+    assert f"| {first} (2 of 3 seeds) |" in markdown(out)
