@@ -1,6 +1,11 @@
+"""What many test files share: the tiny demo inputs built once per session through the real commands, a tiny
+untrained teacher, and running a command in a child process as a user runs it."""
+
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +23,71 @@ CED_REFERENCE = DATA / "ced_reference"
 @pytest.fixture(scope="session")
 def ced_reference() -> Path:
     return CED_REFERENCE
+
+
+def save_tiny_teacher(path: Path | str, num_classes: int) -> Path:
+    """An untrained one-block `ced_tiny` saved as a teacher checkpoint; seeded, so every build is the same."""
+    from ced_lightning.models import create_ced, save_ced
+
+    torch.manual_seed(0)
+    save_ced(create_ced("ced_tiny", depth=1, num_classes=num_classes), path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny demo set (1 s clips: 40 train, 16 val, 16 test), an untrained tiny teacher and its logit store
+    (E=2, k=4), all through the real commands; built once for the session. Tests only read these stores
+    (a test that needs another store writes its own under its tmp_path)."""
+    from ced_lightning import compose_config
+    from ced_lightning.data.demo import build_demo_stores
+    from ced_lightning.extract import run_extract
+    from ced_lightning.store import AudioStore
+
+    root = tmp_path_factory.mktemp("demo")
+    stores = build_demo_stores(str(root / "demo"), seed=0, train=40, val=16, test=16, clip_seconds=1.0)
+    teacher = save_tiny_teacher(root / "teacher.pt", AudioStore.open(stores["train"]).num_classes)
+    logits = str(root / "logits.zarr")
+    overrides = [
+        f"audio_store={stores['train']}",
+        f"output={logits}",
+        "teacher=ced",
+        f"teacher.checkpoints=[{teacher}]",
+        "epochs=2",
+        "topk=4",
+        "clip_seconds=1.0",
+        "trainer.enable_progress_bar=false",
+    ]
+    run_extract(compose_config(overrides, output_dir=root / "extract_run", config="extract"))
+    return {**stores, "logits": logits, "root": str(root)}
+
+
+def command(module: str, *args: str) -> list[str]:
+    """The command line of `python -m ced_lightning.<module> ARGS`."""
+    return [sys.executable, "-m", f"ced_lightning.{module}", *args]
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """A child's environment: this one with one OpenMP thread (the suite shares a small CPU, and one thread
+    per process makes float sums of a 2-process run agree bit for bit with one process), plus `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_command(
+    module: str,
+    *args: str,
+    cwd: Path | str | None = None,
+    timeout: float = 300,
+    **env: str,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m ced_lightning.<module> ARGS` run to its end in a child process, as a user runs it, its
+    output captured as text (`.stdout`, `.stderr`, `.returncode`: the caller asserts on them). `env` adds
+    variables to the environment."""
+    return subprocess.run(
+        command(module, *args),
+        cwd=cwd,
+        env=command_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, 
 from ced_lightning.demo import label_only_epochs, label_only_validations
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
+from conftest import run_command
 
 
 def test_clip_is_deterministic_and_keyed_by_seed_and_index() -> None:
@@ -159,9 +158,7 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
         "logger=csv",
         "callbacks.progress_bar=null",
     ]
-    run = subprocess.run(
-        [sys.executable, "-m", "ced_lightning.train", *args], capture_output=True, text=True, timeout=600
-    )
+    run = run_command("train", *args, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "CED demo: mAP" in run.stdout, run.stdout[-2000:]
     rows = ("teacher ced", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels (train")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from ced_lightning.models import TimmMelClassifier, create_ced, load_model, mode
 from ced_lightning.modules.ensemble import check_teachers
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
+from conftest import command, command_env, run_command
 
 C, N_CLIPS, K, E, BLOCK = 6, 40, 5, 2, 8
 CLASSES = [f"class{i}" for i in range(C)]
@@ -217,16 +216,8 @@ def test_failed_verification_exits_non_zero(reference: LogitStore, workdir: Path
     shutil.copytree(reference.url, tampered)
     values = zarr.open_group(str(tampered), mode="r+")["topk_values"]
     values[:] = (values[:].astype(np.float32) * 0.9).astype(np.float16)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     overrides = _overrides(workdir, str(tampered), "verify=6", f"hydra.run.dir={workdir / 'verify_run'}")
-    done = subprocess.run(
-        [sys.executable, "-m", "ced_lightning.extract", *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=workdir,
-    )
+    done = run_command("extract", *overrides, cwd=workdir)
     said = done.stdout + done.stderr
     assert done.returncode == 1, said[-3000:]
     assert "-> MISMATCH" in done.stdout and "verification failed" in said, said[-3000:]
@@ -261,11 +252,12 @@ def test_two_extract_commands_on_one_new_output(reference: LogitStore, workdir: 
     import time
 
     out = workdir / "contested.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ced_lightning.extract"]
     first = subprocess.Popen(
-        [*cmd, *_overrides(workdir, str(out), "throttle_s=4.0", f"hydra.run.dir={workdir / 'first_run'}")],
-        env=env,
+        command(
+            "extract",
+            *_overrides(workdir, str(out), "throttle_s=4.0", f"hydra.run.dir={workdir / 'first_run'}"),
+        ),
+        env=command_env(),
         cwd=workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -275,13 +267,8 @@ def test_two_extract_commands_on_one_new_output(reference: LogitStore, workdir: 
         deadline = time.monotonic() + 120
         while not Path(f"{out}.lock").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.1)
-        second = subprocess.run(
-            [*cmd, *_overrides(workdir, str(out), f"hydra.run.dir={workdir / 'second_run'}")],
-            env=env,
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        second = run_command(
+            "extract", *_overrides(workdir, str(out), f"hydra.run.dir={workdir / 'second_run'}"), cwd=workdir
         )
         assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
         said = second.stdout + second.stderr
@@ -308,12 +295,10 @@ def test_bad_combine_refused_before_any_store_exists(workdir: Path) -> None:
 
 def _extract_with_two_processes(workdir: Path, out: str, run_dir: str) -> str:
     """The real command with trainer.devices=2 (DDP on the CPU with gloo); returns its stdout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     overrides = _overrides(
         workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / run_dir}"
     )
-    cmd = [sys.executable, "-m", "ced_lightning.extract", *overrides]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=workdir)
+    done = run_command("extract", *overrides, cwd=workdir, PYTHONUNBUFFERED="1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 
@@ -403,14 +388,13 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference: LogitStore, w
     import time
 
     out = str(workdir / "killed.zarr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ced_lightning.extract",
-        *_overrides(workdir, out, f"hydra.run.dir={workdir}"),
-    ]
-    proc = subprocess.Popen([*cmd, "throttle_s=1.0"], env=env, cwd=workdir, stdout=subprocess.DEVNULL)
+    overrides = _overrides(workdir, out, f"hydra.run.dir={workdir}")
+    proc = subprocess.Popen(
+        command("extract", *overrides, "throttle_s=1.0"),
+        env=command_env(),
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -428,7 +412,7 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference: LogitStore, w
             proc.kill()
     partial = LogitStore.open(out)
     assert 2 <= partial.num_blocks - len(partial.missing_blocks()) < partial.num_blocks
-    rerun = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    rerun = run_command("extract", *overrides, cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same_store(reference.url, out)
 
@@ -653,20 +637,12 @@ def test_store_begun_before_segments_resumes_its_own_layout(
 def test_segment_store_two_processes_equal_one(
     segment_reference: LogitStore, workdir: Path, long_audio: str
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = str(workdir / "segments_ddp.zarr")
     overrides = _overrides(
         workdir, out, "trainer.devices=2", "strategy=ddp", f"hydra.run.dir={workdir / 'segments_ddp_run'}"
     )
     overrides[0] = f"audio_store={long_audio}"
-    done = subprocess.run(
-        [sys.executable, "-m", "ced_lightning.extract", *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=workdir,
-    )
+    done = run_command("extract", *overrides, cwd=workdir, PYTHONUNBUFFERED="1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "devices: 2" in done.stdout and "(18 segments of 1 s)" in done.stdout
     _assert_same_segments(segment_reference.url, out)

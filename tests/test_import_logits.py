@@ -8,7 +8,6 @@ miniature release with what the original `LogitsReader` returns for every (epoch
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from ced_lightning.store.legacy import LegacyImportError, require_import_extra
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.targets import rebuild_targets
+from conftest import command, command_env, run_command
 
 LEGACY = Path(__file__).parent / "data" / "ced_legacy"
 RELEASE = LEGACY / "released_layout"
@@ -364,18 +364,19 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path, stores: 
     run again: the store an uninterrupted run gives."""
     straight, killed = tmp_path / "straight.zarr", tmp_path / "killed.zarr"
     _import(CHUNK, stores["by_file"], straight, block_clips=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ced_lightning.import_logits",
+    args = [
         f"source={CHUNK}",
         f"audio_store={stores['by_file']}",
         f"output={killed}",
         "block_clips=1",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.Popen([*cmd, "throttle_s=2.0"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command("import_logits", *args, "throttle_s=2.0"),
+        env=command_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -391,7 +392,7 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path, stores: 
         if proc.poll() is None:
             proc.kill()
     assert 1 <= 4 - len(LogitStore.open(str(killed)).missing_blocks()) < 4
-    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rerun = run_command("import_logits", *args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     a, b = _store_arrays(str(straight)), _store_arrays(str(killed))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

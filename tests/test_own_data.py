@@ -4,14 +4,10 @@ one without copying. Stores of 4 s clips from the project's generator; tiny untr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, read_write
@@ -19,15 +15,12 @@ from omegaconf import OmegaConf, read_write
 from ced_lightning import compose_config
 from ced_lightning.augment import AugmentRecipe, scale_to_clip
 from ced_lightning.data.demo import DEMO_CLASSES, build_demo_stores, generate_demo_clip
-from ced_lightning.models import create_ced, save_ced
 from ced_lightning.store import AudioStore, LogitStore
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.concat import ConcatAudioStore, open_audio
+from conftest import run_command, save_tiny_teacher
 
 CLIP_SECONDS = 4.0
-
-
-_compose = compose_config
 
 
 def _write_unlabeled(url: str, count: int, seed: int = 7) -> AudioStore:
@@ -45,9 +38,7 @@ def own(tmp_path_factory) -> dict[str, str]:
     stores = build_demo_stores(str(root), seed=3, train=12, val=8, test=8, clip_seconds=CLIP_SECONDS)
     unlabeled = str(root / "unlabeled.zarr")
     _write_unlabeled(unlabeled, 6)
-    teacher = root / "teacher.pt"
-    torch.manual_seed(0)
-    save_ced(create_ced("ced_tiny", depth=1, num_classes=len(DEMO_CLASSES)), teacher)
+    teacher = save_tiny_teacher(root / "teacher.pt", len(DEMO_CLASSES))
     return {**stores, "unlabeled": unlabeled, "root": str(root), "teacher": str(teacher)}
 
 
@@ -78,7 +69,7 @@ def logits(own: dict[str, str], tmp_path_factory) -> str:
     """The teacher's logit store over [train, unlabeled], made by `extract` from `data=custom` alone."""
     from ced_lightning.extract import run_extract
 
-    cfg = _compose(_extract_overrides(own), tmp_path_factory.mktemp("extract_run"), config="extract")
+    cfg = compose_config(_extract_overrides(own), tmp_path_factory.mktemp("extract_run"), config="extract")
     assert cfg.output == f"{own['root']}/logits.zarr" and cfg.teacher_check.store == own["val"]
     return str(run_extract(cfg).url)
 
@@ -107,7 +98,7 @@ def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) 
     from ced_lightning.tasks import ensure_inputs
     from ced_lightning.train import entry_point, train
 
-    cfg = _compose(["data=custom", f"data.root={tmp_path}", "task=supervised"])
+    cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])
     assert entry_point(cfg) is train  # no demo layer: nothing is generated or trained on its own
     with pytest.raises(
         FileNotFoundError, match=r"^data\.train: no store at .*train\.zarr.*ced_lightning\.prepare"
@@ -115,7 +106,7 @@ def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) 
         train(cfg)
     assert list(tmp_path.iterdir()) == []
     # Each member of a list of training stores by its place in the list.
-    cfg = _compose(
+    cfg = compose_config(
         ["data=custom", f"data.root={tmp_path}", f"data.stores.distill=[{tmp_path}/a.zarr,{tmp_path}/b.zarr]"]
     )
     with pytest.raises(FileNotFoundError, match=r"^data\.train\[0\]: no store at .*a\.zarr"):
@@ -140,7 +131,7 @@ def test_custom_data_trains_a_teacher_and_records_its_scaled_recipe(
     from ced_lightning.train import train
 
     out = tmp_path / "teacher"
-    cfg = _compose(
+    cfg = compose_config(
         _train_overrides(own, "task=supervised", *ONE_EPOCH, f"data.clip_seconds={CLIP_SECONDS}"), out
     )
     assert "test/mAP" in train(cfg)
@@ -156,7 +147,7 @@ def test_custom_data_distils_a_student_and_records_what_it_used(
     from ced_lightning.train import train
 
     out = tmp_path / "student"
-    cfg = _compose(_train_overrides(own, *ONE_EPOCH, "data.clip_seconds=2.0"), out)
+    cfg = compose_config(_train_overrides(own, *ONE_EPOCH, "data.clip_seconds=2.0"), out)
     with read_write(cfg.hydra.runtime):  # as in a real run: Hydra's record of the config in the run folder
         cfg.hydra.runtime.output_dir = str(out)
     HydraConfig().set_config(cfg)
@@ -178,13 +169,13 @@ def test_custom_data_evaluates_a_checkpoint_and_a_teacher_set(own: dict[str, str
     from ced_lightning.evaluate import run_evaluate
 
     # The test store of data=custom by default.
-    cfg = _compose(
+    cfg = compose_config(
         ["data=custom", f"data.root={own['root']}", f"ckpt={own['teacher']}", "output_dir=null"],
         config="evaluate",
     )
     assert cfg.store == own["test"]
     assert 0.0 <= run_evaluate(cfg)["mAP"] <= 1.0
-    cfg = _compose(
+    cfg = compose_config(
         [
             "data=custom",
             f"data.root={own['root']}",
@@ -203,15 +194,7 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
         *_train_overrides(own, "debug=fdr", "test=false", f"paths.log_dir={tmp_path / 'logs'}"),
         "seed=1,2",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ced_lightning.train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_command("train", *args, cwd=tmp_path, timeout=600, WANDB_MODE="offline")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
     assert [j.name for j in jobs] == ["0", "1"]
@@ -221,44 +204,44 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
 
 
 def test_time_masks_scale_with_the_clip_length_by_default() -> None:
-    ced = _compose(["data=custom"]).augment
-    extract = _compose(["output=x"], config="extract").augment  # no data group: scaled as well
+    ced = compose_config(["data=custom"]).augment
+    extract = compose_config(["output=x"], config="extract").augment  # no data group: scaled as well
     assert AugmentRecipe.for_clip(extract, 4.0).time_mask_frames == 77
     assert AugmentRecipe.for_clip(ced, 10.0) == AugmentRecipe()  # the paper's sizes at 10 s
     assert AugmentRecipe.for_clip(ced, 4.0).time_mask_frames == 77  # 4/10 of 192
     assert AugmentRecipe.for_clip(ced, 2.0).time_mask_frames == 38
     assert AugmentRecipe.for_clip(ced, 30.0).time_mask_frames == 255  # the stores' uint8 bound
     # Absolute sizes: the switch.
-    absolute = _compose(["data=custom", "augment.scale_to_clip=false"]).augment
+    absolute = compose_config(["data=custom", "augment.scale_to_clip=false"]).augment
     assert AugmentRecipe.for_clip(absolute, 4.0).time_mask_frames == 192
     # Shift, frequency masks and gain have no time extent to scale (shift_max is a fraction of the clip).
     scaled = scale_to_clip(AugmentRecipe(gain_db=3.0), 4.0)
     assert (scaled.shift_max, scaled.freq_mask_bins, scaled.gain_db) == (0.5, 24, 3.0)
-    assert AugmentRecipe.for_clip(_compose(["augment=none"]).augment, 4.0) == AugmentRecipe.from_config(
-        _compose(["augment=none"]).augment
+    assert AugmentRecipe.for_clip(compose_config(["augment=none"]).augment, 4.0) == AugmentRecipe.from_config(
+        compose_config(["augment=none"]).augment
     )
 
 
 def test_the_demo_keeps_its_recipe() -> None:
     """The demo's explicit 40 frames stay absolute: its stores and numbers do not move."""
-    cfg = _compose(["data=demo"])
+    cfg = compose_config(["data=demo"])
     overrides = list(cfg.data.augment_overrides)
-    extract = _compose([*overrides, "output=x"], config="extract")
+    extract = compose_config([*overrides, "output=x"], config="extract")
     assert AugmentRecipe.for_clip(extract.augment, float(cfg.data.clip_seconds)).time_mask_frames == 40
-    teacher = _compose(["experiment=teacher_demo_ced", *overrides])
+    teacher = compose_config(["experiment=teacher_demo_ced", *overrides])
     assert AugmentRecipe.for_clip(teacher.augment, float(teacher.data.clip_seconds)).time_mask_frames == 40
     # Any run on the demo's data keeps absolute sizes, as before scaling existed (a teacher trained by hand).
-    by_hand = _compose(["experiment=teacher_demo_ced", "augment.time_mask_frames=40"])
+    by_hand = compose_config(["experiment=teacher_demo_ced", "augment.time_mask_frames=40"])
     assert AugmentRecipe.for_clip(by_hand.augment, 2.0).time_mask_frames == 40
-    assert AugmentRecipe.for_clip(_compose(["data=demo"]).augment, 2.0).time_mask_frames == 192
-    assert AugmentRecipe.for_clip(_compose(["data=custom"]).augment, 2.0).time_mask_frames == 38
+    assert AugmentRecipe.for_clip(compose_config(["data=demo"]).augment, 2.0).time_mask_frames == 192
+    assert AugmentRecipe.for_clip(compose_config(["data=custom"]).augment, 2.0).time_mask_frames == 38
 
 
 def test_extraction_and_teachers_apply_the_scaled_masks(own: dict[str, str], logits: str) -> None:
     from ced_lightning.tasks import build_datamodule, build_module
 
     assert LogitStore.open(logits).recipe.time_mask_frames == 77
-    cfg = _compose(_train_overrides(own, "task=supervised", f"data.clip_seconds={CLIP_SECONDS}"))
+    cfg = compose_config(_train_overrides(own, "task=supervised", f"data.clip_seconds={CLIP_SECONDS}"))
     module = build_module(cfg, build_datamodule(cfg))
     assert module.recipe.time_mask_frames == 77
 
@@ -319,9 +302,11 @@ def test_logit_store_over_a_list_records_its_sources_and_refuses_another_list(
 def test_extract_resumes_a_list_and_refuses_another(own: dict[str, str], logits: str, tmp_path: Path) -> None:
     from ced_lightning.extract import run_extract
 
-    again = run_extract(_compose(_extract_overrides(own), tmp_path, config="extract"))  # complete: resumes
+    again = run_extract(
+        compose_config(_extract_overrides(own), tmp_path, config="extract")
+    )  # complete: resumes
     assert again.audio_fingerprint == LogitStore.open(logits).audio_fingerprint
     pool = f"data.stores.distill=[{own['train']},{own['val']}]"
-    other = _compose(_extract_overrides(own, pool=pool), tmp_path, config="extract")
+    other = compose_config(_extract_overrides(own, pool=pool), tmp_path, config="extract")
     with pytest.raises(ValueError, match="audio_fingerprint"):
         run_extract(other)

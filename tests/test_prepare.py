@@ -25,6 +25,7 @@ from ced_lightning.data.sources import (
 from ced_lightning.labels import audioset_classes
 from ced_lightning.prepare import PrepareError, prepare_store, run_prepare, summarize
 from ced_lightning.store.audio import AudioStore
+from conftest import command, command_env, run_command
 
 SEGMENTS = Path(__file__).parent / "data" / "prepare" / "balanced_train_segments_excerpt.csv"
 REPO = Path(__file__).resolve().parents[1]
@@ -242,10 +243,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         f"output={out}",
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
-    cmd = [sys.executable, "-m", "ced_lightning.prepare", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [*cmd, "throttle_s=0.1"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        command("prepare", *overrides, "throttle_s=0.1"),
+        cwd=tmp_path,
+        env=command_env(),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     committed, deadline = 0, time.monotonic() + 90
     try:
@@ -262,7 +265,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert committed >= 4, f"no shard committed before the deadline; stderr:\n{stderr[-2000:]}"
     assert not dict(zarr.open_group(str(out), mode="r").attrs)["complete"]
 
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = run_command("prepare", *overrides, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming after" in done.stdout + done.stderr
     ref_group, out_group = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(out), mode="r")
@@ -343,8 +346,7 @@ def test_dead_decoder_names_the_file_and_the_rerun_resumes(tmp_path: Path, twent
     )
     assert not dict(zarr.open_group(str(out), mode="r").attrs)["complete"]
 
-    rerun = [sys.executable, "-m", "ced_lightning.prepare", *overrides, f"output={out}"]
-    done = subprocess.run(rerun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = run_command("prepare", *overrides, f"output={out}", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming after" in done.stdout + done.stderr  # the clips before clip13 were committed, and kept
     _assert_same_store(reference, out)

@@ -5,11 +5,9 @@ tiny demo set, its stdout a file, sent a real SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from ced_lightning.callbacks import EpochLog, format_epoch_line
-from ced_lightning.models import create_ced, save_ced
+from conftest import command, command_env
 
 
 def test_epoch_line_format() -> None:
@@ -28,40 +26,8 @@ def test_epoch_line_format() -> None:
         EpochLog(when="sometimes")
 
 
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Demo stores (1 s clips) and an untrained tiny teacher's logit store, through the real commands."""
-    from hydra import compose, initialize_config_dir
-
-    from ced_lightning import conf_dir
-    from ced_lightning.data.demo import build_demo_stores
-    from ced_lightning.extract import run_extract
-    from ced_lightning.store.audio import AudioStore
-
-    root = tmp_path_factory.mktemp("signals")
-    stores = build_demo_stores(str(root / "demo"), seed=0, train=40, val=16, test=16, clip_seconds=1.0)
-    torch.manual_seed(0)
-    num_classes = AudioStore.open(stores["train"]).num_classes
-    save_ced(create_ced("ced_tiny", depth=1, num_classes=num_classes), root / "teacher.pt")
-    logits = str(root / "logits.zarr")
-    overrides = [
-        f"audio_store={stores['train']}",
-        f"output={logits}",
-        "teacher=ced",
-        f"teacher.checkpoints=[{root / 'teacher.pt'}]",
-        "epochs=2",
-        "topk=4",
-        "clip_seconds=1.0",
-        f"paths.root_dir={root}",
-        "trainer.enable_progress_bar=false",
-    ]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        run_extract(compose(config_name="extract", overrides=overrides))
-    return {**stores, "logits": logits}
-
-
 def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
-    tiny_run_inputs: dict[str, str], tmp_path: Path
+    tiny_demo: dict[str, str], tmp_path: Path
 ) -> None:
     """Before: stdout redirected to a file showed no line per epoch, and SIGTERM ended the fit without
     `averaged.ckpt` (AverageBestCheckpoints wrote it in on_fit_end only, which a stopped fit never reaches).
@@ -71,10 +37,10 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
         "experiment=ced_mini",
         "model=ced_tiny",
         "+model.depth=1",
-        f"data.train={tiny_run_inputs['train']}",
-        f"data.val={tiny_run_inputs['val']}",
-        f"data.test={tiny_run_inputs['test']}",
-        f"data.logits={tiny_run_inputs['logits']}",
+        f"data.train={tiny_demo['train']}",
+        f"data.val={tiny_demo['val']}",
+        f"data.test={tiny_demo['test']}",
+        f"data.logits={tiny_demo['logits']}",
         "data.build_missing=false",
         "data.batch_size=8",
         "data.eval_batch_size=8",
@@ -87,11 +53,11 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
         "test=false",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "CED_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = command_env(WANDB_MODE="offline", CED_ROOT=str(tmp_path))
     checkpoints = run_dir / "checkpoints"
     with open(tmp_path / "stdout.txt", "w") as stdout:  # not a terminal
         process = subprocess.Popen(
-            [sys.executable, "-m", "ced_lightning.train", *args],
+            command("train", *args),
             cwd=tmp_path,
             env=env,
             stdout=stdout,

@@ -35,6 +35,7 @@ from ced_lightning.store.audio import AudioStore, AudioStoreWriter, write_audio_
 from ced_lightning.store.lock import StoreLockedError, lock_path, store_lock
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.store.remote import RedactSecrets, apply_storage_options, redact_text, redact_url
+from conftest import command, command_env, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"chunk_samples": 1024, "shard_chunks": 2}
@@ -122,11 +123,9 @@ def test_two_prepare_commands_on_one_new_output(tmp_path: Path) -> None:
     reference = prepare_store(from_directory(inputs).items, tmp_path / "reference.zarr", **SMALL)
     out = tmp_path / "out.zarr"
     args = [f"input={inputs}", f"output={out}", "workers=0", "chunk_samples=1024", "shard_chunks=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ced_lightning.prepare", *args]
     first = subprocess.Popen(
-        [*cmd, "throttle_s=0.6", f"hydra.run.dir={tmp_path / 'first'}"],
-        env=env,
+        command("prepare", *args, "throttle_s=0.6", f"hydra.run.dir={tmp_path / 'first'}"),
+        env=command_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -135,13 +134,7 @@ def test_two_prepare_commands_on_one_new_output(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while not Path(f"{out}.lock").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.05)
-        second = subprocess.run(
-            [*cmd, f"hydra.run.dir={tmp_path / 'second'}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        second = run_command("prepare", *args, f"hydra.run.dir={tmp_path / 'second'}", timeout=120)
         assert first.poll() is None, "the first run ended before the second tried: the test proves nothing"
         assert second.returncode == 1, second.stdout + second.stderr
         said = second.stdout + second.stderr
@@ -260,19 +253,12 @@ def test_prepare_command_logs_and_prints_no_credentials(tmp_path: Path) -> None:
     inputs = _wav_folder(tmp_path / "in", 3)
     secret = "s3cretValue"
     out = f"memory://AKIAKEY:{secret}@bucket/audio.zarr"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ced_lightning.prepare",
-            f"input={inputs}",
-            f"output={out}",
-            "workers=0",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
+    done = run_command(
+        "prepare",
+        f"input={inputs}",
+        f"output={out}",
+        "workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -350,18 +336,11 @@ def test_failed_command_shows_and_keeps_no_credentials(tmp_path: Path) -> None:
     the config it saves in the run folder name the URL redacted (all held the secret before)."""
     secret = "s3cretValue"
     run = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ced_lightning.extract",
-            f"audio_store=memory://AKIAKEY:{secret}@bucket/missing.zarr",
-            f"output={tmp_path / 'logits.zarr'}",
-            f"hydra.run.dir={run}",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
+    done = run_command(
+        "extract",
+        f"audio_store=memory://AKIAKEY:{secret}@bucket/missing.zarr",
+        f"output={tmp_path / 'logits.zarr'}",
+        f"hydra.run.dir={run}",
         timeout=120,
     )
     said = done.stdout + done.stderr

@@ -16,30 +16,27 @@ import pytest
 import torch
 
 from ced_lightning import compose_config, conf_dir
-from ced_lightning.models import create_ced, save_ced
+from ced_lightning.models import create_ced
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
-_compose = compose_config
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("data", ["demo", "audioset", "audioset_balanced"])
 def test_every_experiment_composes(experiment: str, data: str) -> None:
-    cfg = _compose([f"experiment={experiment}", f"data={data}"])
+    cfg = compose_config([f"experiment={experiment}", f"data={data}"])
     assert cfg.task in {"distill", "supervised"}
     assert cfg.model._target_ and cfg.data.train and cfg.trainer.max_epochs > 0
 
 
 def test_released_recipe_values() -> None:
-    full = _compose(["experiment=ced_mini", "data=audioset"])
+    full = compose_config(["experiment=ced_mini", "data=audioset"])
     assert (full.data.batch_size, full.optim.optimizer.lr, full.optim.warmup_steps) == (128, 1e-3, 62500)
     assert full.trainer.limit_train_batches == 6250 and full.trainer.check_val_every_n_epoch == 3
     assert full.callbacks.early_stopping.patience == 10 and full.distill.mixup is None
-    assert _compose(["experiment=ced_small", "data=audioset"]).optim.optimizer.lr == 3e-4
-    balanced = _compose(["experiment=ced_mini", "data=audioset_balanced"])
+    assert compose_config(["experiment=ced_small", "data=audioset"]).optim.optimizer.lr == 3e-4
+    balanced = compose_config(["experiment=ced_mini", "data=audioset_balanced"])
     assert (balanced.data.batch_size, balanced.distill.mixup, balanced.optim.warmup_steps) == (32, 0.5, 5000)
 
 
@@ -48,48 +45,15 @@ def test_released_recipe_values() -> None:
 )
 def test_every_group_option_composes(group: str) -> None:
     for option in sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")):
-        _compose([f"{group}={option}"])
+        compose_config([f"{group}={option}"])
 
 
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (conf_dir() / "trainer").glob("*.yaml")))
 def test_no_trainer_config_lets_lightning_inject_a_distributed_sampler(trainer: str) -> None:
     # Our loaders shard by rank; Lightning's DistributedSampler breaks `EqualLengthBatches` (a TypeError).
-    assert _compose([f"trainer={trainer}", "trainer.devices=4"]).trainer.use_distributed_sampler is False
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory) -> dict[str, str]:
-    """A tiny demo set, an untrained tiny teacher and its logit store, all through the real commands."""
-    from ced_lightning.data.demo import build_demo_stores
-
-    root = tmp_path_factory.mktemp("demo")
-    stores = build_demo_stores(str(root / "demo"), seed=0, train=40, val=16, test=16, clip_seconds=1.0)
-    num_classes = (
-        __import__("ced_lightning.store", fromlist=["AudioStore"])
-        .AudioStore.open(stores["train"])
-        .num_classes
+    assert (
+        compose_config([f"trainer={trainer}", "trainer.devices=4"]).trainer.use_distributed_sampler is False
     )
-    teacher = root / "teacher.pt"
-    torch.manual_seed(0)
-    save_ced(create_ced("ced_tiny", depth=1, num_classes=num_classes), teacher)
-    logits = str(root / "logits.zarr")
-    from ced_lightning.extract import run_extract
-
-    cfg = _compose(
-        [
-            f"audio_store={stores['train']}",
-            f"output={logits}",
-            "teacher=ced",
-            f"teacher.checkpoints=[{teacher}]",
-            "epochs=2",
-            "topk=4",
-            "clip_seconds=1.0",
-        ],
-        output_dir=root / "extract_run",
-        config="extract",
-    )
-    run_extract(cfg)
-    return {**stores, "logits": logits, "root": str(root)}
 
 
 def _train_overrides(demo: dict[str, str], *extra: str) -> list[str]:
@@ -116,7 +80,7 @@ def _train_overrides(demo: dict[str, str], *extra: str) -> list[str]:
 def test_distill_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None:
     from ced_lightning.train import train
 
-    cfg = _compose(_train_overrides(tiny_demo, "debug=fdr"), output_dir=tmp_path)
+    cfg = compose_config(_train_overrides(tiny_demo, "debug=fdr"), output_dir=tmp_path)
     train(cfg)
 
 
@@ -127,14 +91,14 @@ def test_teacher_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None
     overrides[0] = "experiment=teacher_demo_cnn"
     overrides[1] = "model=timm"
     overrides[2] = "model.backbone=mobilenetv3_small_050"
-    cfg = _compose(overrides, output_dir=tmp_path)
+    cfg = compose_config(overrides, output_dir=tmp_path)
     train(cfg)
 
 
 def test_missing_user_store_names_the_command(tmp_path: Path) -> None:
     from ced_lightning.tasks import ensure_inputs
 
-    cfg = _compose(["data=audioset", f"paths.data_dir={tmp_path}"])
+    cfg = compose_config(["data=audioset", f"paths.data_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r"python -m ced_lightning\.prepare"):
         ensure_inputs(cfg)
 
@@ -158,14 +122,16 @@ def test_resume_continues_identically(tiny_demo: dict[str, str], tmp_path: Path)
         "distill.mixup=0.5",
     ]
     straight = tmp_path / "straight"
-    train(_compose(_train_overrides(tiny_demo, *common), output_dir=straight))
+    train(compose_config(_train_overrides(tiny_demo, *common), output_dir=straight))
     # An interrupted run: its folder holds the first epoch's checkpoint, which the resume continues beside.
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     first_epoch = interrupted / "checkpoints" / "epoch_000.ckpt"
     shutil.copyfile(straight / "checkpoints" / "epoch_000.ckpt", first_epoch)
     resumed = tmp_path / "resumed"
-    train(_compose(_train_overrides(tiny_demo, *common, f"ckpt_path={first_epoch}"), output_dir=resumed))
+    train(
+        compose_config(_train_overrides(tiny_demo, *common, f"ckpt_path={first_epoch}"), output_dir=resumed)
+    )
     a, b = _final_weights(straight), _final_weights(interrupted)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -192,13 +158,13 @@ def test_resume_keeps_the_best_checkpoints_and_the_best_score(
         "distill.mixup=0.5",
     ]
     first = tmp_path / "first"
-    train(_compose(_train_overrides(tiny_demo, *common, "trainer.max_epochs=2"), output_dir=first))
+    train(compose_config(_train_overrides(tiny_demo, *common, "trainer.max_epochs=2"), output_dir=first))
     folder = first / "checkpoints"
     before = {folder / "epoch_000.ckpt", folder / "epoch_001.ckpt"}
     assert all(p.is_file() for p in before)
     resumed = tmp_path / "resumed"
     metrics = train(
-        _compose(
+        compose_config(
             _train_overrides(tiny_demo, *common, "trainer.max_epochs=4", f"ckpt_path={folder / 'last.ckpt'}"),
             output_dir=resumed,
         )
@@ -310,7 +276,7 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
 def test_missing_optimizer_package_stops_before_the_demo_builds_anything(tmp_path: Path) -> None:
     from ced_lightning.tasks import ensure_inputs
 
-    cfg = _compose(["experiment=ced_mini", "optim=adam8bit", f"paths.data_dir={tmp_path}"])
+    cfg = compose_config(["experiment=ced_mini", "optim=adam8bit", f"paths.data_dir={tmp_path}"])
     with pytest.raises(ImportError, match=r"optim\.optimizer\._target_=bitsandbytes"):
         ensure_inputs(cfg)
     assert not any(tmp_path.iterdir())  # no demo store, teacher or logit store was started
@@ -374,7 +340,7 @@ def test_run_options_are_refused_before_anything_starts(
 ) -> None:
     from ced_lightning.tasks import ensure_inputs
 
-    cfg = _compose(["experiment=ced_mini", f"paths.data_dir={tmp_path}", *overrides])
+    cfg = compose_config(["experiment=ced_mini", f"paths.data_dir={tmp_path}", *overrides])
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         ensure_inputs(cfg)
     assert not any(tmp_path.iterdir())  # the demo built nothing
@@ -407,6 +373,8 @@ def test_training_validates_on_clips_shorter_than_one_stft_window(
 
     val = _store_with_short_clips(tiny_demo["val"], tmp_path / "short_val.zarr")
     overrides = _train_overrides({**tiny_demo, "val": val}, "debug=fdr")
-    train(_compose(overrides, output_dir=tmp_path / "distill"))
+    train(compose_config(overrides, output_dir=tmp_path / "distill"))
     overrides[0:3] = ["experiment=teacher_demo_cnn", "model=timm", "model.backbone=mobilenetv3_small_050"]
-    train(_compose(overrides, output_dir=tmp_path / "teacher"))  # its 1024-point window: 200 < 512 < 1024
+    train(
+        compose_config(overrides, output_dir=tmp_path / "teacher")
+    )  # its 1024-point window: 200 < 512 < 1024
