@@ -26,7 +26,7 @@ def test_every_row_composes_and_store_changes_get_their_own_store(ablations):
     stores: dict[tuple, str] = {}
     for name, overrides in CONDITIONS.items():
         cfg = compose_cfg([*COMMON, *overrides])
-        assert cfg.task == "distill", name
+        assert cfg.task.name == "distill", name
         extract = cfg.data.extract
         key = (cfg.teacher.name, extract.topk, extract.epochs, extract.quantization)
         # One store per extraction setting: two settings never share a path (a stale store would be reused).
@@ -71,7 +71,7 @@ def test_a_command_started_in_process_composes_inside_and_outside_a_hydra_app(tm
     outer = compose_config([*COMMON], tmp_path / "outer")
     assert not GlobalHydra.instance().is_initialized()
     teacher = compose_inner("train", ["experiment=teacher_demo_cnn", f"++paths.output_dir={tmp_path}/t"])
-    assert teacher.task == "supervised"
+    assert teacher.task.name == "supervised"
     assert compose_inner("extract", ["topk=3"]).topk == 3
     assert list(HydraConfig.get().overrides.task) == list(outer.hydra.overrides.task) == COMMON
 

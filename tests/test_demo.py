@@ -119,6 +119,29 @@ def test_label_only_baseline_is_validated_as_often_as_the_student() -> None:
         assert epochs % every == 0 and epochs // every == student_epochs and epochs >= baseline_epochs
 
 
+def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_path: Path) -> None:
+    """The student's config with the `task` group's supervised option: labels on train.zarr (not the pool),
+    the teachers' recipe (the demo's absolute 40 frames) drawn fresh, the student's network and seed."""
+    from ced_lightning import compose_config
+    from ced_lightning.data.labeled import LabeledDataModule
+    from ced_lightning.demo import label_only_cfg
+    from ced_lightning.modules.supervised import SupervisedModule
+    from ced_lightning.train import build_task
+
+    stores = build_demo_stores(
+        str(tmp_path / "demo"), seed=0, train=16, unlabeled=16, val=2, test=2, clip_seconds=0.25
+    )
+    overrides = ["experiment=student_demo", f"paths.data_dir={tmp_path}", "model.init_from=null"]
+    student = compose_config([*overrides, "data.batch_size=4", "data.num_workers=0"], tmp_path / "run")
+    baseline = label_only_cfg(student)
+    assert (student.task.name, baseline.task.name) == ("distill", "supervised")
+    assert (student.data.train, baseline.data.train) == (stores["distill"], stores["train"])
+    datamodule, module = build_task(baseline)
+    assert isinstance(datamodule, LabeledDataModule) and isinstance(module, SupervisedModule)
+    assert datamodule.train_url == stores["train"] and module.seed == student.seed
+    assert module.recipe.time_mask_frames == 40 and module.model.num_classes == len(DEMO_CLASSES)
+
+
 def test_worker_processes_give_the_same_store(tmp_path: Path) -> None:
     kwargs = {"seed": 1, "train": 64, "val": 1, "test": 1, "clip_seconds": 0.25}
     inline = build_demo_stores(str(tmp_path / "a"), workers=0, **kwargs)

@@ -117,7 +117,9 @@ def test_no_import_cycle() -> None:
     assert not lines, "\n".join(lines)
 
 
-@pytest.mark.parametrize("command", ["train", "tasks", "extract", "evaluate", "predict", "export", "prepare"])
+@pytest.mark.parametrize(
+    "command", ["train", "inputs", "extract", "evaluate", "predict", "export", "prepare"]
+)
 def test_generic_commands_do_not_import_the_demo_layer(command: str) -> None:
     """The demo runs the commands, never the other way: `train` reaches it only through the config
     (`data.entry`), so no command imports `ced_lightning.demo`, directly or through another module."""

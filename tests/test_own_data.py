@@ -95,7 +95,7 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
 
 
 def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
-    from ced_lightning.tasks import ensure_inputs
+    from ced_lightning.inputs import ensure_inputs
     from ced_lightning.train import entry_point, train
 
     cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])
@@ -238,11 +238,11 @@ def test_the_demo_keeps_its_recipe() -> None:
 
 
 def test_extraction_and_teachers_apply_the_scaled_masks(own: dict[str, str], logits: str) -> None:
-    from ced_lightning.tasks import build_datamodule, build_module
+    from ced_lightning.train import build_task
 
     assert LogitStore.open(logits).recipe.time_mask_frames == 77
     cfg = compose_config(_train_overrides(own, "task=supervised", f"data.clip_seconds={CLIP_SECONDS}"))
-    module = build_module(cfg, build_datamodule(cfg))
+    _, module = build_task(cfg)
     assert module.recipe.time_mask_frames == 77
 
 

@@ -26,7 +26,7 @@ EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("data", ["demo", "audioset", "audioset_balanced"])
 def test_every_experiment_composes(experiment: str, data: str) -> None:
     cfg = compose_config([f"experiment={experiment}", f"data={data}"])
-    assert cfg.task in {"distill", "supervised"}
+    assert cfg.task.name in {"distill", "supervised"}
     assert cfg.model._target_ and cfg.data.train and cfg.trainer.max_epochs > 0
 
 
@@ -96,7 +96,7 @@ def test_teacher_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None
 
 
 def test_missing_user_store_names_the_command(tmp_path: Path) -> None:
-    from ced_lightning.tasks import ensure_inputs
+    from ced_lightning.inputs import ensure_inputs
 
     cfg = compose_config(["data=audioset", f"paths.data_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r"python -m ced_lightning\.prepare"):
@@ -274,7 +274,7 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 def test_missing_optimizer_package_stops_before_the_demo_builds_anything(tmp_path: Path) -> None:
-    from ced_lightning.tasks import ensure_inputs
+    from ced_lightning.inputs import ensure_inputs
 
     cfg = compose_config(["experiment=ced_mini", "optim=adam8bit", f"paths.data_dir={tmp_path}"])
     with pytest.raises(ImportError, match=r"optim\.optimizer\._target_=bitsandbytes"):
@@ -338,7 +338,7 @@ def test_every_rank_gets_evaluation_batches_with_every_clip_once(world_size: int
 def test_run_options_are_refused_before_anything_starts(
     overrides: list[str], error: str, tmp_path: Path
 ) -> None:
-    from ced_lightning.tasks import ensure_inputs
+    from ced_lightning.inputs import ensure_inputs
 
     cfg = compose_config(["experiment=ced_mini", f"paths.data_dir={tmp_path}", *overrides])
     with pytest.raises((ValueError, FileNotFoundError), match=error):

@@ -13,7 +13,7 @@ then `ced_lightning.train.train` distils the student label-free over distill.zar
 compare against (the same student with labels on train.zarr alone, as many optimizer steps: `label_only_cfg`),
 and ends with the demo's table: validation and test mAP of every teacher, the ensemble, the student and the
 label-only baseline, and the store overhead. A user's data names no entry: `train` runs alone, and a missing
-store stops it with the command to run (`ced_lightning.tasks.ensure_inputs`).
+store stops it with the command to run (`ced_lightning.inputs.ensure_inputs`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ced_lightning import compose_inner
+from ced_lightning import compose_inner, conf_dir
 from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.extract import run_extract
+from ced_lightning.inputs import check_train_config
 from ced_lightning.launch import global_rank
 from ced_lightning.store import store_exists, store_nbytes
-from ced_lightning.tasks import check_train_config
 from ced_lightning.train import train
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,10 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     with timer("student"):
         metrics = train(cfg)
     baseline: dict[str, Any] | None = None
-    if cfg.task == "distill" and cfg.data.get("label_only_baseline"):
+    if cfg.task.name == "distill" and cfg.data.get("label_only_baseline"):
         with timer("label-only baseline"):
             baseline = train(label_only_cfg(cfg))
-    if build_missing and cfg.task == "distill" and cfg.get("summary", True) and global_rank() == 0:
+    if build_missing and cfg.task.name == "distill" and cfg.get("summary", True) and global_rank() == 0:
         with timer("teachers scored"):
             rows = demo_summary(cfg, metrics, baseline)
         print_demo_summary(rows)
@@ -116,7 +116,9 @@ def label_only_cfg(cfg: DictConfig) -> DictConfig:
 
     baseline = copy.deepcopy(cfg)
     with open_dict(baseline):
-        baseline.task = "supervised"
+        # The `task` group's supervised option, its values interpolated from this run's config as a
+        # command line's task=supervised would (data.train then names the labeled store).
+        baseline.task = OmegaConf.load(conf_dir() / "task" / "supervised.yaml")
         student_clips = len(AudioStore.open(str(cfg.data.train)))
         labeled_clips = len(AudioStore.open(str(baseline.data.train)))
         student_epochs = int(cfg.data.schedule.max_epochs)
@@ -150,7 +152,7 @@ def build_demo_artifacts(cfg: DictConfig, timer: StageTimer | None = None) -> No
     timer = timer or StageTimer()
     with timer("stores"):
         ensure_demo_stores(cfg)
-    if cfg.task != "distill":
+    if cfg.task.name != "distill":
         return
     ensure_demo_teachers(cfg, timer)
     if not store_exists(cfg.data.logits):

@@ -1,8 +1,10 @@
 """`python -m ced_lightning.train`: distil a student (task=distill) or train a teacher (task=supervised).
 
 Thin in the lightning-hydra-template manner: instantiate data, model, callbacks, loggers and trainer from
-the config, fit, test the chosen checkpoint, return the optimised metric to sweepers. A data group may name a
-layer above `train` that runs instead and calls it (`data.entry`, see `entry_point`).
+the config, fit, test the chosen checkpoint, return the optimised metric to sweepers. The task is a config
+group (`conf/task/`): its `datamodule` and `module` are instantiated as written there, the module with what
+only the data knows (`build_task`). A data group may name a layer above `train` that runs instead and calls
+it (`data.entry`, see `entry_point`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.utils import get_method
+from hydra.utils import get_method, instantiate
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
 from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
+from ced_lightning.inputs import ensure_inputs
 from ced_lightning.launch import prepare_ddp_relaunch, quiet_non_zero_ranks
+from ced_lightning.models import CED, load_matching_weights
 from ced_lightning.runtime import (
     build_callbacks,
     build_loggers,
@@ -28,13 +33,7 @@ from ced_lightning.runtime import (
     finish_task,
     log_hyperparameters,
 )
-from ced_lightning.tasks import (
-    build_datamodule,
-    build_module,
-    ensure_inputs,
-    record_resolved,
-    resolved_values,
-)
+from ced_lightning.saved_config import record_resolved, resolved_values
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validation, the others (`test/mAP`, ...) as last logged."""
     ensure_inputs(cfg)  # a missing store stops the run at once, naming the command that builds it
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    datamodule, module = build_task(cfg)
     callbacks = build_callbacks(cfg)
     if cfg.train:
         continue_in_checkpoint_folder(callbacks, cfg.get("ckpt_path"))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers)
     # The saved configs say what the run uses (a student's clip length and recipe come from its logit store).
-    log_hyperparameters(record_resolved(cfg, resolved_values(cfg, datamodule, module)), module, trainer)
+    log_hyperparameters(record_resolved(cfg, resolved_values(datamodule, module)), module, trainer)
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -72,6 +70,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(best)
     metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
     return metrics
+
+
+def build_task(cfg: DictConfig) -> tuple[LightningDataModule, LightningModule]:
+    """The task group's data module and Lightning module (`task.datamodule`, `task.module`). What the module
+    needs from the data is passed as keyword arguments: the network built for the data's class count, the
+    class names and the augmentation recipe (a student's from its logit store, a teacher's from `augment`)."""
+    datamodule = instantiate(cfg.task.datamodule)
+    # A partial first, so that these objects reach the constructor as they are (instantiate's own keyword
+    # arguments would pass through OmegaConf, which turns the recipe dataclass into a config).
+    make_module = instantiate(cfg.task.module, _partial_=True)
+    module = make_module(
+        model=build_network(cfg, datamodule.num_classes),
+        class_names=datamodule.class_names,
+        recipe=datamodule.recipe,
+    )
+    return datamodule, module
+
+
+def build_network(cfg: DictConfig, num_classes: int) -> Any:
+    """The `model` group's network with the data's class count, initialised from `model.init_from`: a path
+    or a released name such as `ced_mini` or `ced_mini_mae` (`model.init_strict=false` accepts a partial
+    match)."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    init_from = model_cfg.pop("init_from", None)
+    init_strict = bool(model_cfg.pop("init_strict", True))
+    if model_cfg.get("num_classes") not in (None, num_classes):
+        raise ValueError(
+            f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes; "
+            "leave model.num_classes unset (null)"
+        )
+    model_cfg["num_classes"] = num_classes
+    network = instantiate(model_cfg)
+    if init_from:
+        if not isinstance(network, CED):
+            raise ValueError("model.init_from loads CED or MAE-pretrained CED weights; this model is not CED")
+        load_matching_weights(network, init_from, strict=init_strict)
+    return network
 
 
 def entry_point(cfg: DictConfig) -> Callable[[DictConfig], dict[str, Any]]:

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
@@ -116,7 +117,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         seed: int = 0,
         consistent: bool = True,
         mixup: float | None = None,
-        with_labels: bool = False,
+        with_labels: bool | float = False,
         inconsistent_shift: str = "fresh",
     ) -> None:
         super().__init__()
@@ -134,7 +135,8 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             )
         self.inconsistent_shift = inconsistent_shift
         self.mixup = mixup or None
-        self.with_labels = with_labels
+        # A weight counts as its sign: the task config passes distill.label_weight (labels read when > 0).
+        self.with_labels = bool(with_labels and with_labels > 0)
         self.audio = open_audio(train)
         self.logits = LogitStore.open(self.logits_url)
         check_logits_match_audio(self.logits, self.audio, self.logits_url, self.train_url)
@@ -170,6 +172,11 @@ class DistillDataModule(Int16Batches, LightningDataModule):
     @property
     def recipe(self) -> AugmentRecipe:
         return self.logits.recipe
+
+    @property
+    def clip_seconds(self) -> float:
+        """The logit store's clip length (what the teachers heard), whatever `data.clip_seconds` says."""
+        return self.logits.clip_samples / SAMPLE_RATE
 
     def setup(self, stage: str | None = None) -> None:
         self.eval_data.trainer = self.trainer

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.augment import AugmentRecipe
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.labels import check_same_classes
@@ -106,7 +107,8 @@ def _as_list(urls: str | Sequence[str] | None) -> list[str]:
 class LabeledDataModule(Int16Batches, LightningDataModule):
     """Supervised training on `train` (random crop/pad to `clip_seconds`, fresh order each epoch) and
     evaluation on `val`/`test` (whole clips of any length, batched by equal length). Stores must carry
-    labels and agree on their class list."""
+    labels and agree on their class list. `recipe`: the augmentation a teacher draws fresh on its training
+    clips, the `augment` group (`augment`) sized for `clip_seconds` (`AugmentRecipe.for_clip`)."""
 
     def __init__(
         self,
@@ -121,6 +123,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         shuffle_window: int = 256,
         seed: int = 0,
         clip_seconds: float | None = 10.0,
+        augment: Any = None,
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`).
@@ -133,7 +136,9 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.shuffle_window = shuffle_window
         self.seed = seed
+        self.clip_seconds = clip_seconds
         self.clip_samples = round(clip_seconds * SAMPLE_RATE) if clip_seconds else None
+        self.recipe = AugmentRecipe.for_clip(augment, clip_seconds) if augment is not None else None
         self.train_store = open_audio(train) if train else None
         self.val_stores = [AudioStore.open(u) for u in self.val_urls]
         self.test_stores = [AudioStore.open(u) for u in self.test_urls]
