@@ -349,7 +349,7 @@ def test_checkpoint_load_errors_name_the_file(tmp_path: Path) -> None:
     """Before: torch's `UnpicklingError: Weights only load failed ...` (or a corrupt file's error) did not say
     which checkpoint it was, which matters with several teachers. Malicious pickles stay refused."""
     from ced_lightning.models import read_state_dict
-    from ced_lightning.models.factory import CheckpointLoadError
+    from ced_lightning.models.checkpoint import CheckpointLoadError
 
     marker = tmp_path / "code_ran"
     torch.save({"model": _Exploit(marker)}, tmp_path / "teacher_2.ckpt")

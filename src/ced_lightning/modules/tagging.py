@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ced_lightning.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
-from ced_lightning.models import model_spec
+from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
 from ced_lightning.optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,9 @@ class TaggingModule(LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_spec"] = model_spec(self.model)
-        checkpoint["class_names"] = self.class_names
-        checkpoint["eval_prefix"] = "ema." if self.ema is not None else "model."
-        # Dropout and drop-path draw from torch's global generator: restore it for an exact resume.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # `eval_prefix`: the attribute whose weights are evaluated (`self.ema` when kept, else `self.model`).
+        eval_prefix = "ema." if self.ema is not None else "model."
+        write_metadata(checkpoint, self.model, self.class_names, eval_prefix=eval_prefix)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer  # None in `load_from_checkpoint`
@@ -127,11 +123,7 @@ class TaggingModule(LightningModule):
         # The torch generator is restored before the first training batch, and only what happens at the same
         # point of an uninterrupted run draws from it until then: `ResumableLoader` iterates without drawing
         # (its own generator), the sanity check runs under Lightning's `isolate_rng`.
-        states = checkpoint.get("rng_states") or {}
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        restore_rng_states(checkpoint)
 
 
 def _rebuild_train_loader_after_restore(trainer: Trainer) -> None:
