@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ced_lightning.losses import bernoulli_kl, distill_loss, mixup_lambda, soft_bce, soften
+from ced_lightning.losses import bernoulli_kl, distill_loss, mix_with_reversed, mixup_lambda, soft_bce, soften
 from ced_lightning.targets import rebuild_targets
 
 
@@ -73,3 +73,18 @@ def test_mixup_lambda_is_beta_half_half():
     assert abs(lam.mean() - 0.5) < 1e-3 and abs(lam.var() - 0.125) < 1e-3
     lam2 = mixup_lambda(u, 2.0)
     assert abs(lam2.var() - 0.05) < 1e-3  # Beta(2, 2): variance 1/20
+
+
+def test_mix_with_reversed_is_the_mixing_line_of_before() -> None:
+    torch.manual_seed(0)
+    lam = torch.rand(4)
+    mel, target = torch.randn(4, 64, 30), torch.rand(4, 7)
+    assert torch.equal(
+        mix_with_reversed(mel, lam), lam[:, None, None] * mel + (1 - lam[:, None, None]) * mel.flip(0)
+    )
+    assert torch.equal(
+        mix_with_reversed(target, lam), lam[:, None] * target + (1 - lam[:, None]) * target.flip(0)
+    )
+    # λ = 1 keeps each clip, λ = 0 takes its partner (the reversed batch)
+    assert torch.equal(mix_with_reversed(mel, torch.ones(4)), mel)
+    assert torch.equal(mix_with_reversed(mel, torch.zeros(4)), mel.flip(0))

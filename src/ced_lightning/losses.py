@@ -1,4 +1,4 @@
-"""Distillation losses on multi-label (sigmoid) outputs."""
+"""Distillation losses on multi-label (sigmoid) outputs, and mixup (λ per clip, the mixing of a batch)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,13 @@ def mixup_lambda(uniform: np.ndarray, alpha: float) -> np.ndarray:
     """λ ~ Beta(α, α) by the exact inverse CDF of uniforms in [0, 1), so that λ is a pure function of
     counter-based uniforms and replays exactly on resume (for α = 0.5 this is sin²(πu/2))."""
     return scipy.special.betaincinv(alpha, alpha, uniform).astype(np.float32)
+
+
+def mix_with_reversed(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Mixup's mixing, the one place it is written: `λ·x + (1-λ)·x.flip(0)`, each clip with the batch's
+    reverse, λ per clip `[B]` (broadcast over the other dimensions of `x`: spectrograms, targets)."""
+    lam = lam.to(x).reshape(-1, *[1] * (x.dim() - 1))
+    return lam * x + (1 - lam) * x.flip(0)
 
 
 def sample_mixup_lambda(seed: int, epoch: int, indices: np.ndarray, alpha: float) -> np.ndarray:

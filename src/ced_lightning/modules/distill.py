@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
-from ced_lightning.losses import DistillLoss, distill_loss
+from ced_lightning.losses import DistillLoss, distill_loss, mix_with_reversed
 from ced_lightning.modules.tagging import TaggingModule
 from ced_lightning.targets import TargetFill, rebuild_targets
 
@@ -52,7 +52,7 @@ class StudentDistillModule(TaggingModule):
         lam = batch.get("mixup_lambda")
         if lam is not None:
             lam = lam.to(mel)
-            mel = lam[:, None, None] * mel + (1 - lam[:, None, None]) * mel.flip(0)
+            mel = mix_with_reversed(mel, lam)
         logits = self.model.forward_spectrogram(mel)
 
         loss = _mixed(lambda t: distill_loss(self.loss_kind, logits, t, self.temperature), teacher, lam)

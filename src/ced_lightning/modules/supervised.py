@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.losses import sample_mixup_lambda
+from ced_lightning.losses import mix_with_reversed, sample_mixup_lambda
 from ced_lightning.modules.tagging import TaggingModule
 
 
@@ -40,8 +40,7 @@ class SupervisedModule(TaggingModule):
             lam = torch.from_numpy(sample_mixup_lambda(self.seed, self.current_epoch, index, self.mixup)).to(
                 mel
             )
-            mel = lam[:, None, None] * mel + (1 - lam[:, None, None]) * mel.flip(0)
-            target = lam[:, None] * target + (1 - lam[:, None]) * target.flip(0)
+            mel, target = mix_with_reversed(mel, lam), mix_with_reversed(target, lam)
         logits = self.model.forward_spectrogram(mel)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target)
         self.log("train/loss", loss, prog_bar=True)
