@@ -114,7 +114,9 @@ def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = 
 
 
 class TeacherEnsembleModule(pl.LightningModule):
-    """Fills the logit store at `store_url` (created beforehand by `LogitStore.create`) in `predict_step`."""
+    """Fills the logit store at `store_url` (created beforehand by `LogitStore.create`) in `predict_step`.
+
+    `recipe`, `seed`, `epochs`, `topk` and `combine` are the store's, validated where it was created."""
 
     def __init__(
         self,
@@ -138,8 +140,6 @@ class TeacherEnsembleModule(pl.LightningModule):
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.num_classes = check_teachers(teachers, teacher_names)
         self.teacher_names = list(teacher_names or (f"#{i}" for i in range(len(teachers))))
-        if not 1 <= topk <= self.num_classes:
-            raise ValueError(f"topk must be in [1, {self.num_classes}] (the teachers' classes), not {topk}")
         self.teachers = nn.ModuleList(teachers).eval().requires_grad_(False)
         # Which teachers share a spectrogram: worked out once, not for every micro-batch.
         self.mel_sources = front_end_sources([t.front_end for t in teachers])
@@ -167,17 +167,13 @@ class TeacherEnsembleModule(pl.LightningModule):
     def _open_store(self) -> LogitStore:
         if self.store is None:
             store = LogitStore.open(self.store_url)
-            for key, ours in (
-                ("epochs", self.epochs),
-                ("topk", self.topk),
-                ("num_classes", self.num_classes),
-            ):
-                if getattr(store, key) != ours:
-                    raise ValueError(
-                        f"{self.store_url}: store has {key}={getattr(store, key)}, module {ours}"
-                    )
-            if store.recipe != self.recipe or store.seed != self.seed or store.combine != self.combine:
-                raise ValueError(f"{self.store_url}: recipe, seed or combine differ from the module's")
+            # epochs, topk, recipe, seed and combine are the store's own (extract passes them from it, and
+            # `LogitStore.create` validated them); the teachers are not: their class count must fit it.
+            if store.num_classes != self.num_classes:
+                raise ValueError(
+                    f"{self.store_url}: store has num_classes={store.num_classes}, the teachers predict "
+                    f"{self.num_classes}"
+                )
             self.store = store
         return self.store
 
