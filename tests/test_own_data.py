@@ -225,7 +225,9 @@ def test_time_masks_scale_with_the_clip_length_by_default() -> None:
 def test_the_demo_keeps_its_recipe() -> None:
     """The demo's explicit 40 frames stay absolute: its stores and numbers do not move."""
     cfg = compose_config(["data=demo"])
-    overrides = list(cfg.data.augment_overrides)
+    from ced_lightning.demo import augment_overrides
+
+    overrides = augment_overrides(cfg)
     extract = compose_config([*overrides, "output=x"], config="extract")
     assert AugmentRecipe.for_clip(extract.augment, float(cfg.data.clip_seconds)).time_mask_frames == 40
     teacher = compose_config(["experiment=teacher_demo_ced", *overrides])

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning import compose_inner, conf_dir
@@ -130,9 +129,7 @@ def label_only_cfg(cfg: DictConfig) -> DictConfig:
         baseline.tags = [*list(cfg.get("tags") or []), "label_only"]
         # The student replays the teachers' augmentation from the logit store; trained with labels, the same
         # network gets that recipe drawn fresh, as the teachers did.
-        for override in cfg.data.get("augment_overrides") or []:
-            key, value = str(override).split("=", 1)
-            OmegaConf.update(baseline, key, yaml.safe_load(value), force_add=True)
+        baseline.augment = OmegaConf.merge(baseline.augment, cfg.data.get("augment") or {})
     log.info(
         "demo: label-only baseline: %s with labels on %s (%d clips) for %d epochs, the student's optimizer "
         "steps (%d epochs over %d clips), validated every %d epochs as often as the student",
@@ -203,7 +200,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
         f"seed={cfg.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
         "logger=csv",
-        *list(cfg.data.get("augment_overrides") or []),
+        *augment_overrides(cfg),
         *list(cfg.data.get("teacher_overrides") or []),
         *list(member.get("overrides") or []),
     ]
@@ -220,10 +217,17 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
     )
 
 
+def augment_overrides(cfg: DictConfig) -> list[str]:
+    """The demo's augmentation (`data.augment`: keys of the `augment` group) as the command-line overrides of
+    the commands it starts (its teachers' training, its extraction)."""
+    values = OmegaConf.to_container(cfg.data.get("augment") or {}, resolve=True)
+    return [f"augment.{key}={json.dumps(value)}" for key, value in values.items()]
+
+
 def extract_demo_logits(cfg: DictConfig) -> None:
     """The teachers' logit store over the student's `data.train` (distill.zarr: the labeled clips and the
     unlabeled pool) at `data.logits`, with the demo's extraction settings
-    (`data.extract`) and augmentation (`data.augment_overrides`)."""
+    (`data.extract`) and augmentation (`data.augment`)."""
     overrides = [
         f"audio_store={cfg.data.train}",
         f"output={cfg.data.logits}",
@@ -241,7 +245,7 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"teacher_check.store={cfg.data.val}",
         f"allow_weak_teachers={bool(cfg.data.extract.get('allow_weak_teachers', False))}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
-        *list(cfg.data.get("augment_overrides") or []),
+        *augment_overrides(cfg),
     ]
     extract_cfg = compose_inner("extract", overrides)
     with open_dict(extract_cfg):
