@@ -9,6 +9,10 @@ unlabeled pool, the demo's teachers, schedule and stores) with one thing changed
 - the ensemble against its best single teacher (MobileNet, `teacher=demo_mobilenet`);
 - top-k (1, 5, every class) and augmentation epochs E (1, 3) of the logit store;
 - 8-bit against float16 stored values;
+- where the student starts: the demo's stand-in for a pretrained start (its CED teacher's weights) against
+  none (from scratch) and against the paper's released CED-Tiny (`model.init_from=ced_tiny`, the file's first
+  4 blocks: the start `data=custom` uses by default); a row whose released file is in no cache and cannot be
+  downloaded is listed as not run, with the reason;
 and, as the reference users compare against, the same network with labels on the labeled clips alone for the
 same number of optimizer steps (`ced_lightning.demo.label_only_cfg`).
 
@@ -53,6 +57,11 @@ CONDITIONS: dict[str, list[str]] = {
         "data.logits=${data.root}/logits_${teacher.name}_float16.zarr",
     ],
     LABEL_ONLY: [],
+    # Where the student starts (issue 16): the demo's stand-in for a pretrained start (its CED teacher, above)
+    # against none, and against the paper's released CED-Tiny (the file's first 4 blocks), the start
+    # data=custom uses by default. The released row runs where the file is cached or can be downloaded.
+    "student from scratch (no pretrained start)": ["model.init_from=null"],
+    "student from the released CED-Tiny (its first 4 blocks)": ["model.init_from=ced_tiny"],
 }
 # The rows' store-quality figures compare these two conditions' stores (same teachers, clips and draws).
 INT8_ROW, FLOAT16_ROW = next(iter(CONDITIONS)), "float16 store"
@@ -69,6 +78,21 @@ def build_inputs(overrides: list[str]) -> None:
     from ced_lightning.demo import build_demo_artifacts
 
     build_demo_artifacts(compose_cfg([*overrides, "data.build_missing=true"]))
+
+
+def unavailable_start(overrides: list[str]) -> str | None:
+    """Why a row cannot run here, or None: the released weights it starts from are in no cache and cannot be
+    downloaded (fetched once here, so that no run starts without them)."""
+    from ced_lightning.models import RELEASED, ReleasedWeightsUnavailable, fetch_released
+
+    name = compose_cfg(overrides).model.get("init_from")
+    if name not in RELEASED:
+        return None
+    try:
+        fetch_released(name)
+    except ReleasedWeightsUnavailable:
+        return f"released weights {name!r} in no cache and no download here (docs/using_models.md)"
+    return None
 
 
 def run_one(condition: str, overrides: list[str], output_dir: str, threads: int) -> dict[str, float]:
@@ -141,6 +165,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(
             f"| {row} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
         )
+    for name, reason in out.get("not_run", {}).items():
+        lines.append(f"| {name} | not run: {reason} | |")
     q = out.get("quantization_on_demo")
     if q:
         lines += [
@@ -230,9 +256,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path.write_text(json.dumps(out, indent=2))
         (HERE / "ablations.md").write_text(markdown(out))
 
+    out["not_run"] = {}
     for name in dict.fromkeys(n for n, _ in todo):
+        reason = unavailable_start([*common, *CONDITIONS[name]])
+        if reason:
+            print(f"== not run: {name}: {reason}", flush=True)
+            out["not_run"][name] = reason
+            continue
         print(f"== inputs of: {name}", flush=True)
         build_inputs([*common, *CONDITIONS[name]])
+    todo = [(n, s) for n, s in todo if n not in out["not_run"]]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     root = HERE / "ablation_runs"
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:

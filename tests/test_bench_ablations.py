@@ -104,3 +104,47 @@ def test_a_stopped_invocation_keeps_its_finished_runs(ablations, tmp_path):
     out = {"config": {**saved["config"], "command": "c"}, "minutes": 1.0}
     out["results"] = ablations.summarize({first: [result, result]})
     assert f"| {first} (2 of 3 seeds) |" in markdown(out)
+
+
+def test_start_rows_and_a_released_start_not_in_cache_is_listed_not_run(
+    ablations, tmp_path, monkeypatch, ced_reference
+):
+    """Scratch against the released CED-Tiny (issue 16): the released row runs only where its file is cached
+    or can be downloaded; offline without it the table says so instead of failing the whole bench."""
+    import shutil
+
+    from ced_lightning.models import RELEASED
+
+    CONDITIONS, compose_cfg = ablations.CONDITIONS, ablations.compose_cfg
+    scratch, released = (
+        [*COMMON, *CONDITIONS[n]]
+        for n in (
+            "student from scratch (no pretrained start)",
+            "student from the released CED-Tiny (its first 4 blocks)",
+        )
+    )
+    assert compose_cfg(scratch).model.init_from is None
+    cfg = compose_cfg(released)
+    assert (cfg.model.init_from, cfg.model.depth, cfg.model.init_strict) == ("ced_tiny", 4, False)
+    assert str(compose_cfg(COMMON).model.init_from).endswith("demo/teachers/ced_tiny.ckpt")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ablations.unavailable_start(scratch) is None
+    reason = ablations.unavailable_start(released)
+    assert reason and "'ced_tiny'" in reason
+    out = {
+        "config": {"experiment": "student_demo", "epochs": 6, "seeds": [0], "jobs": 1, "command": "x"},
+        "minutes": 0.0,
+        "results": {},
+        "not_run": {"student from the released CED-Tiny (its first 4 blocks)": reason},
+    }
+    assert f"| student from the released CED-Tiny (its first 4 blocks) | not run: {reason} | |" in (
+        ablations.markdown(out)
+    )
+    cached = RELEASED["ced_tiny"].torch_cache_path
+    cached.parent.mkdir(parents=True)
+    shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", cached)
+    assert ablations.unavailable_start(released) is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
-from ced_lightning.demo import label_only_epochs, label_only_validations
+from ced_lightning.demo import demo_verdict, label_only_epochs, label_only_validations
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 from conftest import run_command
@@ -93,6 +93,15 @@ def test_distill_store_is_the_labeled_clips_then_an_unlabeled_pool(tmp_path: Pat
         build_demo_stores(str(root), unlabeled=7, **kwargs)
     with pytest.raises(ValueError, match="unlabeled"):
         build_demo_stores(str(tmp_path / "other"), unlabeled=-1, **kwargs)
+
+
+def test_verdict_reads_the_table_against_the_best_single_teacher_and_the_baseline() -> None:
+    teachers = {"ced_tiny": 0.6468, "mobilenet": 0.6618, "ensemble": 0.7}  # the ensemble is no single teacher
+    ahead, behind = demo_verdict(teachers, 0.6945, 0.7)
+    assert ahead == "student against its best single teacher (mobilenet, 0.6618): +0.0327 test mAP, ahead"
+    assert behind.startswith("student against the label-only baseline (0.7000): -0.0055 test mAP, not ahead")
+    assert "bench/demo_sizing.md" in behind
+    assert len(demo_verdict(teachers, 0.6945, None)) == 1 and demo_verdict(teachers, None, 0.7) == []
 
 
 def test_label_only_baseline_gets_the_students_optimizer_steps() -> None:
@@ -187,6 +196,9 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
     rows = ("teacher ced", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels (train")
     for row in (*rows, "logit store"):
         assert row in run.stdout, run.stdout[-2000:]
+    # The table read out: the student against its best single teacher and the label-only baseline.
+    assert "student against its best single teacher (ced, " in run.stdout, run.stdout[-2000:]
+    assert "student against the label-only baseline (" in run.stdout, run.stdout[-2000:]
     assert teacher.is_file() and teacher.with_suffix(".json").is_file()
     # The teachers learnt from the 24 labeled clips; the student's logit store covers those and the pool.
     assert len(AudioStore.open(str(data / "demo" / "train.zarr"))) == 24

@@ -87,6 +87,7 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
         "trainer=cpu",
         "logger=csv",
         "callbacks.progress_bar=null",
+        "data.init_from=null",  # from scratch: no released file here (the default start has tests of its own)
         *extra,
     ]
 
@@ -198,6 +199,70 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
     assert [j.name for j in jobs] == ["0", "1"]
+
+
+# -- where networks start: the released weights of their size ----------------------------------------
+
+
+def test_custom_data_starts_ced_networks_from_the_released_weights_of_their_size() -> None:
+    """data=custom starts each CED network (student or teacher) from the paper's released tagger of its size
+    (a transformer from scratch learns nothing from a data set of this size); the demo keeps its own starts,
+    and the demo student never starts from the demo's teacher on another data set."""
+    custom = ["data=custom", "data.root=mine"]
+    starts = {
+        experiment: (cfg.model.init_from, cfg.model.get("init_strict"))
+        for experiment in ("ced_tiny", "ced_mini", "teacher_ced", "teacher_demo_ced", "student_demo",
+                           "teacher_demo_cnn", "paper_ced_mini")
+        for cfg in [compose_config([f"experiment={experiment}", *custom])]
+    }  # fmt: skip
+    assert starts == {
+        "ced_tiny": ("ced_tiny", True),
+        "ced_mini": ("ced_mini", True),
+        "teacher_ced": ("ced_base", True),
+        "teacher_demo_ced": ("ced_tiny", False),  # 4 blocks: the file's first 4
+        "student_demo": ("ced_tiny", False),
+        "teacher_demo_cnn": (None, None),  # not a CED: no released weights
+        "paper_ced_mini": ("ced_mini_mae", True),  # an experiment's own start wins
+    }
+    scratch = compose_config(["experiment=student_demo", *custom, "data.init_from=null"])
+    assert scratch.model.init_from is None
+    own_start = compose_config(["experiment=ced_tiny", *custom, "model.init_from=x.ckpt"])
+    assert own_start.model.init_from == "x.ckpt"
+    assert compose_config(["experiment=ced_tiny"]).model.init_from is None  # the demo: from scratch
+    assert compose_config(["experiment=student_demo"]).model.init_from.endswith("demo/teachers/ced_tiny.ckpt")
+
+
+def test_custom_data_start_loads_the_cached_release_offline_or_says_how_to_go_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ced_reference: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from ced_lightning.models import RELEASED, ReleasedWeightsUnavailable
+    from ced_lightning.train import build_network
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_config(["experiment=student_demo", "data=custom", "data.root=mine", "model.depth=4"])
+    with pytest.raises(ReleasedWeightsUnavailable) as err:
+        build_network(cfg, num_classes=len(DEMO_CLASSES))
+    message = str(err.value)
+    assert message.startswith("data.init_from=ced_tiny (data=custom's start for CED networks): released")
+    assert "audiotransformer_tiny_mAP_4814.pt" in message and message.endswith("model.init_from=null")
+
+    # The released CED-Tiny where torch.hub keeps it (a 2-block stand-in with random weights): the 4-block
+    # student takes the blocks the file has, its head starts fresh for this data's classes.
+    cached = RELEASED["ced_tiny"].torch_cache_path
+    cached.parent.mkdir(parents=True)
+    shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", cached)
+    released = torch.load(cached, weights_only=True)["model"]
+    student = build_network(cfg, num_classes=len(DEMO_CLASSES))
+    assert torch.equal(student.blocks[1].attn.qkv.weight, released["blocks.1.attn.qkv.weight"])
+    assert torch.equal(student.patch_embed.proj.weight, released["patch_embed.proj.weight"])
+    assert student.outputlayer[1].weight.shape[0] == len(DEMO_CLASSES)
 
 
 # -- masks scaled to the clip length ---------------------------------------------------------------------

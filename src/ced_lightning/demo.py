@@ -58,8 +58,12 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
             baseline = train(label_only_cfg(cfg))
     if build_missing and cfg.task.name == "distill" and cfg.get("summary", True) and global_rank() == 0:
         with timer("teachers scored"):
-            rows = demo_summary(cfg, metrics, baseline)
+            rows, teacher_test = demo_summary(cfg, metrics, baseline)
         print_demo_summary(rows)
+        verdict = demo_verdict(teacher_test, metrics.get("test/mAP"), (baseline or {}).get("test/mAP"))
+        for line in verdict:
+            print(line)
+        log.info("demo verdict: %s", " | ".join(verdict))
         log.info("demo: wall time per stage: %s", timer.report())
     if baseline is not None:
         metrics.update({f"label_only/{k}": v for k, v in baseline.items() if k in ("val/mAP", "test/mAP")})
@@ -256,10 +260,10 @@ def extract_demo_logits(cfg: DictConfig) -> None:
 
 def demo_summary(
     cfg: DictConfig, student_metrics: dict[str, Any], baseline_metrics: dict[str, Any] | None = None
-) -> list[tuple[str, str, str]]:
+) -> tuple[list[tuple[str, str, str]], dict[str, float]]:
     """Rows (name, validation mAP, test mAP) of the closing table: each teacher, the ensemble, the student
     and the label-only baseline (each run's best validation epoch and its `test_ckpt` checkpoint on test),
-    then the logit store's size as a share of the audio store it covers."""
+    then the logit store's size as a share of the audio store it covers; and the teachers' test mAPs."""
     val_maps, test_maps = teacher_maps(cfg, cfg.data.val), teacher_maps(cfg, cfg.data.test)
     rows = [(f"teacher {name}", _fmt(value), _fmt(test_maps[name])) for name, value in val_maps.items()]
     name = cfg.model.get("name", "CED")
@@ -269,7 +273,32 @@ def demo_summary(
     rows += [(label, _fmt(m.get("val/mAP")), _fmt(m.get("test/mAP"))) for label, m in runs]
     overhead = 100.0 * store_nbytes(cfg.data.logits) / max(store_nbytes(cfg.data.train), 1)
     rows.append(("logit store / audio store", f"{overhead:.2f} %", ""))
-    return rows
+    return rows, test_maps
+
+
+def demo_verdict(
+    teacher_test: dict[str, float], student_test: float | None, baseline_test: float | None
+) -> list[str]:
+    """The table read out, on test mAP: the student against its best single teacher and against the
+    label-only baseline, with the margin; where it is not ahead, where the measured alternatives are (one
+    run's seed: the README's rows are means over seeds)."""
+    if student_test is None:
+        return []
+    singles = {name: value for name, value in teacher_test.items() if name != "ensemble"}
+    against = []
+    if singles:
+        best = max(singles, key=singles.__getitem__)
+        against.append((f"its best single teacher ({best}, {singles[best]:.4f})", singles[best]))
+    if baseline_test is not None:
+        against.append((f"the label-only baseline ({baseline_test:.4f})", baseline_test))
+    lines = []
+    for what, value in against:
+        margin = float(student_test) - value
+        lines.append(
+            f"student against {what}: {margin:+.4f} test mAP, "
+            + ("ahead" if margin > 0 else "not ahead: measured alternatives in bench/demo_sizing.md")
+        )
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -25,7 +25,7 @@ from ced_lightning import conf_dir
 from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
 from ced_lightning.inputs import ensure_inputs
 from ced_lightning.launch import prepare_ddp_relaunch, quiet_non_zero_ranks
-from ced_lightning.models import CED, load_matching_weights
+from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
 from ced_lightning.runtime import (
     build_callbacks,
     build_loggers,
@@ -105,7 +105,16 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
     if init_from:
         if not isinstance(network, CED):
             raise ValueError("model.init_from loads CED or MAE-pretrained CED weights; this model is not CED")
-        load_matching_weights(network, init_from, strict=init_strict)
+        try:
+            load_matching_weights(network, init_from, strict=init_strict)
+        except ReleasedWeightsUnavailable as err:
+            # data=custom asks for released weights by default: say where the name came from and the way out.
+            source = f"model.init_from={init_from}"
+            if OmegaConf.select(cfg, "data.init_from", default=None) == init_from:
+                source = f"data.init_from={init_from} (data={cfg.data.name}'s start for CED networks)"
+            raise ReleasedWeightsUnavailable(
+                f"{source}: {err}\nTo train from scratch instead: model.init_from=null"
+            ) from err
     return network
 
 
