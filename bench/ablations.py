@@ -165,8 +165,9 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(
             f"| {row} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
         )
-    for name, reason in out.get("not_run", {}).items():
-        lines.append(f"| {name} | not run: {reason} | |")
+    if out.get("not_run"):
+        lines += ["", "Not run here:"]
+        lines += [f"- {name}: {reason}" for name, reason in out["not_run"].items()]
     q = out.get("quantization_on_demo")
     if q:
         lines += [

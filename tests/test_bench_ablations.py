@@ -141,9 +141,9 @@ def test_start_rows_and_a_released_start_not_in_cache_is_listed_not_run(
         "results": {},
         "not_run": {"student from the released CED-Tiny (its first 4 blocks)": reason},
     }
-    assert f"| student from the released CED-Tiny (its first 4 blocks) | not run: {reason} | |" in (
-        ablations.markdown(out)
-    )
+    text = ablations.markdown(out)
+    assert f"Not run here:\n- student from the released CED-Tiny (its first 4 blocks): {reason}" in text
+    assert "| student from the released" not in text  # every row of the table has its seeds
     cached = RELEASED["ced_tiny"].torch_cache_path
     cached.parent.mkdir(parents=True)
     shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", cached)
