@@ -18,8 +18,8 @@ same number of optimizer steps (`ced_lightning.demo.label_only_cfg`).
 
 What the rows need (stores, teachers, each row's logit store) is built first, one at a time, through the
 demo's own builders; then the runs go `jobs` at a time, each process with its share of the cores.
-Writes `bench/ablations.json` (every run) and `bench/ablations.md`, the table the README's "Results on the
-demo" quotes with its findings. `only=` reruns the listed rows (their index) and keeps the other rows of the
+Writes `bench/ablations.json` (every run) and `bench/ablations.md`, the table bench/demo_results.md
+quotes with its findings. `only=` reruns the listed rows (their index) and keeps the other rows of the
 last run. Each finished run is saved at once: run again the same way, a stopped invocation runs only what it
 had not finished (`fresh=true` starts over).
 """

@@ -1,7 +1,7 @@
-"""`python -m bench.readme`: write the README's performance table from `bench/results.json`.
+"""`python -m bench.readme`: write the performance table of `bench/performance.md` from `bench/results.json`.
 
-The table sits between `<!-- bench:start -->` and `<!-- bench:end -->` in README.md; only the ratios are
-shown there (absolute figures on a shared machine are noise), each with the machine and date it came from,
+The table sits between `<!-- bench:start -->` and `<!-- bench:end -->` in bench/performance.md (the README
+links there, beside a few headline lines); only the ratios are shown (absolute figures on a shared machine are noise), each with the machine and date it came from,
 followed by the benchmark issue's goals, each checked against its measured ratio.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-README = HERE.parent / "README.md"
+PAGE = HERE / "performance.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -103,14 +103,18 @@ def inference_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    results = json.loads((HERE / "results.json").read_text())
-    text = README.read_text()
+def write_table(results: dict[str, Any], page: Path = PAGE) -> None:
+    """Replace what stands between the markers of `page` with the table of `results`."""
+    text = page.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{README}: add the markers {START} and {END} where the table goes")
+        raise SystemExit(f"{page}: add the markers {START} and {END} where the table goes")
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    README.write_text(pattern.sub(lambda _: f"{START}\n{table(results)}\n{END}", text))
-    print(f"updated the performance table in {README}")
+    page.write_text(pattern.sub(lambda _: f"{START}\n{table(results)}\n{END}", text))
+
+
+def main() -> None:
+    write_table(json.loads((HERE / "results.json").read_text()))
+    print(f"updated the performance table in {PAGE}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`make bench` / `python -m bench.run [full=true] [only=inference,training,...]`.
 
 Runs every section side by side on this machine and writes `bench/results.json` and `bench/results.md`
-(machine, versions, configuration, every figure as median with min and max). The README's performance table
-is generated from the results file (`python -m bench.readme`), never written by hand.
+(machine, versions, configuration, every figure as median with min and max). The performance table of
+bench/performance.md is generated from the results file (`python -m bench.readme`), never written by hand.
 """
 
 from __future__ import annotations
