@@ -261,8 +261,8 @@ def run(
                     )
     for name in ceds:
         ratios[f"{name} / {cnn} multiply-accumulates"] = macs[name] / macs[cnn]
-    # Every model, runtime and precision against the paper's setting at the same thread count: bench/performance.md's
-    # side-by-side table (`bench.readme.inference_table`).
+    # Every model, runtime and precision against the paper's setting at the same thread count: the
+    # side-by-side table of bench/performance.md (`bench.readme.inference_table`).
     relative: dict[str, float] = {}
     if PAPER_MODE in modes:
         for threads in thread_counts:

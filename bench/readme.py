@@ -1,8 +1,9 @@
 """`python -m bench.readme`: write the performance table of `bench/performance.md` from `bench/results.json`.
 
 The table sits between `<!-- bench:start -->` and `<!-- bench:end -->` in bench/performance.md (the README
-links there, beside a few headline lines); only the ratios are shown (absolute figures on a shared machine are noise), each with the machine and date it came from,
-followed by the benchmark issue's goals, each checked against its measured ratio.
+links there, beside a few headline lines); only the ratios are shown (absolute figures on a shared machine
+are noise), each with the machine and date it came from, followed by the benchmark's goals, each checked
+against its measured ratio.
 """
 
 from __future__ import annotations

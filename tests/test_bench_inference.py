@@ -74,7 +74,7 @@ def test_inference_section_runs_every_runtime_and_precision(monkeypatch, labelle
     assert ratios[goal] > 0
     assert f"{ced} / {cnn} time, onnxruntime int8, 1 thread(s)" in ratios
 
-    # bench/performance.md's side-by-side table: both models in every runtime and precision, the demo's mAP beside
+    # bench/performance.md's side-by-side table: both models, every runtime and precision, demo mAP beside
     relative = results[f"time / {cnn} eager float32"]
     assert relative[f"{cnn} eager float32, 1 thread(s)"] == 1.0
     assert len(relative) == 2 * len(SMOKE["modes"])
