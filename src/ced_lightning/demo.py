@@ -281,7 +281,7 @@ def demo_verdict(
 ) -> list[str]:
     """The table read out, on test mAP: the student against its best single teacher and against the
     label-only baseline, with the margin; where it is not ahead, where the measured alternatives are (one
-    run's seed: the README's rows are means over seeds)."""
+    run's seed: the rows of bench/demo_results.md are means over seeds)."""
     if student_test is None:
         return []
     singles = {name: value for name, value in teacher_test.items() if name != "ensemble"}
