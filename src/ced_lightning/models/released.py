@@ -140,7 +140,7 @@ def resolve_checkpoint(name_or_path: str | PathLike) -> str:
         return str(fetch_released(entry))
     path = str(name_or_path)
     if "/" not in path and os.sep not in path and not os.path.lexists(path):
-        close = difflib.get_close_matches(path, list_released(), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(path.lower(), list_released(), n=1, cutoff=0.75)
         if close:
             raise FileNotFoundError(
                 f"{path}: no such file, and no released model of that name; did you mean {close[0]!r}? "
