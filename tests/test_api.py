@@ -213,3 +213,43 @@ def test_engine_and_api_agree_on_a_long_clip_window_by_window(tagger, ced_refere
     assert result.to_dict() == rows[0]
     wave, rate = sf.read(long, dtype="float32")
     assert tagger.tag(wave, sample_rate=rate, top_k=None).scores == result.scores
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the session shows device=cpu and CPU numbers")
+def test_the_python_session_in_the_docs_runs_as_shown(
+    tmp_path, monkeypatch, reference, ced_reference, caplog
+):
+    """docs/using_models.md's Python session, run by doctest in the setting it describes: the random-weight
+    stand-in in the torch.hub cache under CED-Tiny's file name, offline, and the files it names."""
+    import doctest
+
+    from ced_lightning.audio import resample
+
+    text = (Path(__file__).parents[1] / "docs" / "using_models.md").read_text()
+    start = text.index('>>> import ced_lightning as ced\n>>> m = ced.load("ced_tiny")')
+    session = text[start : text.index("```", start)]
+    # What the session shows as logged (stderr, not doctest's stdout) is checked against the log instead.
+    logged = [line for line in session.splitlines() if line.startswith("cannot tag: ")]
+    session = "\n".join(line for line in session.splitlines() if not line.startswith("cannot tag: "))
+
+    checkpoints = tmp_path / "cache" / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(reference, checkpoints / "audiotransformer_tiny_mAP_4814.pt")
+    for name in ("snap_1s.wav", "long_25s.wav"):
+        shutil.copy(ced_reference / name, tmp_path / name)
+    wave, _ = sf.read(ced_reference / "long_25s.wav", dtype="float32")
+    at_44k = resample(torch.from_numpy(wave), 16000, 44100).numpy()
+    sf.write(tmp_path / "street_44k.flac", np.stack([at_44k, 0.5 * at_44k], axis=1), 44100)
+    (tmp_path / "voice_memo.m4a").write_bytes(np.random.default_rng(0).bytes(3000))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", "cache/torch")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache" / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    example = doctest.DocTestParser().get_doctest(session, {}, "using_models.md", None, 0)
+    report = []
+    runner = doctest.DocTestRunner(optionflags=doctest.REPORT_NDIFF)
+    runner.run(example, out=report.append)
+    assert runner.failures == 0 and runner.tries >= 15, "".join(report)
+    assert logged and all(line in caplog.text for line in logged), caplog.text
