@@ -18,6 +18,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Names of `ced_lightning.api`, re-exported lazily (PEP 562): the first access imports torch and the models.
+# Imported by name: a package re-exporting its own submodule does not depend on it (the modules that import
+# `ced_lightning` for `conf_dir` would otherwise form a cycle with it in tests/test_structure.py's graph).
 _API = ("AudioTagger", "TagResult", "TaggingError", "list_released", "load", "tag_files")
 __all__ = ["__version__", "compose_config", "compose_inner", "conf_dir", "resources_dir", *_API]
 

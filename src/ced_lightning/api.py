@@ -15,7 +15,6 @@ decodes files) and cut into the same windows, so a file and its samples get the 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -44,8 +43,6 @@ from ced_lightning.predict import (
 from ced_lightning.predict import tag_files as _tag_paths
 
 __all__ = ["AudioTagger", "TagResult", "TaggingError", "list_released", "load", "tag_files"]
-
-log = logging.getLogger(__name__)
 
 Audio = str | PathLike | np.ndarray | torch.Tensor
 ERRORS = ("keep", "raise")
