@@ -9,6 +9,8 @@ silently skipped whatever did not match.
 from __future__ import annotations
 
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,117 @@ def test_docs_table_lists_every_name() -> None:
     text = (Path(__file__).parents[1] / "docs" / "using_models.md").read_text()
     for name, entry in RELEASED.items():
         assert f"`{name}`" in text and entry.filename in text, name
+
+
+# -- released names without network ---------------------------------------------------------------------
+# A machine without network, made real on any machine: every download goes through a proxy that refuses
+# connections (urllib and huggingface_hub both read the proxy variables), so nothing reaches the internet.
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def through_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str) -> None:
+    """Online mode (the Hub library's import-time flag too), every connection through `proxy`."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for variable in PROXY_VARIABLES:
+        monkeypatch.setenv(variable, proxy)
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def instructions(message: str) -> str:
+    """What a message tells the user to do: everything from its first instruction on."""
+    return message[message.index("Put the file in place") :]
+
+
+def unavailable(name: str) -> tuple[str, float]:
+    started = time.monotonic()
+    with pytest.raises(ReleasedWeightsUnavailable) as err:
+        load_ced(name)
+    return str(err.value), time.monotonic() - started
+
+
+def test_no_network_is_noticed_at_once_and_the_error_says_what_exists_and_where_it_goes(
+    caches, monkeypatch
+) -> None:
+    # Before: huggingface_hub retried for about 24 s (1 + 2 + 4 + 8 + 8 s) before Zenodo was tried.
+    port = closed_port()
+    through_proxy(monkeypatch, f"http://127.0.0.1:{port}")
+    message, seconds = unavailable("ced_mini")
+    assert seconds < 2.0, (seconds, message)
+    for part in (
+        f"no network: proxy 127.0.0.1:{port} for huggingface.co unreachable (ConnectionRefusedError",
+        f"no network: proxy 127.0.0.1:{port} for zenodo.org unreachable",
+        "Released names: ced_tiny, ced_mini, ced_small, ced_base (AudioSet taggers); ced_tiny_mae, "
+        "ced_mini_mae, ced_small_mae, ced_base_mae (MAE encoders). Cached on this machine: none.",
+        f"at {caches['torch'] / 'audiotransformer_mini_mAP_4896.pt'}",
+        f"into {caches['hub']}",
+        "models--mispeech--ced-mini",
+    ):
+        assert part in message, (part, message)
+
+    # HF_HUB_OFFLINE=1: no probe at all, the same instructions.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline, seconds = unavailable("ced_mini")
+    assert seconds < 0.5 and "HF_HUB_OFFLINE=1: no download tried" in offline
+    assert instructions(offline) == instructions(message)
+
+
+def test_a_network_that_drops_connections_costs_the_connect_timeout_once(caches, monkeypatch) -> None:
+    # A proxy whose backlog is full: the kernel drops further connection attempts, as a firewall does, so a
+    # connect waits until its timeout (the case a socket error never reports).
+    from ced_lightning.models import released
+
+    monkeypatch.setattr(released, "CONNECT_TIMEOUT_S", 0.5)
+    with socket.socket() as blackhole, socket.socket() as queued:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        port = blackhole.getsockname()[1]
+        queued.connect(("127.0.0.1", port))  # fills the backlog; never accepted
+        through_proxy(monkeypatch, f"http://127.0.0.1:{port}")
+        message, seconds = unavailable("ced_small")
+    assert 0.4 < seconds < 2.0, (seconds, message)
+    assert f"proxy 127.0.0.1:{port} for huggingface.co accepted no connection within 0.5 s" in message
+
+
+def test_no_proxy_exempts_a_host_from_the_proxy(monkeypatch) -> None:
+    from ced_lightning.models.released import _connect_target
+
+    through_proxy(monkeypatch, "http://proxy.example:3128")
+    assert _connect_target("https://zenodo.org/records/1/files/x.pt")[:2] == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "zenodo.org")
+    assert _connect_target("https://zenodo.org/records/1/files/x.pt")[:2] == ("zenodo.org", 443)
+    assert _connect_target("file:///tmp/x.pt") is None  # local URLs are never probed
+
+
+def test_ced_predict_without_network_fails_in_seconds(caches, monkeypatch, ced_reference, capsys) -> None:
+    from ced_lightning.cli import predict_main
+
+    put_in_torch_cache(
+        caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"
+    )
+    through_proxy(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_status:
+        predict_main([str(ced_reference / "snap_1s.wav"), "--model", "ced_mini"])
+    assert exit_status.value.code == 2 and time.monotonic() - started < 2.0
+    stderr = capsys.readouterr().err
+    assert "no network" in stderr and "Cached on this machine: ced_tiny." in stderr, stderr
+
+
+def test_a_near_miss_of_a_name_suggests_it(caches, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for typo in ("ced-mini", "ced_minii", "CED_mini"):
+        with pytest.raises(FileNotFoundError, match=r"did you mean 'ced_mini'\? Released names: ced_tiny"):
+            load_ced(typo)
+    (tmp_path / "ced-mini").write_bytes(b"")  # an existing file of that name is that file
+    with pytest.raises(ValueError, match="cannot load this checkpoint"):
+        load_ced("ced-mini")

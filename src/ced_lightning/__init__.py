@@ -1,11 +1,43 @@
-"""ced-lightning: Consistent Ensemble Distillation for audio tagging, in PyTorch Lightning and Hydra."""
+"""ced-lightning: Consistent Ensemble Distillation for audio tagging, in PyTorch Lightning and Hydra.
+
+    import ced_lightning as ced
+    m = ced.load("ced_mini")            # a released name or a checkpoint path
+    print(m.tag("clip.wav", top_k=5))
+    ced.tag_files(["a.wav", "b.wav"], model="ced_mini")
+
+The API (`ced_lightning.api`) is imported on first use, so `import ced_lightning` stays light (no torch).
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Names of `ced_lightning.api`, re-exported lazily (PEP 562): the first access imports torch and the models.
+# Imported by name: a package re-exporting its own submodule does not depend on it (the modules that import
+# `ced_lightning` for `conf_dir` would otherwise form a cycle with it in tests/test_structure.py's graph).
+_API = ("AudioTagger", "TagResult", "TaggingError", "list_released", "load", "tag_files")
+__all__ = ["__version__", "compose_config", "compose_inner", "conf_dir", "resources_dir", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f"{__name__}.api"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The API and the submodules already imported, without this module's own imports (Path, Any, ...).
+    submodules = [
+        name for name, value in globals().items() if isinstance(value, ModuleType) and name != "importlib"
+    ]
+    return sorted({*__all__, *submodules})
 
 
 def conf_dir() -> Path:

@@ -13,14 +13,21 @@ Where the files live (the conventions of the libraries that fetch them, so cache
   original code's `torch.hub.load_state_dict_from_url` uses the same place, so its downloads are reused.
 
 A file already in either cache is used without touching the network. `HF_HUB_OFFLINE=1` turns every
-download (Hub and Zenodo) into a cache lookup; without a cached file the error names each file, its URL and
-the exact path to put it at.
+download (Hub and Zenodo) into a cache lookup. Otherwise each server (or the proxy the environment names for
+it) is probed first with a TCP connection of at most `CONNECT_TIMEOUT_S`, so a machine without network is told
+so in seconds instead of after the download libraries' retries. Without a cached file the error lists the
+released names, names each file, its URL and the exact path to put it at.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import socket
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -36,6 +43,9 @@ _ZENODO = "https://zenodo.org/records/{record}/files/{filename}?download=1"
 # every tagger, and the only one both name for small). The first listed URL is tried first.
 _RECORDS_TAGGER = ("8275347", "8275319")
 _RECORDS_SMALL = ("8275319", "8275347")
+# How long a download server (or its proxy) may take to accept a TCP connection before the machine counts as
+# offline: one lost SYN (resent after 1 s) still fits; a firewall that drops everything costs this once.
+CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -120,9 +130,34 @@ def released_entry_by_filename(path: str | PathLike) -> ReleasedWeights | None:
 
 
 def resolve_checkpoint(name_or_path: str | PathLike) -> str:
-    """A registered name -> the local path of its (cached, else downloaded) file; anything else unchanged."""
+    """A registered name -> the local path of its (cached, else downloaded) file; anything else unchanged.
+
+    A bare word that is neither a file nor a registered name but close to one (`ced-mini`, `ced_minii`) raises
+    `FileNotFoundError` listing the names, instead of a missing-file error that does not mention them.
+    """
     entry = released_entry(name_or_path)
-    return str(fetch_released(entry)) if entry is not None else str(name_or_path)
+    if entry is not None:
+        return str(fetch_released(entry))
+    path = str(name_or_path)
+    if "/" not in path and os.sep not in path and not os.path.lexists(path):
+        close = difflib.get_close_matches(path.lower(), list_released(), n=1, cutoff=0.75)
+        if close:
+            raise FileNotFoundError(
+                f"{path}: no such file, and no released model of that name; did you mean {close[0]!r}? "
+                f"{released_names_line()}"
+            )
+    return path
+
+
+def released_names_line() -> str:
+    """One line listing the released names by kind, and which of them the caches hold now."""
+    taggers = ", ".join(n for n, e in RELEASED.items() if e.kind == "audioset")
+    encoders = ", ".join(n for n, e in RELEASED.items() if e.kind == "mae")
+    cached = [n for n, e in RELEASED.items() if cached_released(e) is not None]
+    return (
+        f"Released names: {taggers} (AudioSet taggers); {encoders} (MAE encoders). "
+        f"Cached on this machine: {', '.join(cached) or 'none'}."
+    )
 
 
 class ReleasedWeightsUnavailable(FileNotFoundError):
@@ -174,18 +209,80 @@ def fetch_released(entry: ReleasedWeights | str) -> Path:
         return cached
     if hub_offline():
         raise ReleasedWeightsUnavailable(_unavailable_message(entry, ["HF_HUB_OFFLINE=1: no download tried"]))
-    failures = []
-    if entry.hub_repo is not None:
+    hub_url = _hub_endpoint() if entry.hub_repo is not None else None
+    unreachable = unreachable_servers([u for u in (hub_url, *entry.zenodo_urls) if u])
+    # One line per unreachable server (both Zenodo records are one server), then each download that failed.
+    failures = list(dict.fromkeys(unreachable.values()))
+    if hub_url is not None and hub_url not in unreachable:
         try:
             return _download_from_hub(entry)
-        except Exception as err:  # any failure (no network, proxy, HTTP error) falls back to Zenodo
+        except Exception as err:  # any failure (proxy, HTTP error, ...) falls back to Zenodo
             failures.append(f"{entry.hub_repo}/{entry.hub_filename}: {type(err).__name__}: {err}")
     for url in entry.zenodo_urls:
+        if url in unreachable:
+            continue
         try:
             return _download_url(entry, url)
         except Exception as err:
             failures.append(f"{url}: {type(err).__name__}: {err}")
     raise ReleasedWeightsUnavailable(_unavailable_message(entry, failures))
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def _connect_target(url: str) -> tuple[str, int, str] | None:
+    """(host, port, what) a download of `url` connects to first: the proxy the environment names for its
+    scheme (`HTTPS_PROXY`, `ALL_PROXY`, ... as urllib and huggingface_hub read them) unless `NO_PROXY` exempts
+    the host, else the host itself; None for URLs that need no network (file://)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    default_port = 443 if parsed.scheme == "https" else 80
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname):
+        proxied = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if proxied.hostname:
+            port = proxied.port or {"https": 443, "http": 80}.get(proxied.scheme, 1080)
+            return proxied.hostname, port, f"proxy {proxied.hostname}:{port} for {parsed.hostname}"
+    port = parsed.port or default_port
+    return parsed.hostname, port, f"{parsed.hostname}:{port}"
+
+
+def unreachable_servers(urls: list[str], timeout: float | None = None) -> dict[str, str]:
+    """The `urls` whose server (or proxy) accepts no TCP connection within `timeout` seconds (default
+    `CONNECT_TIMEOUT_S`), each with the reason. All are probed at once, each in a daemon thread, so the wait
+    is bounded by `timeout` even where name resolution hangs (a socket timeout does not cover it)."""
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    targets = {url: target for url in urls if (target := _connect_target(url)) is not None}
+    outcomes: dict[tuple[str, int], str | None] = {}
+
+    def probe(host: str, port: int) -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcomes[host, port] = None
+        except OSError as err:
+            outcomes[host, port] = f"{type(err).__name__}: {err}"
+
+    started = time.monotonic()
+    threads = []
+    for host, port in {(host, port) for host, port, _ in targets.values()}:
+        thread = threading.Thread(target=probe, args=(host, port), daemon=True, name=f"probe {host}:{port}")
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(max(0.0, timeout - (time.monotonic() - started)))
+    out = {}
+    for url, (host, port, what) in targets.items():
+        if (host, port) not in outcomes:
+            out[url] = f"no network: {what} accepted no connection within {timeout:g} s"
+        elif outcomes[host, port] is not None:
+            out[url] = f"no network: {what} unreachable ({outcomes[host, port]})"
+    return out
 
 
 def _download_from_hub(entry: ReleasedWeights) -> Path:
@@ -222,7 +319,7 @@ def _unavailable_message(entry: ReleasedWeights, failures: list[str]) -> str:
             f"{entry.hub_repo} {entry.hub_filename}` there, then copy its cache folder {repo_dir}",
             f"    into {hub_cache_dir()}   (the Hub cache; HF_HOME or HF_HUB_CACHE move it)",
         ]
-    lines.append(f"or give the file's path instead of the name {entry.name!r}.")
+    lines += [f"or give the file's path instead of the name {entry.name!r}.", released_names_line()]
     return "\n".join(lines)
 
 
