@@ -240,3 +240,16 @@ def test_bench_readme_writes_its_tables_under_bench(tmp_path, monkeypatch):
     written = page.read_text()
     assert written.startswith("intro\n") and written.endswith("after\n") and "old" not in written
     assert "| storage | int8 on disk / paper's layout on disk | 0.5 |" in written
+
+
+def test_the_python_session_is_the_one_the_docs_run(text):
+    """The README's Python lines (calls and their output) are lines of docs/using_models.md's session, which
+    tests/test_api.py runs by doctest: an API change that breaks the README breaks that test."""
+    block = re.search(r"```python\n(>>> .*?)```", text, flags=re.S)
+    assert block, "README.md shows no Python session"
+    docs = (REPO / "docs" / "using_models.md").read_text()
+    start = docs.index(">>> import ced_lightning as ced")
+    session = docs[start : docs.index("```", start)].splitlines()
+    shown = [line for line in block.group(1).splitlines() if line.strip()]
+    missing = [line for line in shown if line not in session]
+    assert not missing, f"README lines not in docs/using_models.md's doctested session: {missing}"
