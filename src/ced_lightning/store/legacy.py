@@ -181,11 +181,11 @@ class ClipMatcher:
 class ImportPlan:
     """Where every (epoch, row) of the logit store comes from, and what did not fit.
 
-    The store's rows are the released spans the original trained on: each clip's span from 0 s (row i is
-    clip i, for every clip of the audio store, as in a store without segments), then the spans the release
-    holds beyond those: a later piece of a longer clip (a row starting after 0 s) and a clip's second row
-    over the same span in one epoch (the original trains on each). `clip_of`, `start_of` give each row's
-    clip and first sample.
+    The store's rows are the released spans the original trained on: every clip of the audio store's span
+    from 0 s, and the spans the release holds beyond those: a later piece of a longer clip (a row starting
+    after 0 s) and a clip's second row over the same span in one epoch (the original trains on each).
+    `clip_of`, `start_of` give each row's clip and first sample; without such spans row i is clip i, the
+    layout of a store without segments.
     """
 
     files: list[LegacyFile]
