@@ -1,10 +1,13 @@
 """`python -m ced_lightning.import_logits`: the paper's released teacher logits into a logit store.
 
     python -m ced_lightning.import_logits source=DIR audio_store=STORE output=LOGIT_STORE \
-        [quantization=float16|int8] [allow_unmatched_rows=false] [allow_clips_without_rows=false]
+        [quantization=float16|int8] [allow_unmatched_rows=false] [allow_clips_without_rows=false] \
+        [allow_long_rows=false] [allow_repeated_rows=false]
 
 `source` is a released `chunk_10` folder (`logits_ep{e}_{r}.h5` + `.parquet`, `ced_lightning.store.legacy`).
-Every stored epoch e becomes the store's epoch e - 1; each (epoch, clip) gets the row of its AudioSet name,
+Every stored epoch e becomes the store's epoch e - 1; each (epoch, clip) gets the row of its AudioSet name
+(a store row per released span: a clip's later pieces and repeats are rows of their own, and each row reads
+the span the original read, `ImportPlan`),
 its top-k kept exactly (float16) or quantized as `extract` does (int8), and its seed replayed into the
 store's explicit augmentation parameters (`ced_lightning.legacy_replay`). The student then trains from it
 unchanged. Resumable like `extract` (the same command finishes missing blocks); a store made from another
@@ -23,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
+from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentParams
 from ced_lightning.labels import audioset_classes, class_list_difference, resolve_class_names
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
@@ -32,6 +36,7 @@ from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.legacy import (
     ImportPlan,
     LegacyImportError,
+    count_with_examples,
     file_provenance,
     find_legacy_files,
     plan_import,
@@ -53,10 +58,15 @@ _EXAMPLES = 5
 
 
 def check_plan(
-    plan: ImportPlan, clip_names: list[str], allow_unmatched_rows: bool, allow_clips_without_rows: bool
+    plan: ImportPlan,
+    clip_names: list[str],
+    allow_unmatched_rows: bool,
+    allow_clips_without_rows: bool,
+    allow_long_rows: bool = False,
+    allow_repeated_rows: bool = False,
 ) -> None:
-    """Refuse, unless allowed, clips of the audio store without rows and rows without a clip; both named
-    with counts and examples."""
+    """Refuse, unless allowed, clips of the audio store without rows, rows without a clip, rows longer than
+    the teachers' input and a clip's span twice in one epoch; each named with counts and examples."""
     problems = []
     missing = plan.clips_without_rows + plan.clips_with_some_epochs
     if missing and not allow_clips_without_rows:
@@ -76,21 +86,46 @@ def check_plan(
             "allow_unmatched_rows=true to import the others; if none match, check that audio_store is the "
             "one prepared from the same AudioSet subset"
         )
+    if plan.long_rows and not allow_long_rows:
+        problems.append(
+            f"rows spanning more than {LEGACY_CHUNK_SAMPLES / SAMPLE_RATE:g} s: "
+            f"{count_with_examples(plan.long_rows)}. "
+            "The original trains on the whole span; the student's input is the teachers' 10 s. Pass "
+            "allow_long_rows=true to import them with the student hearing each span's first 10 s"
+        )
+    if plan.repeated_rows and not allow_repeated_rows:
+        problems.append(
+            "clips with two rows over the same span in one epoch: "
+            f"{count_with_examples(plan.repeated_rows)}. The original trains on each (a clip listed "
+            "twice). Pass allow_repeated_rows=true to import them so, "
+            "or remove the duplicate files if a rank's output was copied twice"
+        )
     if problems:
         raise LegacyImportError("cannot import the released logits:\n  " + "\n  ".join(problems))
 
 
-def length_mismatches(plan: ImportPlan, lengths: np.ndarray, clip_names: list[str]) -> tuple[int, list[str]]:
-    """Clips whose released span (the length the original shifted) differs from the audio store's clip
-    (cut to 10 s): their shifts are the original's draws, applied to a clip of another length."""
-    ours = np.minimum(lengths, LEGACY_CHUNK_SAMPLES)[None, :]
-    differs = ((plan.span_samples != ours) & (plan.file_of >= 0)).any(0)
-    clips = np.flatnonzero(differs)
-    examples = [
-        f"{clip_names[i]}: {int(plan.span_samples[:, i].max())} released, {int(ours[0, i])} here"
-        for i in clips[:_EXAMPLES]
-    ]
-    return int(clips.size), examples
+def length_mismatches(
+    plan: ImportPlan, lengths: np.ndarray, clip_names: list[str]
+) -> tuple[int, list[str], int]:
+    """Clips whose released span (the length the original read and shifted) differs from what the audio
+    store's clip holds from the span's start (up to 10 s): (count, examples, how many of them are longer
+    here and so cut to the released span). A shorter clip's shifts are the original's draws applied to
+    fewer samples."""
+    rest = np.asarray(lengths, dtype=np.int64)[plan.clip_of] - plan.start_of
+    ours = np.minimum(rest, LEGACY_CHUNK_SAMPLES)[None, :]
+    present = plan.file_of >= 0
+    differs_rows = ((plan.span_samples != ours) & present).any(0)
+    longer_rows = ((plan.span_samples < ours) & present).any(0)
+    differs = np.zeros(len(lengths), dtype=bool)
+    longer = np.zeros(len(lengths), dtype=bool)
+    np.logical_or.at(differs, plan.clip_of, differs_rows)
+    np.logical_or.at(longer, plan.clip_of, longer_rows)
+    examples = []
+    for r in np.flatnonzero(differs_rows)[:_EXAMPLES]:
+        released = int(np.where(present[:, r], plan.span_samples[:, r], 0).max())
+        at = f" from {plan.start_of[r] / SAMPLE_RATE:g} s" if plan.start_of[r] else ""
+        examples.append(f"{clip_names[plan.clip_of[r]]}{at}: {released} released, {int(ours[0, r])} here")
+    return int(differs.sum()), examples, int(longer.sum())
 
 
 def import_block(store: LogitStore, plan: ImportPlan, block: int) -> None:
@@ -131,7 +166,21 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
     audio = AudioStore.open(str(cfg.audio_store))
     files = find_legacy_files(source)
     plan = plan_import(files, audio.names, LEGACY_CHUNK_SAMPLES)
-    check_plan(plan, audio.names, bool(cfg.allow_unmatched_rows), bool(cfg.allow_clips_without_rows))
+    check_plan(
+        plan,
+        audio.names,
+        bool(cfg.allow_unmatched_rows),
+        bool(cfg.allow_clips_without_rows),
+        bool(cfg.allow_long_rows),
+        bool(cfg.allow_repeated_rows),
+    )
+    if plan.repeated_rows:
+        log.warning(
+            "%d released rows repeat a clip's span within one epoch (e.g. %s); each is a row of its own, as "
+            "the original trains on each",
+            len(plan.repeated_rows),
+            plan.repeated_rows[0],
+        )
     num_classes = int(cfg.num_classes)
     for f in files:
         validate_rows(f, num_classes)
@@ -161,6 +210,9 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         audio_fingerprint=audio.fingerprint,
         audio_url=audio.url,
         clip_samples=LEGACY_CHUNK_SAMPLES,
+        # Each row reads the span the original read: a later piece of a long clip, the released span of a
+        # clip longer than it (one row per clip at 0, none cut: a store without positions).
+        segments=plan.segment_table(audio.lengths, LEGACY_CHUNK_SAMPLES),
         # The release as the store's one 'teacher': identified by its files, so another source is refused.
         teachers=[
             {
@@ -200,12 +252,14 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
             time.sleep(throttle_s)
     seconds = time.perf_counter() - started
     store = LogitStore.open(store.url)
-    mismatched, mismatch_examples = length_mismatches(plan, audio.lengths, audio.names)
+    mismatched, mismatch_examples, cut = length_mismatches(plan, audio.lengths, audio.names)
     if mismatched:
         log.warning(
-            "%d clips are not as long as the release says (e.g. %s); their shifts are the original's draws",
+            "%d clips are not as long as the release says (e.g. %s); their shifts are the original's draws; "
+            "%d of them are longer here and the student hears only the released span",
             mismatched,
             "; ".join(mismatch_examples),
+            cut,
         )
     imported = sum(stop - start for start, stop in map(store.block_range, todo))
     stats = {
@@ -225,6 +279,12 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         "clip_epochs_without_rows": int((plan.file_of < 0).sum()),
         "length_mismatches": mismatched,
         "length_mismatch_examples": mismatch_examples,
+        "clips_cut_to_released_span": cut,
+        "store_rows": store.num_rows,
+        "rows_starting_after_0s": len(plan.late_rows),
+        "rows_longer_than_10s": len(plan.long_rows),
+        "repeated_rows": len(plan.repeated_rows),
+        "row_examples": (plan.late_rows[:2] + plan.long_rows[:2] + plan.repeated_rows[:2]),
         "clips_imported": imported,
         "seconds": round(seconds, 3),
         "clip_epochs_per_s": round(imported * store.epochs / seconds, 1) if seconds > 0 else None,

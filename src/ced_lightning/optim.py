@@ -6,6 +6,7 @@ import importlib.util
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -19,6 +20,41 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def paper_warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Learning-rate factor of the original CED code: pytorch-ignite 0.4.9's `create_lr_scheduler_with_warmup`
+    (from 0) around a `CosineAnnealingScheduler` from 1 to `min_lr_ratio` with cycle `epochs x epoch_length`,
+    i.e. `total_steps`, the run's whole length with the warm-up.
+
+    Ignite's cosine starts at the warm-up's end value, so the warm-up ends one step early: steps 0..W-2 rise
+    as `step / (W - 1)` (step 0 at 0), and the cosine runs from step W-1 over `total_steps` steps, so the
+    run's last step is still above `min_lr_ratio`. The cycle restarts at 1 after `total_steps` cosine steps,
+    as ignite's does (never within a run of `total_steps` steps).
+    """
+    ramp = warmup_steps - 1
+    if ramp >= 1 and step < ramp:
+        return step / ramp
+    progress = ((step - max(ramp, 0)) % total_steps) / total_steps
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# `optim.schedule`: ours (every recipe but the paper's) or the original code's (`optim=paper`).
+SCHEDULES: dict[str, Callable[..., float]] = {"warmup_cosine": warmup_cosine, "paper": paper_warmup_cosine}
+
+
+def lr_factor(
+    schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> Callable[[int], float]:
+    """The step -> learning-rate factor of `schedule` (a SCHEDULES key) for a run of `total_steps` steps."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {sorted(SCHEDULES)}, not {schedule!r}")
+    return partial(
+        SCHEDULES[schedule],
+        warmup_steps=warmup_steps,
+        total_steps=max(1, total_steps),
+        min_lr_ratio=min_lr_ratio,
+    )
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

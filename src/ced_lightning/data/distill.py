@@ -119,6 +119,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         mixup: float | None = None,
         with_labels: bool | float = False,
         inconsistent_shift: str = "fresh",
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`: labeled then unlabeled, uncopied).
@@ -127,6 +128,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.shuffle_window = shuffle_window
+        self.drop_last = drop_last
         self.seed = seed
         self.consistent = consistent
         if inconsistent_shift not in ("fresh", "none"):
@@ -216,6 +218,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             transform=transform,
             # Rows without the teachers' targets in this epoch (an imported release lacks some) sit out.
             keep=slice_.has_targets,
+            drop_last=self.drop_last,
         )
         return ResumableLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
 

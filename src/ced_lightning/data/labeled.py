@@ -124,6 +124,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         seed: int = 0,
         clip_seconds: float | None = 10.0,
         augment: Any = None,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`).
@@ -138,6 +139,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.seed = seed
         self.clip_seconds = clip_seconds
         self.clip_samples = round(clip_seconds * SAMPLE_RATE) if clip_seconds else None
+        self.drop_last = drop_last
         self.recipe = AugmentRecipe.for_clip(augment, clip_seconds) if augment is not None else None
         self.train_store = open_audio(train) if train else None
         self.val_stores = [AudioStore.open(u) for u in self.val_urls]
@@ -204,6 +206,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
             rank=rank,
             world_size=world,
             transform=LabelTransform(self.train_store.label_matrix()),
+            drop_last=self.drop_last,
         )
         return ResumableLoader(stream, **self._loader_kwargs())
 

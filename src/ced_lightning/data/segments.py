@@ -7,7 +7,8 @@ the same here. The rule (`segment_table`), for a clip of `L` samples and segment
 - a longer clip gives its `L // S` whole segments at 0, S, 2S, ..., and its last partial segment when that
   holds at least half a segment (`L % S >= S / 2`); a shorter rest is left out.
 
-Row `r` then reads `min(S, L - start)` samples of clip `clip[r]` from `start[r]`. A logit store without
+Row `r` then reads `min(S, L - start)` samples of clip `clip[r]` from `start[r]`, or fewer where the table
+gives the row a `length` of its own (an imported release: the span the teachers heard). A logit store without
 position arrays (every store written before segments, and every store whose clips all fit one segment with
 `S` = its clip length) has one row per clip at 0: `SegmentTable.one_per_clip`.
 
@@ -42,10 +43,16 @@ class SegmentTable:
     clip: np.ndarray  # int32 [S]
     start: np.ndarray  # int64 [S]
     segment_samples: int
+    # int64 [S]: the most samples each row reads (None: segment_samples each)
+    length: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.clip.shape != self.start.shape or self.clip.ndim != 1:
             raise ValueError(f"segment clip {self.clip.shape} and start {self.start.shape} must be equal 1-D")
+        if self.length is not None and (self.length.shape != self.clip.shape or (self.length < 1).any()):
+            raise ValueError(
+                f"segment lengths {self.length.shape} must be >= 1, one per row {self.clip.shape}"
+            )
         if self.segment_samples < 1:
             raise ValueError(f"segment length must be >= 1 sample, got {self.segment_samples}")
 
@@ -61,15 +68,17 @@ class SegmentTable:
 
     def is_one_per_clip(self, num_clips: int) -> bool:
         return (
-            len(self) == num_clips
+            self.length is None
+            and len(self) == num_clips
             and bool((self.start == 0).all())
             and np.array_equal(self.clip, np.arange(num_clips))
         )
 
     def lengths(self, clip_lengths: np.ndarray) -> np.ndarray:
-        """Samples each row reads: the segment, cut at its clip's end (int64 `[S]`)."""
+        """Samples each row reads: the segment (or the row's length), cut at its clip's end (int64 `[S]`)."""
         rest = np.asarray(clip_lengths, dtype=np.int64)[self.clip] - self.start
-        return np.clip(rest, 0, self.segment_samples)
+        cap = self.segment_samples if self.length is None else np.minimum(self.length, self.segment_samples)
+        return np.clip(rest, 0, cap)
 
     def row_bounds(self, clip_bounds: np.ndarray, piece_rows: int = 16) -> np.ndarray:
         """Clip group boundaries `[0, ..., N]` (e.g. `AudioStore.chunk_spans`) as row boundaries, with the
@@ -132,7 +141,7 @@ def read_segments(audio: SegmentReadable, table: SegmentTable, rows: np.ndarray)
         for run in np.split(np.asarray(heads), np.flatnonzero(np.diff(clips[heads]) != 1) + 1):
             first, last = int(clips[run[0]]), int(clips[run[-1]])
             for pos, samples in zip(run, audio.read_clips(first, last + 1, max_samples=seg), strict=True):
-                out[int(rows[pos])] = samples
+                out[int(rows[pos])] = samples[: int(row_len[pos])]
         heads.clear()
 
     for a, b in itertools.pairwise(bounds):
@@ -140,7 +149,7 @@ def read_segments(audio: SegmentReadable, table: SegmentTable, rows: np.ndarray)
             heads.append(int(a))
             continue
         flush_heads()
-        begin, end = int(starts[a]), int(starts[b - 1] + row_len[b - 1])
+        begin, end = int(starts[a]), int((starts[a:b] + row_len[a:b]).max())
         flat = audio.read_clip_range(int(clips[a]), begin, end)
         for pos in range(a, b):
             offset = int(starts[pos]) - begin

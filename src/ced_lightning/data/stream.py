@@ -71,6 +71,7 @@ def plan_epoch(
     shuffle_window: int = 256,
     span_bounds: np.ndarray | None = None,
     keep: np.ndarray | None = None,
+    drop_last: bool = True,
 ) -> EpochPlan:
     """Split the epoch's clips into this rank's batches.
 
@@ -78,6 +79,9 @@ def plan_epoch(
     same number of full batches (what DDP needs), the few clips beyond that are left out of this epoch
     (they come back in the next epoch's order). `keep` (bool `[num_clips]`) leaves the other clips out of
     this epoch altogether (clips without targets in it); the rest are planned as if those were not there.
+    With `drop_last=False` the clips beyond the full batches end the epoch in one shorter batch (the original
+    CED's loader: every row once per pass); on several ranks each rank then takes as many clips as the
+    smallest share holds, so that ranks still step together.
     """
     if batch_size < 1 or span_clips < 1:
         raise ValueError("batch_size and span_clips must be at least 1")
@@ -105,8 +109,9 @@ def plan_epoch(
         return clips if keep is None else clips[np.asarray(keep, dtype=bool)[clips]]
 
     sequences = [clips_of(s) for s in rank_spans]
-    num_batches = min(len(seq) for seq in sequences) // batch_size
-    sequence = sequences[rank][: num_batches * batch_size]
+    share = min(len(seq) for seq in sequences)
+    num_batches = share // batch_size if drop_last else math.ceil(share / batch_size)
+    sequence = sequences[rank][: num_batches * batch_size if drop_last else share]
     window = max(shuffle_window, MIN_WINDOW_SPANS * int(np.diff(span_bounds).max()))
     window_batches = max(1, math.ceil(window / batch_size)) if shuffle else max(1, num_batches)
     window_clips = window_batches * batch_size
@@ -154,7 +159,7 @@ class ClipBatchStream(IterableDataset):
     `clip_samples` fixes T: longer clips are cropped (from the start, or at a random offset keyed by
     (seed, epoch, clip) with `random_crop`), shorter ones zero-padded; `None` pads to the batch's longest.
     `transform(batch) -> batch` runs in the worker (targets, augmentation parameters). `keep` (bool per clip)
-    leaves the other clips out of the epoch (`plan_epoch`).
+    leaves the other clips out of the epoch (`plan_epoch`); so does `drop_last` the last partial batch.
 
     With `segments` (a logit store's rows, `ced_lightning.data.segments`) the items are segments instead of
     clips: `index` is the row, its samples are the row's segment of its clip (cut to `clip_samples`), and
@@ -180,6 +185,7 @@ class ClipBatchStream(IterableDataset):
         skip_batches: int = 0,
         keep: np.ndarray | None = None,
         segments: SegmentTable | None = None,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         self.store = AudioStore.open(store) if isinstance(store, str) else store
@@ -212,6 +218,7 @@ class ClipBatchStream(IterableDataset):
             shuffle=shuffle,
             shuffle_window=shuffle_window,
             keep=keep,
+            drop_last=drop_last,
             # Default: the store's chunks, one read each.
             **({"span_bounds": chunk_spans} if span_clips is None else {"span_clips": span_clips}),
         )

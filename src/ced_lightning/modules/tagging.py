@@ -16,7 +16,7 @@ from torch import nn
 
 from ced_lightning.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
 from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
-from ced_lightning.optim import build_optimizer, warmup_cosine
+from ced_lightning.optim import build_optimizer, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ class TaggingModule(LightningModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float | None = None,
         class_names: Sequence[str] | None = None,
+        lr_schedule: str = "warmup_cosine",
     ) -> None:
         super().__init__()
         self.model = model
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
+        self.lr_schedule = lr_schedule
         self.ema_decay = ema_decay
         self.ema = _frozen_copy(model) if ema_decay else None
         self.class_names = list(class_names) if class_names else None
@@ -93,9 +95,7 @@ class TaggingModule(LightningModule):
         if self.trainer.ckpt_path:
             # Here the checkpoint's loop state is not restored yet (restored after configure_optimizers).
             _rebuild_train_loader_after_restore(self.trainer)
-        factor = partial(
-            warmup_cosine, warmup_steps=self.warmup_steps, total_steps=total, min_lr_ratio=self.min_lr_ratio
-        )
+        factor = lr_factor(self.lr_schedule, self.warmup_steps, total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

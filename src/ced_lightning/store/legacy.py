@@ -5,8 +5,9 @@ float16 `[n, k]` (probabilities, descending), `topk_indexes` int16 `[n, k]` and 
 `logits_ep{e}_{r}.parquet` the columns `filename` (AudioSet file basename), `start`, `end` (float32 seconds):
 row i of the parquet describes row i of the h5 file.
 
-`plan_import` matches every row to a clip of an audio store and says which file and row each (epoch, clip)
-comes from; `read_block_rows` then reads those rows for a block of clips. Pure reading and checking: the
+`plan_import` matches every row to a clip of an audio store and says which file and row each (epoch, store
+row) comes from, a store row being a span of a clip as the original reads it (`ImportPlan`);
+`read_block_rows` then reads those rows for a block of store rows. Pure reading and checking: the
 `import_logits` entry point writes the logit store.
 """
 
@@ -23,6 +24,7 @@ import fsspec
 import numpy as np
 
 from ced_lightning.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
+from ced_lightning.data.segments import SegmentTable
 from ced_lightning.data.sources import segment_ytid
 
 _FILE_NAME = re.compile(r"ep(\d+)_(\d+)\.h5$")
@@ -177,23 +179,37 @@ class ClipMatcher:
 
 @dataclass
 class ImportPlan:
-    """Where every (epoch, clip) of the audio store comes from, and what did not fit."""
+    """Where every (epoch, row) of the logit store comes from, and what did not fit.
+
+    The store's rows are the released spans the original trained on: every clip of the audio store's span
+    from 0 s, and the spans the release holds beyond those: a later piece of a longer clip (a row starting
+    after 0 s) and a clip's second row over the same span in one epoch (the original trains on each).
+    `clip_of`, `start_of` give each row's clip and first sample; without such spans row i is clip i, the
+    layout of a store without segments.
+    """
 
     files: list[LegacyFile]
     epochs: int
     topk: int
-    # [E, N]: index into `files` (-1: no row) and row within that file
+    # [E, R]: index into `files` (-1: no row) and row within that file
     file_of: np.ndarray
     row_of: np.ndarray
-    # [E, N]: the clip's length as the original read it, `round(end·sr) - round(start·sr)` samples
+    # [E, R]: the span the original read, `round(end·sr) - round(start·sr)` samples
     span_samples: np.ndarray
+    # [R]: each store row's clip and first sample (rows sorted by clip, then start)
+    clip_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    start_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     rows: int = 0
     matched_rows: int = 0
     unmatched_rows: int = 0
     unmatched_examples: list[str] = field(default_factory=list)
-    # clips with no row in any stored epoch, and clips with rows in only some epochs
+    # clips with no row in any stored epoch, and clips with a row missing from some epochs
     clips_without_rows: list[int] = field(default_factory=list)
     clips_with_some_epochs: list[int] = field(default_factory=list)
+    # released rows the store holds as the original reads them (counted, with examples)
+    late_rows: list[str] = field(default_factory=list)  # starting after 0 s: a later piece of the clip
+    long_rows: list[str] = field(default_factory=list)  # spanning more than the teachers' input
+    repeated_rows: list[str] = field(default_factory=list)  # a clip's span a second time in one epoch
 
     def ranks_per_epoch(self) -> dict[int, int]:
         counts: dict[int, int] = defaultdict(int)
@@ -201,35 +217,66 @@ class ImportPlan:
             counts[f.epoch] += 1
         return dict(sorted(counts.items()))
 
+    def segment_table(self, clip_lengths: np.ndarray, segment_samples: int) -> SegmentTable:
+        """The store's rows as segments: each reads its released span (the longest over the stored epochs)
+        and no more, so a clip longer than the span is cut to what the teachers heard. One row per clip at
+        0, none cut, is the layout of a store without positions."""
+        present = self.file_of >= 0
+        span = np.where(present, self.span_samples, 0).max(0).astype(np.int64)
+        length = np.where(present.any(0), span, segment_samples)
+        rest = np.asarray(clip_lengths, dtype=np.int64)[self.clip_of] - self.start_of
+        cut = length < np.minimum(rest, segment_samples)
+        return SegmentTable(
+            self.clip_of.copy(),
+            self.start_of.copy(),
+            segment_samples,
+            np.maximum(length, 1) if cut.any() else None,
+        )
+
 
 class LegacyImportError(ValueError):
     """The released files cannot be imported as they are (the message names the rows and what to do)."""
 
 
-def _examples(items: Sequence[str], count: int | None = None) -> str:
+def count_with_examples(items: Sequence[str], count: int | None = None) -> str:
+    """`N (first; second; ... )`: a count and the first few of what it counts, for messages and reports."""
     count = len(items) if count is None else count
     shown = "; ".join(items[:_EXAMPLES])
     return f"{count} ({shown}{' ...' if count > _EXAMPLES else ''})"
 
 
-def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_samples: int) -> ImportPlan:
-    """Match every released row to an audio-store clip and check the rows fit the logit store.
+@dataclass
+class _ExtraRow:
+    """A matched released row beyond its clip's first span from 0 s in its epoch."""
 
-    Refused (LegacyImportError naming the rows): parquet and h5 row counts or top-k widths that differ,
-    rows starting past 0 s or spanning more than `clip_samples` (the store holds one segment per clip, from
-    its start), and two rows for one clip in one epoch. Unmatched rows and clips without rows are counted
-    here; the caller decides what to allow.
+    epoch: int
+    file: int
+    row: int
+    clip: int
+    start: int  # samples
+    span: int  # samples
+
+
+def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_samples: int) -> ImportPlan:
+    """Match every released row to an audio-store clip and lay the rows out as the logit store's rows.
+
+    Refused (LegacyImportError naming the file): parquet and h5 row counts or top-k widths that differ.
+    Rows starting after 0 s, rows spanning more than `clip_samples` and a clip's span twice in one epoch are
+    kept as the original reads them and listed in the plan (`late_rows`, `long_rows`, `repeated_rows`);
+    unmatched rows and clips without rows are counted. The caller decides what to allow.
     """
     _, parquet = require_import_extra()
     files = list(files)
     epochs = max(f.epoch for f in files)
     n = len(clip_names)
     matcher = ClipMatcher(clip_names)
+    # The first row of each (epoch, clip) starting at 0 s: the clip's own row, as in a store of clips.
     file_of = np.full((epochs, n), -1, dtype=np.int32)
     row_of = np.full((epochs, n), -1, dtype=np.int32)
     span = np.zeros((epochs, n), dtype=np.int32)
     plan = ImportPlan(files, epochs, 0, file_of, row_of, span)
-    late, long_rows, duplicates, unmatched = [], [], [], []
+    extra: list[_ExtraRow] = []
+    unmatched = []
     clip_seconds = clip_samples / SAMPLE_RATE
     for k, f in enumerate(files):
         fs, path = fsspec.core.url_to_fs(f.parquet)
@@ -244,8 +291,9 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
         names = [str(x) for x in table.column("filename").to_pylist()]
         starts = np.asarray(table.column("start").to_numpy(), dtype=np.float64)
         ends = np.asarray(table.column("end").to_numpy(), dtype=np.float64)
-        # The samples the original reader cuts: round(seconds * sr) of the float32 columns, in float32.
-        spans = _samples(ends) - _samples(starts)
+        # The samples the original reader cuts, `data[round(start·sr):round(end·sr)]` of the float32 columns.
+        first_samples = _samples(starts)
+        spans = _samples(ends) - first_samples
         with _open_h5(f.h5) as h5:
             shapes = _check_h5(h5, f)
         rows, topk = shapes
@@ -261,47 +309,72 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
         e = f.epoch - 1
         for row, (name, start, end) in enumerate(zip(names, starts, ends)):
             where = f"{f.name} row {row} {name}"
-            if start > _SECONDS_SLACK:
-                late.append(f"{where} starts at {start:g} s")
-                continue
-            if end - start > clip_seconds + _SECONDS_SLACK:
-                long_rows.append(f"{where} spans {start:g}-{end:g} s")
-                continue
             clip = matcher(name)
             if clip < 0:
                 unmatched.append(where)
                 continue
-            if file_of[e, clip] >= 0:
-                first = files[file_of[e, clip]]
-                duplicates.append(f"{where} and {first.name} row {row_of[e, clip]} (clip {clip_names[clip]})")
+            plan.matched_rows += 1
+            if end - start > clip_seconds + _SECONDS_SLACK:
+                plan.long_rows.append(f"{where} spans {start:g}-{end:g} s")
+            late = start > _SECONDS_SLACK
+            if late:
+                plan.late_rows.append(f"{where} starts at {start:g} s")
+            if late or file_of[e, clip] >= 0:
+                extra.append(
+                    _ExtraRow(e, k, row, clip, int(first_samples[row]) if late else 0, int(spans[row]))
+                )
                 continue
             file_of[e, clip], row_of[e, clip] = k, row
             span[e, clip] = spans[row]
-            plan.matched_rows += 1
-    problems = []
-    if late:
-        problems.append(
-            f"rows starting past 0 s: {_examples(late)}. The logit store holds one segment per clip, from "
-            "its start; import a chunk_10 folder of clips up to 10 s (AudioSet's)"
-        )
-    if long_rows:
-        problems.append(
-            f"rows spanning more than {clip_seconds:g} s: {_examples(long_rows)}. The store's clips are "
-            f"{clip_seconds:g} s; import the chunk_10 folder"
-        )
-    if duplicates:
-        problems.append(
-            f"clips with two rows in one epoch: {_examples(duplicates)}. Each stored epoch must hold one row "
-            "per clip; remove the duplicate files (e.g. a rank's output copied twice)"
-        )
-    if problems:
-        raise LegacyImportError("cannot import the released logits:\n  " + "\n  ".join(problems))
     plan.unmatched_rows = len(unmatched)
     plan.unmatched_examples = unmatched[:_EXAMPLES]
-    has_rows = file_of >= 0
-    plan.clips_without_rows = [int(i) for i in np.flatnonzero(~has_rows.any(0))]
-    plan.clips_with_some_epochs = [int(i) for i in np.flatnonzero(has_rows.any(0) & ~has_rows.all(0))]
+    _add_extra_rows(plan, extra, clip_names)
+    has_rows = plan.file_of >= 0
+    # A row is in some epochs only, or a clip has rows in none: per clip, over all its rows.
+    every = np.ones(n, dtype=bool)
+    np.logical_and.at(every, plan.clip_of, has_rows.all(0))
+    some = np.zeros(n, dtype=bool)
+    np.logical_or.at(some, plan.clip_of, has_rows.any(0))
+    plan.clips_without_rows = [int(i) for i in np.flatnonzero(~some)]
+    plan.clips_with_some_epochs = [int(i) for i in np.flatnonzero(some & ~every)]
     return plan
+
+
+def _add_extra_rows(plan: ImportPlan, extra: list[_ExtraRow], clip_names: Sequence[str]) -> None:
+    """Lay out the store's rows: every clip's row at 0 (rows 0..N-1 while there is nothing else), then one
+    row per further (clip, start, k-th time in its epoch) the release holds, sorted by clip and start."""
+    num_clips = len(clip_names)
+    if not extra:
+        plan.clip_of = np.arange(num_clips, dtype=np.int32)
+        plan.start_of = np.zeros(num_clips, dtype=np.int64)
+        return
+    # k-th time a (clip, start) comes in its epoch: the clip's first row at 0 is the 0th of (clip, 0).
+    seen: dict[tuple[int, int, int], int] = defaultdict(int)
+    keyed = []
+    for x in extra:
+        key = (x.epoch, x.clip, x.start)
+        occurrence = seen[key] + (1 if x.start == 0 else 0)
+        seen[key] += 1
+        if occurrence:
+            where = (
+                f"{plan.files[x.file].name} row {x.row} {clip_names[x.clip]} from {x.start / SAMPLE_RATE:g} s"
+            )
+            plan.repeated_rows.append(where)
+        keyed.append((x.clip, x.start, occurrence))
+    keys = sorted({(c, 0, 0) for c in range(num_clips)} | set(keyed))
+    index = {key: i for i, key in enumerate(keys)}
+    base = np.array([index[(c, 0, 0)] for c in range(num_clips)], dtype=np.int64)
+    epochs = plan.epochs
+    file_of = np.full((epochs, len(keys)), -1, dtype=np.int32)
+    row_of = np.full((epochs, len(keys)), -1, dtype=np.int32)
+    span = np.zeros((epochs, len(keys)), dtype=np.int32)
+    file_of[:, base], row_of[:, base], span[:, base] = plan.file_of, plan.row_of, plan.span_samples
+    for x, key in zip(extra, keyed, strict=True):
+        r = index[key]
+        file_of[x.epoch, r], row_of[x.epoch, r], span[x.epoch, r] = x.file, x.row, x.span
+    plan.file_of, plan.row_of, plan.span_samples = file_of, row_of, span
+    plan.clip_of = np.array([key[0] for key in keys], dtype=np.int32)
+    plan.start_of = np.array([key[1] for key in keys], dtype=np.int64)
 
 
 def _samples(seconds: np.ndarray) -> np.ndarray:
@@ -358,10 +431,10 @@ def validate_rows(f: LegacyFile, num_classes: int) -> None:
 
 
 def read_block_rows(plan: ImportPlan, clips: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices int64 [E, n, k], values float16 [E, n, k], seeds int64 [E, n]) of clips `clips` of the store.
+    """(indices int64 [E, n, k], values float16 [E, n, k], seeds int64 [E, n]) of rows `clips` of the store.
 
-    Reads each source file's rows for these clips in one sorted selection. (epoch, clip) pairs without a
-    row (`plan.file_of < 0`) get zeros.
+    Reads each source file's rows for these store rows in one sorted selection. (epoch, row) pairs without
+    a released row (`plan.file_of < 0`) get zeros.
     """
     file_of, row_of = plan.file_of[:, clips], plan.row_of[:, clips]
     epochs, n = file_of.shape

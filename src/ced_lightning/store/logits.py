@@ -15,6 +15,8 @@ Layout (documented for other tools in `docs/logit_store.md`):
     segment_clip   int32   [N]       only in stores of segments (`segment_samples` attribute): the clip of
     segment_start  int64   [N]       each row and its first sample (`ced_lightning.data.segments`); without
                                      them row i is clip i from its start (N = num_clips)
+    segment_length int64   [N]       optional, in stores of segments: the most samples each row reads (an
+                                     imported release: the span the teachers heard)
 
 N is the number of rows: one per clip, or one per segment of a clip (attribute `num_segments`).
 
@@ -303,7 +305,10 @@ class LogitStore:
             dimension_names=("block",),
         )
         if segments is not None:  # written once, here: every rank reads the positions from the store
-            for name, values in (("segment_clip", segments.clip), ("segment_start", segments.start)):
+            positions = {"segment_clip": segments.clip, "segment_start": segments.start}
+            if segments.length is not None:
+                positions["segment_length"] = segments.length
+            for name, values in positions.items():
                 group.create_array(
                     name,
                     data=np.ascontiguousarray(values, dtype=np.int32 if name == "segment_clip" else np.int64),
@@ -358,10 +363,12 @@ class LogitStore:
             if self.segment_samples is None:
                 self._segments = SegmentTable.one_per_clip(self.num_clips, self.clip_samples)
             else:
+                lengths = self._group.get("segment_length")
                 self._segments = SegmentTable(
                     np.asarray(self._group["segment_clip"][:], dtype=np.int32),
                     np.asarray(self._group["segment_start"][:], dtype=np.int64),
                     self.segment_samples,
+                    np.asarray(lengths[:], dtype=np.int64) if lengths is not None else None,
                 )
         return self._segments
 
