@@ -87,7 +87,7 @@ def layout_problem(
     if (
         len(indices)
         and num_classes
-        and not (0 <= int(indices.min()) and int(indices.max()) < int(num_classes))
+        and not (int(indices.min()) >= 0 and int(indices.max()) < int(num_classes))
     ):
         return "label_indices", f"class indices outside 0..{int(num_classes) - 1}"
     # Each clip's labels are stored sorted and unique: a repeat inside a clip is a lost chunk's zeros.

@@ -1,5 +1,5 @@
-"""Damage a store cannot hide: a lost chunk object, or one that no longer decodes, is an error naming the store,
-the array and the chunk key.
+"""Damage a store cannot hide: a lost chunk object, or one that no longer decodes, is an error naming the
+store, the array and the chunk key.
 
 zarr reads a chunk object that is not there as the array's fill value, which is also how it stores a chunk
 holding nothing but the fill value (it skips writing it). So a lost file reads as zeros unless the store
@@ -58,9 +58,9 @@ def missing_message(
     store: str, array: str, key: str, what: str = "store", why: str = "though the store records it as written"
 ) -> str:
     return (
-        f"{what} {redact_url(store)} is damaged: chunk {key!r} of array {array!r} ({array}/{key}) is missing, "
-        f"{why}: a lost file or an incomplete copy. Copy the store again, or rebuild it with the command that "
-        "made it"
+        f"{what} {redact_url(store)} is damaged: chunk {key!r} of array {array!r} ({array}/{key}) is "
+        f"missing, {why}: a lost file or an incomplete copy. Copy the store again, or rebuild it with the "
+        "command that made it"
     )
 
 
