@@ -41,7 +41,13 @@ from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
-from ced_lightning.store.integrity import StrictChunkStore, base_store, read_checked
+from ced_lightning.store.integrity import (
+    StrictChunkStore,
+    base_store,
+    missing_objects,
+    object_key,
+    read_checked,
+)
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
@@ -497,6 +503,21 @@ class LogitStore:
         """`array[selection]`: a missing object of a done block or a chunk that does not decode is a
         `StoreDamagedError` naming the store, the array and the chunk key."""
         return read_checked(self._group[name], selection, self.url, name, WHAT)
+
+    def data_arrays(self) -> list[str]:
+        """Names of the `[E, N, ...]` arrays: top-k, augmentation parameters, extra arrays."""
+        return ["topk_indices", "topk_values", *(f"params/{n}" for n in self._fields), *self.extra_arrays]
+
+    def absent_objects(self, blocks: Sequence[int]) -> list[str]:
+        """`array/key` of each object of `blocks` missing from a data array: one listing per array. Only a
+        store written before `all_chunks_written` may lack one legitimately (an all-zero parameter shard)."""
+        absent = []
+        for name in self.data_arrays():
+            array = self._group[name]
+            tail = (0,) * (array.ndim - 2)
+            keys = [object_key(array, (0, int(b), *tail)) for b in blocks]
+            absent += [f"{name}/{key}" for key in missing_objects(self.url, name, array, keys)]
+        return absent
 
     def _array(self, name: str) -> zarr.Array:
         # Stores made before `all_chunks_written` resume with it too: their new blocks are stored whole.
