@@ -155,7 +155,7 @@ def test_old_logit_store_reads_absent_parameters_but_names_lost_top_k(
         LogitStore.open(str(store)).read_epoch(0)
 
 
-def test_evaluate_and_train_on_damaged_stores_exit_non_zero_naming_the_chunk(
+def test_evaluate_on_a_damaged_store_exits_non_zero_naming_the_chunk(
     tiny_demo: dict[str, str], tmp_path: Path
 ) -> None:
     test = _copy(tiny_demo["test"], tmp_path, "test.zarr")
@@ -168,6 +168,10 @@ def test_evaluate_and_train_on_damaged_stores_exit_non_zero_naming_the_chunk(
     assert "(label_indices/c/0) is missing" in done.stderr, done.stderr[-3000:]
     assert "mAP" not in done.stdout
 
+
+def test_train_on_a_damaged_logit_store_exits_non_zero_naming_the_chunk(
+    tiny_demo: dict[str, str], tmp_path: Path
+) -> None:
     logits = _copy(tiny_demo["logits"], tmp_path, "logits.zarr")
     _first_object(logits, "topk_values")[0].unlink()
     done = run_command(
