@@ -72,7 +72,7 @@ def layout_problem(
             "lengths",
             f"the clips add up to {int(lengths.sum())} samples, num_samples is {attrs['num_samples']}",
         )
-    if any(not name for name in names):
+    if "" in names:
         return "names", f"clip {names.index('')} has an empty name"
     if n and int(offsets[0]) < 0:
         return "offsets", f"clip 0 starts at sample {int(offsets[0])}"
