@@ -251,3 +251,24 @@ def test_verify_names_the_missing_chunk(tiny_demo: dict[str, str], tmp_path: Pat
     cfg = compose_config(overrides, output_dir=tmp_path / "run", config="extract")
     with pytest.raises(StoreDamagedError, match=r"\(params/time_start/c/0/0/0\) is missing"):
         run_extract(cfg)
+
+
+def test_a_lost_chunk_of_an_object_store_is_named(tiny_demo: dict[str, str]) -> None:
+    """The same through fsspec (an in-memory file system standing for a bucket): the `audio` objects are
+    listed at open, the logit store's shards checked where zarr fetches them."""
+    import fsspec
+
+    from ced_lightning.store.integrity import StoreDamagedError
+
+    fs = fsspec.filesystem("memory")
+    try:
+        for which in ("test", "logits"):
+            fs.put(tiny_demo[which], f"/damage/{which}.zarr", recursive=True)
+        fs.rm("/damage/test.zarr/audio/c/0")
+        with pytest.raises(StoreDamagedError, match=r"memory://damage/test\.zarr.*\(audio/c/0\) is missing"):
+            AudioStore.open("memory://damage/test.zarr")
+        fs.rm("/damage/logits.zarr/topk_values/c/0/0/0")
+        with pytest.raises(StoreDamagedError, match=r"\(topk_values/c/0/0/0\) is missing"):
+            LogitStore.open("memory://damage/logits.zarr").read_epoch(0)
+    finally:
+        fs.rm("/damage", recursive=True)

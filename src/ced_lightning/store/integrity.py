@@ -50,9 +50,6 @@ class StoreDamagedError(OSError):
         super().__init__(message)
         self.store, self.array, self.key = store, array, key
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
 
 def missing_message(
     store: str, array: str, key: str, what: str = "store", why: str = "though the store records it as written"
@@ -139,13 +136,19 @@ def open_strict_group(
     return zarr.open_group(store=store, mode=mode, **kwargs)
 
 
+def reopen_strict(group: zarr.Group, url: str, expected: Callable[[str, str], bool], what: str) -> zarr.Group:
+    """`group` (opened from `url`) opened again through a `StrictChunkStore`, read-only if it was."""
+    store = base_store(group.store)
+    strict = StrictChunkStore(store, url, expected, what)
+    return zarr.open_group(store=strict, mode="r" if store.read_only else "r+", zarr_format=3)
+
+
 # -- the objects an array must have ------------------------------------------------------------------------
 
 
 def object_shape(array: zarr.Array) -> tuple[int, ...]:
     """Chunk objects (shards of a sharded array) along each dimension."""
-    per_object = array.shards if array.shards is not None else array.chunks
-    return tuple(math.ceil(n / c) for n, c in zip(array.shape, per_object, strict=True))
+    return tuple(math.ceil(n / c) for n, c in zip(array.shape, _object_size(array), strict=True))
 
 
 def object_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
@@ -192,36 +195,48 @@ def missing_objects(url: str, name: str, array: zarr.Array, keys: Iterable[str] 
     return [key for key in (object_keys(array) if keys is None else keys) if key not in present]
 
 
+def missing_block_objects(
+    url: str, group: zarr.Group, names: Iterable[str], blocks: Iterable[int]
+) -> list[str]:
+    """`array/key` of each missing object at grid position `(0, block, 0, ...)` of the arrays `names` of
+    `group` (a logit store's shard of a block): one listing per array."""
+    blocks = [int(b) for b in blocks]
+    absent = []
+    for name in names:
+        array = group[name]
+        keys = [object_key(array, (0, b, *(0,) * (array.ndim - 2))) for b in blocks]
+        absent += [f"{name}/{key}" for key in missing_objects(url, name, array, keys)]
+    return absent
+
+
 # -- chunks that do not decode -----------------------------------------------------------------------------
+
+
+def _object_size(array: zarr.Array) -> tuple[int, ...]:
+    return array.shards if array.shards is not None else array.chunks
 
 
 def _objects_touched(array: zarr.Array, selection: Any) -> list[tuple[int, ...]]:
     """Grid positions of the objects a basic selection (ints and slices) touches; all of them otherwise."""
-    grid = object_shape(array)
-    per_object = array.shards if array.shards is not None else array.chunks
     sel = selection if isinstance(selection, tuple) else (selection,)
-    if any(s is Ellipsis for s in sel) or not all(isinstance(s, int | np.integer | slice) for s in sel):
-        sel = ()
+    if not all(isinstance(s, int | np.integer | slice) for s in sel):
+        sel = ()  # fancy indexing, Ellipsis: every object
     ranges = []
-    for d, n in enumerate(grid):
+    for d, (n, size) in enumerate(zip(array.shape, _object_size(array), strict=True)):
         s = sel[d] if d < len(sel) else slice(None)
         if isinstance(s, slice):
-            start, stop, _ = s.indices(array.shape[d])
-            lo, hi = (
-                start // per_object[d],
-                -(-stop // per_object[d]) if stop > start else start // per_object[d],
-            )
-            ranges.append(range(lo, min(hi, n)))
+            start, stop, _ = s.indices(n)
+            ranges.append(range(start // size, -(-stop // size)) if stop > start else range(0))
         else:
-            i = int(s) % array.shape[d]
-            ranges.append(range(i // per_object[d], i // per_object[d] + 1))
+            i = int(s) % n
+            ranges.append(range(i // size, i // size + 1))
     return list(itertools.product(*ranges))
 
 
 def _object_region(array: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:
-    per_object = array.shards if array.shards is not None else array.chunks
     return tuple(
-        slice(c * p, min((c + 1) * p, n)) for c, p, n in zip(coords, per_object, array.shape, strict=True)
+        slice(c * p, min((c + 1) * p, n))
+        for c, p, n in zip(coords, _object_size(array), array.shape, strict=True)
     )
 
 

@@ -41,13 +41,7 @@ from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
-from ced_lightning.store.integrity import (
-    StrictChunkStore,
-    base_store,
-    missing_objects,
-    object_key,
-    read_checked,
-)
+from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
@@ -162,18 +156,14 @@ class LogitStore:
         self.num_blocks: int = -(-self.num_rows // self.block_clips)
         self._fields = AugmentParams.fields(self.recipe)
         self.extra_arrays: dict[str, str] = dict(a.get("extra_arrays") or {})
-        # The record of what was written (`store.integrity`): `block_done` commits each block; stores made
-        # with `all_chunks_written` store every data array's shard of a done block whole. In older ones zarr
-        # skipped all-zero chunks (a disabled augmentation's parameters), so only the top-k arrays, never all
-        # zero, must have every shard of a done block.
+        # What must be there (`store.integrity`): each data array's shard of a done block, or in stores made
+        # before `all_chunks_written` (zarr skipped all-zero shards there) the top-k arrays' only.
         self.all_chunks_written = bool(a.get("all_chunks_written"))
-        data = ["topk_indices", "topk_values"]
-        if self.all_chunks_written:
-            data += [f"params/{n}" for n in self._fields] + list(self.extra_arrays)
-        self._block_arrays = frozenset(data)
+        written = self.data_arrays() if self.all_chunks_written else ["topk_indices", "topk_values"]
+        self.block_arrays = frozenset(written)  # each shard of a done block must be there
         self._whole_arrays = frozenset(("segment_clip", "segment_start") if self.all_chunks_written else ())
         self._done: set[int] = set()  # blocks known done: their data objects must be there
-        self._group = _reopen_strict(group, url, self._expected)
+        self._group = reopen_strict(group, url, self._expected, WHAT)
 
     # ----------------------------------------------------------------------------------------------- creation
     @classmethod
@@ -492,12 +482,14 @@ class LogitStore:
     # ----------------------------------------------------------------------------------------------- reading
     def _expected(self, array: str, key: str) -> bool:
         """Whether the object `key` of `array` must be there (called from zarr's I/O: no reads here)."""
-        if array in self._whole_arrays:
-            return True
-        if array not in self._block_arrays:
-            return False
         parts = key.split("/")  # c/<epoch shard>/<block>/...: one shard per block holds every epoch
-        return len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in self._done
+        done = (
+            array in self.block_arrays
+            and len(parts) > 2
+            and parts[2].isdigit()
+            and int(parts[2]) in self._done
+        )
+        return done or array in self._whole_arrays
 
     def _read(self, name: str, selection: Any) -> Any:
         """`array[selection]`: a missing object of a done block or a chunk that does not decode is a
@@ -505,22 +497,14 @@ class LogitStore:
         return read_checked(self._group[name], selection, self.url, name, WHAT)
 
     def data_arrays(self) -> list[str]:
-        """Names of the `[E, N, ...]` arrays: top-k, augmentation parameters, extra arrays."""
+        """The `[E, N, ...]` arrays: top-k, augmentation parameters, extra arrays."""
         return ["topk_indices", "topk_values", *(f"params/{n}" for n in self._fields), *self.extra_arrays]
 
     def absent_objects(self, blocks: Sequence[int]) -> list[str]:
-        """`array/key` of each object of `blocks` missing from a data array: one listing per array. Only a
-        store written before `all_chunks_written` may lack one legitimately (an all-zero parameter shard)."""
-        absent = []
-        for name in self.data_arrays():
-            array = self._group[name]
-            tail = (0,) * (array.ndim - 2)
-            keys = [object_key(array, (0, int(b), *tail)) for b in blocks]
-            absent += [f"{name}/{key}" for key in missing_objects(self.url, name, array, keys)]
-        return absent
+        """`array/key` of each shard of `blocks` missing from a data array (one listing per array)."""
+        return missing_block_objects(self.url, self._group, self.data_arrays(), blocks)
 
     def _array(self, name: str) -> zarr.Array:
-        # Stores made before `all_chunks_written` resume with it too: their new blocks are stored whole.
         return self._group[name].with_config(_WRITE_ALL)
 
     def _check_epoch(self, epoch: int) -> None:
@@ -592,13 +576,6 @@ class LogitStore:
             if fs.exists(f"{root}/{name}/c"):
                 data += int(fs.du(f"{root}/{name}/c", total=True))
         return data / (self.num_rows * self.epochs)
-
-
-def _reopen_strict(group: zarr.Group, url: str, expected: Any) -> zarr.Group:
-    """`group` read through a `StrictChunkStore` that asks `expected(array, chunk key)`."""
-    store = base_store(group.store)
-    strict = StrictChunkStore(store, url, expected, WHAT)
-    return zarr.open_group(store=strict, mode="r" if store.read_only else "r+", zarr_format=3)
 
 
 def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -222,7 +222,7 @@ def _scan_logits(result: ScanResult, url: str, group: zarr.Group, attrs: dict[st
         else:
             tail = (0,) * (array.ndim - 2)
             coords = [(0, b, *tail) for b in done]
-            strict = name in store._block_arrays
+            strict = name in store.block_arrays
         _scan_objects(result, url, WHAT, name, array, coords, strict)
     if not result.problems and done:
         top = max(int(np.asarray(arrays["topk_indices"][e]).max()) for e in range(store.epochs))
