@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ced_lightning.store.integrity import StoreDamagedError, missing_message, missing_objects, object_count
+from ced_lightning.store.integrity import (
+    REMEDY,
+    StoreDamagedError,
+    missing_message,
+    missing_objects,
+    object_count,
+)
 from ced_lightning.store.remote import redact_url
 
 WHAT = "audio store"
@@ -108,8 +114,7 @@ def layout_error(url: str, arrays: Mapping[str, zarr.Array], problem: tuple[str,
         why = f"and read as fill values the metadata breaks a rule ({what})"
         return StoreDamagedError(missing_message(url, name, missing[0], WHAT, why), url, name, missing[0])
     return StoreDamagedError(
-        f"{WHAT} {redact_url(url)} is damaged: array {name!r}: {what}; copy the store again, or rebuild it "
-        "with the command that made it",
+        f"{WHAT} {redact_url(url)} is damaged: array {name!r}: {what}. {REMEDY}",
         url,
         name,
     )

@@ -51,13 +51,16 @@ class StoreDamagedError(OSError):
         self.store, self.array, self.key = store, array, key
 
 
+# What to do: a rerun over the damaged store would reuse or resume it as it is, so it goes first.
+REMEDY = "Copy the store again, or delete it and run the command that made it again"
+
+
 def missing_message(
     store: str, array: str, key: str, what: str = "store", why: str = "though the store records it as written"
 ) -> str:
     return (
         f"{what} {redact_url(store)} is damaged: chunk {key!r} of array {array!r} ({array}/{key}) is "
-        f"missing, {why}: a lost file or an incomplete copy. Copy the store again, or rebuild it with the "
-        "command that made it"
+        f"missing, {why}: a lost file or an incomplete copy. {REMEDY}"
     )
 
 
@@ -65,8 +68,7 @@ def undecodable_message(store: str, array: str, key: str, err: BaseException, wh
     reason = " ".join(str(err).split()) or type(err).__name__
     return (
         f"{what} {redact_url(store)} is damaged: chunk {key!r} of array {array!r} ({array}/{key}) does not "
-        f"decode ({reason}): a truncated or altered file. Copy the store again, or rebuild it with the "
-        "command that made it"
+        f"decode ({reason}): a truncated or altered file. {REMEDY}"
     )
 
 
