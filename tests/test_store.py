@@ -337,7 +337,7 @@ def test_raw_shard_reader_refuses_compressed_and_detects_corruption(tmp_path: Pa
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # a bit flip in the shard index
     shard.write_bytes(bytes(raw))
-    with pytest.raises(OSError, match=r"c/0: the shard index fails its CRC32C check"):
+    with pytest.raises(OSError, match=r"\(audio/c/0\) does not decode \(the shard index fails its CRC32C"):
         AudioStore.open(tmp_path / "s.zarr").samples(0, 10)
     shard.write_bytes(bytes(raw[: CHUNK // 2]))  # truncated object
     with pytest.raises(OSError, match=r"c/0"):
@@ -442,10 +442,9 @@ def test_a_missing_shard_is_reported_not_read_as_silence(tmp_path: Path) -> None
     np.testing.assert_array_equal(store.read_samples(2), np.zeros(150, np.int16))  # zeros are stored too
     shard = next(p for p in sorted((url / "audio" / "c").iterdir()) if p.name == "1")
     shard.unlink()  # a failed upload, an incomplete copy
-    reopened = AudioStore.open(str(url))
-    with pytest.raises(OSError, match=r"audio/c/1 is missing, though every chunk of this store was written"):
-        reopened.read_samples(1)  # samples 150..300, partly in shard 1 (200..400)
-    np.testing.assert_array_equal(reopened.read_samples(0), np.full(150, 16384, np.int16))
+    # Found when the store opens (one listing of `audio`), before anything reads samples 150..300.
+    with pytest.raises(OSError, match=r"\(audio/c/1\) is missing, though the store records it as written"):
+        AudioStore.open(str(url))
 
 
 def test_read_clips_heads_of_long_recordings(tmp_path: Path) -> None:

@@ -58,14 +58,17 @@ def verify_store(
     device = next(teachers[0].parameters()).device
     codes = store.block_codes()
     mel_sources = front_end_sources([t.front_end for t in teachers])
+    pairs = [divmod(int(pick), store.num_rows) for pick in picks]
+    # Every sampled entry read before any is compared: a lost or truncated chunk is reported as such
+    # (`StoreDamagedError`, naming the store, array and chunk), not as teachers that disagree with the store.
+    stored_rows = [store.read(epoch, i) for epoch, i in pairs]
+    rows = {i: read_segments(audio_store, segments, np.array([i]))[i] for _, i in pairs}
     diffs, excess, agree, bound_slack = [], [], 0, 0.0
-    for pick in picks:
-        epoch, i = divmod(int(pick), store.num_rows)
+    for (_, i), (classes, stored, params) in zip(pairs, stored_rows, strict=True):
         block_reduced = codes[i // store.block_clips] == BLOCK_REDUCED_PRECISION
         slack = REPLAY_SLACK[bool(block_reduced) or replay_reduced]
         bound_slack = max(bound_slack, slack)
-        classes, stored, params = store.read(epoch, i)
-        row = read_segments(audio_store, segments, np.array([i]))[i]
+        row = rows[i]
         wav, lengths = pack_clips([row], store.clip_samples)
         wav_t = int16_to_float(torch.from_numpy(wav).to(device))
         lengths_t = torch.from_numpy(lengths).to(device)
@@ -80,7 +83,11 @@ def verify_store(
         top = np.argsort(-probs, kind="stable")[: store.topk]
         agree += int(set(top.tolist()) == set(classes.tolist()))
     bound = float(max_abs_error(1.0, store.quantization)) + bound_slack
+    # Objects of the sampled blocks that a store written before chunk records may lack (all-zero parameters)
+    # or may have lost: named in the verdict when the values disagree.
+    absent = store.absent_objects(sorted({i // store.block_clips for _, i in pairs}))
     return {
+        **({"absent_chunks": absent} if absent else {}),
         "samples": int(n),
         "max_abs_diff": float(max(diffs)),
         "mean_abs_diff": float(np.mean(diffs)),
@@ -97,6 +104,14 @@ def check_verified(store_url: str, result: dict[str, Any]) -> None:
     raise VerificationError(
         f"{redact_url(store_url)}: verification failed: the teachers' probabilities differ from the "
         f"stored ones by up to {result['max_abs_diff']:.2e} (bound {result['bound']:.2e}) on "
-        f"{result['samples']} (epoch, clip) pairs. The store does not hold what these teachers compute on "
-        "this audio store: check the teacher checkpoints and the audio store, or extract into a new output."
+        f"{result['samples']} (epoch, clip) pairs. "
+        + (
+            f"The store lacks {len(absent)} chunk object(s) of the sampled blocks ({', '.join(absent[:3])}"
+            f"{' ...' if len(absent) > 3 else ''}): lost, or all zeros that a store written before chunk "
+            "records left out; a lost one explains the difference (`python -m ced_lightning.check "
+            "store=...`)."
+            if (absent := result.get("absent_chunks"))
+            else "The store does not hold what these teachers compute on this audio store: check the teacher "
+            "checkpoints and the audio store, or extract into a new output."
+        )
     )

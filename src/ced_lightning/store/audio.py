@@ -37,7 +37,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
+from ced_lightning.store.audio_layout import ARRAYS, WHAT, layout_error, layout_problem, written_arrays
 from ced_lightning.store.files import check_free_for_store, remove_partial_writes
+from ced_lightning.store.integrity import (
+    StoreDamagedError,
+    missing_message,
+    missing_objects,
+    object_count,
+    open_strict_group,
+    read_checked,
+    zarr_store,
+)
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.shards import RawShardReader
 
@@ -73,17 +83,15 @@ def _normalize_url(url: str | os.PathLike) -> str:
     return os.fspath(url).rstrip("/") or "/"
 
 
-def _zarr_store(url: str, *, read_only: bool) -> Any:
-    """A zarr store for a local path or any fsspec URL (`file://` maps to a plain local store: faster)."""
-    if url.startswith("file://"):
-        return zarr.storage.LocalStore(url[len("file://") :], read_only=read_only)
-    if "://" in url:
-        return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
-    return zarr.storage.LocalStore(url, read_only=read_only)
-
-
 def _open_group(url: str, mode: str) -> zarr.Group:
-    return zarr.open_group(store=_zarr_store(url, read_only=mode == "r"), mode=mode)
+    return zarr.open_group(store=zarr_store(url, read_only=mode == "r"), mode=mode)
+
+
+def _open_strict(url: str) -> tuple[zarr.Group, set[str]]:
+    """The group read through the store's record of written chunks, and the set of array names that
+    `AudioStore` fills from that record (`audio_layout.written_arrays`) before it reads a chunk."""
+    strict: set[str] = set()
+    return open_strict_group(url, "r", lambda array, key: array in strict, WHAT), strict
 
 
 def _fingerprint(names: Sequence[str], lengths: np.ndarray) -> str:
@@ -125,7 +133,7 @@ def _resize(arr: zarr.Array, size: int) -> None:
 class AudioStore:
     """Read side of the audio store. Cheap to pickle: worker processes reopen the Zarr arrays lazily."""
 
-    def __init__(self, url: str, group: zarr.Group) -> None:
+    def __init__(self, url: str, group: zarr.Group, strict: set[str] | None = None) -> None:
         self.url = url
         attrs = dict(group.attrs)
         if attrs.get("kind") != STORE_KIND:
@@ -145,38 +153,67 @@ class AudioStore:
         self.chunk_samples = int(attrs["chunk_samples"])
         self.fingerprint: str = attrs["fingerprint"]
         self.has_labels = bool(attrs.get("has_labels"))
-        self.names: list[str] = [str(n) for n in group["names"][:]]
-        self.lengths: np.ndarray = np.asarray(group["lengths"][:], dtype=np.int64)
-        self.offsets: np.ndarray = np.asarray(group["offsets"][:], dtype=np.int64)
+        if strict is None:  # a group opened elsewhere (the writer's): reopened to read it through the record
+            group, strict = _open_strict(url)
+        arrays = {name: group[name] for name in ARRAYS}
+        arrays.update({name: group[name] for name in ("class_names", "class_mids") if name in group})
+        # Filled before any chunk is read: from here on a missing object of these arrays is an error.
+        strict.update(written_arrays(attrs, arrays))
+        self._strict = frozenset(strict)
+
+        def read(name: str) -> np.ndarray:
+            return np.asarray(read_checked(arrays[name], slice(None), url, name, WHAT))
+
+        self.names: list[str] = [str(n) for n in read("names")]
+        self.lengths: np.ndarray = read("lengths").astype(np.int64)
+        self.offsets: np.ndarray = read("offsets").astype(np.int64)
         self._ends = self.offsets + self.lengths
-        self._label_indptr: np.ndarray = np.asarray(group["label_indptr"][:], dtype=np.int64)
-        self._label_indices: np.ndarray = np.asarray(group["label_indices"][:], dtype=np.int64)
+        self._label_indptr: np.ndarray = read("label_indptr").astype(np.int64)
+        self._label_indices: np.ndarray = read("label_indices").astype(np.int64)
         self.class_names: list[str] | None = (
-            [str(n) for n in group["class_names"][:]] if "class_names" in group else None
+            [str(n) for n in read("class_names")] if "class_names" in arrays else None
         )
         self.class_mids: list[str] | None = (
-            [str(n) for n in group["class_mids"][:]] if "class_mids" in group else None
+            [str(n) for n in read("class_mids")] if "class_mids" in arrays else None
         )
         self.num_classes: int | None = attrs.get("num_classes")
+        problem = layout_problem(
+            attrs,
+            self.names,
+            self.lengths,
+            self.offsets,
+            self._label_indptr,
+            self._label_indices,
+            int(arrays["audio"].shape[0]),
+        )
+        if problem:
+            raise layout_error(url, arrays, problem)
+        if "audio" in self._strict:
+            # Its samples are read later (in data loader workers): its objects are listed now, once.
+            missing = missing_objects(url, "audio", arrays["audio"])
+            if missing:
+                raise StoreDamagedError(
+                    missing_message(url, "audio", missing[0], WHAT), url, "audio", missing[0]
+                )
         self._label_matrix: np.ndarray | None = None
         self._failures: list[dict] | None = None
         self._audio: zarr.Array | None = None
         self._raw: RawShardReader | None = None
         self._pid: int | None = None  # the process the two handles above belong to
-        self._open_handles(group["audio"])
+        self._open_handles(arrays["audio"])
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> AudioStore:
         """Open a complete audio store at a local path or fsspec URL."""
         url = _normalize_url(url)
         try:
-            group = _open_group(url, "r")
+            group, strict = _open_strict(url)
         except _NOT_FOUND as err:
             raise FileNotFoundError(
                 f"{url}: no audio store there. Build one with: python -m ced_lightning.prepare "
                 f"input=<audio dir, file list or AudioSet CSV> output={url}"
             ) from err
-        return cls(url, group)
+        return cls(url, group, strict)
 
     # Pickling: worker processes get the numpy metadata and reopen the audio array on first read.
     def __getstate__(self) -> dict[str, Any]:
@@ -187,12 +224,17 @@ class AudioStore:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def _group(self) -> zarr.Group:
+        """The store's group, read through its record of written chunks (`store.integrity`)."""
+        strict = self._strict
+        return open_strict_group(self.url, "r", lambda array, key: array in strict, WHAT)
+
     def _open_handles(self, audio: zarr.Array | None = None) -> None:
         """Open the zarr array and the direct reader for this process (a forked worker opens its own)."""
-        self._audio = audio if audio is not None else _open_group(self.url, "r")["audio"]
+        self._audio = audio if audio is not None else self._group()["audio"]
         # None for layouts the direct reader does not read (compressed stores): those go through zarr.
         self._raw = RawShardReader.for_array(
-            self._audio, self.url, all_chunks_written=bool(self.attrs.get("all_chunks_written"))
+            self._audio, self.url, all_chunks_written="audio" in self._strict, what=WHAT
         )
         self._pid = os.getpid()
 
@@ -212,7 +254,7 @@ class AudioStore:
         audio = self.audio
         if self._raw is not None:
             return self._raw.read(start, stop)
-        return np.asarray(audio[start:stop], dtype=np.int16)
+        return np.asarray(read_checked(audio, slice(start, stop), self.url, "audio", WHAT), dtype=np.int16)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -318,7 +360,11 @@ class AudioStore:
             return list(self.attrs["failures"])
         if self._failures is None:  # read once: the store no longer changes
             count = int(self.attrs.get("num_failures") or 0)
-            texts = _open_group(self.url, "r")["failures"][:count] if count else []
+            texts = (
+                read_checked(self._group()["failures"], slice(0, count), self.url, "failures", WHAT)
+                if count
+                else []
+            )
             self._failures = [_failure_record(text) for text in texts]
         return list(self._failures)
 
@@ -496,6 +542,7 @@ class AudioStoreWriter:
                 # Variable-length UTF-8: the one string type with a Zarr v3 spec in zarr 3.1.
                 arr = g.create_array(name, shape=(len(values),), dtype=str, chunks=(max(1, len(values)),))
                 if values:
+                    arr = arr.with_config({"write_empty_chunks": True})
                     arr[:] = np.array(values, dtype=object).astype(str)
 
     def _resume(self, progress: dict | None) -> None:
@@ -622,12 +669,9 @@ class AudioStoreWriter:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            array = self.group[name]
-            if name == "audio":
-                # Zeros too (zarr skips chunks equal to the fill value by default): then a missing shard in
-                # a complete store is damage that readers report, not 160 s of silence.
-                array = array.with_config({"write_empty_chunks": True})
-            self._arrays[name] = array
+            # Zeros too (zarr skips chunks equal to the fill value by default): then a missing object in a
+            # complete store is damage that readers report, not 160 s of silence or a clip without labels.
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
         return self._arrays[name]
 
     @staticmethod
@@ -659,6 +703,15 @@ class AudioStoreWriter:
             if len(data):
                 arr[int(lo) : hi] = data
         self._label_start = label_hi
+
+    def _chunks_written(self) -> dict[str, int]:
+        """The record readers check (`audio_layout.written_arrays`): per array, the chunk objects its shape
+        implies that are there now (all of them, unless a store begun by an older version skipped some)."""
+        counts = {}
+        for name in self.group.array_keys():
+            arr = self.group[name]
+            counts[name] = object_count(arr) - len(missing_objects(self.url, name, arr))
+        return counts
 
     def _write_failures(self, stop: int) -> None:
         """Append `self.failures[written:stop]` to the `failures` array (only new records are written)."""
@@ -718,6 +771,7 @@ class AudioStoreWriter:
         self.group.attrs.update(
             {
                 **self.base_attrs,
+                "chunks_written": self._chunks_written(),
                 "fingerprint": _fingerprint(self.names, lengths),
                 "num_clips": len(self.names),
                 "num_samples": int(lengths.sum()),

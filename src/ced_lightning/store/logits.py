@@ -43,6 +43,7 @@ from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
+from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ _CREATING = "creation_incomplete"  # attribute present only while `LogitStore.cr
 # `block_done` values: how the block's teachers computed, which decides how closely a replay can match it.
 BLOCK_FULL_PRECISION = 1  # float32/float64 matmuls (stores written before codes existed hold 1 as well)
 BLOCK_REDUCED_PRECISION = 2  # bf16/fp16 (mixed or true) or TF32 matmuls
+
+WHAT = "logit store"
+# Written with every chunk, fill values too (`write_empty_chunks`): a missing object is lost data.
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -153,6 +158,14 @@ class LogitStore:
         self.num_blocks: int = -(-self.num_rows // self.block_clips)
         self._fields = AugmentParams.fields(self.recipe)
         self.extra_arrays: dict[str, str] = dict(a.get("extra_arrays") or {})
+        # What must be there (`store.integrity`): each data array's shard of a done block, or in stores made
+        # before `all_chunks_written` (zarr skipped all-zero shards there) the top-k arrays' only.
+        self.all_chunks_written = bool(a.get("all_chunks_written"))
+        written = self.data_arrays() if self.all_chunks_written else ["topk_indices", "topk_values"]
+        self.block_arrays = frozenset(written)  # each shard of a done block must be there
+        self._whole_arrays = frozenset(("segment_clip", "segment_start") if self.all_chunks_written else ())
+        self._done: set[int] = set()  # blocks known done: their data objects must be there
+        self._group = reopen_strict(group, url, self._expected, WHAT)
 
     # ----------------------------------------------------------------------------------------------- creation
     @classmethod
@@ -232,6 +245,7 @@ class LogitStore:
                 "clip_samples": int(clip_samples),
                 "block_clips": int(block_clips),
                 "row_order": "probability_descending",
+                "all_chunks_written": True,
                 **(
                     {"extra_arrays": {k: np.dtype(v).name for k, v in extra_arrays.items()}}
                     if extra_arrays
@@ -286,6 +300,7 @@ class LogitStore:
                 fill_value=0,
                 # Only whole shards are written, so the default read-modify-write is never needed.
                 dimension_names=("epoch", "clip", *(f"{name.split('/')[-1]}_{i}" for i in range(len(row)))),
+                config=_WRITE_ALL,
             )
 
         add_array("topk_indices", np.uint16, (topk,))
@@ -315,6 +330,7 @@ class LogitStore:
                     chunks=(max(1, min(num_rows, 64 * block_clips)),),
                     compressors=_compressors(4 if name == "segment_clip" else 8),
                     dimension_names=("clip",),
+                    config=_WRITE_ALL,
                 )
         # Attributes last, in one write that also drops the creation mark.
         group.attrs.put(attrs)
@@ -365,8 +381,8 @@ class LogitStore:
             else:
                 lengths = self._group.get("segment_length")
                 self._segments = SegmentTable(
-                    np.asarray(self._group["segment_clip"][:], dtype=np.int32),
-                    np.asarray(self._group["segment_start"][:], dtype=np.int64),
+                    np.asarray(self._read("segment_clip", slice(None)), dtype=np.int32),
+                    np.asarray(self._read("segment_start", slice(None)), dtype=np.int64),
                     self.segment_samples,
                     np.asarray(lengths[:], dtype=np.int64) if lengths is not None else None,
                 )
@@ -392,7 +408,9 @@ class LogitStore:
 
     def block_codes(self) -> np.ndarray:
         """Every block's `block_done` code: 0 missing, `BLOCK_FULL_PRECISION` or `BLOCK_REDUCED_PRECISION`."""
-        return np.asarray(self._group["block_done"][:])
+        codes = np.asarray(self._read("block_done", slice(None)))
+        self._done = {int(b) for b in np.flatnonzero(codes)}
+        return codes
 
     def missing_blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(~self.done_mask())]
@@ -448,8 +466,8 @@ class LogitStore:
         indices = np.take_along_axis(indices, order, axis=-1).astype(np.uint16)
         probs = np.take_along_axis(probs, order, axis=-1)
         region = (slice(None), slice(start, stop))
-        self._group["topk_indices"][region] = indices
-        self._group["topk_values"][region] = quantize(probs, self.quantization)
+        self._array("topk_indices")[region] = indices
+        self._array("topk_values")[region] = quantize(probs, self.quantization)
         for name, (dtype, row) in self._fields.items():
             stacked = []
             for e, p in enumerate(params):
@@ -462,12 +480,40 @@ class LogitStore:
                         f"expected {(n, *row)}"
                     )
                 stacked.append(value.astype(dtype, copy=False))
-            self._group[f"params/{name}"][region] = np.stack(stacked)
+            self._array(f"params/{name}")[region] = np.stack(stacked)
         for name, value in extra.items():
-            self._group[name][region] = np.asarray(value).astype(self.extra_arrays[name])
+            self._array(name)[region] = np.asarray(value).astype(self.extra_arrays[name])
         self._group["block_done"][b] = BLOCK_REDUCED_PRECISION if reduced_precision else BLOCK_FULL_PRECISION
+        self._done.add(b)
 
     # ----------------------------------------------------------------------------------------------- reading
+    def _expected(self, array: str, key: str) -> bool:
+        """Whether the object `key` of `array` must be there (called from zarr's I/O: no reads here)."""
+        parts = key.split("/")  # c/<epoch shard>/<block>/...: one shard per block holds every epoch
+        done = (
+            array in self.block_arrays
+            and len(parts) > 2
+            and parts[2].isdigit()
+            and int(parts[2]) in self._done
+        )
+        return done or array in self._whole_arrays
+
+    def _read(self, name: str, selection: Any) -> Any:
+        """`array[selection]`: a missing object of a done block or a chunk that does not decode is a
+        `StoreDamagedError` naming the store, the array and the chunk key."""
+        return read_checked(self._group[name], selection, self.url, name, WHAT)
+
+    def data_arrays(self) -> list[str]:
+        """The `[E, N, ...]` arrays: top-k, augmentation parameters, extra arrays."""
+        return ["topk_indices", "topk_values", *(f"params/{n}" for n in self._fields), *self.extra_arrays]
+
+    def absent_objects(self, blocks: Sequence[int]) -> list[str]:
+        """`array/key` of each shard of `blocks` missing from a data array (one listing per array)."""
+        return missing_block_objects(self.url, self._group, self.data_arrays(), blocks)
+
+    def _array(self, name: str) -> zarr.Array:
+        return self._group[name].with_config(_WRITE_ALL)
+
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.epochs:
             raise IndexError(f"epoch {epoch} out of range: {self.url} holds epochs 0..{self.epochs - 1}")
@@ -478,12 +524,16 @@ class LogitStore:
         if not 0 <= i < self.num_rows:
             raise IndexError(f"row {i} out of range: {self.url} holds {self.num_rows} rows")
         block = i // self.block_clips
-        if not self._group["block_done"][block]:
+        if not self._read("block_done", block):
             raise ValueError(f"{self.url}: row {i} lies in block {block}, which is not extracted yet")
-        indices = np.asarray(self._group["topk_indices"][epoch, i]).astype(np.int64)
-        probs = dequantize(self._group["topk_values"][epoch, i], self.quantization)
+        self._done.add(block)
+        indices = np.asarray(self._read("topk_indices", (epoch, i))).astype(np.int64)
+        probs = dequantize(self._read("topk_values", (epoch, i)), self.quantization)
         params = AugmentParams(
-            {name: np.asarray(self._group[f"params/{name}"][epoch, i : i + 1]) for name in self._fields}
+            {
+                name: np.asarray(self._read(f"params/{name}", (epoch, slice(i, i + 1))))
+                for name in self._fields
+            }
         )
         return indices, probs, params
 
@@ -497,13 +547,13 @@ class LogitStore:
                 f"logit store {self.url} is incomplete: {len(missing)} of {self.num_blocks} blocks missing "
                 f"({shown}). Finish it by running the same python -m ced_lightning.extract command again."
             )
-        indices = np.asarray(self._group["topk_indices"][epoch])
-        probs = dequantize(self._group["topk_values"][epoch], self.quantization)
+        indices = np.asarray(self._read("topk_indices", epoch))
+        probs = dequantize(self._read("topk_values", epoch), self.quantization)
         params = AugmentParams(
-            {name: np.asarray(self._group[f"params/{name}"][epoch]) for name in self._fields}
+            {name: np.asarray(self._read(f"params/{name}", epoch)) for name in self._fields}
         )
         has_targets = (
-            np.asarray(self._group[HAS_TARGETS][epoch]) > 0 if HAS_TARGETS in self.extra_arrays else None
+            np.asarray(self._read(HAS_TARGETS, epoch)) > 0 if HAS_TARGETS in self.extra_arrays else None
         )
         return EpochSlice(indices=indices, probs=probs, params=params, has_targets=has_targets)
 
@@ -511,7 +561,8 @@ class LogitStore:
         """One of the store's `extra_arrays`, all epochs and clips (`[E, N]`)."""
         if name not in self.extra_arrays:
             raise KeyError(f"{self.url} has no extra array {name!r} (it has {sorted(self.extra_arrays)})")
-        return np.asarray(self._group[name][:])
+        self.block_codes()  # the blocks done now: their objects must be there
+        return np.asarray(self._read(name, slice(None)))
 
     def nbytes_stored(self) -> int:
         """Bytes on disk (or in the object store) of everything under the store's root."""

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ced_lightning.store.integrity import StoreDamagedError, base_store, missing_message, undecodable_message
+
 _EMPTY = np.uint64(2**64 - 1)
 # Open shard files kept per process: enough for a few concurrent readers' working sets, far below fd limits.
 _OPEN_FILES = 16
@@ -57,6 +59,10 @@ class RawShardReader:
         local: bool,
         fs: Any = None,
         all_chunks_written: bool = False,
+        url: str = "",
+        name: str = "",
+        chunk_key: Any = None,
+        what: str = "store",
     ) -> None:
         self.dtype = dtype
         self.size = size
@@ -72,17 +78,22 @@ class RawShardReader:
         self.all_chunks_written = all_chunks_written
         self._local = local
         self._fs = fs
+        # For errors: the store, the array's name in it, shard number -> chunk key, and what the store is.
+        self._url, self._name, self._what = url, name, what
+        self._chunk_key = chunk_key or (lambda shard: f"c/{shard}")
         self._indexes: dict[int, np.ndarray | None] = {}
         self._files: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
     def for_array(
-        cls, array: zarr.Array, url: str, all_chunks_written: bool = False
+        cls, array: zarr.Array, url: str, all_chunks_written: bool = False, what: str = "store"
     ) -> RawShardReader | None:
         """A reader for `array` (opened from `url`), or None when its layout is not one this reads.
 
-        `all_chunks_written`: the writer stored every chunk, zeros too, so a missing one is an error.
+        `all_chunks_written`: the writer stored every chunk, zeros too, so a missing one is an error. Damage
+        (a missing or truncated shard, a shard index that fails its CRC32C) raises `StoreDamagedError`
+        naming the store (`what` at `url`), the array and the chunk key.
         """
         from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
         from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -113,7 +124,7 @@ class RawShardReader:
         if shard_size % chunk_size:
             return None
         encode = metadata.chunk_key_encoding.encode_chunk_key
-        store = array.store
+        store = base_store(array.store)
         prefix = array.path
         if isinstance(store, zarr.storage.LocalStore):
             if not hasattr(os, "pread"):  # Windows: no positional reads, stay with zarr
@@ -146,6 +157,27 @@ class RawShardReader:
             local=local,
             fs=fs,
             all_chunks_written=all_chunks_written,
+            url=url,
+            name=prefix,
+            chunk_key=lambda shard: encode((shard,)),
+            what=what,
+        )
+
+    # -- damage ------------------------------------------------------------------------------------------
+
+    def _damaged(self, shard: int, what: str) -> StoreDamagedError:
+        key = self._chunk_key(shard)
+        return StoreDamagedError(
+            undecodable_message(self._url, self._name, key, OSError(what), self._what),
+            self._url,
+            self._name,
+            key,
+        )
+
+    def _missing(self, shard: int) -> StoreDamagedError:
+        key = self._chunk_key(shard)
+        return StoreDamagedError(
+            missing_message(self._url, self._name, key, self._what), self._url, self._name, key
         )
 
     # -- bytes -------------------------------------------------------------------------------------------
@@ -169,14 +201,12 @@ class RawShardReader:
                 while done < len(out):
                     got = _pread_into(fd, out[done:], offset + done)
                     if got <= 0:
-                        raise OSError(
-                            f"{self._shard_path(shard)}: shard ends before byte {offset + len(out)}"
-                        )
+                        raise self._damaged(shard, f"the shard ends before byte {offset + len(out)}")
                     done += got
             return
         data = self._fs.cat_file(self._shard_path(shard), start=offset, end=offset + len(out))
         if len(data) != len(out):
-            raise OSError(f"{self._shard_path(shard)}: shard ends before byte {offset + len(out)}")
+            raise self._damaged(shard, f"the shard ends before byte {offset + len(out)}")
         out[:] = data
 
     def _shard_nbytes(self, shard: int) -> int:
@@ -190,10 +220,15 @@ class RawShardReader:
         if shard in self._indexes:
             return self._indexes[shard]
         try:
-            start = self._shard_nbytes(shard) - self._index_nbytes if self._index_at_end else 0
+            nbytes = self._shard_nbytes(shard)
         except FileNotFoundError:
+            if self.all_chunks_written:
+                raise self._missing(shard) from None
             self._indexes[shard] = None
             return None
+        if nbytes < self._index_nbytes:
+            raise self._damaged(shard, f"{nbytes} bytes, less than its {self._index_nbytes}-byte index")
+        start = nbytes - self._index_nbytes if self._index_at_end else 0
         raw = bytearray(self._index_nbytes)
         self._read_into(shard, start, memoryview(raw))
         entries = 16 * self.chunks_per_shard
@@ -202,7 +237,7 @@ class RawShardReader:
 
             stored = int.from_bytes(raw[entries:], "little")
             if google_crc32c.value(bytes(raw[:entries])) != stored:
-                raise OSError(f"{self._shard_path(shard)}: the shard index fails its CRC32C check")
+                raise self._damaged(shard, "the shard index fails its CRC32C check")
         index = np.frombuffer(bytes(raw[:entries]), dtype="<u8").reshape(-1, 2)
         self._indexes[shard] = index
         return index
@@ -224,20 +259,16 @@ class RawShardReader:
             entry = None if index is None else index[local_chunk]
             if entry is None or (entry[0] == _EMPTY and entry[1] == _EMPTY):
                 if self.all_chunks_written:
-                    what = "is missing" if entry is None else f"has no chunk {local_chunk}"
-                    raise OSError(
-                        f"{self._shard_path(shard)} {what}, though every chunk of this store was written "
-                        f"(elements from {chunk * self.chunk_size} on): the store is damaged or incompletely "
-                        "copied"
-                    )
+                    raise self._damaged(shard, f"inner chunk {local_chunk} was never written")
                 target[:] = self.fill_value
             else:
                 # Inner chunks are stored whole (the array's last chunk too), so nbytes must match.
                 expected = min(self.chunk_size, self.size - chunk * self.chunk_size) * item
                 if int(entry[1]) not in (expected, self.chunk_size * item):
-                    raise OSError(
-                        f"{self._shard_path(shard)}: chunk {local_chunk} holds {int(entry[1])} bytes, "
-                        f"expected {self.chunk_size * item} for an uncompressed chunk"
+                    raise self._damaged(
+                        shard,
+                        f"inner chunk {local_chunk} holds {int(entry[1])} bytes, not the "
+                        f"{self.chunk_size * item} of an uncompressed chunk",
                     )
                 offset = int(entry[0]) + (position - chunk * self.chunk_size) * item
                 self._read_into(shard, offset, view[(position - start) * item : (chunk_end - start) * item])
