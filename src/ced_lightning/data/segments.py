@@ -24,6 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ced_lightning.errors import ConfigError
+
 
 class SegmentReadable(Protocol):
     """What segment reads need of an audio store (or a view over several)."""
@@ -47,7 +49,7 @@ class SegmentTable:
         if self.clip.shape != self.start.shape or self.clip.ndim != 1:
             raise ValueError(f"segment clip {self.clip.shape} and start {self.start.shape} must be equal 1-D")
         if self.segment_samples < 1:
-            raise ValueError(f"segment length must be >= 1 sample, got {self.segment_samples}")
+            raise ConfigError(f"segment length must be >= 1 sample, got {self.segment_samples}")
 
     def __len__(self) -> int:
         return len(self.clip)
@@ -92,7 +94,7 @@ class SegmentTable:
 def segment_counts(lengths: np.ndarray, segment_samples: int) -> np.ndarray:
     """Segments per clip under the rule (module docstring): int64 `[N]`, at least 1 each."""
     if segment_samples < 1:
-        raise ValueError(f"segment length must be >= 1 sample, got {segment_samples}")
+        raise ConfigError(f"segment length must be >= 1 sample, got {segment_samples}")
     lengths = np.asarray(lengths, dtype=np.int64)
     whole, rest = np.divmod(lengths, segment_samples)
     # `2 * rest >= S`: the last partial segment holds at least half a segment (exact for odd S too).

@@ -22,6 +22,7 @@ import fsspec
 import torch
 from torch import nn
 
+from ced_lightning.errors import CedError
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
 from ced_lightning.models.released import from_hub_layout, is_hub_layout, resolve_checkpoint
 from ced_lightning.models.timm_mel import TimmMelClassifier
@@ -41,7 +42,7 @@ def read_state_dict(
     return state_dict_from_checkpoint(obj, source=str(path))
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(CedError, ValueError):
     """A checkpoint file that cannot be read (corrupt, not a checkpoint, or refused by the weights-only
     loader); the message names the file."""
 

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from ced_lightning.errors import CedError, ConfigError
+
 log = logging.getLogger(__name__)
 
 _ZENODO = "https://zenodo.org/records/{record}/files/{filename}?download=1"
@@ -125,7 +127,7 @@ def resolve_checkpoint(name_or_path: str | PathLike) -> str:
     return str(fetch_released(entry)) if entry is not None else str(name_or_path)
 
 
-class ReleasedWeightsUnavailable(FileNotFoundError):
+class ReleasedWeightsUnavailable(CedError, FileNotFoundError):
     """A released file is in no cache and could not be downloaded."""
 
 
@@ -166,7 +168,7 @@ def fetch_released(entry: ReleasedWeights | str) -> Path:
     """The local file of a released checkpoint: from a cache, else downloaded once (Hub, then Zenodo)."""
     if isinstance(entry, str):
         if entry not in RELEASED:
-            raise ValueError(f"unknown released weights {entry!r}; choose one of {list_released()}")
+            raise ConfigError(f"unknown released weights {entry!r}; choose one of {list_released()}")
         entry = RELEASED[entry]
     cached = cached_released(entry)
     if cached is not None:
