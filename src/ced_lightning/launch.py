@@ -181,9 +181,12 @@ def command_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]
             _log_to_files(line)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 hydra_cfg = HydraConfig.get()
-                job = f"job {hydra_cfg.job.num} ({redact_text(' '.join(hydra_cfg.overrides.task))})"
-                print(f"{line} [{job}]", file=sys.stderr, flush=True)
-                raise MultirunJobFailed(f"{command}: error: {job} of the multirun failed (above)") from None
+                overrides = redact_text(" ".join(hydra_cfg.overrides.task))
+                print(f"{line} [job {hydra_cfg.job.num}: {overrides}]", file=sys.stderr, flush=True)
+                # Hydra prints this after the sweep, below the first failed job's overrides.
+                raise MultirunJobFailed(
+                    f"{command}: error: job {hydra_cfg.job.num} of the multirun failed (above)"
+                ) from None
             print(line, file=sys.stderr, flush=True)
             raise SystemExit(err.exit_code) from None
 
