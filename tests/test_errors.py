@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import command_env, run_command
 from omegaconf import OmegaConf
 
 from ced_lightning.config_checks import RULES, Rule, check_config
@@ -19,6 +18,7 @@ from ced_lightning.errors import CedError, CheckFailedError, ConfigError, InputE
 from ced_lightning.launch import error_line
 from ced_lightning.models import CheckpointLoadError
 from ced_lightning.store.lock import StoreLockedError, store_lock
+from conftest import command_env, run_command
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str], command: str) -> str:
