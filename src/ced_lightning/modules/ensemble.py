@@ -108,7 +108,7 @@ def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = 
                 raise TypeError(f"{name}: a teacher needs .front_end, .forward_spectrogram and .num_classes")
     counts = {name: int(t.num_classes) for name, t in zip(names, teachers, strict=True)}
     if len(set(counts.values())) > 1:
-        raise ValueError(
+        raise InputError(
             f"teachers predict different numbers of classes: {counts}; an ensemble needs one list"
         )
     return next(iter(counts.values()))
