@@ -134,6 +134,7 @@ def error_line(command: str, err: CedError) -> str:
     credentials redacted; on ranks > 0 of a DDP job the rank is named."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    message = message.removeprefix(f"{command}: ")  # messages that name their command (store locks)
     rank = global_rank()
     where = f"{command} (rank {rank})" if rank else command
     return redact_text(f"{where}: error: {message}")
