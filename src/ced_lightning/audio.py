@@ -22,6 +22,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from ced_lightning.errors import CedError
+
 SAMPLE_RATE = 16000
 INT16_SCALE = 32768.0  # int16 sample / INT16_SCALE = float sample in [-1, 1)
 # Every format the installed libsndfile decodes (wav, flac, ogg, mp3, aiff, caf, w64, ...), plus common
@@ -45,7 +47,7 @@ STREAM_BLOCK_FRAMES = 1 << 22
 RESAMPLE_CALL_SAMPLES = 1 << 18
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(CedError, ValueError):
     """A file that cannot become a usable 16 kHz mono waveform; the message names the file and why."""
 
 

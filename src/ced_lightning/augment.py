@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.errors import ConfigError
 from ced_lightning.rng import STREAMS, counter_uniform, stream_id
 
 # Reference grids the stored parameters are expressed on.
@@ -61,27 +62,27 @@ class AugmentRecipe:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shift_prob <= 1.0:
-            raise ValueError(f"augment.shift_prob must be in [0, 1], got {self.shift_prob}")
+            raise ConfigError(f"augment.shift_prob must be in [0, 1], got {self.shift_prob}")
         if not 0.0 <= self.shift_max <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.shift_max must be in [0, 1] (fraction of the clip), got {self.shift_max}"
             )
         for key in ("time_masks", "freq_masks"):
             value = getattr(self, key)
             if not 0 <= value < _MAX_MASKS:
-                raise ValueError(f"augment.{key} must be in [0, {_MAX_MASKS - 1}], got {value}")
+                raise ConfigError(f"augment.{key} must be in [0, {_MAX_MASKS - 1}], got {value}")
         if not 0 <= self.time_mask_frames <= np.iinfo(np.uint8).max:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.time_mask_frames must be in [0, 255] (stored as uint8), got {self.time_mask_frames}"
             )
         if not 0 <= self.freq_mask_bins <= REF_N_MELS:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.freq_mask_bins must be in [0, {REF_N_MELS}] (bands of the 64-band reference grid), "
                 f"got {self.freq_mask_bins}"
             )
         max_gain = np.iinfo(np.int8).max * GAIN_STEP_DB
         if not 0.0 <= self.gain_db <= max_gain:
-            raise ValueError(
+            raise ConfigError(
                 f"augment.gain_db must be in [0, {max_gain}] (stored as int8), got {self.gain_db}"
             )
 
@@ -94,13 +95,13 @@ class AugmentRecipe:
         known = {f.name: f.type for f in dataclass_fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown augment recipe key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown augment recipe key(s) {unknown}; known keys: {sorted(known)}")
         values: dict[str, Any] = {}
         for key, value in d.items():
             default = getattr(cls, key)
             if isinstance(default, int):
                 if isinstance(value, float) and not value.is_integer():
-                    raise ValueError(f"augment.{key} must be an integer, got {value}")
+                    raise ConfigError(f"augment.{key} must be an integer, got {value}")
                 values[key] = int(value)
             else:
                 values[key] = float(value)
@@ -149,7 +150,7 @@ def scale_to_clip(
     needs no scaling (`shift_max` is already a fraction of each clip's own length), nor do frequency masks and
     gain (no time extent)."""
     if clip_seconds <= 0 or reference_seconds <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"scaling augment to the clip needs clip_seconds > 0 and augment.reference_seconds > 0, got "
             f"{clip_seconds} and {reference_seconds}"
         )

@@ -14,6 +14,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ced_lightning.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 AVERAGED_CHECKPOINT = "averaged.ckpt"
@@ -114,7 +116,7 @@ class EpochLog(Callback):
 
     def __init__(self, when: str = "not_tty") -> None:
         if when not in self.WHEN:
-            raise ValueError(f"callbacks.epoch_log.when must be one of {list(self.WHEN)}, not {when!r}")
+            raise ConfigError(f"callbacks.epoch_log.when must be one of {list(self.WHEN)}, not {when!r}")
         self.when = when
         self._started = 0.0
         self._loss_sum: torch.Tensor | None = None

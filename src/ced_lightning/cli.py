@@ -78,7 +78,8 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    """`ced-predict`: returns the exit status (0 all tagged, 1 some files failed, 2 bad arguments)."""
+    """`ced-predict`: returns the exit status (0 all tagged, 1 some files failed or an input cannot be used,
+    2 bad arguments)."""
     parser = predict_parser()
     args = parser.parse_args(argv)
     if "windows" in args.outputs and not args.windows_output:
@@ -92,6 +93,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     )
     import torch
 
+    from ced_lightning.errors import CedError
+    from ced_lightning.launch import error_line, full_errors_wanted
     from ced_lightning.predict import predict_files
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -113,8 +116,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             quantize=args.quantize,
             progress_min_files=20 if sys.stderr.isatty() else sys.maxsize,
         )
-    except (ValueError, FileNotFoundError) as err:  # bad input, said before any work
-        parser.error(str(err))
+    except CedError as err:  # raised on purpose: one line, no traceback (HYDRA_FULL_ERROR=1 shows it)
+        if full_errors_wanted():
+            raise
+        print(error_line(parser.prog, err), file=sys.stderr)
+        return err.exit_code
     return 1 if failures else 0
 
 

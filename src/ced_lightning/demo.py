@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning import compose_inner, conf_dir
 from ced_lightning.data.demo import build_demo_stores
+from ced_lightning.errors import CheckFailedError, InputError
 from ced_lightning.extract import run_extract
 from ced_lightning.inputs import check_train_config
 from ced_lightning.launch import global_rank
@@ -96,7 +97,7 @@ def label_only_epochs(student_epochs: int, student_clips: int, labeled_clips: in
     student_steps = student_epochs * (student_clips // batch_size)
     labeled_batches = labeled_clips // batch_size
     if labeled_batches == 0:
-        raise ValueError(f"the labeled store has {labeled_clips} clips, fewer than one batch of {batch_size}")
+        raise InputError(f"the labeled store has {labeled_clips} clips, fewer than one batch of {batch_size}")
     return max(1, math.ceil(student_steps / labeled_batches))
 
 
@@ -212,7 +213,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
     metrics = train(teacher_cfg)
     best = Path(str(metrics.get("tested_checkpoint") or ""))
     if not best.is_file():
-        raise RuntimeError(f"teacher {member.name}: training produced no checkpoint in {run_dir}")
+        raise CheckFailedError(f"teacher {member.name}: training produced no checkpoint in {run_dir}")
     shutil.copyfile(best, member.checkpoint)
     summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
     Path(member.checkpoint).with_suffix(".json").write_text(json.dumps(summary, indent=2))

@@ -30,7 +30,9 @@ from torch import nn
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes, resolve_class_names
+from ced_lightning.launch import command_errors
 from ced_lightning.metrics import (
     chance_map,
     gain_over_chance,
@@ -48,7 +50,7 @@ def _open_labelled_store(store_url: str) -> Any:
 
     store = AudioStore.open(store_url)
     if not store.has_labels:
-        raise ValueError(f"store={store_url}: has no labels; evaluation needs a labelled store")
+        raise InputError(f"store={store_url}: has no labels; evaluation needs a labelled store")
     return store
 
 
@@ -59,7 +61,7 @@ def _store_class_names(
     from the model's (`what` names the model in the message: `ckpt=PATH`, `teacher=NAME`)."""
     store_classes = store.label_matrix().shape[1]
     if store_classes != num_classes:
-        raise ValueError(f"store={store_url} has {store_classes} classes but {what} predicts {num_classes}")
+        raise InputError(f"store={store_url} has {store_classes} classes but {what} predicts {num_classes}")
     store_names = list(store.class_names) if store.class_names is not None else None
     # Same count, different order or vocabulary: the numbers would be silently wrong.
     check_same_classes(
@@ -307,12 +309,12 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     teacher_cfg = cfg.get("teacher")
     # "???": also the default's value without a data group (`${oc.select:data.test,???}`).
     if OmegaConf.is_missing(cfg, "store") or cfg.get("store") in (None, "", "???"):
-        raise ValueError(
+        raise ConfigError(
             "store= is required: python -m ced_lightning.evaluate ckpt=PATH store=STORE "
             "(or teacher=NAME store=STORE for a teacher set, or data=custom data.root=DIR for its test store)"
         )
     if bool(cfg.get("ckpt")) == bool(teacher_cfg):
-        raise ValueError(
+        raise ConfigError(
             "give either ckpt=PATH (one model) or teacher=NAME (a teacher set, conf/teacher/NAME.yaml, e.g. "
             "teacher=demo, or teacher=ced 'teacher.checkpoints=[a.ckpt,b.ckpt]'), not "
             + ("both" if teacher_cfg else "neither")
@@ -352,6 +354,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="evaluate", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
     run_evaluate(cfg)
 

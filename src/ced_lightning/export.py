@@ -38,6 +38,8 @@ from torch import nn
 
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.errors import ConfigError, InputError, MissingDependencyError
+from ced_lightning.launch import command_errors
 from ced_lightning.models.ced import CED, LogMelFrontEnd, average_pieces
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class DftLogMel(nn.Module):
         mel, to_db = front_end[0], front_end[1]
         spectrogram = mel.spectrogram
         if spectrogram.power != 2.0 or spectrogram.normalized or spectrogram.pad:
-            raise ValueError("export supports the power-2, unnormalised, unpadded mel spectrogram of CED")
+            raise InputError("export supports the power-2, unnormalised, unpadded mel spectrogram of CED")
         self.n_fft = config.n_fft
         self.hop_length = config.hop_length
         self.center = config.center
@@ -121,7 +123,7 @@ class ExportableTagger(nn.Module):
     def __init__(self, model: nn.Module, input_kind: str = "waveform") -> None:
         super().__init__()
         if input_kind not in INPUT_KINDS:
-            raise ValueError(f"input={input_kind!r}: choose one of {list(INPUT_KINDS)}")
+            raise ConfigError(f"input={input_kind!r}: choose one of {list(INPUT_KINDS)}")
         self.input_kind = input_kind
         self.front_end = DftLogMel(model.front_end) if input_kind == "waveform" else None
         self.network = _SplitCED(model) if isinstance(model, CED) else _Spectrogram(model)
@@ -169,7 +171,7 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         # onnx's down-converter has no adapter for Pad below 18: refuse clearly rather than half-convert.
-        raise ValueError(
+        raise ConfigError(
             f"opset={opset}: the ONNX exporter writes opset {MIN_OPSET} or newer; use opset={MIN_OPSET}"
         )
     wrapper = ExportableTagger(model.float().cpu().eval(), input_kind).eval()
@@ -222,7 +224,7 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "onnxruntime is needed to run exported models: pip install 'ced-lightning[onnx]'"
         ) from err
     return onnxruntime
@@ -274,7 +276,7 @@ def quantize_onnx_int8(source: str | PathLike, output: str | PathLike) -> Path:
     graph = model.graph
     linear = set(linear_layer_nodes(model))
     if not linear:
-        raise ValueError(f"{source}: no linear layers (MatMul or Gemm with constant weights) to quantize")
+        raise InputError(f"{source}: no linear layers (MatMul or Gemm with constant weights) to quantize")
     # Named by exclusion: the quantizer splits a Gemm (the head) into a MatMul of a new name and an Add, so
     # a list of the nodes to quantize would miss it.
     others = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in linear]
@@ -307,12 +309,13 @@ def run_onnx(session, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndar
 
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="export", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
     from ced_lightning.models import load_checkpoint
 
     for key in ("ckpt", "output"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
-            raise ValueError(
+            raise ConfigError(
                 f"{key}= is required: python -m ced_lightning.export ckpt=PATH output=model.onnx"
             )
     torch.set_num_threads(os.cpu_count() or 1)
@@ -321,7 +324,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     quantize = cfg.get("quantize")
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize={quantize!r}: choose null (float32) or int8")
+        raise ConfigError(f"quantize={quantize!r}: choose null (float32) or int8")
     model = load_checkpoint(cfg.ckpt).model
     if quantize is None:
         path = export_onnx(model, cfg.output, input_kind=str(cfg.input), opset=int(cfg.opset))

@@ -37,6 +37,7 @@ from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.data.segments import SegmentTable, segment_table
+from ced_lightning.errors import CedError, CheckFailedError, ConfigError
 from ced_lightning.evaluate import (
     MIN_GAIN_OVER_CHANCE,
     evaluate_teachers,
@@ -44,7 +45,7 @@ from ced_lightning.evaluate import (
     weak_teachers,
 )
 from ced_lightning.labels import class_list_difference, resolve_class_names
-from ced_lightning.launch import global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks
+from ced_lightning.launch import command_errors, global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
@@ -160,7 +161,7 @@ def teacher_precision(cfg: DictConfig) -> str:
 def clip_samples(cfg: DictConfig) -> int:
     samples = round(float(cfg.clip_seconds) * SAMPLE_RATE)
     if samples < 1:
-        raise ValueError(f"clip_seconds must be > 0, got {cfg.clip_seconds}")
+        raise ConfigError(f"clip_seconds must be > 0, got {cfg.clip_seconds}")
     return samples
 
 
@@ -171,7 +172,7 @@ def segment_samples(cfg: DictConfig) -> int:
         return clip_samples(cfg)
     samples = round(float(seconds) * SAMPLE_RATE)
     if not 1 <= samples <= clip_samples(cfg):
-        raise ValueError(
+        raise ConfigError(
             f"segment_seconds must be > 0 and at most clip_seconds ({cfg.clip_seconds}: the teachers' "
             f"input), got {seconds}"
         )
@@ -189,7 +190,7 @@ def _store_class_names(
     return resolve_class_names(num_classes, teacher_names, audio.class_names, placeholders=False)
 
 
-class WeakTeachersError(RuntimeError):
+class WeakTeachersError(CedError, RuntimeError):
     """`teacher_check` found teachers near chance on the labelled store, and `allow_weak_teachers` is off."""
 
 
@@ -244,7 +245,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     Raises StoreLockedError when another run writes the store, `verify.VerificationError` when `verify` fails.
     """
     if cfg.get("output") in (None, "", "???"):
-        raise ValueError("output=PATH is required: where the logit store goes")
+        raise ConfigError("output=PATH is required: where the logit store goes")
     apply_storage_options(cfg.get("storage_options"))
     # One writer per store: the launching process (rank 0) holds the lock for the whole job; the ranks it
     # or a cluster launcher started work under it.
@@ -304,7 +305,9 @@ def _extract(cfg: DictConfig) -> LogitStore:
 
     store = LogitStore.open(store.url)
     if cfg.get("limit_blocks") is None and not store.is_complete():
-        raise RuntimeError(f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction")
+        raise CheckFailedError(
+            f"{store.url}: blocks {store.missing_blocks()} are still missing after extraction"
+        )
     stats = extraction_stats(store, audio, clips, seconds, trainer, segments=len(rows))
     if quality is not None:
         stats["teacher_check"] = quality
@@ -392,6 +395,7 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
     quiet_non_zero_ranks()
     prepare_ddp_relaunch()

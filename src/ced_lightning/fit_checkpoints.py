@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
 from ced_lightning.callbacks import AverageBestCheckpoints
+from ced_lightning.errors import ConfigError, MissingInputError
 from ced_lightning.launch import check_multirun_ddp
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,15 @@ def check_run_options(cfg: DictConfig) -> None:
     """The train config's own switches (the checkpoint options, and the multirun guard of `launch`),
     checked before anything long starts (a typo found after a fit of hours loses the test of it)."""
     if cfg.test_ckpt not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {cfg.test_ckpt!r}")
+        raise ConfigError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {cfg.test_ckpt!r}")
     ckpt_path = cfg.get("ckpt_path")
     if cfg.test and not cfg.train and not ckpt_path:
-        raise ValueError(
+        raise ConfigError(
             "train=false test=true tests the weights of ckpt_path, but ckpt_path is null (that would test "
             "untrained weights): set ckpt_path=<run>/checkpoints/averaged.ckpt (or a best/last checkpoint)"
         )
     if _local_checkpoint_file(ckpt_path) and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        raise MissingInputError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     check_multirun_ddp(cfg)
 
 
@@ -82,6 +83,6 @@ def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
             return str(averaged)
         which = "best"
     if which not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {which!r}")
+        raise ConfigError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {which!r}")
     path = checkpoint_cb.best_model_path if which == "best" else checkpoint_cb.last_model_path
     return path or None

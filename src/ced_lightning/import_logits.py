@@ -17,7 +17,6 @@ source, audio store or quantization is refused.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
@@ -28,7 +27,9 @@ from omegaconf import DictConfig
 from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentParams
+from ced_lightning.errors import ConfigError
 from ced_lightning.labels import audioset_classes, class_list_difference, resolve_class_names
+from ced_lightning.launch import command_errors
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
 from ced_lightning.quantize import KINDS
 from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
@@ -44,7 +45,7 @@ from ced_lightning.store.legacy import (
     source_digest,
     validate_rows,
 )
-from ced_lightning.store.lock import StoreLockedError, store_lock
+from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import HAS_TARGETS, LogitStore
 from ced_lightning.store.remote import redact_url
 
@@ -152,10 +153,10 @@ def run_import(cfg: DictConfig) -> LogitStore:
     """Import (or finish importing) `cfg.source` into the logit store `cfg.output`; returns it."""
     for key in ("source", "audio_store", "output"):
         if cfg.get(key) in (None, "", "???"):
-            raise ValueError(f"{key}=... is required (python -m ced_lightning.import_logits --help)")
+            raise ConfigError(f"{key}=... is required (python -m ced_lightning.import_logits --help)")
     quantization = str(cfg.quantization)
     if quantization not in KINDS:
-        raise ValueError(f"quantization must be one of {list(KINDS)}, not {quantization!r}")
+        raise ConfigError(f"quantization must be one of {list(KINDS)}, not {quantization!r}")
     with store_lock(str(cfg.output), "import_logits"):
         return _import(cfg, quantization)
 
@@ -310,12 +311,9 @@ def report(store: LogitStore, stats: dict[str, Any]) -> None:
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="import_logits", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        run_import(cfg)
-    except (LegacyImportError, StoreLockedError, ValueError, FileNotFoundError, FileExistsError) as err:
-        log.error("%s", err)
-        sys.exit(1)
+    run_import(cfg)
 
 
 if __name__ == "__main__":

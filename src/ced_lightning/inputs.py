@@ -9,6 +9,7 @@ import importlib.util
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ced_lightning.errors import ConfigError, MissingDependencyError, MissingInputError
 from ced_lightning.fit_checkpoints import check_run_options
 from ced_lightning.store import store_exists
 from ced_lightning.store.concat import store_urls
@@ -33,7 +34,7 @@ def ensure_inputs(cfg: DictConfig) -> None:
         for k, url in enumerate(urls):
             name = key if len(urls) == 1 else f"{key}[{k}]"
             if url and not store_exists(url):
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{name}: no store at {url}. Build it with: {_build_command(key, url, cfg)}"
                 )
 
@@ -53,7 +54,7 @@ def _refuse_augment_overrides(cfg: DictConfig) -> None:
         if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0] == "augment"
     ]
     if overrides:
-        raise ValueError(
+        raise ConfigError(
             f"task={cfg.task.name} takes its augmentation from the logit store {cfg.data.logits} (the "
             f"teachers' recipe, replayed exactly), so {' '.join(overrides)} would change nothing. Another "
             "augmentation needs another logit store: python -m ced_lightning.extract ... "
@@ -76,4 +77,6 @@ def _check_optimizer(cfg: DictConfig) -> None:
     target = str(cfg.optim.optimizer.get("_target_", ""))
     module = target.split(".", 1)[0]
     if module and importlib.util.find_spec(module) is None:
-        raise ImportError(f"optim.optimizer._target_={target} needs {module!r}: pip install {module}")
+        raise MissingDependencyError(
+            f"optim.optimizer._target_={target} needs {module!r}: pip install {module}"
+        )

@@ -13,6 +13,7 @@ from os import PathLike
 import fsspec
 
 from ced_lightning import resources_dir
+from ced_lightning.errors import InputError
 
 AUDIOSET_CLASS_LABELS = resources_dir() / "class_labels_indices.csv"
 
@@ -34,10 +35,10 @@ def read_class_labels(path: str | PathLike = AUDIOSET_CLASS_LABELS) -> ClassList
     with fsspec.open(str(path), "r", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected a CSV with columns index,mid,display_name")
+        raise InputError(f"{path}: expected a CSV with columns index,mid,display_name")
     rows.sort(key=lambda row: int(row["index"]))
     if [int(row["index"]) for row in rows] != list(range(len(rows))):
-        raise ValueError(f"{path}: class indices must be 0..{len(rows) - 1} without gaps")
+        raise InputError(f"{path}: class indices must be 0..{len(rows) - 1} without gaps")
     return ClassList(tuple(row["mid"] for row in rows), tuple(row["display_name"] for row in rows))
 
 
@@ -62,7 +63,7 @@ def resolve_class_names(
     """
     if checkpoint_names is not None:
         if len(checkpoint_names) != num_classes:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint class_names has {len(checkpoint_names)} entries but the model has {num_classes}"
             )
         return list(checkpoint_names)
@@ -123,4 +124,4 @@ def check_same_classes(
         first, second, sources=sources, counts=counts, unnamed_matches=unnamed_matches
     )
     if difference is not None:
-        raise ValueError(f"{message} ({difference})" + (f"; {advice}" if advice else ""))
+        raise InputError(f"{message} ({difference})" + (f"; {advice}" if advice else ""))

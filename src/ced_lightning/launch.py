@@ -1,18 +1,28 @@
 """How this process was launched and where it stands among the ranks: its rank (torchrun, SLURM's srun,
 Lightning's DDP launcher), the re-execution of ranks > 0 under Hydra, how many processes a trainer config
-asks for, and the guard against a multirun whose jobs would each start DDP processes. Builds no Trainer."""
+asks for, the guard against a multirun whose jobs would each start DDP processes, and how a command ends on
+an error raised on purpose (`command_errors`: one line, no traceback). Builds no Trainer."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
+
+from ced_lightning.config_checks import RULES, check_config
+from ced_lightning.errors import CedError, ConfigError
+from ced_lightning.store.remote import redact_text
+
+T = TypeVar("T")
 
 
 def global_rank() -> int:
@@ -103,7 +113,7 @@ def check_multirun_ddp(cfg: DictConfig) -> None:
         return
     processes = requested_processes(cfg.trainer)
     if processes > 1 and not launched_externally():
-        raise ValueError(
+        raise ConfigError(
             f"a multirun (-m, hydra.mode=MULTIRUN, hparams_search) cannot train with trainer.devices="
             f"{cfg.trainer.get('devices')} x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)} "
             f"({processes} processes): Lightning starts the DDP processes of the first job only, and the "
@@ -111,3 +121,74 @@ def check_multirun_ddp(cfg: DictConfig) -> None:
             "without -m), or a Hydra launcher plugin that starts every job in a fresh process "
             "(e.g. hydra/launcher=submitit_slurm), or train each job on one device (trainer.devices=1)."
         )
+
+
+def full_errors_wanted() -> bool:
+    """HYDRA_FULL_ERROR=1: errors raised on purpose show their traceback too (Hydra's own switch, honoured
+    by every command, ced-predict included)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def error_line(command: str, err: CedError) -> str:
+    """`<command>: error: <message>` in one line (a message's further lines joined with "; "), with URL
+    credentials redacted; on ranks > 0 of a DDP job the rank is named."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    message = message.removeprefix(f"{command}: ")  # messages that name their command (store locks)
+    rank = global_rank()
+    where = f"{command} (rank {rank})" if rank else command
+    return redact_text(f"{where}: error: {message}")
+
+
+def _log_to_files(line: str) -> None:
+    """The error line in the run's log file too (the console gets it once, on stderr)."""
+    record = logging.LogRecord("ced_lightning", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _command_name(task: Callable) -> str:
+    """`train` for ced_lightning.train's task, also where it runs as `python -m` (module `__main__`)."""
+    module = task.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return module.rsplit(".", 1)[-1]
+
+
+class MultirunJobFailed(CompactHydraException):
+    """What a failed job of a multirun leaves Hydra to report after the sweep: one line, no traceback."""
+
+
+def command_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Put between `@hydra.main` and a command's task function. The config's values are checked first
+    (`config_checks.RULES` of the command named by the task's module). A `CedError` ends the command with its
+    message in one line on stderr and the error's exit status (2: a config value, 1: anything else), not with
+    Hydra's traceback. Other exceptions are bugs and keep their traceback; HYDRA_FULL_ERROR=1 shows it for
+    every error. In a multirun each failed job prints its line as it fails, the other jobs still run, and
+    Hydra ends the sweep with exit status 1 naming the first failed job."""
+
+    @functools.wraps(task)
+    def run(cfg: DictConfig) -> T:
+        command = _command_name(task)
+        try:
+            check_config(cfg, RULES.get(command, {}))
+            return task(cfg)
+        except CedError as err:
+            if full_errors_wanted():
+                raise
+            line = error_line(command, err)
+            _log_to_files(line)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                hydra_cfg = HydraConfig.get()
+                overrides = redact_text(" ".join(hydra_cfg.overrides.task))
+                print(f"{line} [job {hydra_cfg.job.num}: {overrides}]", file=sys.stderr, flush=True)
+                # Hydra prints this after the sweep, below the first failed job's overrides.
+                raise MultirunJobFailed(
+                    f"{command}: error: job {hydra_cfg.job.num} of the multirun failed (above)"
+                ) from None
+            print(line, file=sys.stderr, flush=True)
+            raise SystemExit(err.exit_code) from None
+
+    return run

@@ -9,6 +9,7 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
+from ced_lightning.errors import ConfigError
 from ced_lightning.rng import counter_uniform, stream_id
 
 DistillLoss = Literal["kl", "bce"]
@@ -60,7 +61,7 @@ def distill_loss(
         return bernoulli_kl(student_logits, teacher_probs, temperature)
     if kind == "bce":
         return soft_bce(student_logits, teacher_probs, temperature)
-    raise ValueError(f"distill.loss must be 'kl' or 'bce', not {kind!r}")
+    raise ConfigError(f"distill.loss must be 'kl' or 'bce', not {kind!r}")
 
 
 def mixup_lambda(uniform: np.ndarray, alpha: float) -> np.ndarray:

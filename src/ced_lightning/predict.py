@@ -40,7 +40,9 @@ import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
 from ced_lightning.data.batching import pad_batch
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
+from ced_lightning.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.labels import resolve_class_names
+from ced_lightning.launch import command_errors
 from ced_lightning.models.ced import PIECE_AVERAGES
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
         elif os.path.lexists(path):  # a symlink loop or dangling link too: its failure will say which
             files.append(path)
         else:
-            raise FileNotFoundError(f"inputs: {path} does not exist")
+            raise MissingInputError(f"inputs: {path} does not exist")
     return files
 
 
@@ -169,7 +171,7 @@ class PieceAverage:
 
     def __init__(self, how: str = "probability") -> None:
         if how not in PIECE_AVERAGES:
-            raise ValueError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
+            raise ConfigError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
         self.how, self.count = how, 0
         self.first: torch.Tensor | None = None
         self.positive: torch.Tensor | None = None  # logsumexp log p, or the sum of logits
@@ -261,7 +263,7 @@ def check_table_suffix(path: str | PathLike, key: str) -> str:
         return "jsonl"
     if suffix == ".csv":
         return "csv"
-    raise ValueError(f"{key}={path}: use a .jsonl or .csv file name")
+    raise ConfigError(f"{key}={path}: use a .jsonl or .csv file name")
 
 
 CSV_COLUMNS = ["file", "start_s", "end_s", "rank", "index", "name", "probability"]
@@ -380,7 +382,7 @@ class EmbeddingsWriter(_Sink):
 
     def __init__(self, path: str | PathLike, embeddings_format: str = "npy") -> None:
         if embeddings_format not in EMBEDDINGS_FORMATS:
-            raise ValueError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
+            raise ConfigError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
         self.format, self.path = embeddings_format, str(path)
         self.open: dict[int, Any] = {}
         if embeddings_format == "npy":
@@ -624,9 +626,9 @@ def check_windows(segment_seconds: float | None, hop_seconds: float | None, batc
     """The window and batch settings, checked before anything is loaded."""
     for key, value in (("segment_seconds", segment_seconds), ("hop_seconds", hop_seconds)):
         if value is not None and value <= 0:
-            raise ValueError(f"{key} must be > 0 (or null: the default), got {value}")
+            raise ConfigError(f"{key} must be > 0 (or null: the default), got {value}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def tag_files(
@@ -658,10 +660,10 @@ def tag_files(
     file is finished.
     """
     if len(class_names) != int(model.num_classes):
-        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
+        raise InputError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
     check_windows(segment_seconds, hop_seconds, batch_size)
     if embeddings and not hasattr(model, "forward_and_embed"):
-        raise ValueError(
+        raise ConfigError(
             f"outputs=embeddings: {type(model).__name__} has no forward_and_embed (CED and timm taggers do)"
         )
     if segment_seconds is None:
@@ -755,32 +757,32 @@ def predict_files(
     from ced_lightning.models import QUANTIZE_CHOICES, apply_quantization, load_checkpoint
 
     if not inputs:
-        raise ValueError("inputs=[FILE_OR_DIR,...] is required")
+        raise ConfigError("inputs=[FILE_OR_DIR,...] is required")
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
-        raise ValueError(f"outputs={list(outputs)}: unknown {unknown}; choose from {list(OUTPUTS)}")
+        raise ConfigError(f"outputs={list(outputs)}: unknown {unknown}; choose from {list(OUTPUTS)}")
     if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+        raise ConfigError(f"topk must be >= 1, got {topk}")
     to_stdout = output is not None and str(output) == "-"
     if "tags" in outputs and output and not to_stdout:
         check_table_suffix(output, "output")
     if "windows" in outputs:
         if not windows_output:
-            raise ValueError("outputs=[...,windows]: set windows_output=FILE.csv (or .jsonl)")
+            raise ConfigError("outputs=[...,windows]: set windows_output=FILE.csv (or .jsonl)")
         check_table_suffix(windows_output, "windows_output")
     if "embeddings" in outputs:
         if not embeddings_output:
-            raise ValueError("outputs=[...,embeddings]: set embeddings_output=FOLDER (npy) or STORE (zarr)")
+            raise ConfigError("outputs=[...,embeddings]: set embeddings_output=FOLDER (npy) or STORE (zarr)")
         if embeddings_format not in EMBEDDINGS_FORMATS:
-            raise ValueError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
+            raise ConfigError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
 
     if quantize is not None:
         if quantize not in QUANTIZE_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"quantize={quantize!r}: choose null (float32) or one of {list(QUANTIZE_CHOICES)}"
             )
         if device not in ("auto", "cpu"):
-            raise ValueError(f"quantize={quantize} runs on the CPU only (device={device}): use device=cpu")
+            raise ConfigError(f"quantize={quantize} runs on the CPU only (device={device}): use device=cpu")
         device = "cpu"
 
     check_windows(segment_seconds, hop_seconds, batch_size)
@@ -853,7 +855,7 @@ def predict_files(
 def predict(cfg: DictConfig) -> list[Failure]:
     """The `predict` command without Hydra's wrapper: tag, write, plot; returns the failures."""
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
-        raise ValueError(
+        raise ConfigError(
             "ckpt=PATH is required (a .ckpt of ours, a save_ced file, a released CED .pt or name)"
         )
     inputs = cfg.get("inputs")
@@ -863,13 +865,13 @@ def predict(cfg: DictConfig) -> list[Failure]:
     if isinstance(outputs, str):
         outputs = [outputs]
     if cfg.get("timeline") is not None:
-        raise ValueError(
+        raise ConfigError(
             "timeline= is gone: per-window tags are outputs=[tags,windows] with windows_output=FILE.csv, "
             "their charts timeline_dir=FOLDER; segment_seconds/hop_seconds set the windows, and the clip "
             "tags now combine them (docs/using_models.md, 'Streaming')"
         )
     if str(cfg.get("output")) == "-":
-        raise ValueError(
+        raise ConfigError(
             "output=-: this command logs to stdout too; for JSON lines on stdout use ced-predict --output -"
         )
     hop, segment = cfg.get("hop_seconds"), cfg.get("segment_seconds")
@@ -894,6 +896,7 @@ def predict(cfg: DictConfig) -> list[Failure]:
 
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="predict", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if predict(cfg):

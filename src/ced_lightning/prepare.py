@@ -38,7 +38,9 @@ from ced_lightning.audio import (
     load_audio,
 )
 from ced_lightning.data.sources import SourceItem, read_source
+from ced_lightning.errors import CedError, ConfigError
 from ced_lightning.labels import ClassList
+from ced_lightning.launch import command_errors
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import (
     DEFAULT_CHUNK_SAMPLES,
@@ -52,7 +54,7 @@ from ced_lightning.store.remote import apply_storage_options, redact_config, red
 log = logging.getLogger(__name__)
 
 
-class PrepareError(RuntimeError):
+class PrepareError(CedError, RuntimeError):
     """`strict=true` and some inputs failed (the store is still complete, with its failures report)."""
 
 
@@ -83,7 +85,7 @@ def _pool_context() -> Any:
     return get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
 
 
-class DecoderDiedError(RuntimeError):
+class DecoderDiedError(CedError, RuntimeError):
     """A file's decoding process died (killed by a signal, e.g. the out-of-memory killer), also when retried
     alone; the message names the file."""
 
@@ -327,7 +329,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     """The whole command for a config; returns one summary per store written."""
     if not cfg.get("output"):
-        raise ValueError(
+        raise ConfigError(
             "output: where to write the store (demo: the folder for train/val/test.zarr) is required"
         )
     apply_storage_options(cfg.get("storage_options"))
@@ -351,9 +353,9 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             print_summary(summary)
         return summaries
     if cfg.source != "files":
-        raise ValueError(f"source={cfg.source!r}: expected `files` (with input=...) or `demo`")
+        raise ConfigError(f"source={cfg.source!r}: expected `files` (with input=...) or `demo`")
     if not cfg.get("input"):
-        raise ValueError("input: an audio directory, a file list, or AudioSet segment CSV(s) is required")
+        raise ConfigError("input: an audio directory, a file list, or AudioSet segment CSV(s) is required")
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
     sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
     log.info("%s input: %d files", sources.kind, len(sources.items))
@@ -390,12 +392,9 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        run_prepare(cfg)
-    except (PrepareError, DecoderDiedError, ValueError, FileNotFoundError, FileExistsError) as err:
-        log.error("%s", err)
-        sys.exit(1)
+    run_prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ced_lightning.errors import ConfigError, InputError
+
 QuantizationKind = Literal["float16", "int8"]
 KINDS: tuple[str, ...] = ("float16", "int8")
 
@@ -29,7 +31,7 @@ INT8_LEVELS = 255
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"quantization must be one of {list(KINDS)}, not {kind!r}")
+        raise ConfigError(f"quantization must be one of {list(KINDS)}, not {kind!r}")
 
 
 def stored_dtype(kind: str) -> np.dtype:
@@ -45,7 +47,7 @@ def quantize(probs: np.ndarray | torch.Tensor, kind: str) -> np.ndarray:
         probs = probs.detach().float().cpu().numpy()
     p = np.asarray(probs, dtype=np.float32)
     if p.size and not np.isfinite(p).all():
-        raise ValueError("cannot quantize non-finite probabilities (did a teacher produce NaN logits?)")
+        raise InputError("cannot quantize non-finite probabilities (did a teacher produce NaN logits?)")
     # Teachers' sigmoid outputs are in [0, 1]; clipping guards against averaging round-off only.
     p = np.clip(p, 0.0, 1.0)
     if kind == "float16":

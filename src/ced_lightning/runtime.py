@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ced_lightning.errors import CedError
 from ced_lightning.launch import global_rank, on_gpu
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def finish_task(cfg: DictConfig) -> Iterator[None]:
-    """Always close the W&B run, also when the job fails, so that the next job of a multirun starts clean."""
+    """Always close the W&B run, also when the job fails, so that the next job of a multirun starts clean.
+    A bug's traceback goes to the log with the run's folder."""
     try:
         yield
+    except CedError:  # raised on purpose: the command reports it in one line (launch.command_errors)
+        raise
     except Exception:
         log.exception("task failed; its output folder: %s", cfg.paths.get("output_dir", "?"))
         raise

@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from ced_lightning.errors import ConfigError
+
 TargetFill = Literal["zero", "last_mean"]
 
 
@@ -29,5 +31,5 @@ def rebuild_targets(
         rest = probs.min(dim=-1, keepdim=True).values / (num_classes - k)
         base = rest.expand(*probs.shape[:-1], num_classes).clone()
     else:
-        raise ValueError(f"distill.target_fill must be 'zero' or 'last_mean', not {fill!r}")
+        raise ConfigError(f"distill.target_fill must be 'zero' or 'last_mean', not {fill!r}")
     return base.scatter_(-1, indices.long(), probs)

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from ced_lightning.errors import ConfigError, MissingInputError
 from ced_lightning.labels import check_same_classes
 from ced_lightning.models import load_checkpoint
 from ced_lightning.models.released import released_entry
@@ -66,7 +67,7 @@ def check_unique_names(members: list[dict[str, Any]]) -> None:
             for name, m in zip(suggested, members, strict=True)
         )
         advice = f"give each teacher its own name: 'teacher.members=[{entries}]'"
-    raise ValueError(f"teacher names must be unique; {listing}: {advice}")
+    raise ConfigError(f"teacher names must be unique; {listing}: {advice}")
 
 
 def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
@@ -80,7 +81,7 @@ def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
         check_unique_names(out)
         return out
     if not members:
-        raise ValueError(
+        raise ConfigError(
             "the teacher config has neither `members` nor `checkpoints`: give e.g. teacher=ced "
             "'teacher.checkpoints=[a.pt,b.pt]' or a conf/teacher/<name>.yaml with members"
         )
@@ -90,7 +91,7 @@ def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
             OmegaConf.to_container(member, resolve=True) if isinstance(member, DictConfig) else dict(member)
         )
         if "checkpoint" not in member and "_target_" not in member:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher.members[{i}] needs `checkpoint: PATH` or `_target_: CLASS` (got {member})"
             )
         member.setdefault("name", Path(str(member.get("checkpoint", f"member{i}"))).stem)
@@ -109,7 +110,7 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
             if released_entry(path) is None and not fsspec.core.url_to_fs(path)[0].exists(
                 fsspec.core.url_to_fs(path)[1]
             ):
-                raise FileNotFoundError(f"teacher {member['name']}: no checkpoint at {path}")
+                raise MissingInputError(f"teacher {member['name']}: no checkpoint at {path}")
             loaded = load_checkpoint(path, sha256=True)  # the store records the teacher's weights
             model = loaded.model
             if loaded.class_names:

@@ -22,9 +22,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
+from ced_lightning.errors import ConfigError
 from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
 from ced_lightning.inputs import ensure_inputs
-from ced_lightning.launch import prepare_ddp_relaunch, quiet_non_zero_ranks
+from ced_lightning.launch import command_errors, prepare_ddp_relaunch, quiet_non_zero_ranks
 from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
 from ced_lightning.runtime import (
     build_callbacks,
@@ -96,7 +97,7 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
     init_from = model_cfg.pop("init_from", None)
     init_strict = bool(model_cfg.pop("init_strict", True))
     if model_cfg.get("num_classes") not in (None, num_classes):
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes; "
             "leave model.num_classes unset (null)"
         )
@@ -104,7 +105,9 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
     network = instantiate(model_cfg)
     if init_from:
         if not isinstance(network, CED):
-            raise ValueError("model.init_from loads CED or MAE-pretrained CED weights; this model is not CED")
+            raise ConfigError(
+                "model.init_from loads CED or MAE-pretrained CED weights; this model is not CED"
+            )
         try:
             load_matching_weights(network, init_from, strict=init_strict)
         except ReleasedWeightsUnavailable as err:
@@ -128,10 +131,11 @@ def entry_point(cfg: DictConfig) -> Callable[[DictConfig], dict[str, Any]]:
     try:
         return get_method(name)
     except (ImportError, ValueError) as error:
-        raise ValueError(f"data.entry={name}: not a function this Python can import ({error})") from error
+        raise ConfigError(f"data.entry={name}: not a function this Python can import ({error})") from error
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+@command_errors
 def main(cfg: DictConfig) -> float | None:
     quiet_non_zero_ranks()
     prepare_ddp_relaunch()

@@ -18,6 +18,7 @@ from torch import nn
 from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.augment import front_end_sources
 from ced_lightning.data.segments import read_segments
+from ced_lightning.errors import CedError
 from ced_lightning.modules.ensemble import ensemble_probabilities
 from ced_lightning.quantize import max_abs_error
 from ced_lightning.store.audio import AudioStore
@@ -29,7 +30,7 @@ from ced_lightning.store.remote import redact_url
 REPLAY_SLACK = {False: 1e-4, True: 2e-2}
 
 
-class VerificationError(RuntimeError):
+class VerificationError(CedError, RuntimeError):
     """`verify=N` found stored probabilities that the teachers do not reproduce."""
 
 

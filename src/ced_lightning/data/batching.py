@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ced_lightning.audio import pack_clips
+from ced_lightning.errors import ConfigError
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int, tolerance: int = 0) -> list[list[int]]:
@@ -23,7 +24,7 @@ def batches_by_length(lengths: Sequence[int], batch_size: int, tolerance: int = 
     exactly one length and needs no padding.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     for i in order:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16
+from ced_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +200,11 @@ def generate_demo_clip(
 ) -> tuple[np.ndarray, list[int]]:
     """Clip `index` of the demo for `seed`: (float32 waveform at 16 kHz, sorted class indices)."""
     if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, not {seed}, {index}")
+        raise ConfigError(f"seed and index must be non-negative, not {seed}, {index}")
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     n = round(clip_seconds * _SR)
     if n < _SR // 4:
-        raise ValueError(f"clip_seconds={clip_seconds}: demo clips need at least 0.25 s")
+        raise ConfigError(f"clip_seconds={clip_seconds}: demo clips need at least 0.25 s")
     count = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
     classes = sorted(int(c) for c in rng.choice(len(DEMO_CLASSES), size=count, replace=False))
     mix = np.zeros(n)
@@ -262,14 +263,14 @@ def build_demo_stores(
     if "://" not in root:
         Path(root).mkdir(parents=True, exist_ok=True)
     if unlabeled is not None and unlabeled < 0:
-        raise ValueError(f"demo.unlabeled={unlabeled}: the unlabeled pool's clip count cannot be negative")
+        raise ConfigError(f"demo.unlabeled={unlabeled}: the unlabeled pool's clip count cannot be negative")
     urls: dict[str, str] = {}
     stores = [("train", train), ("val", val), ("test", test)] + (
         [("distill", train)] if unlabeled is not None else []
     )
     for split, count in stores:
         if count <= 0:
-            raise ValueError(f"demo.{split}={count}: each split needs at least one clip")
+            raise ConfigError(f"demo.{split}={count}: each split needs at least one clip")
         url = f"{root}/{split}.zarr"
         config = {
             "generator_version": GENERATOR_VERSION,

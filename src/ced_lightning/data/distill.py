@@ -18,6 +18,7 @@ from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes
 from ced_lightning.losses import sample_mixup_lambda
 from ced_lightning.rng import FRESH_AUGMENT_SEED_OFFSET
@@ -132,7 +133,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.seed = seed
         self.consistent = consistent
         if inconsistent_shift not in ("fresh", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"distill.inconsistent_shift must be 'fresh' or 'none', got {inconsistent_shift!r}"
             )
         self.inconsistent_shift = inconsistent_shift
@@ -143,7 +144,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         self.logits = LogitStore.open(self.logits_url)
         check_logits_match_audio(self.logits, self.audio, self.logits_url, self.train_url)
         if with_labels and not self.audio.has_labels:
-            raise ValueError(f"distill.label_weight > 0 needs labels, but {self.train_url} has none")
+            raise InputError(f"distill.label_weight > 0 needs labels, but {self.train_url} has none")
         self.eval_data = LabeledDataModule(
             train=None,
             val=val,
@@ -239,7 +240,7 @@ def check_logits_match_audio(
         listed = f"[{','.join(source)}]" if isinstance(source, list) else None
         argument = f"'audio_store={listed}'" if listed else f"audio_store={source}"
         which = describe_source_mismatch(logits.audio_sources, audio)
-        raise ValueError(
+        raise InputError(
             f"logit store {logits_url} was made from another audio store than {audio_url} "
             f"(fingerprint {logits.audio_fingerprint}, {logits.num_clips} clips; the audio store has "
             f"{audio.fingerprint}, {len(audio)} clips{'; ' + which if which else ''}). Rebuild it: "

@@ -15,6 +15,7 @@ from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes
 from ced_lightning.store import AudioStore
 from ced_lightning.store.concat import open_audio, store_urls
@@ -70,7 +71,7 @@ class EqualLengthBatches(Sampler[list[int]]):
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         if len(lengths) < world_size:
-            raise ValueError(f"{len(lengths)} clips cannot give each of {world_size} ranks a batch")
+            raise InputError(f"{len(lengths)} clips cannot give each of {world_size} ranks a batch")
         batches = batches_by_length([int(n) for n in lengths], batch_size)
         while len(batches) < world_size:
             i = max(range(len(batches)), key=lambda b: len(batches[b]))
@@ -154,7 +155,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         first_url, first = named[0]
         for url, store in named:
             if not store.has_labels:
-                raise ValueError(f"{url}: this audio store has no labels; training and evaluation need them")
+                raise InputError(f"{url}: this audio store has no labels; training and evaluation need them")
             check_same_classes(
                 store.class_names,
                 first.class_names,
@@ -175,7 +176,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
     def num_classes(self) -> int:
         ref = self._reference
         if ref is None or ref.num_classes is None:
-            raise ValueError("no labeled store configured (data.train / data.val / data.test)")
+            raise ConfigError("no labeled store configured (data.train / data.val / data.test)")
         return int(ref.num_classes)
 
     @property
@@ -192,7 +193,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_store is None:
-            raise ValueError("data.train is not set")
+            raise ConfigError("data.train is not set")
         rank, world = self._rank_world()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         stream = ClipBatchStream(
@@ -214,7 +215,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         dataset = ClipDataset(stores, self.num_classes)
         rank, world = self._rank_world()
         if len(dataset) < world:
-            raise ValueError(
+            raise InputError(
                 f"{', '.join(s.url for s in stores)}: {len(dataset)} evaluation clips for {world} processes "
                 "(trainer.devices x trainer.num_nodes); every process needs at least one. Evaluate with "
                 "fewer devices or on a larger store"

@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ced_lightning.errors import ConfigError
+
 
 class SegmentReadable(Protocol):
     """What segment reads need of an audio store (or a view over several)."""
@@ -54,7 +56,7 @@ class SegmentTable:
                 f"segment lengths {self.length.shape} must be >= 1, one per row {self.clip.shape}"
             )
         if self.segment_samples < 1:
-            raise ValueError(f"segment length must be >= 1 sample, got {self.segment_samples}")
+            raise ConfigError(f"segment length must be >= 1 sample, got {self.segment_samples}")
 
     def __len__(self) -> int:
         return len(self.clip)
@@ -101,7 +103,7 @@ class SegmentTable:
 def segment_counts(lengths: np.ndarray, segment_samples: int) -> np.ndarray:
     """Segments per clip under the rule (module docstring): int64 `[N]`, at least 1 each."""
     if segment_samples < 1:
-        raise ValueError(f"segment length must be >= 1 sample, got {segment_samples}")
+        raise ConfigError(f"segment length must be >= 1 sample, got {segment_samples}")
     lengths = np.asarray(lengths, dtype=np.int64)
     whole, rest = np.divmod(lengths, segment_samples)
     # `2 * rest >= S`: the last partial segment holds at least half a segment (exact for odd S too).

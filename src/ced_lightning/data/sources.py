@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ced_lightning.audio import AUDIO_EXTENSIONS, NO_LIBSNDFILE_DECODER
+from ced_lightning.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.labels import ClassList, audioset_classes, read_class_labels
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,13 @@ def from_directory(root: str | os.PathLike) -> SourceList:
     """Every audio file under `root` (recursively, sorted); name = relative path without extension."""
     base = Path(root)
     if not base.is_dir():
-        raise FileNotFoundError(f"input={root}: not a directory")
+        raise MissingInputError(f"input={root}: not a directory")
     items = [
         SourceItem(name=p.relative_to(base).with_suffix("").as_posix(), path=str(p), labels=None)
         for p in scan_audio_files(base)
     ]
     if not items:
-        raise FileNotFoundError(f"input={root}: no audio files ({describe_extensions()}) under it")
+        raise MissingInputError(f"input={root}: no audio files ({describe_extensions()}) under it")
     return SourceList(items=items, class_list=None, kind="directory")
 
 
@@ -124,7 +125,7 @@ def _sniff_delimiter(header: str, path: str | os.PathLike) -> str:
             return delimiter
     if header.strip():
         return ","  # a single column (filename only)
-    raise ValueError(f"{path}: empty file list (expected a header with a `filename` column)")
+    raise InputError(f"{path}: empty file list (expected a header with a `filename` column)")
 
 
 def _parse_labels(
@@ -136,14 +137,14 @@ def _parse_labels(
         if part.lstrip("-").isdigit():
             index = int(part)
             if class_list is not None and not 0 <= index < len(class_list):
-                raise ValueError(f"{where}: class index {index} outside 0..{len(class_list) - 1}")
+                raise InputError(f"{where}: class index {index} outside 0..{len(class_list) - 1}")
             if index < 0:
-                raise ValueError(f"{where}: negative class index {index}")
+                raise InputError(f"{where}: negative class index {index}")
             labels.append(index)
         elif part in mid_index:
             labels.append(mid_index[part])
         else:
-            raise ValueError(
+            raise InputError(
                 f"{where}: unknown class {part!r}: not an index and not a mid of the class list "
                 "(pass class_labels=<index,mid,display_name CSV>)"
             )
@@ -166,7 +167,7 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
     fields = [f.strip() for f in (reader.fieldnames or [])]
     reader.fieldnames = fields
     if "filename" not in fields:
-        raise ValueError(f"{path}: no `filename` column (columns: {fields})")
+        raise InputError(f"{path}: no `filename` column (columns: {fields})")
     has_labels = "labels" in fields
     classes = class_list if class_list is not None else (audioset_classes() if has_labels else None)
     mid_index = classes.index_of_mid() if classes is not None else {}
@@ -174,13 +175,13 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
     for line, row in enumerate(reader, start=2):
         filename = (row.get("filename") or "").strip()
         if not filename:
-            raise ValueError(f"{path}:{line}: empty filename")
+            raise InputError(f"{path}:{line}: empty filename")
         file_path = Path(filename) if Path(filename).is_absolute() else list_path.parent / filename
         name = Path(filename).with_suffix("").as_posix().lstrip("/")
         text_labels = row.get("labels") or ""
         if None in row:  # more fields than columns: csv keeps the extra ones under the key None
             if not (has_labels and fields[-1] == "labels"):
-                raise ValueError(
+                raise InputError(
                     f"{path}:{line}: {len(fields) + len(row[None])} fields for {len(fields)} columns {fields}"
                 )
             # An unquoted "a.wav,/m/01,/m/02" with labels last: the extra fields are more labels.
@@ -188,7 +189,7 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
         labels = _parse_labels(text_labels, classes, mid_index, f"{path}:{line}") if has_labels else None
         items.append(SourceItem(name=name, path=str(file_path), labels=labels))
     if not items:
-        raise ValueError(f"{path}: the file list has a header but no rows")
+        raise InputError(f"{path}: the file list has a header but no rows")
     return SourceList(items=items, class_list=classes, kind="file_list")
 
 
@@ -243,7 +244,7 @@ def index_audio_dir(audio_dir: str | os.PathLike) -> dict[str, str]:
     """Stem -> path of every audio file under `audio_dir` (first in sorted order wins on duplicates)."""
     root = Path(audio_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"audio_dir={audio_dir}: not a directory")
+        raise MissingInputError(f"audio_dir={audio_dir}: not a directory")
     index: dict[str, str] = {}
     duplicates = 0
     for file in scan_audio_files(root):
@@ -273,7 +274,7 @@ def read_segment_csv(path: str | os.PathLike) -> list[tuple[int, str, str, str, 
         strict=True,
     ):
         if len(fields) < 4:
-            raise ValueError(
+            raise InputError(
                 f'{path}:{line_no}: expected `YTID, start_seconds, end_seconds, "mid,mid"`, got {fields}'
             )
         ytid, start, end = (f.strip() for f in fields[:3])
@@ -299,7 +300,7 @@ def from_segment_csv(
             labels = []
             for mid in mids:
                 if mid not in mid_index:
-                    raise ValueError(
+                    raise InputError(
                         f"{csv_path}:{line_no} ({ytid}): unknown class mid {mid!r}; it is not in the class "
                         "list (pass class_labels=<index,mid,display_name CSV> that has it)"
                     )
@@ -344,19 +345,19 @@ def read_source(
     class_list = read_class_labels(class_labels) if class_labels else None
     inputs = [input] if isinstance(input, str | os.PathLike) else list(input)
     if not inputs:
-        raise ValueError("input: nothing given (a directory, a file list or AudioSet segment CSVs)")
+        raise ConfigError("input: nothing given (a directory, a file list or AudioSet segment CSVs)")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.exists():
-            raise FileNotFoundError(f"input={p}: no such file or directory")
+            raise MissingInputError(f"input={p}: no such file or directory")
     if len(paths) == 1 and paths[0].is_dir():
         return from_directory(paths[0])
     if all(p.is_file() and _looks_like_segment_csv(p) for p in paths):
         if audio_dir is None:
-            raise ValueError(
+            raise ConfigError(
                 f"input={inputs[0]} is an AudioSet segment CSV: also pass audio_dir=<downloaded audio>"
             )
         return from_segment_csv(paths, audio_dir, class_list)
     if len(paths) == 1 and paths[0].is_file():
         return from_file_list(paths[0], class_list)
-    raise ValueError(f"input={inputs}: expected one directory, one file list, or AudioSet segment CSVs")
+    raise ConfigError(f"input={inputs}: expected one directory, one file list, or AudioSet segment CSVs")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.data.segments import SegmentTable, read_segments
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.rng import counter_uniform, stream_id
 from ced_lightning.store import AudioStore
 
@@ -84,7 +85,7 @@ def plan_epoch(
     smallest share holds, so that ranks still step together.
     """
     if batch_size < 1 or span_clips < 1:
-        raise ValueError("batch_size and span_clips must be at least 1")
+        raise ConfigError("batch_size and span_clips must be at least 1")
     if span_bounds is None:
         span_bounds = np.append(np.arange(0, num_clips, span_clips, dtype=np.int64), num_clips)
     span_bounds = np.asarray(span_bounds, dtype=np.int64)
@@ -190,7 +191,7 @@ class ClipBatchStream(IterableDataset):
         super().__init__()
         self.store = AudioStore.open(store) if isinstance(store, str) else store
         if segments is not None and (random_crop or clip_samples is None):
-            raise ValueError(
+            raise ConfigError(
                 "segments are read from their start at a fixed clip_samples, without random_crop"
             )
         self.segments = segments
@@ -347,7 +348,7 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         if self._refusal is not None:
-            raise ValueError(self._refusal)
+            raise InputError(self._refusal)
         stream: ClipBatchStream = self.dataset
         self._consumed = stream.skip_batches
         self._order_of = (stream.skip_workers if stream.skip_batches else None) or self._order_workers

@@ -18,6 +18,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ced_lightning.audio import SAMPLE_RATE, pad_to_min_length
+from ced_lightning.errors import ConfigError
 
 PIECE_AVERAGES = ("probability", "logit")
 
@@ -98,7 +99,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -170,7 +171,7 @@ class CEDConfig:
 
     def __post_init__(self) -> None:
         if self.piece_average not in PIECE_AVERAGES:
-            raise ValueError(
+            raise ConfigError(
                 f"piece_average must be one of {list(PIECE_AVERAGES)}, not {self.piece_average!r}"
             )
 
@@ -310,7 +311,7 @@ def average_pieces(logits: torch.Tensor, how: str = "probability") -> torch.Tens
         return logits.mean(0)
     if how == "probability":
         return torch.logsumexp(F.logsigmoid(logits), 0) - torch.logsumexp(F.logsigmoid(-logits), 0)
-    raise ValueError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
+    raise ConfigError(f"piece_average must be one of {list(PIECE_AVERAGES)}, not {how!r}")
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -22,6 +22,7 @@ import fsspec
 import torch
 from torch import nn
 
+from ced_lightning.errors import CedError, MissingInputError
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
 from ced_lightning.models.released import from_hub_layout, is_hub_layout, resolve_checkpoint
 from ced_lightning.models.timm_mel import TimmMelClassifier
@@ -41,7 +42,7 @@ def read_state_dict(
     return state_dict_from_checkpoint(obj, source=str(path))
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(CedError, ValueError):
     """A checkpoint file that cannot be read (corrupt, not a checkpoint, or refused by the weights-only
     loader); the message names the file."""
 
@@ -53,8 +54,10 @@ def _read_checkpoint(
     and a corrupt file's errors do not say which of several teachers it was."""
     try:
         return _read_checkpoint_file(path, map_location, sha256)
-    except FileNotFoundError:
+    except CedError:
         raise  # names the path already (and says how to get released weights)
+    except FileNotFoundError as err:
+        raise MissingInputError(f"{path}: no such checkpoint file ({err.strerror or err})") from err
     except Exception as err:
         lines = str(err).strip().splitlines()
         detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -96,7 +99,7 @@ def _is_safetensors(head: bytes) -> bool:
 
 def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a dict-like checkpoint, found {type(obj).__name__}")
+        raise CheckpointLoadError(f"{source}: expected a dict-like checkpoint, found {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         sd = dict(obj["state_dict"])
         # Our LightningModules keep the network as `self.model` (and its EMA as `self.ema`, then named by
@@ -108,7 +111,9 @@ def state_dict_from_checkpoint(obj: Any, source: str = "<checkpoint>") -> dict[s
     elif any(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = dict(obj)
     else:
-        raise ValueError(f"{source}: found neither 'model', 'state_dict' nor tensors (keys: {list(obj)[:8]})")
+        raise CheckpointLoadError(
+            f"{source}: found neither 'model', 'state_dict' nor tensors (keys: {list(obj)[:8]})"
+        )
     return from_hub_layout(sd) if is_hub_layout(sd) else sd
 
 
@@ -129,7 +134,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> CEDConfig:
         time_patches = sd["time_pos_embed"].shape[-1]
         mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not a CED state dict: missing {err.args[0]!r}") from err
+        raise CheckpointLoadError(f"not a CED state dict: missing {err.args[0]!r}") from err
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     defaults = CEDConfig()
     front_end = defaults.front_end
@@ -184,7 +189,7 @@ def _ced_from_checkpoint(obj: Any, source: str, config: CEDConfig | None = None)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{source}: does not load into {config}: {err}") from err
+        raise CheckpointLoadError(f"{source}: does not load into {config}: {err}") from err
     return model
 
 
@@ -213,7 +218,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         return CED(CEDConfig.from_dict(spec["config"]))
     if spec["arch"] == "timm":
         return TimmMelClassifier(spec["backbone"], spec["num_classes"], FrontEndConfig(**spec["front_end"]))
-    raise ValueError(f"unknown model arch {spec['arch']!r} in model_spec")
+    raise CheckpointLoadError(f"unknown model arch {spec['arch']!r} in model_spec")
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ def _model_from_checkpoint(obj: Any, source: str) -> nn.Module:
     try:
         model.load_state_dict(state_dict_from_checkpoint(obj, source=source), strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{source}: weights do not match its model_spec: {err}") from err
+        raise CheckpointLoadError(f"{source}: weights do not match its model_spec: {err}") from err
     return model.eval()
 
 

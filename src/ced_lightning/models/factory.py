@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.models.ced import CED, CEDConfig
 from ced_lightning.models.checkpoint import read_state_dict
 from ced_lightning.models.released import released_entry, released_entry_by_filename
@@ -39,7 +40,7 @@ def create_ced(name: str = "ced_mini", pretrained: bool | str = False, **overrid
     Loaded as `load_matching_weights(strict=True)`: a head for another number of classes starts fresh.
     """
     if name not in CED_SIZES:
-        raise ValueError(f"unknown CED model {name!r}; choose one of {list_ced()}")
+        raise ConfigError(f"unknown CED model {name!r}; choose one of {list_ced()}")
     model = CED(CEDConfig(**CED_SIZES[name]), **overrides)
     if pretrained:
         load_matching_weights(model, name if pretrained is True else pretrained)
@@ -151,7 +152,7 @@ def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True)
         unexpected_ok=entry is not None and entry.unused_tensors_ok,
     )
     if strict and (not report.complete or not report.loaded):
-        raise ValueError(
+        raise InputError(
             report.describe()
             + "\nThe checkpoint does not fit this model. Choose one of this size and depth, or accept a "
             "partial start with model.init_strict=false (load_matching_weights(strict=False))."

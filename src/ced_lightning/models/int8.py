@@ -19,6 +19,8 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from ced_lightning.errors import ConfigError, MissingDependencyError
+
 QUANTIZE_CHOICES = ("int8",)
 
 
@@ -30,7 +32,7 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError as err:  # removed from torch: the deprecation notice says it will be
-        raise ImportError(
+        raise MissingDependencyError(
             f"quantize=int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
             "no longer has: install a torch that has it (2.11 does) or run without quantize=int8"
         ) from err
@@ -48,4 +50,4 @@ def apply_quantization(model: nn.Module, quantize: str | None, key: str = "quant
         return model
     if quantize == "int8":
         return quantize_dynamic_int8(model)
-    raise ValueError(f"{key}={quantize!r}: choose null (float32) or one of {list(QUANTIZE_CHOICES)}")
+    raise ConfigError(f"{key}={quantize!r}: choose null (float32) or one of {list(QUANTIZE_CHOICES)}")

@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from ced_lightning.errors import CedError, ConfigError
+
 log = logging.getLogger(__name__)
 
 _ZENODO = "https://zenodo.org/records/{record}/files/{filename}?download=1"
@@ -160,7 +162,7 @@ def released_names_line() -> str:
     )
 
 
-class ReleasedWeightsUnavailable(FileNotFoundError):
+class ReleasedWeightsUnavailable(CedError, FileNotFoundError):
     """A released file is in no cache and could not be downloaded."""
 
 
@@ -201,7 +203,7 @@ def fetch_released(entry: ReleasedWeights | str) -> Path:
     """The local file of a released checkpoint: from a cache, else downloaded once (Hub, then Zenodo)."""
     if isinstance(entry, str):
         if entry not in RELEASED:
-            raise ValueError(f"unknown released weights {entry!r}; choose one of {list_released()}")
+            raise ConfigError(f"unknown released weights {entry!r}; choose one of {list_released()}")
         entry = RELEASED[entry]
     cached = cached_released(entry)
     if cached is not None:

@@ -29,6 +29,7 @@ from ced_lightning.augment import (
     sample_augment_params,
 )
 from ced_lightning.data.blocks import BlockDataset, BlockSampler
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ COMBINES = ("mean_prob", "mean_logit")
 
 def check_combine(combine: str) -> None:
     if combine not in COMBINES:
-        raise ValueError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
+        raise ConfigError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
 
 
 def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
@@ -99,7 +100,7 @@ def reduced_precision(precision: str | None, device: torch.device | str) -> bool
 def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = None) -> int:
     """The ensemble's class count; refuses teachers that disagree or lack the model interface."""
     if not teachers:
-        raise ValueError("teacher.members is empty: the ensemble needs at least one teacher")
+        raise ConfigError("teacher.members is empty: the ensemble needs at least one teacher")
     names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
     for name, teacher in zip(names, teachers, strict=True):
         for attr in ("front_end", "forward_spectrogram", "num_classes"):
@@ -107,7 +108,7 @@ def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = 
                 raise TypeError(f"{name}: a teacher needs .front_end, .forward_spectrogram and .num_classes")
     counts = {name: int(t.num_classes) for name, t in zip(names, teachers, strict=True)}
     if len(set(counts.values())) > 1:
-        raise ValueError(
+        raise InputError(
             f"teachers predict different numbers of classes: {counts}; an ensemble needs one list"
         )
     return next(iter(counts.values()))
@@ -137,7 +138,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         super().__init__()
         check_combine(combine)
         if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+            raise ConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.num_classes = check_teachers(teachers, teacher_names)
         self.teacher_names = list(teacher_names or (f"#{i}" for i in range(len(teachers))))
         self.teachers = nn.ModuleList(teachers).eval().requires_grad_(False)
@@ -170,7 +171,7 @@ class TeacherEnsembleModule(pl.LightningModule):
             # epochs, topk, recipe, seed and combine are the store's own (extract passes them from it, and
             # `LogitStore.create` validated them); the teachers are not: their class count must fit it.
             if store.num_classes != self.num_classes:
-                raise ValueError(
+                raise InputError(
                     f"{self.store_url}: store has num_classes={store.num_classes}, the teachers predict "
                     f"{self.num_classes}"
                 )
@@ -236,7 +237,7 @@ class TeacherEnsembleModule(pl.LightningModule):
                     )
                 except NonFiniteTeacherOutput as err:
                     clips = index[rows][err.rows].tolist()
-                    raise ValueError(
+                    raise InputError(
                         f"teacher {self.teacher_names[err.teacher]} gave NaN or inf logits for clips {clips} "
                         f"(augmentation epoch {epoch}); nothing of their block ({int(batch['block'])}) was "
                         "written. A model that overflows in 16-bit precision may run with "

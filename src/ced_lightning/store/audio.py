@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
+from ced_lightning.errors import ConfigError, InputError, MissingInputError, OutputExistsError
 from ced_lightning.store.audio_layout import ARRAYS, WHAT, layout_error, layout_problem, written_arrays
 from ced_lightning.store.files import check_free_for_store, remove_partial_writes
 from ced_lightning.store.integrity import (
@@ -108,11 +109,11 @@ def _to_int16(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         waveform = waveform.detach().cpu().numpy()
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:
-        raise ValueError(f"clip {name!r}: expected a mono waveform [samples], got shape {waveform.shape}")
+        raise InputError(f"clip {name!r}: expected a mono waveform [samples], got shape {waveform.shape}")
     if waveform.dtype == np.int16:
         return waveform
     if not np.issubdtype(waveform.dtype, np.floating):
-        raise ValueError(f"clip {name!r}: expected float32 in [-1, 1] or int16 samples, got {waveform.dtype}")
+        raise InputError(f"clip {name!r}: expected float32 in [-1, 1] or int16 samples, got {waveform.dtype}")
     return float_to_int16(waveform)
 
 
@@ -137,14 +138,14 @@ class AudioStore:
         self.url = url
         attrs = dict(group.attrs)
         if attrs.get("kind") != STORE_KIND:
-            raise FileNotFoundError(f"{url}: not an audio store (no kind={STORE_KIND!r} in its attributes)")
+            raise MissingInputError(f"{url}: not an audio store (no kind={STORE_KIND!r} in its attributes)")
         if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{url}: audio store format {attrs['format_version']} is newer than this ced_lightning "
                 f"reads ({FORMAT_VERSION}); upgrade ced_lightning"
             )
         if not attrs.get("complete"):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{url}: the audio store is incomplete (its writer stopped before the end); rerun the same "
                 "`python -m ced_lightning.prepare ...` command to resume it"
             )
@@ -209,7 +210,7 @@ class AudioStore:
         try:
             group, strict = _open_strict(url)
         except _NOT_FOUND as err:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{url}: no audio store there. Build one with: python -m ced_lightning.prepare "
                 f"input=<audio dir, file list or AudioSet CSV> output={url}"
             ) from err
@@ -347,7 +348,7 @@ class AudioStore:
         """Multi-hot uint8 `[N, num_classes]` (built once)."""
         if self._label_matrix is None:
             if not self.num_classes:
-                raise ValueError(f"{self.url}: the store has no class list, so no label matrix")
+                raise InputError(f"{self.url}: the store has no class list, so no label matrix")
             matrix = np.zeros((len(self), self.num_classes), dtype=np.uint8)
             rows = np.repeat(np.arange(len(self)), np.diff(self._label_indptr))
             matrix[rows, self._label_indices] = 1
@@ -417,14 +418,14 @@ class AudioStoreWriter:
         compression: str = "none",
     ) -> None:
         if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+            raise ConfigError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
         self.compression = compression
         if chunk_samples <= 0 or shard_chunks <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"chunk_samples and shard_chunks must be positive, not {chunk_samples}, {shard_chunks}"
             )
         if class_mids is not None and class_names is not None and len(class_mids) != len(class_names):
-            raise ValueError(
+            raise ConfigError(
                 f"class_mids ({len(class_mids)}) and class_names ({len(class_names)}) differ in length"
             )
         if class_mids is not None and class_names is None:
@@ -484,9 +485,9 @@ class AudioStoreWriter:
         if existing is not None:
             attrs = dict(existing.attrs)
             if attrs.get("kind") != STORE_KIND:
-                raise FileExistsError(f"{self.url}: exists and is not an audio store; pick another output")
+                raise OutputExistsError(f"{self.url}: exists and is not an audio store; pick another output")
             if attrs.get("job") != self.signature:
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{self.url}: an audio store written with other arguments is already there; pass "
                     "overwrite=true to replace it, or choose another output"
                 )
@@ -576,7 +577,7 @@ class AudioStoreWriter:
         self._origin = self.offsets[-1] + self.lengths[-1] if n else 0
         self._seen = set(self.names)
         if self._origin > self.written:
-            raise RuntimeError(f"{self.url}: corrupt progress record {progress}; rerun with overwrite=true")
+            raise InputError(f"{self.url}: corrupt progress record {progress}; rerun with overwrite=true")
         # Samples [origin, written) in the store began a clip that was not committed. The rerun may not write
         # that clip again (it may fail to decode now, or have changed), so the shard where it began is written
         # again: it goes back to the pending buffer, its committed clips' samples read from the store, and is
@@ -598,17 +599,17 @@ class AudioStoreWriter:
     def add(self, name: str, waveform: np.ndarray | torch.Tensor, labels: Sequence[int] | None) -> None:
         """Append one clip (float32 in [-1, 1] or int16, mono, at the store's sample rate)."""
         if name in self._seen:
-            raise ValueError(f"{self.url}: duplicate clip name {name!r}")
+            raise InputError(f"{self.url}: duplicate clip name {name!r}")
         samples = _to_int16(waveform, name)
         if samples.size == 0:
-            raise ValueError(f"clip {name!r}: empty waveform")
+            raise InputError(f"clip {name!r}: empty waveform")
         label_list = [] if labels is None else [int(x) for x in labels]
         if labels is not None:
             self.any_labels = True
         if label_list and self.num_classes is not None:
             bad = [x for x in label_list if not 0 <= x < self.num_classes]
             if bad:
-                raise ValueError(f"clip {name!r}: class indices {bad} outside 0..{self.num_classes - 1}")
+                raise InputError(f"clip {name!r}: class indices {bad} outside 0..{self.num_classes - 1}")
         self._seen.add(name)
         end = self._origin + self._pending_samples
         gap = self._gap_before(end, int(samples.size))
@@ -748,7 +749,7 @@ class AudioStoreWriter:
         if self.complete_store is not None:
             return self.complete_store
         if not self.names:
-            raise ValueError(f"{self.url}: no clip could be written (all inputs failed or none were given)")
+            raise InputError(f"{self.url}: no clip could be written (all inputs failed or none were given)")
         buffer = self._pending_array()
         total = self._origin + self._pending_samples
         audio = self._array("audio")

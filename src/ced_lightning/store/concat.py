@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ced_lightning.audio import int16_to_float
+from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.files import store_nbytes
@@ -36,7 +37,7 @@ def open_audio(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> AudioSt
     """The audio store at `urls`, or with several URLs the view that reads them as one store."""
     names = store_urls(urls)
     if not names:
-        raise ValueError("an empty list of audio stores: give at least one store")
+        raise ConfigError("an empty list of audio stores: give at least one store")
     if len(names) == 1:
         return AudioStore.open(names[0])
     return ConcatAudioStore([AudioStore.open(u) for u in names])
@@ -104,7 +105,7 @@ class ConcatAudioStore:
         self.url = " + ".join(self.urls)  # for messages; `audio_source` gives what reopens it
         rates = {s.sample_rate for s in self.stores}
         if len(rates) > 1:
-            raise ValueError(f"{self.url}: the audio stores have different sample rates {sorted(rates)}")
+            raise InputError(f"{self.url}: the audio stores have different sample rates {sorted(rates)}")
         self.sample_rate = self.stores[0].sample_rate
         # Unlabeled stores (no class list) join any; stores with class lists must share one.
         labeled = [s for s in self.stores if s.num_classes]
@@ -201,7 +202,7 @@ class ConcatAudioStore:
         """Multi-hot uint8 `[N, num_classes]`: rows of stores without labels are all zero."""
         if self._label_matrix is None:
             if not self.num_classes:
-                raise ValueError(f"{self.url}: none of the stores has a class list, so no label matrix")
+                raise InputError(f"{self.url}: none of the stores has a class list, so no label matrix")
             parts = [
                 s.label_matrix() if s.num_classes else np.zeros((len(s), self.num_classes), dtype=np.uint8)
                 for s in self.stores

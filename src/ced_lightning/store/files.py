@@ -10,6 +10,8 @@ import posixpath
 import re
 from typing import Any
 
+from ced_lightning.errors import OutputExistsError
+
 # zarr's LocalStore (>= 3.1.3) writes each object to `<name>.<32 hex digits>.partial` and renames it into
 # place, so an object is replaced whole; a writer killed in between leaves the temporary file behind.
 _PARTIAL_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -39,17 +41,17 @@ def check_free_for_store(url: str, what: str, ours: bool) -> None:
     if not fs.exists(path):
         return
     if fs.isfile(path):
-        raise FileExistsError(f"{url} is a file; give a folder (or object prefix) for the {what}")
+        raise OutputExistsError(f"{url} is a file; give a folder (or object prefix) for the {what}")
     if store_exists(url):
         if ours:
             return
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{url} holds another Zarr store, not a {what}; choose another output (it is left as it is)"
         )
     entries = fs.ls(path, detail=False)
     if entries:
         example = str(entries[0]).rstrip("/").rsplit("/", 1)[-1]
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{url} exists and holds other files (e.g. {example!r}); writing a {what} there would delete "
             "them. Choose a new or empty folder."
         )
@@ -62,7 +64,7 @@ def check_outside_stores(url: str, what: str) -> None:
     fs, path = fsspec.core.url_to_fs(str(url))
     enclosing = _enclosing_zarr(fs, path.rstrip("/"))
     if enclosing is not None:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{url} lies inside the Zarr store or group at {enclosing}; a {what} there would become part of "
             "it. Choose an output outside any Zarr store (e.g. next to it)."
         )

@@ -37,10 +37,11 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
+from ced_lightning.errors import CedError
 from ced_lightning.store.remote import redact_url
 
 
-class StoreDamagedError(OSError):
+class StoreDamagedError(CedError, OSError):
     """A chunk object of a store is missing or does not decode: the store is damaged or incompletely copied.
 
     `store`, `array` and `key` (the chunk key inside the array, e.g. `c/0`) name the object.

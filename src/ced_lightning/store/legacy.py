@@ -26,6 +26,7 @@ import numpy as np
 from ced_lightning.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.data.sources import segment_ytid
+from ced_lightning.errors import CedError, MissingDependencyError, MissingInputError
 
 _FILE_NAME = re.compile(r"ep(\d+)_(\d+)\.h5$")
 _EXAMPLES = 5
@@ -40,7 +41,7 @@ def require_import_extra() -> tuple[Any, Any]:
         import h5py
         import pyarrow.parquet as parquet
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"importing the original CED logits needs h5py and pyarrow ({err}). Install them with: "
             "pip install 'ced-lightning[import]'"
         ) from err
@@ -70,7 +71,7 @@ def find_legacy_files(source: str) -> list[LegacyFile]:
     fs, root = fsspec.core.url_to_fs(str(source))
     root = root.rstrip("/")
     if not fs.isdir(root):
-        raise FileNotFoundError(f"source={source}: not a folder (the released chunk_10/ folder of logits)")
+        raise MissingInputError(f"source={source}: not a folder (the released chunk_10/ folder of logits)")
     full = (lambda p: p) if _is_local(fs) else fs.unstrip_protocol
     names = sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     files: list[LegacyFile] = []
@@ -80,14 +81,14 @@ def find_legacy_files(source: str) -> list[LegacyFile]:
             continue
         parquet = name[: -len(".h5")] + ".parquet"
         if parquet not in names:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"source={source}: {name} has no {parquet} beside it (its rows' file names); copy it from "
                 "the same release"
             )
         epoch, rank = int(match.group(1)), int(match.group(2))
         files.append(LegacyFile(epoch, rank, full(f"{root}/{name}"), full(f"{root}/{parquet}")))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"source={source}: no logits_ep<epoch>_<rank>.h5 files; give the folder that holds them "
             "(e.g. logits/ensemble5014/balanced/chunk_10)"
         )
@@ -95,7 +96,7 @@ def find_legacy_files(source: str) -> list[LegacyFile]:
     expected = list(range(1, epochs[-1] + 1))
     if epochs != expected:
         missing = sorted(set(expected) - set(epochs))
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"source={source}: stored epochs {epochs}, missing epoch(s) {missing} of 1..{epochs[-1]}; "
             "copy the whole chunk_10 folder"
         )
@@ -234,7 +235,7 @@ class ImportPlan:
         )
 
 
-class LegacyImportError(ValueError):
+class LegacyImportError(CedError, ValueError):
     """The released files cannot be imported as they are (the message names the rows and what to do)."""
 
 

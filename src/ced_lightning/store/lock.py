@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import filelock
 
+from ced_lightning.errors import CedError
 from ced_lightning.store.files import check_outside_stores
 from ced_lightning.store.remote import redact_url
 
@@ -36,7 +37,7 @@ LOCK_SUFFIX = ".lock"
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-class StoreLockedError(FileExistsError):
+class StoreLockedError(CedError, FileExistsError):
     """The store's lock file exists: another run holds it (the commands report it like other outputs they
     refuse)."""
 

@@ -41,6 +41,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.augment import AugmentParams, AugmentRecipe
 from ced_lightning.data.segments import SegmentTable
+from ced_lightning.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
@@ -206,20 +207,20 @@ class LogitStore:
         """
         url = str(url)
         if num_clips <= 0:
-            raise ValueError(f"logit store {url}: the audio store has no clips")
+            raise InputError(f"logit store {url}: the audio store has no clips")
         if not 1 <= topk <= num_classes:
-            raise ValueError(f"topk must be between 1 and the number of classes ({num_classes}), not {topk}")
+            raise ConfigError(f"topk must be between 1 and the number of classes ({num_classes}), not {topk}")
         if topk > np.iinfo(np.uint16).max or num_classes > np.iinfo(np.uint16).max + 1:
-            raise ValueError(f"{num_classes} classes do not fit the store's uint16 class indices")
+            raise InputError(f"{num_classes} classes do not fit the store's uint16 class indices")
         if epochs < 1 or block_clips < 1:
-            raise ValueError(f"epochs ({epochs}) and block_clips ({block_clips}) must be >= 1")
+            raise ConfigError(f"epochs ({epochs}) and block_clips ({block_clips}) must be >= 1")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise InputError(f"{len(class_names)} class names for {num_classes} classes")
         if segments is not None:
             if segments.is_one_per_clip(num_clips) and segments.segment_samples == clip_samples:
                 segments = None  # the layout without positions: the store stays as it was before segments
             elif segments.segment_samples > clip_samples:
-                raise ValueError(
+                raise ConfigError(
                     f"segments of {segments.segment_samples} samples do not fit the teachers' input of "
                     f"{clip_samples} (clip_samples): choose segment_seconds <= clip_seconds"
                 )
@@ -271,7 +272,7 @@ class LogitStore:
                 if old[key] != new[key] and not (key == "teacher_precision" and old[key] is None)
             ]
             if differences:
-                raise ValueError(
+                raise InputError(
                     f"logit store {url} exists and was made with other settings:\n  "
                     + "\n  ".join(differences)
                     + "\nChoose another output, or delete the existing store to start over."
@@ -341,7 +342,7 @@ class LogitStore:
         """Open a logit store by path or fsspec URL."""
         url = str(url)
         if not store_exists(url):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no logit store at {url} (no zarr.json). Make one with: python -m ced_lightning.extract "
                 f"audio_store=... output={url} teacher=..."
             )
@@ -350,20 +351,20 @@ class LogitStore:
         except (PermissionError, OSError):
             group = zarr.open_group(url, mode="r", zarr_format=3)
         except Exception as err:
-            raise ValueError(f"{url} is not a Zarr v3 group: {err}") from err
+            raise InputError(f"{url} is not a Zarr v3 group: {err}") from err
         if group.attrs.get(_CREATING):
-            raise ValueError(
+            raise InputError(
                 f"{url}: its creation was interrupted (it holds no block yet); the extract command run again "
                 "creates it anew"
             )
         if group.attrs.get("format") != FORMAT:
-            raise ValueError(
+            raise InputError(
                 f"{url} is not a logit store (attribute 'format' is {group.attrs.get('format')!r}, expected "
                 f"{FORMAT!r}); choose another output, or delete it if it is a leftover"
             )
         version = group.attrs.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{url}: logit store format_version {version}, this version reads {FORMAT_VERSION}"
             )
         return cls(group, url)
@@ -525,7 +526,7 @@ class LogitStore:
             raise IndexError(f"row {i} out of range: {self.url} holds {self.num_rows} rows")
         block = i // self.block_clips
         if not self._read("block_done", block):
-            raise ValueError(f"{self.url}: row {i} lies in block {block}, which is not extracted yet")
+            raise InputError(f"{self.url}: row {i} lies in block {block}, which is not extracted yet")
         self._done.add(block)
         indices = np.asarray(self._read("topk_indices", (epoch, i))).astype(np.int64)
         probs = dequantize(self._read("topk_values", (epoch, i)), self.quantization)
@@ -543,7 +544,7 @@ class LogitStore:
         missing = self.missing_blocks()
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(
+            raise InputError(
                 f"logit store {self.url} is incomplete: {len(missing)} of {self.num_blocks} blocks missing "
                 f"({shown}). Finish it by running the same python -m ced_lightning.extract command again."
             )

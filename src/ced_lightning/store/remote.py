@@ -19,6 +19,8 @@ import fsspec.config
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ced_lightning.errors import ConfigError
+
 __all__ = [
     "RedactSecrets",
     "RemoteStoresCallback",
@@ -96,13 +98,13 @@ def apply_storage_options(options: Mapping[str, Any] | None) -> None:
     if not options:
         return
     if not isinstance(options, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"storage_options must map an fsspec protocol to its options, e.g. storage_options.s3.anon=true, "
             f"not {options!r}"
         )
     for protocol, values in options.items():
         if not isinstance(values, Mapping):
-            raise ValueError(
+            raise ConfigError(
                 f"storage_options.{protocol} must be a mapping of fsspec options (e.g. "
                 f"+storage_options.{protocol}.anon=true), not {values!r}: options are given per protocol"
             )
