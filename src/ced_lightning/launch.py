@@ -1,6 +1,7 @@
 """How this process was launched and where it stands among the ranks: its rank (torchrun, SLURM's srun,
 Lightning's DDP launcher), the re-execution of ranks > 0 under Hydra, how many processes a trainer config
-asks for, and the guard against a multirun whose jobs would each start DDP processes. Builds no Trainer."""
+asks for, the guard against a multirun whose jobs would each start DDP processes, and the process's CPU
+threads (`set_cpu_threads`). Builds no Trainer."""
 
 from __future__ import annotations
 
@@ -111,3 +112,18 @@ def check_multirun_ddp(cfg: DictConfig) -> None:
             "without -m), or a Hydra launcher plugin that starts every job in a fresh process "
             "(e.g. hydra/launcher=submitit_slurm), or train each job on one device (trainer.devices=1)."
         )
+
+
+def set_cpu_threads(num_threads: int | None) -> int:
+    """Pin torch's intra-op CPU threads to `num_threads` (None: leave torch's default, which follows
+    OMP_NUM_THREADS and the cores this process may use); returns the count in use.
+
+    On the CPU the count is part of the numbers: convolutions and reductions split their sums over the
+    threads, so a MobileNet or CED trained (or a MobileNet run) with 1 thread and with 2 differ in every weight
+    (docs/reliability.md). A config that names it gives the same numbers whatever the environment says."""
+    if num_threads is not None:
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads={num_threads}: give a thread count of at least 1, or null")
+        if torch.get_num_threads() != int(num_threads):
+            torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
