@@ -23,8 +23,8 @@ demo" quotes with its findings. `only=` reruns the listed rows (their index) and
 last run. Each finished run is saved at once: run again the same way, a stopped invocation runs only what it
 had not finished (`fresh=true` starts over). Each run records its row's fingerprint (`row_fingerprint`: the
 sha256 of its teachers' weights and of the student's start): a kept run whose teachers were other weights (a
-rebuilt teacher) is run again, with a line naming the row, the seeds and what changed, so rows from two teacher
-pairs never share a table.
+rebuilt teacher) is run again, with a line naming the row, the seeds and what changed, so rows from two
+teacher pairs never share a table.
 """
 
 from __future__ import annotations
@@ -131,10 +131,8 @@ def same_teachers(
             why = "no fingerprint of their teachers was recorded"
         else:
             changed = sorted({k for r in recorded for k in {*r, *now} if r.get(k) != now.get(k)})
-            why = "; ".join(
-                f"{k}: {', '.join(sorted({_short(r.get(k)) for r in recorded}))} then, {_short(now.get(k))} now"
-                for k in changed
-            )
+            then = {k: ", ".join(sorted({_short(r.get(k)) for r in recorded})) for k in changed}
+            why = "; ".join(f"{k}: {then[k]} then, {_short(now.get(k))} now" for k in changed)
         dropped.append(f"{name}: seeds {', '.join(other)} ran on other weights ({why}); running them again")
     return {n: s for n, s in same.items() if s}, dropped
 

@@ -161,7 +161,7 @@ def test_kept_runs_on_other_teachers_are_run_again_and_say_why(ablations, tmp_pa
         ablations.row_fingerprint,
         ablations.same_teachers,
     )
-    ensemble, single = list(CONDITIONS)[0], "single teacher (MobileNet, the best one)"
+    ensemble, single = next(iter(CONDITIONS)), "single teacher (MobileNet, the best one)"
     teachers = tmp_path / "demo" / "teachers"
     teachers.mkdir(parents=True)
     for name in ("ced_tiny", "mobilenet"):

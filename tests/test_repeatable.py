@@ -1,6 +1,6 @@
-"""Runs that repeat: the demo built twice by the same command, in separate processes and folders, gives the same
-teachers (a timm MobileNet and a CED), the same logit store and the same student, bit for bit, also when the
-environment asks for another CPU thread count (the demo pins its own: `data.num_threads`)."""
+"""Runs that repeat: the demo built twice by the same command, in separate processes and folders, gives the
+same teachers (a timm MobileNet and a CED), the same logit store and the same student, bit for bit, also when
+the environment asks for another CPU thread count (the demo pins its own: `data.num_threads`)."""
 
 from __future__ import annotations
 

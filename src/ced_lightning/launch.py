@@ -119,8 +119,9 @@ def set_cpu_threads(num_threads: int | None) -> int:
     OMP_NUM_THREADS and the cores this process may use); returns the count in use.
 
     On the CPU the count is part of the numbers: convolutions and reductions split their sums over the
-    threads, so a MobileNet or CED trained (or a MobileNet run) with 1 thread and with 2 differ in every weight
-    (docs/reliability.md). A config that names it gives the same numbers whatever the environment says."""
+    threads, so a MobileNet or CED trained with 1 thread and with 2 differ in every weight, and a MobileNet's
+    outputs in their last bits (docs/reliability.md). A config that names it gives the same numbers whatever
+    the environment says."""
     if num_threads is not None:
         if int(num_threads) < 1:
             raise ValueError(f"num_threads={num_threads}: give a thread count of at least 1, or null")
