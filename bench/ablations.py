@@ -21,7 +21,10 @@ demo's own builders; then the runs go `jobs` at a time, each process with its sh
 Writes `bench/ablations.json` (every run) and `bench/ablations.md`, the table bench/demo_results.md
 quotes with its findings. `only=` reruns the listed rows (their index) and keeps the other rows of the
 last run. Each finished run is saved at once: run again the same way, a stopped invocation runs only what it
-had not finished (`fresh=true` starts over).
+had not finished (`fresh=true` starts over). Each run records its row's fingerprint (`row_fingerprint`: the
+sha256 of its teachers' weights and of the student's start): a kept run whose teachers were other weights (a
+rebuilt teacher) is run again, with a line naming the row, the seeds and what changed, so rows from two
+teacher pairs never share a table.
 """
 
 from __future__ import annotations
@@ -80,6 +83,64 @@ def build_inputs(overrides: list[str]) -> None:
     build_demo_artifacts(compose_cfg([*overrides, "data.build_missing=true"]))
 
 
+def build_teachers(overrides: list[str]) -> None:
+    """The stores and teachers of one row (what its fingerprint hashes), built when missing."""
+    from ced_lightning.demo import ensure_demo_stores, ensure_demo_teachers
+
+    cfg = compose_cfg([*overrides, "data.build_missing=true"])
+    ensure_demo_stores(cfg)
+    ensure_demo_teachers(cfg)
+
+
+def row_fingerprint(overrides: list[str]) -> dict[str, str]:
+    """What a row's runs learn from and start from, by the sha256 of their weights (`state_dict_sha256`, so a
+    checkpoint saved again with the same weights keeps it): `teacher NAME` per teacher of the row's teacher
+    set, and `start`, the student's `model.init_from` (a checkpoint's weights, a released name as such, or
+    `none`). Runs of one row with another fingerprint were trained on other teachers."""
+    from ced_lightning.models import load_checkpoint
+    from ced_lightning.teachers import load_teachers, state_dict_sha256
+
+    cfg = compose_cfg(overrides)
+    models, records, _ = load_teachers(cfg.teacher)
+    out = {f"teacher {r['name']}": state_dict_sha256(m) for r, m in zip(records, models, strict=True)}
+    start = cfg.model.get("init_from")
+    if start is None:
+        out["start"] = "none"
+    elif Path(str(start)).is_file():
+        out["start"] = state_dict_sha256(load_checkpoint(str(start)).model)
+    else:
+        out["start"] = f"released {start}"
+    return out
+
+
+def same_teachers(
+    kept: dict[str, dict[str, Any]], fingerprints: dict[str, dict[str, str]]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The kept runs whose recorded fingerprint is their row's now, and one line per row whose other runs
+    are dropped (to run again) with what differs: rows of two teacher pairs never share a table."""
+    same: dict[str, dict[str, Any]] = {}
+    dropped = []
+    for name, seeds in kept.items():
+        now = fingerprints.get(name)
+        same[name] = {s: r for s, r in seeds.items() if now is not None and r.get("fingerprint") == now}
+        other = sorted((s for s in seeds if s not in same[name]), key=int)
+        if not other:
+            continue
+        recorded = [seeds[s].get("fingerprint") for s in other]
+        if any(r is None for r in recorded) or now is None:
+            why = "no fingerprint of their teachers was recorded"
+        else:
+            changed = sorted({k for r in recorded for k in {*r, *now} if r.get(k) != now.get(k)})
+            then = {k: ", ".join(sorted({_short(r.get(k)) for r in recorded})) for k in changed}
+            why = "; ".join(f"{k}: {then[k]} then, {_short(now.get(k))} now" for k in changed)
+        dropped.append(f"{name}: seeds {', '.join(other)} ran on other weights ({why}); running them again")
+    return {n: s for n, s in same.items() if s}, dropped
+
+
+def _short(digest: str | None) -> str:
+    return "absent" if digest is None else digest[:12] if len(digest) == 64 else digest
+
+
 def unavailable_start(overrides: list[str]) -> str | None:
     """Why a row cannot run here, or None: the released weights it starts from are in no cache and cannot be
     downloaded (fetched once here, so that no run starts without them)."""
@@ -95,12 +156,9 @@ def unavailable_start(overrides: list[str]) -> str | None:
     return None
 
 
-def run_one(condition: str, overrides: list[str], output_dir: str, threads: int) -> dict[str, float]:
+def run_one(condition: str, overrides: list[str], output_dir: str) -> dict[str, float]:
     """One row's run in its own process: the student (or, for the baseline row, the same network with
     labels), its best validation mAP and its tested checkpoint's test mAP."""
-    import torch
-
-    torch.set_num_threads(threads)
     from ced_lightning.demo import label_only_cfg, run_demo
     from ced_lightning.train import train
 
@@ -165,6 +223,18 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(
             f"| {row} | {val['mean']:.4f} ± {val['std']:.4f} | {test['mean']:.4f} ± {test['std']:.4f} |"
         )
+    teachers = sorted(
+        {
+            (key.removeprefix("teacher "), digest)
+            for seeds in out.get("runs", {}).values()
+            for run in seeds.values()
+            for key, digest in (run.get("fingerprint") or {}).items()
+            if key.startswith("teacher ")
+        }
+    )
+    if teachers:
+        listing = ", ".join(f"{name} {_short(digest)}" for name, digest in teachers)
+        lines += ["", f"Teachers of every row (sha256 of their weights): {listing}."]
     if out.get("not_run"):
         lines += ["", "Not run here:"]
         lines += [f"- {name}: {reason}" for name, reason in out["not_run"].items()]
@@ -224,12 +294,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Every finished run is saved at once: a stopped invocation, run again the same way, runs only what is
     # missing (about two hours in all on a 2-core CPU).
     runs = previous_runs(path, common, rerun, args.get("fresh", "false").lower() == "true")
-    todo = [
-        (n, s)
-        for n in CONDITIONS
-        for s in seeds
-        if (not only or n in rerun) and str(s) not in runs.get(n, {})
-    ]
+
+    def missing() -> list[tuple[str, int]]:
+        return [
+            (n, s)
+            for n in CONDITIONS
+            for s in seeds
+            if (not only or n in rerun) and str(s) not in runs.get(n, {})
+        ]
+
+    # Kept runs count only where their row's teachers and start are the weights they are now (rebuilt
+    # teachers change every row's numbers): the rows' teachers are built first, then fingerprinted.
+    rows = list(dict.fromkeys([*runs, *(n for n, _ in missing())]))
+    for name in rows:
+        build_teachers([*common, *CONDITIONS[name]])
+    fingerprints = {name: row_fingerprint([*common, *CONDITIONS[name]]) for name in rows}
+    runs, dropped = same_teachers(runs, fingerprints)
+    for line in dropped:
+        print(f"== {line}", flush=True)
+    todo = missing()
     if runs:
         print(f"== kept from {path}: {sum(map(len, runs.values()))} runs; to run: {len(todo)}", flush=True)
 
@@ -274,14 +357,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (name, seed): pool.submit(
                 run_one,
                 name,
-                [*common, *CONDITIONS[name], f"seed={seed}"],
+                # Each process its share of the cores (the demo's own count is for one run at a time).
+                [*common, *CONDITIONS[name], f"seed={seed}", f"num_threads={threads}"],
                 str(root / f"{list(CONDITIONS).index(name)}_{seed}"),
-                threads,
             )
             for name, seed in todo
         }
         for (name, seed), future in futures.items():
-            result = future.result()
+            result = {**future.result(), "fingerprint": fingerprints[name]}
             print(f"== {name}, seed {seed}: {result}", flush=True)
             runs.setdefault(name, {})[str(seed)] = result
             save()

@@ -148,3 +148,67 @@ def test_start_rows_and_a_released_start_not_in_cache_is_listed_not_run(
     cached.parent.mkdir(parents=True)
     shutil.copy(ced_reference / "ced_tiny_depth2_random.pt", cached)
     assert ablations.unavailable_start(released) is None
+
+
+def test_kept_runs_on_other_teachers_are_run_again_and_say_why(ablations, tmp_path, capsys):
+    """Resume compares the teachers' weights, not only the overrides: a rebuilt teacher (other weights at the
+    same path) makes the runs recorded on the old one run again, with a line naming the row, the seeds and
+    the teacher; the same weights saved again keep them."""
+    from conftest import save_tiny_teacher
+
+    CONDITIONS, row_fingerprint, same_teachers = (
+        ablations.CONDITIONS,
+        ablations.row_fingerprint,
+        ablations.same_teachers,
+    )
+    ensemble, single = next(iter(CONDITIONS)), "single teacher (MobileNet, the best one)"
+    teachers = tmp_path / "demo" / "teachers"
+    teachers.mkdir(parents=True)
+    for name in ("ced_tiny", "mobilenet"):
+        save_tiny_teacher(teachers / f"{name}.ckpt", num_classes=16)
+    common = [*COMMON, f"paths.data_dir={tmp_path}"]
+    before = {n: row_fingerprint([*common, *CONDITIONS[n]]) for n in (ensemble, single)}
+    assert set(before[ensemble]) == {"teacher ced_tiny", "teacher mobilenet", "start"}
+    assert before[single].keys() == {"teacher mobilenet", "start"}
+    # The student starts from the CED teacher's weights: the same file, the same digest.
+    assert before[ensemble]["start"] == before[ensemble]["teacher ced_tiny"] == before[single]["start"]
+
+    result = {"val/mAP": 0.5, "test/mAP": 0.4, "minutes": 3.0}
+    kept = {
+        ensemble: {"0": {**result, "fingerprint": before[ensemble]}, "1": dict(result)},  # "1": no record
+        single: {"0": {**result, "fingerprint": before[single]}},
+    }
+    # The same weights saved again (a new file, the same tensors): the runs stay.
+    save_tiny_teacher(teachers / "mobilenet.ckpt", num_classes=16)
+    again = {n: row_fingerprint([*common, *CONDITIONS[n]]) for n in (ensemble, single)}
+    assert again == before
+    same, dropped = same_teachers(kept, again)
+    assert same == {ensemble: {"0": kept[ensemble]["0"]}, single: kept[single]}
+    assert dropped == [
+        f"{ensemble}: seeds 1 ran on other weights (no fingerprint of their teachers was "
+        "recorded); running them again"
+    ]
+
+    # The MobileNet teacher rebuilt with other weights: both rows that learn from it start over.
+    torch = pytest.importorskip("torch")
+    from ced_lightning.models import create_ced, save_ced
+
+    torch.manual_seed(1)
+    save_ced(create_ced("ced_tiny", depth=1, num_classes=16), teachers / "mobilenet.ckpt")
+    after = {n: row_fingerprint([*common, *CONDITIONS[n]]) for n in (ensemble, single)}
+    assert after[ensemble]["teacher mobilenet"] != before[ensemble]["teacher mobilenet"]
+    assert after[ensemble]["teacher ced_tiny"] == before[ensemble]["teacher ced_tiny"]
+    same, dropped = same_teachers(kept, after)
+    assert same == {}
+    old, new = before[single]["teacher mobilenet"][:12], after[single]["teacher mobilenet"][:12]
+    assert f"{single}: seeds 0 ran on other weights (teacher mobilenet: {old} then, {new} now)" in dropped[1]
+    assert dropped[0].startswith(f"{ensemble}: seeds 0, 1 ran on other weights (")
+
+    # The table names the teachers its rows ran on.
+    out = {
+        "config": {"experiment": "x", "epochs": 6, "seeds": [0], "jobs": 1, "command": "c"},
+        "minutes": 1.0,
+        "runs": {single: {"0": {**result, "fingerprint": after[single]}}},
+        "results": ablations.summarize({single: [result]}),
+    }
+    assert f"Teachers of every row (sha256 of their weights): mobilenet {new}." in ablations.markdown(out)

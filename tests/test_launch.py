@@ -5,9 +5,16 @@ end to end.)"""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ced_lightning import compose_config
-from ced_lightning.launch import check_multirun_ddp, global_rank, launched_externally, requested_processes
+from ced_lightning.launch import (
+    check_multirun_ddp,
+    global_rank,
+    launched_externally,
+    requested_processes,
+    set_cpu_threads,
+)
 
 
 def test_multirun_ddp_is_allowed_when_a_cluster_launcher_started_the_ranks() -> None:
@@ -35,3 +42,15 @@ def test_global_rank_before_lightning_sets_it(monkeypatch: pytest.MonkeyPatch, e
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert global_rank() == rank
+
+
+def test_set_cpu_threads_pins_the_count_leaves_it_unasked_and_refuses_zero() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+        assert set_cpu_threads(None) == 1  # null: whatever the process has
+        assert set_cpu_threads(2) == 2 == torch.get_num_threads()
+        with pytest.raises(ValueError, match=r"num_threads=0: give a thread count of at least 1, or null"):
+            set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -212,3 +212,25 @@ def test_duplicate_teacher_names_from_checkpoints_refused(workdir: Path) -> None
         teacher_members(OmegaConf.create({"members": [{"checkpoint": a}, {"checkpoint": b}]}))
     named = [{"name": "a", "checkpoint": a}, {"name": "b", "checkpoint": b}]
     assert [m["name"] for m in teacher_members(OmegaConf.create({"members": named}))] == ["a", "b"]
+
+
+def test_a_member_built_from_its_target_is_recorded_by_its_weights() -> None:
+    """Before: the sha256 of a `_target_` member's weights failed on every 0-dim tensor (BatchNorm's batch
+    counter), so such a member with BatchNorm could not be loaded at all."""
+    from ced_lightning.teachers import load_teachers, state_dict_sha256
+
+    member = {
+        "name": "cnn",
+        "_target_": "ced_lightning.models.TimmMelClassifier",
+        "backbone": "mobilenetv3_small_100",
+        "num_classes": 4,
+    }
+    digests = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models, records, _ = load_teachers(OmegaConf.create({"members": [member]}))
+        assert records[0]["sha256"] == state_dict_sha256(models[0])
+        digests.append(records[0]["sha256"])
+    assert digests[0] == digests[1]
+    models[0].init_bn.num_batches_tracked += 1  # a 0-dim tensor: counted like every other
+    assert state_dict_sha256(models[0]) != digests[0]

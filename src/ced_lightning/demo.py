@@ -204,6 +204,7 @@ def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
         f"data={cfg.data.name}",
         f"seed={cfg.seed}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
+        *thread_overrides(cfg),
         "logger=csv",
         *augment_overrides(cfg),
         *list(cfg.data.get("teacher_overrides") or []),
@@ -229,6 +230,12 @@ def augment_overrides(cfg: DictConfig) -> list[str]:
     return [f"augment.{key}={json.dumps(value)}" for key, value in values.items()]
 
 
+def thread_overrides(cfg: DictConfig) -> list[str]:
+    """The CPU threads of this run (`num_threads`, the demo's `data.num_threads` unless the command line says
+    otherwise) for the commands it starts: the count is part of a CPU run's numbers."""
+    return [f"num_threads={json.dumps(cfg.get('num_threads'))}"]
+
+
 def extract_demo_logits(cfg: DictConfig) -> None:
     """The teachers' logit store over the student's `data.train` (distill.zarr: the labeled clips and the
     unlabeled pool) at `data.logits`, with the demo's extraction settings
@@ -250,6 +257,7 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"teacher_check.store={cfg.data.val}",
         f"allow_weak_teachers={bool(cfg.data.extract.get('allow_weak_teachers', False))}",
         f"trainer.accelerator={cfg.trainer.accelerator}",
+        *thread_overrides(cfg),
         *augment_overrides(cfg),
     ]
     extract_cfg = compose_inner("extract", overrides)

@@ -32,7 +32,7 @@ from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes, resolve_class_names
-from ced_lightning.launch import command_errors
+from ced_lightning.launch import command_errors, set_cpu_threads
 from ced_lightning.metrics import (
     chance_map,
     gain_over_chance,
@@ -319,9 +319,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "teacher=demo, or teacher=ced 'teacher.checkpoints=[a.ckpt,b.ckpt]'), not "
             + ("both" if teacher_cfg else "neither")
         )
-    if cfg.get("num_threads"):
-        # Left alone by default: torch's own default honours OMP_NUM_THREADS, which launchers set per process.
-        torch.set_num_threads(int(cfg.num_threads))
+    # Left alone by default: torch's own default honours OMP_NUM_THREADS, which launchers set per process.
+    set_cpu_threads(cfg.get("num_threads"))
     options = {
         "batch_size": int(cfg.batch_size),
         "output_dir": cfg.output_dir,

@@ -45,7 +45,7 @@ from ced_lightning.evaluate import (
     weak_teachers,
 )
 from ced_lightning.labels import class_list_difference, resolve_class_names
-from ced_lightning.launch import command_errors, global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks
+from ced_lightning.launch import command_errors, global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks, set_cpu_threads
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
@@ -255,6 +255,7 @@ def run_extract(cfg: DictConfig) -> LogitStore:
 
 
 def _extract(cfg: DictConfig) -> LogitStore:
+    set_cpu_threads(cfg.get("num_threads"))  # a CNN teacher's logits depend on it on the CPU
     audio = open_audio(store_urls(cfg.audio_store))  # a list of stores: read as one (store.concat)
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
     quality = None

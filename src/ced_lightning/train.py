@@ -25,7 +25,7 @@ from ced_lightning import conf_dir
 from ced_lightning.errors import ConfigError
 from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
 from ced_lightning.inputs import ensure_inputs
-from ced_lightning.launch import command_errors, prepare_ddp_relaunch, quiet_non_zero_ranks
+from ced_lightning.launch import command_errors, prepare_ddp_relaunch, quiet_non_zero_ranks, set_cpu_threads
 from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
 from ced_lightning.runtime import (
     build_callbacks,
@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test as `cfg` says; returns the metrics: the monitored one (`val/mAP`) at its best
     validation, the others (`test/mAP`, ...) as last logged."""
     ensure_inputs(cfg)  # a missing store stops the run at once, naming the command that builds it
+    threads = set_cpu_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_task(cfg)
     callbacks = build_callbacks(cfg)
@@ -51,7 +52,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers)
     # The saved configs say what the run uses (a student's clip length and recipe come from its logit store).
-    log_hyperparameters(record_resolved(cfg, resolved_values(datamodule, module)), module, trainer)
+    used = {**resolved_values(datamodule, module), "num_threads": threads}
+    log_hyperparameters(record_resolved(cfg, used), module, trainer)
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -1,0 +1,82 @@
+"""Runs that repeat: the demo built twice by the same command, in separate processes and folders, gives the
+same teachers (a timm MobileNet and a CED), the same logit store and the same student, bit for bit, also when
+the environment asks for another CPU thread count (the demo pins its own: `data.num_threads`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import run_command
+
+SMALL = [
+    "data.clip_seconds=1.0",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.schedule.max_epochs=1",
+    "data.schedule.warmup_steps=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def build_demo(root: Path, omp_threads: str) -> Path:
+    """The demo's stores, both teachers (2 batches each), their logit store and a student (one epoch over 24
+    clips) from one `python -m ced_lightning.train` run in `root`, with OMP_NUM_THREADS=`omp_threads`."""
+    root.mkdir()
+    args = [
+        "experiment=student_demo",
+        f"paths.root_dir={root}",
+        f"hydra.run.dir={root}/run",
+        "data.demo.clips={train: 16, unlabeled: 8, val: 8, test: 8}",
+        "data.extract.epochs=1",
+        "data.extract.topk=4",
+        "data.extract.allow_weak_teachers=true",  # teachers of 2 steps are near chance
+        "data.label_only_baseline=false",
+        "+summary=false",
+        *SMALL,
+        "data.teacher_overrides=[" + ",".join(f"'{o}'" for o in SMALL) + "]",
+        "logger=csv",
+    ]
+    # The relative default paths (paths.root_dir=.) would also do; the folder differs between the builds.
+    run = run_command("train", *args, cwd=root, timeout=300, OMP_NUM_THREADS=omp_threads)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return root
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    differing = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differing, f"{what}: {len(differing)} of {len(a)} tensors differ, e.g. {differing[:3]}"
+
+
+def logit_arrays(url: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(url), mode="r")
+    return {name: np.asarray(array[...]) for name, array in group.arrays()}
+
+
+@pytest.mark.slow
+def test_the_demo_built_twice_gives_the_same_teachers_logits_and_student_bit_for_bit(tmp_path: Path) -> None:
+    first = build_demo(tmp_path / "first", omp_threads="1")
+    second = build_demo(tmp_path / "second", omp_threads="2")
+    teachers = [Path("data/demo/teachers") / f"{name}.ckpt" for name in ("ced_tiny", "mobilenet")]
+    for teacher in teachers:
+        assert_same_tensors(weights(first / teacher), weights(second / teacher), str(teacher))
+    logits = Path("data/demo/logits_demo.zarr")
+    a, b = logit_arrays(first / logits), logit_arrays(second / logits)
+    assert a.keys() == b.keys() and "topk_values" in a
+    for name in a:
+        assert np.array_equal(a[name], b[name]), f"{logits}/{name}"
+    student = Path("run/checkpoints")
+    checkpoints = sorted(p.name for p in (first / student).glob("*.ckpt"))
+    assert "averaged.ckpt" in checkpoints
+    assert checkpoints == sorted(p.name for p in (second / student).glob("*.ckpt"))
+    for name in checkpoints:
+        assert_same_tensors(weights(first / student / name), weights(second / student / name), name)
