@@ -45,7 +45,13 @@ from ced_lightning.evaluate import (
     weak_teachers,
 )
 from ced_lightning.labels import class_list_difference, resolve_class_names
-from ced_lightning.launch import command_errors, global_rank, prepare_ddp_relaunch, quiet_non_zero_ranks, set_cpu_threads
+from ced_lightning.launch import (
+    command_errors,
+    global_rank,
+    prepare_ddp_relaunch,
+    quiet_non_zero_ranks,
+    set_cpu_threads,
+)
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
