@@ -109,6 +109,31 @@ def test_file_list_tsv_csv_labels(tmp_path: Path) -> None:
         from_file_list(unknown)
 
 
+def test_file_list_labels_by_display_name(tmp_path: Path) -> None:
+    """Before: a display name was refused with the hint "pass class_labels=", also when class_labels was
+    passed. Display names are read whole, a comma inside one included."""
+    write_wav(tmp_path / "clips" / "x.wav")
+    names = tmp_path / "names.csv"
+    names.write_text('filename,labels\nclips/x.wav,"Speech;Male speech, man speaking;/m/09x0r"\n')
+    speech, male = (
+        audioset_classes().names.index("Speech"),
+        audioset_classes().names.index("Male speech, man speaking"),
+    )
+    assert from_file_list(names).items[0].labels == [speech, male, speech]
+    own = tmp_path / "own_classes.csv"
+    own.write_text('index,mid,display_name\n0,/x/dog,Dog\n1,/x/cat,"Cat, house"\n')
+    mine = tmp_path / "mine.csv"
+    mine.write_text('filename,labels\nclips/x.wav,"Cat, house,Dog"\n')
+    source = read_source(str(mine), class_labels=str(own))
+    assert source.items[0].labels == [1, 0]
+    mine.write_text("filename,labels\nclips/x.wav,Horse\n")
+    with pytest.raises(ValueError) as refused:
+        read_source(str(mine), class_labels=str(own))
+    assert str(refused.value).endswith(
+        "mine.csv:2: unknown class 'Horse': not an index, mid or display name of the class_labels list"
+    )
+
+
 def test_segment_csv_matches_download_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = read_segment_csv(SEGMENTS)
     assert len(rows) == 30 and rows[0][1:4] == ("--PJHxphWEs", "30.000", "40.000")
