@@ -62,7 +62,9 @@ def test_outputs_never_go_inside_a_store(tmp_path: Path, clip: Path) -> None:
     store = tmp_path / "audio.zarr"
     write_audio_store(str(store), [("a", np.zeros(16000, np.float32), [0])], class_names=["x", "y"])
     before = files_under(store)
-    with pytest.raises(FileExistsError, match=rf"{store} holds another Zarr store, not a embeddings store"):
+    with pytest.raises(
+        FileExistsError, match=rf"{store} holds another Zarr store, not a predict embeddings store"
+    ):
         predict_files(
             str(REFERENCE), [clip], outputs=["embeddings"], embeddings_output=store, embeddings_format="zarr"
         )

@@ -83,7 +83,7 @@ def is_embeddings_store(url: str) -> bool:
 def check_embeddings_store(url: str | os.PathLike, key: str) -> None:
     """The embeddings store's place: new, an empty folder, or a store of embeddings an earlier run wrote
     (its files' groups are replaced); never another store or inside one (`check_free_for_store`)."""
-    check_free_for_store(str(url), f"embeddings store ({key})", ours=is_embeddings_store(str(url)))
+    check_free_for_store(str(url), f"predict embeddings store ({key})", ours=is_embeddings_store(str(url)))
 
 
 def remove_output(path: Path, key: str, err: OSError, removed: bool) -> OutputWriteError:
