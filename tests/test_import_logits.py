@@ -695,3 +695,36 @@ def test_credentials_in_the_source_url_stay_out_of_the_store_and_the_report(
     kept = (out / "zarr.json").read_text() + (out / STATS_FILE).read_text()
     assert "memory://***@bucket/chunk_10" in kept
     assert secret not in kept and secret not in said
+
+
+# ------------------------------------------------------------------------------------ damaged source files
+
+
+@pytest.mark.parametrize("suffix", ["h5", "parquet"])
+def test_a_truncated_file_is_named_with_the_epoch_and_rank_it_held(
+    tmp_path: Path, stores: dict[str, str], suffix: str
+) -> None:
+    """Before: a truncated h5 file gave h5py's 'truncated file: eof = ...' naming no file, a truncated parquet
+    pyarrow's "'<Buffer>'": in a release of hundreds of files the user could not tell which one."""
+    release = _copy_release(tmp_path)
+    damaged = release / f"logits_ep2_1.{suffix}"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(LegacyImportError) as refused:
+        _import(release, stores["by_file"], tmp_path / "refused.zarr")
+    message = str(refused.value)
+    assert message.startswith(f"{damaged} (epoch 2, rank 1): cannot read it (")
+    assert message.endswith("the file is damaged or truncated: copy it again from the release")
+    assert "\n" not in message
+    assert not (tmp_path / "refused.zarr").exists()
+
+
+def test_a_truncated_file_fails_the_command_naming_it(tmp_path: Path, stores: dict[str, str]) -> None:
+    release = _copy_release(tmp_path)
+    damaged = release / "logits_ep3_0.h5"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    done = run_command(
+        "import_logits", f"source={release}", f"audio_store={stores['by_file']}",
+        f"output={tmp_path / 'out.zarr'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"{damaged} (epoch 3, rank 0): cannot read it (OSError: " in done.stdout + done.stderr

@@ -109,6 +109,31 @@ def test_file_list_tsv_csv_labels(tmp_path: Path) -> None:
         from_file_list(unknown)
 
 
+def test_file_list_labels_by_display_name(tmp_path: Path) -> None:
+    """Before: a display name was refused with the hint "pass class_labels=", also when class_labels was
+    passed. Display names are read whole, a comma inside one included."""
+    write_wav(tmp_path / "clips" / "x.wav")
+    names = tmp_path / "names.csv"
+    names.write_text('filename,labels\nclips/x.wav,"Speech;Male speech, man speaking;/m/09x0r"\n')
+    speech, male = (
+        audioset_classes().names.index("Speech"),
+        audioset_classes().names.index("Male speech, man speaking"),
+    )
+    assert from_file_list(names).items[0].labels == [speech, male, speech]
+    own = tmp_path / "own_classes.csv"
+    own.write_text('index,mid,display_name\n0,/x/dog,Dog\n1,/x/cat,"Cat, house"\n')
+    mine = tmp_path / "mine.csv"
+    mine.write_text('filename,labels\nclips/x.wav,"Cat, house,Dog"\n')
+    source = read_source(str(mine), class_labels=str(own))
+    assert source.items[0].labels == [1, 0]
+    mine.write_text("filename,labels\nclips/x.wav,Horse\n")
+    with pytest.raises(ValueError) as refused:
+        read_source(str(mine), class_labels=str(own))
+    assert str(refused.value).endswith(
+        "mine.csv:2: unknown class 'Horse': not an index, mid or display name of the class_labels list"
+    )
+
+
 def test_segment_csv_matches_download_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = read_segment_csv(SEGMENTS)
     assert len(rows) == 30 and rows[0][1:4] == ("--PJHxphWEs", "30.000", "40.000")
@@ -442,3 +467,60 @@ def test_unreadable_folders_are_reported(tmp_path: Path, caplog: pytest.LogCaptu
     assert [i.name for i in items] == ["a"]
     assert "1 folders could not be read and were skipped, e.g." in caplog.text
     assert "File name too long" in caplog.text
+
+
+# -- decoding processes end with the command ---------------------------------------------------------------
+def _children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is `pid`, read from /proc (psutil may not be installed)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended while we looked
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_decoding_workers_die_with_a_killed_prepare(tmp_path: Path) -> None:
+    """Before: kill -9 of `prepare workers=2` left both decoding processes alive, reparented to pid 1."""
+    for k in range(24):
+        write_wav(tmp_path / "in" / f"clip{k:02d}.wav", seconds=0.2, freq=200 + 30 * k)
+    overrides = [
+        f"input={tmp_path / 'in'}", f"output={tmp_path / 'out.zarr'}", "workers=2", "chunk_samples=1024",
+        "shard_chunks=2", "throttle_s=0.5", f"paths.log_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+    # stderr to a file, not a pipe: surviving workers would hold a pipe open and hang the read.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            command("prepare", *overrides), cwd=tmp_path, env=command_env(), stderr=stderr
+        )
+    workers: set[int] = set()
+    deadline = time.monotonic() + 90
+    try:
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            workers = _children(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stderr_text = (tmp_path / "stderr.txt").read_text()
+    assert len(workers) >= 2, f"the decoding processes never started; stderr:\n{stderr_text[-2000:]}"
+    gone_by = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # do not leave them behind for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"decoding processes {survivors} outlived their killed parent"

@@ -17,6 +17,7 @@ import torch
 
 from ced_lightning import compose_config, conf_dir
 from ced_lightning.models import create_ced
+from conftest import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
@@ -328,12 +329,29 @@ def test_every_rank_gets_evaluation_batches_with_every_clip_once(world_size: int
             r"multirun .* trainer\.devices=2 x trainer\.num_nodes=1 \(2 processes\).* one job per launch",
         ),
         (
+            ["data.schedule.max_epochs=0"],
+            r"trainer\.max_epochs=0 \(from data\.schedule\.max_epochs\): train=true would take no optimizer",
+        ),
+        (["+trainer.max_steps=0"], r"trainer\.max_steps=0: train=true would take no optimizer step"),
+        (["trainer.limit_train_batches=0.0"], r"trainer\.limit_train_batches=0\.0: train=true would take no"),
+        (["+trainer.max_time=00:00:00:00"], r"trainer\.max_time=00:00:00:00: train=true would take no"),
+        (
             ["augment=none", "augment.time_mask_frames=50"],
             r"task=distill takes its augmentation from the logit store .*, so augment=none "
             r"augment\.time_mask_frames=50 would change nothing",
         ),
     ],
-    ids=["test_ckpt-typo", "test-untrained-weights", "missing-ckpt", "multirun-ddp", "distill-augment"],
+    ids=[
+        "test_ckpt-typo",
+        "test-untrained-weights",
+        "missing-ckpt",
+        "multirun-ddp",
+        "no-epochs",
+        "no-steps",
+        "no-batches",
+        "no-time",
+        "distill-augment",
+    ],
 )
 def test_run_options_are_refused_before_anything_starts(
     overrides: list[str], error: str, tmp_path: Path
@@ -344,6 +362,18 @@ def test_run_options_are_refused_before_anything_starts(
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         ensure_inputs(cfg)
     assert not any(tmp_path.iterdir())  # the demo built nothing
+
+
+def test_a_fit_without_steps_fails_the_command(tmp_path: Path) -> None:
+    """Before: `trainer.max_epochs=0` exited 0 and reported the test mAP of untrained weights."""
+    done = run_command(
+        "train", "experiment=ced_mini", f"paths.data_dir={tmp_path / 'data'}", "trainer.max_epochs=0",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2  # a config value: the usage exit status
+    assert "trainer.max_epochs=0: train=true would take no optimizer step" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # the demo's inputs were not built for nothing
 
 
 def _store_with_short_clips(source_url: str, url: Path, samples: int = 200) -> str:

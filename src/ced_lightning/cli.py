@@ -60,6 +60,12 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--windows-output", default=None, help="with --outputs windows: FILE.csv or FILE.jsonl"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output or --windows-output file that ced-predict did not write (its own "
+        "earlier output is replaced without it)",
+    )
     parser.add_argument("--timeline-dir", default=None, help="with --outputs windows: one PNG per file here")
     parser.add_argument(
         "--embeddings-output", default=None, help="with --outputs embeddings: a folder (npy) or a Zarr store"
@@ -115,6 +121,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             quantize=args.quantize,
             progress_min_files=20 if sys.stderr.isatty() else sys.maxsize,
+            overwrite=args.overwrite,
         )
     except CedError as err:  # raised on purpose: one line, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if full_errors_wanted():

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning.callbacks import AverageBestCheckpoints
 from ced_lightning.errors import ConfigError, MissingInputError
@@ -39,7 +41,46 @@ def check_run_options(cfg: DictConfig) -> None:
         )
     if _local_checkpoint_file(ckpt_path) and not Path(ckpt_path).is_file():
         raise MissingInputError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if cfg.train:
+        _refuse_fit_without_steps(cfg)
     check_multirun_ddp(cfg)
+
+
+def _refuse_fit_without_steps(cfg: DictConfig) -> None:
+    """A fit that can take no optimizer step exits 0 with untrained weights (and tests them, with no
+    checkpoint to show for it): refused, naming the trainer option that stops it."""
+    trainer = cfg.get("trainer") or {}
+    stopping = [
+        key for key in ("max_epochs", "max_steps", "limit_train_batches") if _is_zero(trainer.get(key))
+    ]
+    if _is_zero_time(trainer.get("max_time")):
+        stopping.append("max_time")
+    if not stopping:
+        return
+    key = stopping[0]
+    setting = f"trainer.{key}={trainer.get(key)}"
+    source = re.fullmatch(r"\$\{([\w.]+)\}", str(OmegaConf.to_container(trainer, resolve=False)[key]))
+    if source:  # the default trainer takes max_epochs from the data's schedule
+        setting += f" (from {source.group(1)})"
+    raise ConfigError(
+        f"{setting}: train=true would take no optimizer step and leave untrained weights (tested as if "
+        "trained). Set it so that training runs, or test a trained checkpoint with train=false test=true "
+        "ckpt_path=<checkpoint>"
+    )
+
+
+def _is_zero(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def _is_zero_time(value: object) -> bool:
+    """Whether Lightning's `max_time` ("DD:HH:MM:SS", or a mapping of timedelta fields) is no time at all."""
+    if isinstance(value, str):
+        parts = value.split(":")
+        return all(part.strip().isdigit() for part in parts) and all(int(part) == 0 for part in parts)
+    if isinstance(value, Mapping) and value:
+        return all(_is_zero(part) for part in value.values())
+    return False
 
 
 def _local_checkpoint_file(ckpt_path: str | None) -> bool:

@@ -17,10 +17,12 @@ tags depending on its batch neighbours (`length_tolerance_s` trades that for spe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +46,14 @@ from ced_lightning.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.launch import command_errors
 from ced_lightning.models.ced import PIECE_AVERAGES
+from ced_lightning.output_files import (
+    EMBEDDINGS_STORE_KIND,
+    check_embeddings_store,
+    check_output_file,
+    check_output_folder,
+    discard_file,
+    remove_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +265,10 @@ class _Sink:
     def close(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        """The run failed: close, and leave no file that holds nothing."""
+        self.close()
+
 
 def check_table_suffix(path: str | PathLike, key: str) -> str:
     """The format of a tags or windows file from its name: "jsonl" (`.jsonl`, `.json`) or "csv"."""
@@ -269,73 +283,110 @@ def check_table_suffix(path: str | PathLike, key: str) -> str:
 CSV_COLUMNS = ["file", "start_s", "end_s", "rank", "index", "name", "probability"]
 
 
-def _open_table(path: str | PathLike | IO[str], key: str) -> tuple[IO[str], str, bool]:
-    if not isinstance(path, str | PathLike):
-        return path, "jsonl", False  # a stream (stdout): JSON lines
-    kind = check_table_suffix(path, key)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w", newline="" if kind == "csv" else None, encoding="utf-8"), kind, True
+def is_table_we_wrote(first_line: str) -> bool:
+    """Whether a tags or windows file's first line is one this module writes (its CSV header, or a JSON
+    line of a file's tags): such a file may be replaced by a rerun."""
+    if first_line == ",".join(CSV_COLUMNS):
+        return True
+    try:
+        row = json.loads(first_line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and {"file", "labels"} <= row.keys()
 
 
-class TagsWriter(_Sink):
-    """Clip tags, one file at a time as each is finished: JSON lines (`{"file", "duration_s", "labels"}`) or
-    CSV (`file,start_s,end_s,rank,index,name,probability` with empty start and end)."""
+class _TableFile(_Sink):
+    """A tags or windows table, a file or a stream, flushed after each write. A file that cannot be written
+    (read-only folder, full disk) is removed and named in one `OutputWriteError`."""
 
-    def __init__(self, path: str | PathLike | IO[str]) -> None:
-        self.handle, self.kind, self.owned = _open_table(path, "output")
+    def __init__(self, path: str | PathLike | IO[str], key: str) -> None:
+        self.key, self.rows = key, 0
+        self.path = Path(path) if isinstance(path, str | PathLike) else None
+        if self.path is None:
+            self.handle, self.kind, self.owned = path, "jsonl", False  # a stream (stdout): JSON lines
+        else:
+            self.kind, self.owned = check_table_suffix(path, key), True
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                newline = "" if self.kind == "csv" else None
+                self.handle = open(path, "w", newline=newline, encoding="utf-8")  # noqa: SIM115 (kept open)
+            except OSError as err:
+                raise remove_output(self.path, key, err, removed=False) from err
         if self.kind == "csv":
             self.writer = csv.writer(self.handle)
-            self.writer.writerow(CSV_COLUMNS)
+            self._write(lambda: self.writer.writerow(CSV_COLUMNS))
 
-    def add_file(self, index: int, result: dict[str, Any]) -> None:
-        if self.kind == "jsonl":
-            self.handle.write(json.dumps(result, ensure_ascii=False) + "\n")
-        else:
-            for rank, label in enumerate(result["labels"], start=1):
-                row = [result["file"], "", "", rank, label["index"], label["name"], label["probability"]]
-                self.writer.writerow(row)
-        self.handle.flush()
+    def _write(self, write: Callable[[], Any]) -> None:
+        try:
+            write()
+            self.handle.flush()
+        except OSError as err:
+            if self.path is None:
+                raise
+            self._close_quietly()
+            raise remove_output(self.path, self.key, err, discard_file(self.path)) from err
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(OSError):  # the buffered rest cannot be written either (full disk)
+            self.handle.close()
 
     def close(self) -> None:
         if self.owned:
             self.handle.close()
 
+    def abandon(self) -> None:
+        if self.owned:
+            self._close_quietly()
+            if self.rows == 0:
+                discard_file(self.path)
 
-class WindowsWriter(_Sink):
+
+class TagsWriter(_TableFile):
+    """Clip tags, one file at a time as each is finished: JSON lines (`{"file", "duration_s", "labels"}`) or
+    CSV (`file,start_s,end_s,rank,index,name,probability` with empty start and end)."""
+
+    def __init__(self, path: str | PathLike | IO[str]) -> None:
+        super().__init__(path, "output")
+
+    def add_file(self, index: int, result: dict[str, Any]) -> None:
+        if self.kind == "jsonl":
+            self._write(lambda: self.handle.write(json.dumps(result, ensure_ascii=False) + "\n"))
+        else:
+            rows = [
+                [result["file"], "", "", rank, label["index"], label["name"], label["probability"]]
+                for rank, label in enumerate(result["labels"], start=1)
+            ]
+            self._write(lambda: self.writer.writerows(rows))
+        self.rows += 1
+
+
+class WindowsWriter(_TableFile):
     """Per-window top-k tags (the sound-event timeline), appended as windows are tagged: CSV rows
     `file,start_s,end_s,rank,index,name,probability` or JSON lines `{"file", "start_s", "end_s",
     "labels"}`."""
 
     def __init__(self, path: str | PathLike | IO[str], topk: int, class_names: Sequence[str]) -> None:
-        self.handle, self.kind, self.owned = _open_table(path, "windows_output")
         self.topk, self.class_names = topk, class_names
-        if self.kind == "csv":
-            self.writer = csv.writer(self.handle)
-            self.writer.writerow(CSV_COLUMNS)
+        super().__init__(path, "windows_output")
 
     def add_windows(self, windows: WindowBatch) -> None:
+        lines: list[str] = []
+        rows: list[list[Any]] = []
         for (start, end), probs in zip(windows.spans, windows.probs, strict=True):
             labels = _top(probs, self.topk, self.class_names)
             if self.kind == "jsonl":
                 row = {"file": windows.file, "start_s": start, "end_s": end, "labels": labels}
-                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
             else:
-                for rank, label in enumerate(labels, start=1):
-                    row = [
-                        windows.file,
-                        start,
-                        end,
-                        rank,
-                        label["index"],
-                        label["name"],
-                        label["probability"],
-                    ]
-                    self.writer.writerow(row)
-        self.handle.flush()
-
-    def close(self) -> None:
-        if self.owned:
-            self.handle.close()
+                rows.extend(
+                    [windows.file, start, end, rank, label["index"], label["name"], label["probability"]]
+                    for rank, label in enumerate(labels, start=1)
+                )
+        if self.kind == "jsonl":
+            self._write(lambda: self.handle.writelines(lines))
+        else:
+            self._write(lambda: self.writer.writerows(rows))
+        self.rows += len(windows.spans)
 
 
 def output_name(index: int, file: str) -> str:
@@ -385,20 +436,36 @@ class EmbeddingsWriter(_Sink):
             raise ConfigError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
         self.format, self.path = embeddings_format, str(path)
         self.open: dict[int, Any] = {}
-        if embeddings_format == "npy":
-            Path(self.path).mkdir(parents=True, exist_ok=True)
-            self.root = None
-        else:
-            import zarr
+        self.files: dict[int, str] = {}  # of the open targets
+        self.created, self.written = not Path(self.path).exists(), 0
+        try:
+            if embeddings_format == "npy":
+                Path(self.path).mkdir(parents=True, exist_ok=True)
+                self.root = None
+            else:
+                import zarr
 
-            self.root = zarr.open_group(self.path, mode="a")
+                self.root = zarr.open_group(self.path, mode="a")
+                # The store is this command's: a rerun may replace its groups (`check_embeddings_store`).
+                self.root.attrs["kind"] = EMBEDDINGS_STORE_KIND
+        except OSError as err:
+            raise remove_output(Path(self.path), "embeddings_output", err, removed=False) from err
 
     def add_windows(self, windows: WindowBatch) -> None:
+        try:
+            self._add_windows(windows)
+        except OSError as err:
+            self.discard(windows.index, windows.file)
+            where = Path(self.path) / output_name(windows.index, windows.file)
+            raise remove_output(where, "embeddings_output", err, removed=True) from err
+
+    def _add_windows(self, windows: WindowBatch) -> None:
         if windows.embeddings is None:
             raise ValueError("outputs=embeddings: the windows were tagged without embeddings")
         rows = windows.embeddings.numpy().astype(np.float32)
         name = output_name(windows.index, windows.file)
         target = self.open.get(windows.index)
+        self.files[windows.index] = windows.file
         if self.root is None:
             if target is None:
                 target = self.open[windows.index] = _NpyAppender(
@@ -423,15 +490,25 @@ class EmbeddingsWriter(_Sink):
         target = self.open.pop(index, None)
         if isinstance(target, _NpyAppender):
             target.close()
+        self.written += 1
 
     def discard(self, index: int, file: str) -> None:
         target = self.open.pop(index, None)
         name = output_name(index, file)
-        if isinstance(target, _NpyAppender):
-            target.close()
-            target.path.unlink(missing_ok=True)
-        elif self.root is not None and name in self.root:
-            del self.root[name]
+        try:
+            if isinstance(target, _NpyAppender):
+                target.close()
+                target.path.unlink(missing_ok=True)
+            elif self.root is not None and name in self.root:
+                del self.root[name]
+        except OSError:  # the file system refuses even this (read-only): the failure itself is reported
+            log.warning("embeddings_output: could not remove the incomplete %s", name)
+
+    def abandon(self) -> None:
+        for index in list(self.open):
+            self.discard(index, self.files[index])
+        if self.created and not self.written:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
         for target in self.open.values():
@@ -631,6 +708,31 @@ def check_windows(segment_seconds: float | None, hop_seconds: float | None, batc
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def window_samples(
+    model: nn.Module, segment_seconds: float | None, hop_seconds: float | None
+) -> tuple[int, int]:
+    """(window, hop) in samples for `model`. Refused: a window shorter than one of the model's STFT windows
+    (a spectrogram of one frame; 1e-5 s asked for 400,000 windows of a 4 s clip), and a hop longer than the
+    window (the audio between windows would be tagged by none, without a word)."""
+    segment = model_piece_samples(model) if segment_seconds is None else round(segment_seconds * SAMPLE_RATE)
+    front_end = getattr(getattr(model, "front_end", None), "config", None)
+    shortest = int(getattr(front_end, "n_fft", 1))
+    if segment < shortest:
+        raise ConfigError(
+            f"segment_seconds={segment_seconds}: shorter than one STFT window of the model ({shortest} "
+            f"samples, {shortest / SAMPLE_RATE:g} s); use segment_seconds >= {shortest / SAMPLE_RATE:g}"
+        )
+    hop = segment if hop_seconds is None else max(1, round(hop_seconds * SAMPLE_RATE))
+    if hop > segment:
+        skipped = (hop - segment) / SAMPLE_RATE
+        raise ConfigError(
+            f"hop_seconds={hop_seconds} is longer than the window ({segment / SAMPLE_RATE:g} s): "
+            f"{skipped:g} s of every {hop / SAMPLE_RATE:g} s ({100 * (hop - segment) / hop:.0f}%) would be "
+            "tagged by no window. Use hop_seconds <= segment_seconds"
+        )
+    return segment, hop
+
+
 def tag_files(
     model: nn.Module,
     paths: Sequence[str | PathLike],
@@ -666,11 +768,7 @@ def tag_files(
         raise ConfigError(
             f"outputs=embeddings: {type(model).__name__} has no forward_and_embed (CED and timm taggers do)"
         )
-    if segment_seconds is None:
-        segment = model_piece_samples(model)
-    else:
-        segment = max(1, round(segment_seconds * SAMPLE_RATE))
-    hop = segment if hop_seconds is None else max(1, round(hop_seconds * SAMPLE_RATE))
+    segment, hop = window_samples(model, segment_seconds, hop_seconds)
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
     piece_average = getattr(getattr(model, "config", None), "piece_average", "probability")
@@ -747,13 +845,15 @@ def predict_files(
     quantize: str | None = None,
     progress_min_files: int = 20,
     print_tags: bool = True,
+    overwrite: bool = False,
 ) -> list[Failure]:
     """Load `ckpt` (a path or a released model's name), tag `inputs` (files and folders) and write the
     requested `outputs`: "tags" to `output` (`.jsonl`, `.csv`, or "-" for JSON lines on stdout), "windows" to
     `windows_output` (`.csv`, `.jsonl`) and PNG charts to `timeline_dir` (when given), "embeddings" to
     `embeddings_output` as `embeddings_format`. Prints each file's tags as it is finished; returns the
     failures. Everything is checked before the checkpoint is read. `quantize="int8"` runs the model's linear
-    layers in dynamic int8 (`models.quantize_dynamic_int8`), on the CPU."""
+    layers in dynamic int8 (`models.quantize_dynamic_int8`), on the CPU. No output goes inside a Zarr store,
+    and an existing file this command did not write is replaced only with `overwrite` (`output_files`)."""
     from ced_lightning.models import QUANTIZE_CHOICES, apply_quantization, load_checkpoint
 
     if not inputs:
@@ -787,12 +887,22 @@ def predict_files(
 
     check_windows(segment_seconds, hop_seconds, batch_size)
     files = expand_inputs(inputs)  # a missing input is named before a released model is downloaded
+    if not files:
+        raise ConfigError(
+            f"inputs: no audio files in {', '.join(map(str, inputs))} ({describe_extensions()}); nothing "
+            "to tag"
+        )
+    _check_outputs(outputs, output, windows_output, timeline_dir, embeddings_output, embeddings_format,
+                   overwrite)  # fmt: skip
+    check_model_argument(ckpt)
     checkpoint = load_checkpoint(ckpt)
     model = apply_quantization(checkpoint.model, quantize)
     class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
+    window_samples(model, segment_seconds, hop_seconds)  # before any output file is opened
     log.info("tagging %d files with %s", len(files), ckpt)
 
     sinks: list[PredictionSink] = []
+    succeeded = False
     try:
         if "tags" in outputs and output:
             sinks.append(TagsWriter(sys.stdout if to_stdout else output))
@@ -832,9 +942,13 @@ def predict_files(
                 )
         else:
             results, failures = tag_files(model, files, **kwargs)
+        succeeded = True
     finally:
         for sink in sinks:
-            sink.close()
+            if succeeded:
+                sink.close()
+            else:  # nothing empty or half written is left behind
+                getattr(sink, "abandon", sink.close)()
 
     written = {
         "tags": output if "tags" in outputs and output and not to_stdout else None,
@@ -850,6 +964,42 @@ def predict_files(
     if failures:
         log.error("%d of %d files could not be tagged", len(failures), len(files))
     return failures
+
+
+def _check_outputs(
+    outputs: Sequence[str],
+    output: str | PathLike | None,
+    windows_output: str | PathLike | None,
+    timeline_dir: str | PathLike | None,
+    embeddings_output: str | PathLike | None,
+    embeddings_format: str,
+    overwrite: bool,
+) -> None:
+    """Every requested output's place, before the model is read (`output_files`)."""
+    if "tags" in outputs and output and str(output) != "-":
+        check_output_file(output, "output", overwrite, is_table_we_wrote)
+    if "windows" in outputs:
+        check_output_file(windows_output, "windows_output", overwrite, is_table_we_wrote)
+        if timeline_dir:
+            check_output_folder(timeline_dir, "timeline_dir")
+    if "embeddings" in outputs:
+        if embeddings_format == "zarr":
+            check_embeddings_store(embeddings_output, "embeddings_output")
+        else:
+            check_output_folder(embeddings_output, "embeddings_output")
+
+
+def check_model_argument(ckpt: str | PathLike) -> None:
+    """A local checkpoint argument that is neither a file nor a released model's name: say both."""
+    from ced_lightning.models.released import list_released, released_entry
+
+    text = str(ckpt)
+    if released_entry(text) is not None or "://" in text or Path(text).exists():
+        return
+    raise MissingInputError(
+        f"{text}: no such checkpoint file, and not a released model's name (released: "
+        f"{', '.join(list_released())})"
+    )
 
 
 def predict(cfg: DictConfig) -> list[Failure]:
@@ -892,6 +1042,7 @@ def predict(cfg: DictConfig) -> list[Failure]:
         device=str(cfg.get("device", "auto")),
         quantize=cfg.get("quantize"),
         progress_min_files=int(cfg.get("progress_min_files", 20)),
+        overwrite=bool(cfg.get("overwrite", False)),
     )
 
 

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -70,11 +71,54 @@ def decode_item(item: SourceItem) -> tuple[np.ndarray | None, str | None]:
     return float_to_int16(waveform), None
 
 
-def _worker_init() -> None:
+_PARENT_POLL_S = 1.0
+
+
+def _die_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
+    """End this worker when the process that started it dies (kill -9 included), instead of living on
+    reparented to pid 1 with its decoder's memory.
+
+    On Linux the kernel sends SIGKILL the moment the parent dies (PR_SET_PDEATHSIG). That signal follows the
+    *thread* that forked, so it is armed only when the main thread did; elsewhere a daemon thread polls the
+    parent's pid once a second and exits the worker when it has changed.
+    """
+    if forked_by_main_thread and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl (an unusual libc): the watchdog below remains
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int, forked_by_main_thread: bool) -> None:
+    _die_with_parent(parent_pid, forked_by_main_thread)
     # Each worker decodes one file at a time; torch's intra-op threads would only fight over the cores.
     import torch
 
     torch.set_num_threads(1)
+
+
+def _decoding_pool(workers: int, context: Any) -> ProcessPoolExecutor:
+    """A pool of `workers` decoding processes that end when this process dies."""
+    forked_by_main_thread = threading.current_thread() is threading.main_thread()
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_worker_init,
+        initargs=(os.getpid(), forked_by_main_thread),
+    )
 
 
 def _pool_context() -> Any:
@@ -92,7 +136,7 @@ class DecoderDiedError(CedError, RuntimeError):
 
 def _decode_alone(item: SourceItem, context: Any) -> tuple[np.ndarray | None, str | None]:
     # One file in a process of its own, so that a second death points at this file and no other.
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init) as alone:
+    with _decoding_pool(1, context) as alone:
         try:
             return alone.submit(decode_item, item).result()
         except BrokenProcessPool:
@@ -120,7 +164,7 @@ def _decoded(
     context = _pool_context()
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+        return _decoding_pool(workers, context)
 
     pool = new_pool()
     in_flight: deque[tuple[SourceItem, Future, ProcessPoolExecutor]] = deque()

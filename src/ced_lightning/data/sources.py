@@ -128,34 +128,53 @@ def _sniff_delimiter(header: str, path: str | os.PathLike) -> str:
     raise InputError(f"{path}: empty file list (expected a header with a `filename` column)")
 
 
-def _parse_labels(
-    text: str, class_list: ClassList | None, mid_index: dict[str, int], where: str
-) -> list[int]:
-    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+def _parse_labels(text: str, classes: ClassList | None, class_labels_given: bool, where: str) -> list[int]:
+    """Class indices, mids or display names separated by `;` or `,` (a display name may hold a comma:
+    "Male speech, man speaking" is read whole)."""
+    known: dict[str, int] = {}
+    if classes is not None:
+        for i, (mid, name) in enumerate(zip(classes.mids, classes.names, strict=True)):
+            known.setdefault(mid, i)
+            known.setdefault(name, i)
     labels: list[int] = []
-    for part in parts:
-        if part.lstrip("-").isdigit():
-            index = int(part)
-            if class_list is not None and not 0 <= index < len(class_list):
-                raise InputError(f"{where}: class index {index} outside 0..{len(class_list) - 1}")
-            if index < 0:
-                raise InputError(f"{where}: negative class index {index}")
-            labels.append(index)
-        elif part in mid_index:
-            labels.append(mid_index[part])
-        else:
-            raise InputError(
-                f"{where}: unknown class {part!r}: not an index and not a mid of the class list "
-                "(pass class_labels=<index,mid,display_name CSV>)"
-            )
+    for group in text.split(";"):
+        parts = [p.strip() for p in group.split(",")]
+        i = 0
+        while i < len(parts):
+            if not parts[i]:
+                i += 1
+                continue
+            if parts[i].lstrip("-").isdigit():
+                labels.append(_class_index(int(parts[i]), classes, where))
+                i += 1
+                continue
+            # The longest run of comma-separated parts that names a class.
+            end = next((j for j in range(len(parts), i, -1) if ", ".join(parts[i:j]) in known), None)
+            if end is None:
+                source = "the class_labels list" if class_labels_given else "AudioSet's class list"
+                hint = "" if class_labels_given else " (pass class_labels=<index,mid,display_name CSV>)"
+                raise InputError(
+                    f"{where}: unknown class {parts[i]!r}: not an index, mid or display name of "
+                    f"{source}{hint}"
+                )
+            labels.append(known[", ".join(parts[i:end])])
+            i = end
     return labels
+
+
+def _class_index(index: int, classes: ClassList | None, where: str) -> int:
+    if classes is not None and not 0 <= index < len(classes):
+        raise InputError(f"{where}: class index {index} outside 0..{len(classes) - 1}")
+    if index < 0:
+        raise InputError(f"{where}: negative class index {index}")
+    return index
 
 
 def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None) -> SourceList:
     """A CSV/TSV with a `filename` column (relative to the list's folder, or absolute) and optional `labels`.
 
-    Labels are class indices or mids, separated by `;` or `,`. Without `class_list`, mids resolve against
-    AudioSet's classes, and pure indices get AudioSet's class list if they fit in it.
+    Labels are class indices, mids or display names, separated by `;` or `,`. Without `class_list`, mids
+    and names resolve against AudioSet's classes, and pure indices get AudioSet's class list if they fit.
     """
     list_path = Path(path)
     with open(list_path, encoding="utf-8", newline="") as handle:
@@ -170,7 +189,6 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
         raise InputError(f"{path}: no `filename` column (columns: {fields})")
     has_labels = "labels" in fields
     classes = class_list if class_list is not None else (audioset_classes() if has_labels else None)
-    mid_index = classes.index_of_mid() if classes is not None else {}
     items: list[SourceItem] = []
     for line, row in enumerate(reader, start=2):
         filename = (row.get("filename") or "").strip()
@@ -186,7 +204,8 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
                 )
             # An unquoted "a.wav,/m/01,/m/02" with labels last: the extra fields are more labels.
             text_labels = ",".join([text_labels, *row[None]])
-        labels = _parse_labels(text_labels, classes, mid_index, f"{path}:{line}") if has_labels else None
+        where = f"{path}:{line}"
+        labels = _parse_labels(text_labels, classes, class_list is not None, where) if has_labels else None
         items.append(SourceItem(name=name, path=str(file_path), labels=labels))
     if not items:
         raise InputError(f"{path}: the file list has a header but no rows")
@@ -300,9 +319,12 @@ def from_segment_csv(
             labels = []
             for mid in mids:
                 if mid not in mid_index:
+                    hint = (
+                        "class_labels" if class_list is not None else "AudioSet's (pass class_labels=<CSV>)"
+                    )
                     raise InputError(
                         f"{csv_path}:{line_no} ({ytid}): unknown class mid {mid!r}; it is not in the class "
-                        "list (pass class_labels=<index,mid,display_name CSV> that has it)"
+                        f"list of {hint}"
                     )
                 labels.append(mid_index[mid])
             match = next((files[s] for s in _segment_candidates(ytid, start, end) if s in files), None)

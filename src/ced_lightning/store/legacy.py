@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from ced_lightning.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.data.sources import segment_ytid
 from ced_lightning.errors import CedError, MissingDependencyError, MissingInputError
+from ced_lightning.store.remote import redact_url
 
 _FILE_NAME = re.compile(r"ep(\d+)_(\d+)\.h5$")
 _EXAMPLES = 5
@@ -137,6 +139,23 @@ def _open_h5(url: str) -> Any:
     h5py, _ = require_import_extra()
     fs, path = fsspec.core.url_to_fs(url)
     return h5py.File(path if _is_local(fs) else fs.open(path, "rb"), "r")
+
+
+@contextmanager
+def _reading(url: str, f: LegacyFile, rows: str = "") -> Iterator[None]:
+    """A released file that cannot be read (truncated, damaged, not HDF5 or Parquet) as one
+    LegacyImportError naming it and what it holds: h5py's and pyarrow's own errors name no file."""
+    try:
+        yield
+    except LegacyImportError:
+        raise
+    except (OSError, ValueError) as err:
+        held = f"epoch {f.epoch}, rank {f.rank}{f', {rows}' if rows else ''}"
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise LegacyImportError(
+            f"{redact_url(url)} ({held}): cannot read it ({type(err).__name__}: {reason}); the file is "
+            "damaged or truncated: copy it again from the release"
+        ) from err
 
 
 def _stem(filename: str) -> str:
@@ -281,7 +300,7 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
     clip_seconds = clip_samples / SAMPLE_RATE
     for k, f in enumerate(files):
         fs, path = fsspec.core.url_to_fs(f.parquet)
-        with fs.open(path, "rb") as handle:
+        with _reading(f.parquet, f), fs.open(path, "rb") as handle:
             table = parquet.read_table(handle)
         missing = {"filename", "start", "end"} - set(table.column_names)
         if missing:
@@ -295,7 +314,7 @@ def plan_import(files: Sequence[LegacyFile], clip_names: Sequence[str], clip_sam
         # The samples the original reader cuts, `data[round(start·sr):round(end·sr)]` of the float32 columns.
         first_samples = _samples(starts)
         spans = _samples(ends) - first_samples
-        with _open_h5(f.h5) as h5:
+        with _reading(f.h5, f), _open_h5(f.h5) as h5:
             shapes = _check_h5(h5, f)
         rows, topk = shapes
         if rows != len(names):
@@ -405,11 +424,13 @@ def _check_h5(h5: Any, f: LegacyFile) -> tuple[int, int]:
 def validate_rows(f: LegacyFile, num_classes: int) -> None:
     """Refuse class indices outside 0..num_classes-1, a class twice in a row, and values that are not
     probabilities, naming the file and row."""
-    with _open_h5(f.h5) as h5:
+    with _reading(f.h5, f), _open_h5(f.h5) as h5:
         values, indexes = h5["topk_values"], h5["topk_indexes"]
         for start in range(0, values.shape[0], _VALIDATE_ROWS):
-            idx = np.asarray(indexes[start : start + _VALIDATE_ROWS]).astype(np.int64)
-            val = np.asarray(values[start : start + _VALIDATE_ROWS]).astype(np.float32)
+            stop = min(start + _VALIDATE_ROWS, values.shape[0])
+            with _reading(f.h5, f, f"rows {start}..{stop - 1}"):
+                idx = np.asarray(indexes[start:stop]).astype(np.int64)
+                val = np.asarray(values[start:stop]).astype(np.float32)
             bad = np.flatnonzero(((idx < 0) | (idx >= num_classes)).any(1))
             if bad.size:
                 row = int(bad[0])
@@ -447,7 +468,9 @@ def read_block_rows(plan: ImportPlan, clips: slice) -> tuple[np.ndarray, np.ndar
         rows = row_of[e_pos, c_pos]
         order = np.argsort(rows)
         sorted_rows = rows[order]
-        with _open_h5(plan.files[int(k)].h5) as h5:
+        source = plan.files[int(k)]
+        held = f"rows {sorted_rows[0]}..{sorted_rows[-1]}"
+        with _reading(source.h5, source, held), _open_h5(source.h5) as h5:
             # h5py reads a point selection of increasing rows; one per file and block.
             idx = np.asarray(h5["topk_indexes"][sorted_rows])
             val = np.asarray(h5["topk_values"][sorted_rows])
