@@ -42,6 +42,7 @@ from ced_lightning.data.batching import pad_batch
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.models.ced import PIECE_AVERAGES
+from ced_lightning.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -818,6 +819,7 @@ def predict_files(
             device=None if device == "auto" else device,
             on_result=show,
         )
+        logged = ProgressLog("predict", len(files), unit="files")
         if len(files) >= progress_min_files:
             from rich.console import Console
             from rich.progress import Progress
@@ -826,10 +828,14 @@ def predict_files(
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("tagging", total=len(files))
                 results, failures = tag_files(
-                    model, files, on_progress=lambda n: progress.advance(task, n), **kwargs
+                    model,
+                    files,
+                    on_progress=lambda n: (progress.advance(task, n), logged.advance(n)),
+                    **kwargs,
                 )
         else:
-            results, failures = tag_files(model, files, **kwargs)
+            results, failures = tag_files(model, files, on_progress=logged.advance, **kwargs)
+        logged.close()
     finally:
         for sink in sinks:
             sink.close()

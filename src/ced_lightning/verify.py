@@ -19,6 +19,7 @@ from ced_lightning.audio import int16_to_float, pack_clips
 from ced_lightning.augment import front_end_sources
 from ced_lightning.data.segments import read_segments
 from ced_lightning.modules.ensemble import ensemble_probabilities
+from ced_lightning.progress import ProgressLog
 from ced_lightning.quantize import max_abs_error
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
@@ -59,6 +60,7 @@ def verify_store(
     codes = store.block_codes()
     mel_sources = front_end_sources([t.front_end for t in teachers])
     diffs, excess, agree, bound_slack = [], [], 0, 0.0
+    progress = ProgressLog("verify", n, unit="pairs")
     for pick in picks:
         epoch, i = divmod(int(pick), store.num_rows)
         block_reduced = codes[i // store.block_clips] == BLOCK_REDUCED_PRECISION
@@ -79,6 +81,8 @@ def verify_store(
         excess.append((diff - max_abs_error(recomputed, store.quantization) - slack).max())
         top = np.argsort(-probs, kind="stable")[: store.topk]
         agree += int(set(top.tolist()) == set(classes.tolist()))
+        progress.advance()
+    progress.close()
     bound = float(max_abs_error(1.0, store.quantization)) + bound_slack
     return {
         "samples": int(n),
