@@ -238,7 +238,8 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         eager = model(wave)
         compiled = torch.compile(model)(wave)
-    assert torch.allclose(eager, compiled, atol=1e-4)
+    # Inductor's generated kernels against ATen's: the same sums in another order.
+    assert (eager - compiled).abs().max() <= float32_bound(eager, CED_TINY_SUMS)
 
 
 def test_timm_backbone_on_128_mel():
