@@ -82,14 +82,16 @@ class LogMelFrontEnd(nn.Sequential):
     def _mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """MelSpectrogram, its mel projection one clip at a time: a matmul's kernel, and so its rounding, may
         depend on how many rows it gets (MKL's AVX2 path differs by an ulp between a batch of 3 and of 8),
-        and a clip's spectrogram must not depend on its batch. The STFT is batch-invariant as it is."""
+        and a clip's spectrogram must not depend on its batch. Each clip gets its own buffer, aligned as a
+        batch of one's is (MKL's kernels may also depend on alignment). The STFT is batch-invariant as it is.
+        """
         transform = self[0]
         power = transform.spectrogram(waveform)
         if power.dim() < 3:
             return transform.mel_scale(power)
-        return torch.stack(
-            [transform.mel_scale(clip) for clip in power.reshape(-1, *power.shape[-2:])]
-        ).reshape(*power.shape[:-2], -1, power.shape[-1])
+        clips = power.reshape(-1, *power.shape[-2:])
+        mel = torch.stack([transform.mel_scale(clip.clone()) for clip in clips])
+        return mel.reshape(*power.shape[:-2], *mel.shape[-2:])
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the front end produces for `num_samples` samples (after the short-clip padding)."""
