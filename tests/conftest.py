@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,12 +18,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 DATA = Path(__file__).parent / "data"
+# The longest float32 sums `float32_bound` counts: a log-mel bin of the CED front end sums n_fft = 512
+# windowed samples (the mel weighting after it sums non-negative powers, which rounds far less); CED-Tiny's
+# widest dot product is its MLP's 4 x 192 = 768 hidden units, the logits' scale of error.
+FRONT_END_SUMS = 512
+CED_TINY_SUMS = 768
 CED_REFERENCE = DATA / "ced_reference"
 
 
 @pytest.fixture(scope="session")
 def ced_reference() -> Path:
     return CED_REFERENCE
+
+
+def float32_bound(reference: torch.Tensor | np.ndarray, accumulated: int) -> float:
+    """The largest max-absolute difference allowed between a float32 result and `reference`, the same
+    function computed by other float32 kernels (another CPU, library or implementation): `accumulated`
+    roundings, each up to one float32 ulp at the reference's largest magnitude.
+
+    Why this bound: kernels choose their summation order, vector width and fused multiply-adds by CPU (MKL's
+    AVX-512, AVX2 and COMPATIBLE paths, onnxruntime's, torchaudio's FFT against a DFT matmul), and a float32
+    sum of n terms in another order can differ by up to n ulps of its magnitude. The bound follows from the
+    arithmetic, not from one machine's difference, so it holds on any x86-64 CPU; a real error (a wrong
+    shift, mask, window, floor or weight) moves values by far more. It is an absolute bound at the array's
+    scale, not per value: a dB value is the log of a power, so its error is the same near 0 dB as near the
+    peak. Comparisons of our own runs on one machine stay exact instead (`torch.equal`)."""
+    magnitude = np.float32(np.abs(np.asarray(reference, dtype=np.float32)).max())
+    return float(accumulated * np.spacing(magnitude))
 
 
 def save_tiny_teacher(path: Path | str, num_classes: int) -> Path:

@@ -10,6 +10,8 @@ clip its own floor; `test_front_end_floor_is_per_clip` checks it on a batch with
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -29,6 +31,7 @@ from ced_lightning.augment import (
 )
 from ced_lightning.models.ced import FrontEndConfig, LogMelFrontEnd
 from ced_lightning.models.timm_mel import TIMM_FRONT_END
+from conftest import command_env
 
 RECIPE = AugmentRecipe(gain_db=6.0)  # every field present
 
@@ -133,9 +136,14 @@ def test_short_clip_clips_width() -> None:
 def test_sampling_is_fast() -> None:
     idx, lengths = np.arange(100_000), np.full(100_000, 160000)
     sample_augment_params(RECIPE, 0, 0, idx[:10], lengths[:10])
-    start = time.perf_counter()
-    sample_augment_params(RECIPE, 0, 0, idx, lengths)
-    assert time.perf_counter() - start < 0.2
+    # Vectorised: about 0.03 s for 100,000 clips on a loaded 2-core CPU; the best of 3
+    # runs, so a moment of load on a shared machine does not decide it.
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        sample_augment_params(RECIPE, 0, 0, idx, lengths)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.2, seconds
 
 
 # --- parameters as data -------------------------------------------------------------------------------------
@@ -304,6 +312,34 @@ def test_replay_is_bit_identical_across_batches(config: FrontEndConfig) -> None:
         )
         assert torch.equal(batch8[i], batch3[1]), i
         assert torch.equal(batch8[i], alone[0]), i
+
+
+# Each clip of a batch of 8 against the same clip amid other neighbours and alone: the clips that differ.
+_BATCH_INVARIANCE = """
+import torch
+from ced_lightning.models.ced import LogMelFrontEnd
+front_end = LogMelFrontEnd()
+wave = torch.randn(8, 32000, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 0, 8)[:, None]
+with torch.no_grad():
+    batch8 = front_end(wave)
+    amid = [front_end(wave[[(i + 1) % 8, i, (i + 5) % 8]])[1] for i in range(8)]
+    alone = [front_end(wave[i : i + 1])[0] for i in range(8)]
+print([i for i in range(8) if not (torch.equal(batch8[i], amid[i]) and torch.equal(batch8[i], alone[i]))])
+"""
+
+
+@pytest.mark.parametrize("mkl_path", ["AVX2", "COMPATIBLE"])
+def test_spectrograms_are_batch_invariant_on_every_mkl_path(mkl_path: str) -> None:
+    """MKL picks its kernels by CPU; `MKL_CBWR` forces its AVX2 or most portable path (read when the process
+    starts, so a child process each; the CPU's own path is `test_replay_is_bit_identical_across_batches`).
+    Before, a batched mel projection differed by an ulp between a batch of 3 and of 8 on both paths on an
+    Intel Xeon: a student's spectrogram was not bit for bit its teacher's."""
+    env = command_env(MKL_CBWR=mkl_path, OMP_NUM_THREADS="2")
+    done = subprocess.run(
+        [sys.executable, "-c", _BATCH_INVARIANCE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", (mkl_path, done.stdout)
 
 
 def test_ensemble_front_ends_share_equal_spectrograms() -> None:

@@ -14,8 +14,12 @@ pytestmark = pytest.mark.slow  # two torch.export runs: about 15-30 s on 2 cores
 
 from ced_lightning.export import DftLogMel, ExportableTagger, export_onnx, onnx_session, run_onnx  # noqa: E402
 from ced_lightning.models import create_ced, load_ced  # noqa: E402
+from conftest import CED_TINY_SUMS, FRONT_END_SUMS, float32_bound  # noqa: E402
 
-TOLERANCE = 1e-4  # max absolute difference of logits
+
+def _close(got: np.ndarray, expected: torch.Tensor | np.ndarray) -> bool:
+    """onnxruntime's kernels against PyTorch's (or the original's): equal within float32 rounding."""
+    return np.abs(got - np.asarray(expected)).max() <= float32_bound(expected, CED_TINY_SUMS)
 
 
 def _wav(path) -> torch.Tensor:
@@ -57,8 +61,9 @@ def test_dft_front_end_matches_torchaudio(reference_model, ced_reference):
         expected = reference_model.front_end(audio)
         got = DftLogMel(reference_model.front_end)(audio)
     assert got.shape == expected.shape
-    # dB of near-silent bins differ most; 1e-3 dB is far below anything the network resolves.
-    assert (got - expected).abs().max().item() < 1e-3
+    # A DFT matmul against torchaudio's FFT: the same sums in another order (3.9e-3 dB at the quiet clip's
+    # 100 dB magnitude), far below anything the network resolves.
+    assert (got - expected).abs().max().item() <= float32_bound(expected, FRONT_END_SUMS)
 
 
 @pytest.mark.parametrize("kind", ["waveform", "spectrogram"])
@@ -85,11 +90,11 @@ def test_onnx_matches_pytorch_on_reference_wavs(sessions, models, ced_reference,
         x = audio if kind == "waveform" else model.front_end(audio)
     logits, probs = run_onnx(sessions[kind], x)
     assert logits.shape == (1, 527)
-    assert np.abs(logits - torch_logits.numpy()).max() < TOLERANCE
+    assert _close(logits, torch_logits)
     if model.config.piece_average == "logit" or wav == "snap_1s.wav":
         # And the original CED implementation's logits (tests/data/ced_reference, made with pooling="logit").
-        assert np.abs(logits - expected_outputs[wav.removesuffix(".wav")].numpy()).max() < TOLERANCE
-    assert np.abs(probs - torch.sigmoid(torch_logits).numpy()).max() < TOLERANCE
+        assert _close(logits, expected_outputs[wav.removesuffix(".wav")])
+    assert _close(probs, torch.sigmoid(torch_logits))
 
 
 @pytest.mark.parametrize("kind", ["waveform", "spectrogram"])
@@ -103,9 +108,9 @@ def test_onnx_batch_of_two_with_another_length(sessions, models, ced_reference, 
             x = batch if kind == "waveform" else models[kind].front_end(batch)
         logits, _ = run_onnx(sessions[kind], x)
         assert logits.shape == (batch.shape[0], 527)
-        assert np.abs(logits - torch_logits.numpy()).max() < TOLERANCE
+        assert _close(logits, torch_logits)
         if batch.shape[0] == 2:
-            assert np.abs(logits - expected_outputs["batch_two_10s"].numpy()).max() < TOLERANCE
+            assert _close(logits, expected_outputs["batch_two_10s"])
 
 
 def test_bad_arguments_are_rejected(tmp_path):
@@ -125,4 +130,4 @@ def test_onnx_takes_clips_shorter_than_one_stft_window(sessions, models):
         with torch.no_grad():
             expected = model(x)
         logits, _ = run_onnx(sessions["waveform"], x)
-        assert np.abs(logits - expected.numpy()).max() < TOLERANCE, samples
+        assert _close(logits, expected), samples

@@ -43,7 +43,7 @@ from ced_lightning.store.legacy import LegacyImportError, require_import_extra
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.targets import rebuild_targets
-from conftest import command, command_env, run_command
+from conftest import FRONT_END_SUMS, command, command_env, float32_bound, run_command
 
 LEGACY = Path(__file__).parent / "data" / "ced_legacy"
 RELEASE = LEGACY / "released_layout"
@@ -268,8 +268,11 @@ def test_the_students_spectrogram_is_the_originals(stores: dict[str, str]) -> No
         mel = augmented_spectrogram(
             front_end, audio[None, :160_000], torch.tensor([160_000]), params, LEGACY_RECIPE
         )
-        difference = (mel[0] - reference[f"seed{seed}.0-10s"]).abs().max().item()
-        assert difference <= 1e-4, (seed, difference)
+        expected = reference[f"seed{seed}.0-10s"]
+        difference = (mel[0] - expected).abs().max().item()
+        # The original's kernels, not ours: within float32 rounding of the front end's sums (1.95e-3 dB
+        # at these spectrograms' 34-38 dB peaks); a wrong shift, mask or floor moves bins by whole dB.
+        assert difference <= float32_bound(expected, FRONT_END_SUMS), (seed, difference)
 
     batch = torch.zeros(2, 160_000)
     batch[0], batch[1, :80_000] = audio[:160_000], audio[-80_000:]
@@ -281,8 +284,9 @@ def test_the_students_spectrogram_is_the_originals(stores: dict[str, str]) -> No
         ]
     )
     mel = augmented_spectrogram(front_end, batch, torch.tensor([160_000, 80_000]), params, LEGACY_RECIPE)
-    difference = (mel[1] - reference["seed42.20-25s.padded_batch_row1"]).abs().max().item()
-    assert difference <= 1e-4, difference
+    expected = reference["seed42.20-25s.padded_batch_row1"]
+    difference = (mel[1] - expected).abs().max().item()
+    assert difference <= float32_bound(expected, FRONT_END_SUMS), difference
 
 
 def _seed_masking_past(length: int) -> int:

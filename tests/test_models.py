@@ -1,4 +1,5 @@
-"""CED models: shapes and parameter counts of the released sizes, and the original's exact outputs."""
+"""CED models: shapes and parameter counts of the released sizes, and the original's outputs (within float32
+rounding: they were computed by other kernels)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ced_lightning.models import (
     model_spec,
     save_ced,
 )
+from conftest import CED_TINY_SUMS, FRONT_END_SUMS, float32_bound
 
 
 def _wav(path) -> torch.Tensor:
@@ -93,17 +95,20 @@ def test_reproduces_reference_logits(expected, ced_reference, name, wav, crop):
     with torch.no_grad():
         logits = model(audio)
     assert logits.shape == (1, 527)
-    assert (logits - expected[name]).abs().max() <= 1e-4
+    assert (logits - expected[name]).abs().max() <= float32_bound(expected[name], CED_TINY_SUMS)
 
 
 def test_reproduces_reference_batch_and_front_end(reference_model, expected, ced_reference):
     long = _wav(ced_reference / "long_25s.wav")
     batch = torch.cat([long[:, :160_000], long[:, 160_000:320_000]])
     with torch.no_grad():
-        assert (reference_model(batch) - expected["batch_two_10s"]).abs().max() <= 1e-4
+        bound = float32_bound(expected["batch_two_10s"], CED_TINY_SUMS)
+        assert (reference_model(batch) - expected["batch_two_10s"]).abs().max() <= bound
         mel = reference_model.front_end(_wav(ced_reference / "snap_1s.wav"))
     assert mel.shape == expected["snap_1s.mel"].shape
-    assert (mel - expected["snap_1s.mel"]).abs().max() <= 1e-4
+    assert (mel - expected["snap_1s.mel"]).abs().max() <= float32_bound(
+        expected["snap_1s.mel"], FRONT_END_SUMS
+    )
 
 
 @pytest.mark.parametrize("wrap", ["model", "bare"])
@@ -233,7 +238,8 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         eager = model(wave)
         compiled = torch.compile(model)(wave)
-    assert torch.allclose(eager, compiled, atol=1e-4)
+    # Inductor's generated kernels against ATen's: the same sums in another order.
+    assert (eager - compiled).abs().max() <= float32_bound(eager, CED_TINY_SUMS)
 
 
 def test_timm_backbone_on_128_mel():

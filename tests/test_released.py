@@ -31,6 +31,7 @@ from ced_lightning.models import (
     load_matching_weights,
 )
 from ced_lightning.models.released import hub_cache_dir
+from conftest import CED_TINY_SUMS, float32_bound
 
 # A commit hash as the Hub cache names snapshot folders.
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -109,7 +110,8 @@ def test_hub_layout_loads_with_the_original_outputs(tmp_path, ced_reference, ref
     wav, _ = sf.read(ced_reference / "snap_1s.wav", dtype="float32")
     with torch.no_grad():
         logits = from_hub(torch.from_numpy(wav)[None])
-    torch.testing.assert_close(logits, expected["snap_1s"], atol=1e-4, rtol=0)
+    bound = float32_bound(expected["snap_1s"], CED_TINY_SUMS)  # the original's kernels, not ours
+    torch.testing.assert_close(logits, expected["snap_1s"], atol=bound, rtol=0)
     # load_checkpoint (evaluate, predict, export, teachers) and its hash read the same file.
     loaded = load_checkpoint(path, sha256=True)
     assert loaded.sha256 is not None and len(loaded.sha256) == 64

@@ -1,7 +1,7 @@
-"""Runs that log and stop cleanly (issue 16): one log line per epoch when stdout is not a terminal (the rich
-bar writes nothing there), and a run stopped with SIGTERM (a cluster's time limit, preemption) still leaves
-`averaged.ckpt`, averaged from the best checkpoints saved before the signal. A real `train` subprocess on a
-tiny demo set, its stdout a file, sent a real SIGTERM."""
+"""Runs that log and stop cleanly (issue 16): one log line per epoch and progress lines within it when stdout
+is not a terminal (the rich bar writes nothing there), and a run stopped with SIGTERM (a cluster's time limit,
+preemption) still leaves `averaged.ckpt`, averaged from the best checkpoints saved before the signal. A real
+`train` subprocess on a tiny demo set, its stdout a file, sent a real SIGTERM."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
         "test=false",
         f"hydra.run.dir={run_dir}",
     ]
-    env = command_env(WANDB_MODE="offline", CED_ROOT=str(tmp_path))
+    # A progress line at every batch (the default is every 30 s).
+    env = command_env(WANDB_MODE="offline", CED_ROOT=str(tmp_path), CED_PROGRESS_SECONDS="0")
     checkpoints = run_dir / "checkpoints"
     with open(tmp_path / "stdout.txt", "w") as stdout:  # not a terminal
         process = subprocess.Popen(
@@ -90,3 +91,8 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
     assert re.search(pattern, said), said[-3000:]
     assert re.search(pattern, (run_dir / "train.log").read_text())
     assert re.search(r"epoch 0 \(1 of 1000", said)
+    # Within an epoch, its batches: done/total, rate, time left (an epoch of a real student takes minutes).
+    assert re.search(
+        r"epoch 1 train: 2/\d+ batches \(\d+\.\d%\), \S+ batches/s, \d+ (s|min \d+ s) left", said
+    )
+    assert re.search(r"epoch 1 validation: 1/\d+ batches", said), said[-3000:]

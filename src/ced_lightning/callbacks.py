@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ced_lightning.errors import ConfigError
+from ced_lightning.progress import ProgressLog, output_is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,12 @@ def format_epoch_line(
 
 class EpochLog(Callback):
     """One log line per training epoch (mean training loss, the epoch's validation metrics, learning rate,
-    wall time), through `logging`, so it reaches the run's log file and a redirected stdout.
+    wall time), through `logging`, so it reaches the run's log file and a redirected stdout; within an epoch
+    the training, validation and test batches done (`progress.ProgressLog`: count, rate, time left, every
+    `CED_PROGRESS_SECONDS`).
 
-    `when`: `not_tty` (the default: only when stdout is not a terminal, where the rich progress bar writes
-    nothing, e.g. `> run.log` or a batch job), `always`, or `never`.
+    `when`: `not_tty` (the default: only when the output is not a terminal, where the rich progress bar
+    writes nothing, e.g. `> run.log` or a batch job), `always`, or `never`.
     """
 
     WHEN = ("not_tty", "always", "never")
@@ -122,15 +124,44 @@ class EpochLog(Callback):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._validated = False
+        self._batches: dict[str, ProgressLog] = {}  # per stage: validation may run within a training epoch
 
     def _enabled(self, trainer: Trainer) -> bool:
         if not trainer.is_global_zero or self.when == "never":
             return False
-        return self.when == "always" or not sys.stdout.isatty()
+        return self.when == "always" or not output_is_terminal()
+
+    def _count_batches(self, trainer: Trainer, stage: str, total: Any) -> None:
+        totals = total if isinstance(total, list) else [total]
+        self._batches[stage] = ProgressLog(
+            f"epoch {trainer.current_epoch} {stage}" if stage != "test" else "test",
+            sum(totals),  # inf for a stream of unknown length: then the count and the rate only
+            unit="batches",
+            enabled=self._enabled(trainer),
+        )
+
+    def _batch_done(self, stage: str) -> None:
+        if stage in self._batches:
+            self._batches[stage].advance()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.monotonic()
         self._loss_sum, self._loss_count, self._validated = None, 0, False
+        self._count_batches(trainer, "train", trainer.num_training_batches)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._count_batches(trainer, "validation", trainer.num_val_batches)
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.sanity_checking:
+            self._batch_done("validation")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._count_batches(trainer, "test", trainer.num_test_batches)
+
+    def on_test_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._batch_done("test")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -141,6 +172,7 @@ class EpochLog(Callback):
             value = loss.detach().float()
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
             self._loss_count += 1
+        self._batch_done("train")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validated = self._validated or not trainer.sanity_checking

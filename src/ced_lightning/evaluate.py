@@ -41,6 +41,7 @@ from ced_lightning.metrics import (
     write_per_class,
 )
 from ced_lightning.predict import default_device
+from ced_lightning.progress import ProgressLog, output_is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,15 @@ def score_store(
     device: torch.device | str | None = None,
     progress: bool = False,
     combine: str | None = None,
+    stage: str = "evaluate",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Every model's probabilities `[clips, classes]` (float32, CPU, store order) over every clip of the
     audio store, and with `combine` the ensemble's (`combine_probabilities`, as `extract` combines them).
 
     The project's one evaluation pass: clips grouped by length (`batches_by_length`), each batch read once
     and run through every model, so a clip's scores do not depend on the batch size. Probabilities are
-    `metrics.probabilities_from_logits`, as the Lightning validation and test steps score them.
+    `metrics.probabilities_from_logits`, as the Lightning validation and test steps score them. `stage` names
+    the pass in its progress lines (`progress.ProgressLog`); `progress` shows a bar on a terminal.
     """
     from ced_lightning.modules.ensemble import combine_probabilities
 
@@ -120,14 +123,15 @@ def score_store(
                 ensemble[batch] = combine_probabilities(list(logits.values()), combine).cpu()
             advance(len(batch))
 
-    if progress:
-        from rich.progress import Progress
+    with ProgressLog(stage, len(lengths), unit="clips") as logged:
+        if progress and output_is_terminal():
+            from rich.progress import Progress
 
-        with Progress(transient=True) as bar:
-            task = bar.add_task("evaluating", total=len(lengths))
-            run(lambda n: bar.advance(task, n))
-    else:
-        run(lambda n: None)
+            with Progress(transient=True) as bar:
+                task = bar.add_task("evaluating", total=len(lengths))
+                run(lambda n: (bar.advance(task, n), logged.advance(n)))
+        else:
+            run(logged.advance)
     return probabilities, ensemble
 
 
@@ -195,6 +199,7 @@ def evaluate_teachers(
     device: torch.device | str | None = None,
     progress: bool = False,
     output_dir: str | PathLike | None = None,
+    stage: str = "evaluate",
 ) -> dict[str, Any]:
     """Each teacher's and the ensemble's (combined by `combine`, as `extract` stores it) mAP and d-prime on a
     labelled store, from one pass, with the chance level (`chance_map`) and each one's `gain_over_chance`.
@@ -220,6 +225,7 @@ def evaluate_teachers(
         device=device,
         progress=progress,
         combine=combine,
+        stage=stage,
     )
     assert ensemble is not None
     chance = chance_map(labels)

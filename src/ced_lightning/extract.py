@@ -223,6 +223,7 @@ def check_teacher_quality(
             class_names=class_names,
             batch_size=int(check_cfg.get("batch_size", 32)),
             device="cpu" if on_cpu else None,
+            stage="teacher_check",
         )
     finally:
         for teacher in teachers:  # the trainer places them itself

@@ -31,6 +31,7 @@ from ced_lightning.errors import ConfigError
 from ced_lightning.labels import audioset_classes, class_list_difference, resolve_class_names
 from ced_lightning.launch import command_errors
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
+from ced_lightning.progress import ProgressLog
 from ced_lightning.quantize import KINDS
 from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
@@ -247,10 +248,14 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         todo = todo[: int(limit)]
     log.info("%s: importing %d of %d blocks (%d epochs)", output, len(todo), store.num_blocks, store.epochs)
     throttle_s = float(cfg.get("throttle_s") or 0.0)
+    progress = ProgressLog("import_logits", sum(b - a for a, b in map(store.block_range, todo)), unit="clips")
     for block in todo:
         import_block(store, plan, block)
         if throttle_s:
             time.sleep(throttle_s)
+        start, stop = store.block_range(block)
+        progress.advance(stop - start)
+    progress.close()
     seconds = time.perf_counter() - started
     store = LogitStore.open(store.url)
     mismatched, mismatch_examples, cut = length_mismatches(plan, audio.lengths, audio.names)

@@ -54,6 +54,7 @@ from ced_lightning.output_files import (
     discard_file,
     remove_output,
 )
+from ced_lightning.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -930,6 +931,7 @@ def predict_files(
             device=None if device == "auto" else device,
             on_result=show,
         )
+        logged = ProgressLog("predict", len(files), unit="files")
         if len(files) >= progress_min_files:
             from rich.console import Console
             from rich.progress import Progress
@@ -938,10 +940,14 @@ def predict_files(
             with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("tagging", total=len(files))
                 results, failures = tag_files(
-                    model, files, on_progress=lambda n: progress.advance(task, n), **kwargs
+                    model,
+                    files,
+                    on_progress=lambda n: (progress.advance(task, n), logged.advance(n)),
+                    **kwargs,
                 )
         else:
-            results, failures = tag_files(model, files, **kwargs)
+            results, failures = tag_files(model, files, on_progress=logged.advance, **kwargs)
+        logged.close()
         succeeded = True
     finally:
         for sink in sinks:

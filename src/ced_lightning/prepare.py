@@ -42,6 +42,7 @@ from ced_lightning.data.sources import SourceItem, read_source
 from ced_lightning.errors import CedError, ConfigError
 from ced_lightning.labels import ClassList
 from ced_lightning.launch import command_errors
+from ced_lightning.progress import ProgressLog
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import (
     DEFAULT_CHUNK_SAMPLES,
@@ -293,7 +294,7 @@ def prepare_store(
         if done:
             log.info("%s: %d of %d inputs were committed by an earlier run", writer.url, done, len(kept))
         bar, task = _progress_bar(len(kept), done, progress)
-        with bar:
+        with bar, ProgressLog("prepare", len(kept), unit="files", done=done) as logged:
             for item, (samples, reason) in zip(todo, _decoded(todo, workers), strict=True):
                 if samples is None:
                     log.debug("skipped %s", reason)
@@ -305,6 +306,7 @@ def prepare_store(
                 if throttle_s:
                     time.sleep(throttle_s)
                 bar.advance(task)
+                logged.advance()
         store = writer.finish()
     failed = [f for f in store.failures() if f.get("kind") == "failed"]
     if failed:

@@ -20,6 +20,7 @@ from ced_lightning.augment import front_end_sources
 from ced_lightning.data.segments import read_segments
 from ced_lightning.errors import CedError
 from ced_lightning.modules.ensemble import ensemble_probabilities
+from ced_lightning.progress import ProgressLog
 from ced_lightning.quantize import max_abs_error
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
@@ -65,6 +66,7 @@ def verify_store(
     stored_rows = [store.read(epoch, i) for epoch, i in pairs]
     rows = {i: read_segments(audio_store, segments, np.array([i]))[i] for _, i in pairs}
     diffs, excess, agree, bound_slack = [], [], 0, 0.0
+    progress = ProgressLog("verify", n, unit="pairs")
     for (_, i), (classes, stored, params) in zip(pairs, stored_rows, strict=True):
         block_reduced = codes[i // store.block_clips] == BLOCK_REDUCED_PRECISION
         slack = REPLAY_SLACK[bool(block_reduced) or replay_reduced]
@@ -83,6 +85,8 @@ def verify_store(
         excess.append((diff - max_abs_error(recomputed, store.quantization) - slack).max())
         top = np.argsort(-probs, kind="stable")[: store.topk]
         agree += int(set(top.tolist()) == set(classes.tolist()))
+        progress.advance()
+    progress.close()
     bound = float(max_abs_error(1.0, store.quantization)) + bound_slack
     # Objects of the sampled blocks that a store written before chunk records may lack (all-zero parameters)
     # or may have lost: named in the verdict when the values disagree.

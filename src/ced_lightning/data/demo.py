@@ -256,6 +256,7 @@ def build_demo_stores(
     With `unlabeled` (a count, 0 included) also `root/distill.zarr`, the student's store: the `train` clips
     (the same clips, names and labels as train.zarr) followed by `unlabeled` more of the same kind (their own
     index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`)."""
+    from ced_lightning.progress import ProgressLog
     from ced_lightning.store.audio import AudioStoreWriter
     from ced_lightning.store.lock import store_lock
 
@@ -297,9 +298,11 @@ def build_demo_stores(
             if writer.complete_store is None:
                 jobs = jobs[writer.skip_items() :]
                 log.info("demo: writing %d %s clips to %s", len(jobs), split, url)
-                for name, samples, labels in _generate(jobs, workers):
-                    # The pool's clips go in without labels: nothing downstream can read them.
-                    writer.add(name, samples, None if name.startswith("demo_unlabeled_") else labels)
+                with ProgressLog(f"demo {split} store", len(jobs), unit="clips") as logged:
+                    for name, samples, labels in _generate(jobs, workers):
+                        # The pool's clips go in without labels: nothing downstream can read them.
+                        writer.add(name, samples, None if name.startswith("demo_unlabeled_") else labels)
+                        logged.advance()
                 writer.finish()
         urls[split] = url
     return urls

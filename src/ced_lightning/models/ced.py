@@ -73,12 +73,26 @@ class LogMelFrontEnd(nn.Sequential):
         # reflect padding of `center` and the window itself need that many samples).
         waveform = pad_to_min_length(waveform, self.config.n_fft)
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            mel, to_db = self[0](waveform.float()), self[1]
+            mel, to_db = self._mel(waveform.float()), self[1]
             # AmplitudeToDB's top_db floor is taken over everything but the first of 4-D input: give every
             # clip its own channel axis so that a clip's output never depends on its batch neighbours.
             if mel.dim() == 3:
                 return to_db(mel.unsqueeze(1)).squeeze(1)
             return to_db(mel)
+
+    def _mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """MelSpectrogram, its mel projection one clip at a time: a matmul's kernel, and so its rounding, may
+        depend on how many rows it gets (MKL's AVX2 path differs by an ulp between a batch of 3 and of 8),
+        and a clip's spectrogram must not depend on its batch. Each clip gets its own buffer, aligned as a
+        batch of one's is (MKL's kernels may also depend on alignment). The STFT is batch-invariant as it is.
+        """
+        transform = self[0]
+        power = transform.spectrogram(waveform)
+        if power.dim() < 3:
+            return transform.mel_scale(power)
+        clips = power.reshape(-1, *power.shape[-2:])
+        mel = torch.stack([transform.mel_scale(clip.clone()) for clip in clips])
+        return mel.reshape(*power.shape[:-2], *mel.shape[-2:])
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the front end produces for `num_samples` samples (after the short-clip padding)."""

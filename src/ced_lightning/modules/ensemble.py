@@ -30,6 +30,7 @@ from ced_lightning.augment import (
 )
 from ced_lightning.data.blocks import BlockDataset, BlockSampler
 from ced_lightning.errors import ConfigError, InputError
+from ced_lightning.progress import ProgressLog
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         self._first_end: tuple[float, int] | None = None
         self._last_end: tuple[float, int] | None = None
         self.steady_clips_per_s: float | None = None
+        self.progress: ProgressLog | None = None  # this rank's share, set with its blocks
 
     def _open_store(self) -> LogitStore:
         if self.store is None:
@@ -198,6 +200,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         )
         sampler = BlockSampler(todo, num_replicas=world, rank=rank)
         log.info("rank %d/%d: %d of %d missing blocks", rank, world, len(sampler.blocks), len(todo))
+        rows = sum(stop - start for start, stop in map(store.block_range, sampler.blocks))
+        self.progress = ProgressLog("extract", rows * self.epochs, unit="segment-epochs")
         audio_url = self.audio_url or store.audio_url
         dataset = BlockDataset(audio_url, store.segments(), store.block_clips, store.clip_samples)
         return DataLoader(
@@ -246,6 +250,8 @@ class TeacherEnsembleModule(pl.LightningModule):
                 values, classes = torch.topk(probs, self.topk, dim=-1)
                 all_idx[epoch, rows] = classes.cpu().numpy()
                 all_p[epoch, rows] = values.float().cpu().numpy()
+                if self.progress is not None:
+                    self.progress.advance(len(index[rows]))
         return all_idx, all_p, params
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -268,6 +274,8 @@ class TeacherEnsembleModule(pl.LightningModule):
         Not in `on_predict_end`: Lightning skips the whole prediction loop, hooks included, on a rank whose
         share is empty (one missing block, two ranks), and the other ranks would wait for it forever.
         """
+        if self.progress is not None:
+            self.progress.close()
         # Throughput after each rank's first block (so without starting processes, workers and the first
         # read), summed over ranks that ran at the same time; None when no rank wrote two blocks.
         clips = seconds = 0.0
