@@ -96,11 +96,12 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
 
 
 def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
+    from ced_lightning.comparison import train_and_compare
     from ced_lightning.inputs import ensure_inputs
     from ced_lightning.train import entry_point, train
 
     cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])
-    assert entry_point(cfg) is train  # no demo layer: nothing is generated or trained on its own
+    assert entry_point(cfg) is train_and_compare  # no demo layer: nothing is generated or trained on its own
     with pytest.raises(
         FileNotFoundError, match=r"^data\.train: no store at .*train\.zarr.*ced_lightning\.prepare"
     ):
@@ -114,7 +115,6 @@ def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) 
         ensure_inputs(cfg)
     for schedule_key in ("max_epochs", "epoch_length", "warmup_steps", "val_every", "patience", "mixup"):
         assert schedule_key in cfg.data.schedule
-    assert "entry" not in cfg.data
 
 
 ONE_EPOCH = [
@@ -164,6 +164,32 @@ def test_custom_data_distils_a_student_and_records_what_it_used(
     assert saved.data.clip_seconds == CLIP_SECONDS and saved.augment.time_mask_frames == 77
     # The recorded recipe, read as a config again, is the one applied (absolute sizes, not scaled twice).
     assert AugmentRecipe.for_clip(saved.augment, CLIP_SECONDS) == LogitStore.open(logits).recipe
+
+
+def test_custom_data_student_ends_with_the_table_and_its_label_only_row(
+    own: dict[str, str], logits: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`data.label_only_baseline=true` on data=custom: the student's network trained with labels on the
+    labeled store for as many optimizer steps (18 clips / 6 = 3 a student epoch, 12 / 6 = 2 a labeled one:
+    4 student epochs = 6 labeled ones = 12 steps, each validated twice), then the table (the teacher that
+    made the logit store, the ensemble, the student, the label-only row, chance) and the verdict lines."""
+    from ced_lightning.train import entry_point
+
+    schedule = ["data.batch_size=6", "data.schedule.max_epochs=4", "data.schedule.val_every=2"]
+    cfg = compose_config(
+        _train_overrides(own, *schedule, "data.label_only_baseline=true", "data.schedule.warmup_steps=2"),
+        tmp_path / "student",
+    )
+    metrics = entry_point(cfg)(cfg)
+    assert metrics["optimizer_steps"] == 12 and metrics["label_only/optimizer_steps"] == 12
+    assert (tmp_path / "student" / "label_only" / "checkpoints").is_dir()
+    out = capsys.readouterr().out
+    assert "CED custom: mAP" in out
+    rows = ["teacher teacher", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels"]
+    for row in [*rows, "chance (mean label frequency)", "logit store / audio store"]:
+        assert row in out, out
+    assert "student against its best single teacher (teacher, " in out, out
+    assert "student against the label-only baseline (" in out, out
 
 
 def test_custom_data_evaluates_a_checkpoint_and_a_teacher_set(own: dict[str, str]) -> None:
