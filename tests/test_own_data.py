@@ -227,6 +227,45 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
     assert [j.name for j in jobs] == ["0", "1"]
 
 
+# -- top-k: every class of a small class list -------------------------------------------------------------
+
+
+def test_topk_keeps_every_class_of_a_small_class_list_and_the_papers_20_of_large_ones() -> None:
+    from ced_lightning.extract import default_topk, labels_beyond_topk
+
+    assert [default_topk(n) for n in (2, 16, 32, 33, 527)] == [2, 16, 32, 20, 20]
+    assert compose_config(["output=x"], config="extract").topk is None  # the rule, unless given
+    assert compose_config(["data=demo"]).data.extract.topk == 5  # the demo's measured recipe stays
+    counts = np.array([0, 0, 6, 1, 6, 5, 2])  # two unlabeled clips (a pool), five labeled
+    assert labels_beyond_topk(counts, 5, 16) == (
+        "2 of 5 labeled clips carry more than 5 labels (up to 6); topk=5 keeps at most 5 classes of each "
+        "(use topk=16 to keep all)"
+    )
+    assert labels_beyond_topk(counts, 5, 527).endswith("(use topk=6 to keep all)")
+    assert labels_beyond_topk(counts, 6, 16) is None and labels_beyond_topk(np.zeros(3, int), 1, 16) is None
+
+
+def test_extract_stores_every_class_by_default_and_warns_when_clips_carry_more_labels(
+    own: dict[str, str], logits: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ced_lightning.extract import run_extract
+
+    def extract(output: str, *extra: str) -> LogitStore:
+        overrides = [o for o in _extract_overrides(own, f"output={output}", *extra) if o != "topk=4"]
+        return run_extract(compose_config(overrides, tmp_path / "run", config="extract"))
+
+    assert extract(str(tmp_path / "all.zarr")).topk == len(DEMO_CLASSES)  # 16 classes: all of them
+    assert extract(logits).topk == 4  # topk left out on a store made with topk=4: resumed as it was made
+    counts = AudioStore.open(own["train"]).label_counts()
+    assert (counts > 1).any() and caplog.text.count("labeled clips carry more than") == 0
+    with caplog.at_level("WARNING", logger="ced_lightning.extract"):
+        assert extract(str(tmp_path / "top1.zarr"), "topk=1").topk == 1
+    expected = (
+        f"{(counts > 1).sum()} of {len(counts)} labeled clips carry more than 1 labels (up to {counts.max()})"
+    )
+    assert expected in caplog.text
+
+
 # -- where networks start: the released weights of their size ----------------------------------------
 
 

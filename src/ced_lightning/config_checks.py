@@ -134,7 +134,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "extract": {
         "epochs": COUNT,
-        "topk": COUNT,
+        "topk": COUNT_OR_NULL,
         "quantization": QUANTIZATIONS,
         "clip_seconds": POSITIVE,
         "segment_seconds": POSITIVE_OR_NULL,

@@ -62,7 +62,7 @@ def build_demo_artifacts(cfg: DictConfig, timer: StageTimer | None = None) -> No
     ensure_demo_teachers(cfg, timer)
     if not store_exists(cfg.data.logits):
         log.info(
-            "demo: extracting the teachers' top-%d over %d augmentation epochs of %s into %s (not there yet)",
+            "demo: extracting the teachers' top-%s over %d augmentation epochs of %s into %s (not there yet)",
             cfg.data.extract.topk,
             cfg.data.extract.epochs,
             cfg.data.train,
@@ -150,7 +150,7 @@ def extract_demo_logits(cfg: DictConfig) -> None:
         f"paths.data_dir={cfg.paths.data_dir}",
         f"paths.log_dir={cfg.paths.log_dir}",
         f"epochs={cfg.data.extract.epochs}",
-        f"topk={cfg.data.extract.topk}",
+        f"topk={json.dumps(cfg.data.extract.get('topk'))}",  # null: extract's rule (default_topk)
         f"quantization={cfg.data.extract.quantization}",
         f"clip_seconds={cfg.data.clip_seconds}",
         # The store's own seed: the student's training seed must not change what the teachers saw.
