@@ -209,3 +209,27 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
     baseline = logs / "run" / "label_only"
     assert (baseline / "checkpoints").is_dir()
     assert "for 2 epochs, the student's optimizer steps" in run.stderr + run.stdout
+
+
+def test_the_closing_table_compares_with_a_copy_that_shows_fewer_columns(capsys) -> None:
+    """The steps column comes first: a table quoted with its val and test columns, or test alone (the
+    README's), still lines up with the printed one (`bench.readme_check.compare_tables`)."""
+    from bench.readme_check import compare_tables, table_rows
+
+    from ced_lightning.comparison import print_comparison
+
+    rows = [
+        ("teacher mobilenet", "", "0.6404", "0.6618"),
+        ("student ced_tiny, label-free", "900", "0.6862", "0.6923"),
+        ("chance (mean label frequency)", "", "0.2061", "0.2103"),
+        ("logit store / audio store", "", "0.06 %", ""),
+    ]
+    print_comparison(rows, title="CED demo: mAP")
+    measured = table_rows(capsys.readouterr().out.splitlines())
+    assert measured["student ced_tiny, label-free"] == ["900", "0.6862", "0.6923"]
+    shown = {
+        "teacher mobilenet": ["0.6404", "0.6618"],
+        "student ced_tiny, label-free": ["0.6923"],
+        "logit store / audio store": ["0.06 %", ""],
+    }
+    assert compare_tables(shown, measured, tolerance=0.0) == []
