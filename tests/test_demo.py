@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ced_lightning.comparison import label_only_epochs, label_only_validations, verdict
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
-from ced_lightning.demo import demo_verdict, label_only_epochs, label_only_validations
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 from conftest import run_command
@@ -97,11 +97,11 @@ def test_distill_store_is_the_labeled_clips_then_an_unlabeled_pool(tmp_path: Pat
 
 def test_verdict_reads_the_table_against_the_best_single_teacher_and_the_baseline() -> None:
     teachers = {"ced_tiny": 0.6468, "mobilenet": 0.6618, "ensemble": 0.7}  # the ensemble is no single teacher
-    ahead, behind = demo_verdict(teachers, 0.6945, 0.7)
+    ahead, behind = verdict(teachers, 0.6945, 0.7)
     assert ahead == "student against its best single teacher (mobilenet, 0.6618): +0.0327 test mAP, ahead"
     assert behind.startswith("student against the label-only baseline (0.7000): -0.0055 test mAP, not ahead")
     assert "bench/demo_sizing.md" in behind
-    assert len(demo_verdict(teachers, 0.6945, None)) == 1 and demo_verdict(teachers, None, 0.7) == []
+    assert len(verdict(teachers, 0.6945, None)) == 1 and verdict(teachers, None, 0.7) == []
 
 
 def test_label_only_baseline_gets_the_students_optimizer_steps() -> None:
@@ -132,8 +132,8 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     """The student's config with the `task` group's supervised option: labels on train.zarr (not the pool),
     the teachers' recipe (the demo's absolute 40 frames) drawn fresh, the student's network and seed."""
     from ced_lightning import compose_config
+    from ced_lightning.comparison import label_only_cfg
     from ced_lightning.data.labeled import LabeledDataModule
-    from ced_lightning.demo import label_only_cfg
     from ced_lightning.modules.supervised import SupervisedModule
     from ced_lightning.train import build_task
 
@@ -209,3 +209,27 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
     baseline = logs / "run" / "label_only"
     assert (baseline / "checkpoints").is_dir()
     assert "for 2 epochs, the student's optimizer steps" in run.stderr + run.stdout
+
+
+def test_the_closing_table_compares_with_a_copy_that_shows_fewer_columns(capsys) -> None:
+    """The steps column comes first: a table quoted with its val and test columns, or test alone (the
+    README's), still lines up with the printed one (`bench.readme_check.compare_tables`)."""
+    from bench.readme_check import compare_tables, table_rows
+
+    from ced_lightning.comparison import print_comparison
+
+    rows = [
+        ("teacher mobilenet", "", "0.6404", "0.6618"),
+        ("student ced_tiny, label-free", "900", "0.6862", "0.6923"),
+        ("chance (mean label frequency)", "", "0.2061", "0.2103"),
+        ("logit store / audio store", "", "0.06 %", ""),
+    ]
+    print_comparison(rows, title="CED demo: mAP")
+    measured = table_rows(capsys.readouterr().out.splitlines())
+    assert measured["student ced_tiny, label-free"] == ["900", "0.6862", "0.6923"]
+    shown = {
+        "teacher mobilenet": ["0.6404", "0.6618"],
+        "student ced_tiny, label-free": ["0.6923"],
+        "logit store / audio store": ["0.06 %", ""],
+    }
+    assert compare_tables(shown, measured, tolerance=0.0) == []

@@ -182,9 +182,9 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("topk", "abc", "topk: expected an integer >= 1, got 'abc'"),
-        ("topk", 0, "topk: expected an integer >= 1, got 0"),
-        ("topk", 2.5, "topk: expected an integer >= 1, got 2.5"),
+        ("topk", "abc", "topk: expected an integer >= 1 or null, got 'abc'"),
+        ("topk", 0, "topk: expected an integer >= 1 or null, got 0"),
+        ("topk", 2.5, "topk: expected an integer >= 1 or null, got 2.5"),
         ("quantization", "int4", "quantization: expected one of float16, int8, got 'int4'"),
         ("clip_seconds", 0, "clip_seconds: expected a number > 0, got 0"),
         ("segment_seconds", -1.0, "segment_seconds: expected a number > 0 or null, got -1.0"),

@@ -96,11 +96,12 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
 
 
 def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
+    from ced_lightning.comparison import train_and_compare
     from ced_lightning.inputs import ensure_inputs
     from ced_lightning.train import entry_point, train
 
     cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])
-    assert entry_point(cfg) is train  # no demo layer: nothing is generated or trained on its own
+    assert entry_point(cfg) is train_and_compare  # no demo layer: nothing is generated or trained on its own
     with pytest.raises(
         FileNotFoundError, match=r"^data\.train: no store at .*train\.zarr.*ced_lightning\.prepare"
     ):
@@ -114,7 +115,6 @@ def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) 
         ensure_inputs(cfg)
     for schedule_key in ("max_epochs", "epoch_length", "warmup_steps", "val_every", "patience", "mixup"):
         assert schedule_key in cfg.data.schedule
-    assert "entry" not in cfg.data
 
 
 ONE_EPOCH = [
@@ -166,6 +166,32 @@ def test_custom_data_distils_a_student_and_records_what_it_used(
     assert AugmentRecipe.for_clip(saved.augment, CLIP_SECONDS) == LogitStore.open(logits).recipe
 
 
+def test_custom_data_student_ends_with_the_table_and_its_label_only_row(
+    own: dict[str, str], logits: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`data.label_only_baseline=true` on data=custom: the student's network trained with labels on the
+    labeled store for as many optimizer steps (18 clips / 6 = 3 a student epoch, 12 / 6 = 2 a labeled one:
+    2 student epochs = 3 labeled ones = 6 steps, each run validated once), then the table (the teacher that
+    made the logit store, the ensemble, the student, the label-only row, chance) and the verdict lines."""
+    from ced_lightning.train import entry_point
+
+    schedule = ["data.batch_size=6", "data.schedule.max_epochs=2", "data.schedule.val_every=2"]
+    cfg = compose_config(
+        _train_overrides(own, *schedule, "data.label_only_baseline=true", "data.schedule.warmup_steps=2"),
+        tmp_path / "student",
+    )
+    metrics = entry_point(cfg)(cfg)
+    assert metrics["optimizer_steps"] == 6 and metrics["label_only/optimizer_steps"] == 6
+    assert (tmp_path / "student" / "label_only" / "checkpoints").is_dir()
+    out = capsys.readouterr().out
+    assert "CED custom: mAP" in out
+    rows = ["teacher teacher", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels"]
+    for row in [*rows, "chance (mean label frequency)", "logit store / audio store"]:
+        assert row in out, out
+    assert "student against its best single teacher (teacher, " in out, out
+    assert "student against the label-only baseline (" in out, out
+
+
 def test_custom_data_evaluates_a_checkpoint_and_a_teacher_set(own: dict[str, str]) -> None:
     from ced_lightning.evaluate import run_evaluate
 
@@ -199,6 +225,45 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/[0-9]*"))
     assert [j.name for j in jobs] == ["0", "1"]
+
+
+# -- top-k: every class of a small class list -------------------------------------------------------------
+
+
+def test_topk_keeps_every_class_of_a_small_class_list_and_the_papers_20_of_large_ones() -> None:
+    from ced_lightning.extract import default_topk, labels_beyond_topk
+
+    assert [default_topk(n) for n in (2, 16, 32, 33, 527)] == [2, 16, 32, 20, 20]
+    assert compose_config(["output=x"], config="extract").topk is None  # the rule, unless given
+    assert compose_config(["data=demo"]).data.extract.topk == 5  # the demo's measured recipe stays
+    counts = np.array([0, 0, 6, 1, 6, 5, 2])  # two unlabeled clips (a pool), five labeled
+    assert labels_beyond_topk(counts, 5, 16) == (
+        "2 of 5 labeled clips carry more than 5 labels (up to 6); topk=5 keeps at most 5 classes of each "
+        "(use topk=16 to keep all)"
+    )
+    assert labels_beyond_topk(counts, 5, 527).endswith("(use topk=6 to keep all)")
+    assert labels_beyond_topk(counts, 6, 16) is None and labels_beyond_topk(np.zeros(3, int), 1, 16) is None
+
+
+def test_extract_stores_every_class_by_default_and_warns_when_clips_carry_more_labels(
+    own: dict[str, str], logits: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ced_lightning.extract import run_extract
+
+    def extract(output: str, *extra: str) -> LogitStore:
+        overrides = [o for o in _extract_overrides(own, f"output={output}", *extra) if o != "topk=4"]
+        return run_extract(compose_config(overrides, tmp_path / "run", config="extract"))
+
+    assert extract(str(tmp_path / "all.zarr")).topk == len(DEMO_CLASSES)  # 16 classes: all of them
+    assert extract(logits).topk == 4  # topk left out on a store made with topk=4: resumed as it was made
+    counts = AudioStore.open(own["train"]).label_counts()
+    assert (counts > 1).any() and caplog.text.count("labeled clips carry more than") == 0
+    with caplog.at_level("WARNING", logger="ced_lightning.extract"):
+        assert extract(str(tmp_path / "top1.zarr"), "topk=1").topk == 1
+    expected = (
+        f"{(counts > 1).sum()} of {len(counts)} labeled clips carry more than 1 labels (up to {counts.max()})"
+    )
+    assert expected in caplog.text
 
 
 # -- where networks start: the released weights of their size ----------------------------------------

@@ -233,6 +233,7 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     assert len(list((tmp_path / "logs" / "ddp_run").glob("*.log"))) == 1
     assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.ckpt").is_file()
     assert "test/mAP" in result.stdout + result.stderr
+    assert "CED demo: mAP" in result.stdout  # the closing table, scored on rank 0 alone
 
 
 @pytest.mark.parametrize("train_epoch", [0, 3])

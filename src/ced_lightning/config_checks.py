@@ -114,6 +114,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "data.schedule.warmup_steps": NON_NEGATIVE_INT,
         "data.schedule.epoch_length": COUNT_OR_NULL,
         "data.schedule.val_every": COUNT,
+        "data.label_only_baseline": FLAG,
         "data.demo.seed": NON_NEGATIVE_INT,
         "data.demo.clips.train": COUNT,
         "data.demo.clips.unlabeled": NON_NEGATIVE_INT,
@@ -133,7 +134,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "extract": {
         "epochs": COUNT,
-        "topk": COUNT,
+        "topk": COUNT_OR_NULL,
         "quantization": QUANTIZATIONS,
         "clip_seconds": POSITIVE,
         "segment_seconds": POSITIVE_OR_NULL,

@@ -97,7 +97,7 @@ def create_or_resume(
     settings = {
         "num_clips": len(audio),
         "epochs": int(cfg.epochs),
-        "topk": int(cfg.topk),
+        "topk": store_topk(cfg, num_classes),
         "num_classes": num_classes,
         "class_names": class_names,
         "quantization": str(cfg.quantization),
@@ -183,6 +183,42 @@ def segment_samples(cfg: DictConfig) -> int:
             f"input), got {seconds}"
         )
     return samples
+
+
+# topk=null keeps every class of a data set with at most this many classes (storing them costs next to
+# nothing), and the paper's 20 (of AudioSet's 527) of larger ones.
+ALL_CLASSES_UP_TO = 32
+LARGE_SET_TOPK = 20
+
+
+def default_topk(num_classes: int) -> int:
+    """The top-k of `topk=null`: every class up to `ALL_CLASSES_UP_TO` classes, else `LARGE_SET_TOPK`."""
+    return num_classes if num_classes <= ALL_CLASSES_UP_TO else LARGE_SET_TOPK
+
+
+def store_topk(cfg: DictConfig, num_classes: int) -> int:
+    """`topk` as given; where null, the existing output's (a rerun resumes the store as it was made), else
+    `default_topk`."""
+    if cfg.get("topk") is not None:
+        return int(cfg.topk)
+    if store_exists(str(cfg.output)) and read_attrs(str(cfg.output)).get("topk"):
+        return int(read_attrs(str(cfg.output))["topk"])
+    return default_topk(num_classes)
+
+
+def labels_beyond_topk(label_counts: np.ndarray, topk: int, num_classes: int) -> str | None:
+    """A warning when labeled clips (`label_counts`: labels per clip, 0 for unlabeled ones) carry more labels
+    than a top-`topk` row can hold, with the counts and the top-k that holds them; None when none does."""
+    labeled = int((label_counts > 0).sum())
+    beyond = int((label_counts > topk).sum())
+    if not beyond:
+        return None
+    most = int(label_counts.max())
+    suggested = num_classes if num_classes <= ALL_CLASSES_UP_TO else most
+    return (
+        f"{beyond:,} of {labeled:,} labeled clips carry more than {topk} labels (up to {most}); topk={topk} "
+        f"keeps at most {topk} classes of each (use topk={suggested} to keep all)"
+    )
 
 
 def _store_class_names(
@@ -271,6 +307,9 @@ def _extract(cfg: DictConfig) -> LogitStore:
     num_classes = int(teachers[0].num_classes)
     class_names = _store_class_names(teacher_classes, audio, num_classes)
     store = create_or_resume(cfg, audio, records, class_names, num_classes)
+    beyond = labels_beyond_topk(audio.label_counts(), store.topk, num_classes) if global_rank() == 0 else None
+    if beyond:
+        log.warning("%s", beyond)
 
     module = TeacherEnsembleModule(
         teachers,

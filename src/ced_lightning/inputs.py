@@ -68,7 +68,7 @@ def _build_command(key: str, url: str, cfg: DictConfig) -> str:
         audio_store = f"'audio_store=[{','.join(train)}]'" if len(train) > 1 else f"audio_store={train[0]}"
         return (
             f"python -m ced_lightning.extract {audio_store} output={url} "
-            f"teacher={cfg.teacher.get('name', '<teacher config>')} epochs=... topk=20"
+            f"teacher={cfg.teacher.get('name', '<teacher config>')} epochs=..."
         )
     return f"python -m ced_lightning.prepare input=<audio dir, file list or AudioSet CSV> output={url}"
 

@@ -123,7 +123,8 @@ def probabilities_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def tagging_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """`TaggingMetrics` of one set of scores `[N, C]` and multi-hot targets, computed at once:
     `{"mAP", "d_prime", "per_class_ap", "positives"}` (the Lightning steps accumulate the same metric)."""
-    metric = TaggingMetrics(probs.shape[1])
+    # One process's scores: never gathered over DDP ranks (on rank 0 alone it would wait for the others).
+    metric = TaggingMetrics(probs.shape[1], sync_on_compute=False)
     metric.update(probs, targets)
     return metric.compute()
 

@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     metrics.update(best)
     metrics["checkpoint_dir"] = getattr(trainer.checkpoint_callback, "dirpath", None)
+    metrics["optimizer_steps"] = int(trainer.global_step)  # what the label-only baseline is matched to
     return metrics
 
 

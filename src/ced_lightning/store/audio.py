@@ -344,6 +344,10 @@ class AudioStore:
         i = self._check_index(int(i))
         return self._label_indices[self._label_indptr[i] : self._label_indptr[i + 1]]
 
+    def label_counts(self) -> np.ndarray:
+        """Labels per clip, int64 `[N]` (0 for a clip without)."""
+        return np.diff(self._label_indptr)
+
     def label_matrix(self) -> np.ndarray:
         """Multi-hot uint8 `[N, num_classes]` (built once)."""
         if self._label_matrix is None:

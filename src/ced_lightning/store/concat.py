@@ -198,6 +198,10 @@ class ConcatAudioStore:
         store, j = self._locate(int(i))
         return store.labels(j)
 
+    def label_counts(self) -> np.ndarray:
+        """Labels per clip, int64 `[N]` (0 for a clip without)."""
+        return np.concatenate([s.label_counts() for s in self.stores]).astype(np.int64)
+
     def label_matrix(self) -> np.ndarray:
         """Multi-hot uint8 `[N, num_classes]`: rows of stores without labels are all zero."""
         if self._label_matrix is None:
