@@ -175,11 +175,19 @@ def test_resume_keeps_the_best_checkpoints_and_the_best_score(
     best_k = {Path(p) for p in checkpoint_state["best_k_models"]}
     assert {p.resolve() for p in before} <= {p.resolve() for p in best_k} and len(best_k) == 4
     averaged = torch.load(folder / "averaged.ckpt", map_location="cpu", weights_only=False)
-    assert {Path(p).resolve() for p in averaged["averaged_from"]} == {p.resolve() for p in best_k}
     validations = _logged(first, "val/mAP") + _logged(resumed, "val/mAP")
     # Here the best validation is one from before the resume, and the last one is worse.
     assert len(validations) == 4 and validations[-1] < max(validations[:2])
     assert metrics["val/mAP"] == pytest.approx(max(validations))
+    assert {Path(p).resolve() for p in averaged["averaged_from"]} == {p.resolve() for p in best_k}
+    # Validated once after the fit: it holds the better of the average and the best single checkpoint.
+    kept = averaged["averaging"]
+    assert metrics["averaging"] == kept and kept["best_single_score"] == pytest.approx(max(validations))
+    if kept["kept"] == "best single":
+        best = torch.load(kept["best_single"], map_location="cpu", weights_only=False)
+        assert all(torch.equal(v, averaged["state_dict"][k]) for k, v in best["state_dict"].items())
+    else:
+        assert kept["averaged_score"] >= kept["best_single_score"]
 
 
 def _run_cli(args: list[str], cwd: Path, wandb_auto: bool = False) -> subprocess.CompletedProcess:
