@@ -319,13 +319,14 @@ def teacher_maps(cfg: DictConfig, store: str) -> dict[str, float]:
     (`teacher.combine`): `evaluate`'s teacher-set path (`teachers.load_teachers`,
     `evaluate.evaluate_teachers`), one pass."""
     from ced_lightning.evaluate import evaluate_teachers
-    from ced_lightning.teachers import load_teachers
+    from ced_lightning.teachers import load_teachers, teacher_weights
 
     models, records, class_names = load_teachers(cfg.teacher)  # as extract and evaluate teacher=... load them
     table = evaluate_teachers(
         {record["name"]: model for record, model in zip(records, models, strict=True)},
         store,
         combine=str(cfg.teacher.get("combine", "mean_prob")),
+        weights=teacher_weights(records),
         class_names=class_names,
         batch_size=int(cfg.data.eval_batch_size),
         device="cpu" if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else None,
