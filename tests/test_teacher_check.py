@@ -272,8 +272,8 @@ def test_teacher_table_has_each_members_effect_and_the_best_member(workdir: Path
     assert table["ensemble_over_best"] == pytest.approx(ensemble["mAP"] - 1.0, abs=1e-6)
     text = format_teacher_table(table)
     assert (
-        f"ensemble against its best member (strong, mAP 1.0000): {table['ensemble_over_best']:+.4f} (below it)"
-        in text
+        f"ensemble against its best member (strong, mAP 1.0000): {table['ensemble_over_best']:+.4f} "
+        "(below it)" in text
     )
     assert "without weak the ensemble scores 1.0000" in text and "(teacher.weights=[1,0])" in text
     assert "without strong" not in text
@@ -318,8 +318,8 @@ def test_teacher_weights_from_the_config(workdir: Path) -> None:
 
 
 def test_extract_stores_with_the_weights_it_records(workdir: Path, tmp_path: Path) -> None:
-    """The store records each teacher's weight, its rows are the weighted ensemble's (its own replay, `verify`,
-    recomputes them with the recorded weights), and a resume with other weights is refused."""
+    """The store records each teacher's weight, its rows are the weighted ensemble's (its own replay,
+    `verify`, recomputes them with the recorded weights), and a resume with other weights is refused."""
     from ced_lightning.extract import run_extract
     from ced_lightning.store.logits import LogitStore
 
