@@ -230,7 +230,7 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     overrides = _train_overrides(
         tiny_demo,
         "trainer.devices=2",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=2",  # two checkpoints: their average is validated on both ranks
         "callbacks.early_stopping=null",
         "hydra.run.dir=logs/ddp_run",
     )
@@ -239,6 +239,8 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     assert [p.name for p in runs] == ["ddp_run"], runs
     assert len(list((tmp_path / "logs" / "ddp_run").glob("*.log"))) == 1
     assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.ckpt").is_file()
+    assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.json").is_file()
+    assert "averaged 2 checkpoints (epochs " in result.stdout + result.stderr
     assert "test/mAP" in result.stdout + result.stderr
 
 
