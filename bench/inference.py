@@ -130,7 +130,7 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
     if not store.has_labels:
         raise ValueError(f"{store_url}: has no labels; the int8 cost needs a labelled store")
     labels = torch.from_numpy(store.label_matrix())
-    probabilities, _ = score_store(runners, store, device="cpu")
+    probabilities, _, _ = score_store(runners, store, device="cpu")
     reference = probabilities["eager float32"]
     result: dict[str, Any] = {
         "checkpoint": str(ckpt),

@@ -234,3 +234,107 @@ def test_a_member_built_from_its_target_is_recorded_by_its_weights() -> None:
     assert digests[0] == digests[1]
     models[0].init_bn.num_batches_tracked += 1  # a 0-dim tensor: counted like every other
     assert state_dict_sha256(models[0]) != digests[0]
+
+
+@pytest.mark.parametrize("combine", ["mean_prob", "mean_logit"])
+def test_weights_of_one_combine_bit_for_bit_as_before_and_others_weigh(combine: str) -> None:
+    from ced_lightning.modules.ensemble import combine_probabilities
+
+    logits = [torch.randn(5, C, generator=torch.Generator().manual_seed(i)) * 4 for i in range(3)]
+    plain = combine_probabilities(logits, combine)
+    assert torch.equal(combine_probabilities(logits, combine, [1, 1.0, 1]), plain)
+    weighted = combine_probabilities(logits, combine, [2.0, 1.0, 1.0])
+    stacked = torch.stack(logits).double()
+    w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).view(-1, 1, 1)
+    expected = (
+        (torch.sigmoid(stacked) * w).sum(0) if combine == "mean_prob" else torch.sigmoid((stacked * w).sum(0))
+    )
+    assert torch.allclose(weighted.double(), expected, atol=1e-6) and not torch.equal(weighted, plain)
+    # A weight of 0 leaves its teacher out exactly.
+    assert torch.equal(combine_probabilities(logits[:2], combine, [1.0, 0.0]), torch.sigmoid(logits[0]))
+
+
+def test_teacher_table_has_each_members_effect_and_the_best_member(workdir: Path) -> None:
+    """Before: the table had each member and the ensemble, nothing said the ensemble was below its best
+    member nor which member pulled it down. Leave-one-out of two teachers is the other one alone."""
+    from ced_lightning.evaluate import evaluate_teachers, format_teacher_table
+    from ced_lightning.models import load_model
+
+    val = str(workdir / "val.zarr")
+    models = {n: load_model(workdir / n / "teacher.pt") for n in ("strong", "weak")}
+    table = evaluate_teachers(models, val, batch_size=7, device="cpu")
+    strong, weak, ensemble = table["teachers"]["strong"], table["teachers"]["weak"], table["ensemble"]
+    assert weak["ensemble_without"] == pytest.approx(strong["mAP"], abs=1e-6) == pytest.approx(1.0)
+    assert strong["ensemble_without"] == pytest.approx(weak["mAP"], abs=1e-6)
+    assert weak["effect"] == pytest.approx(ensemble["mAP"] - 1.0, abs=1e-6) and weak["effect"] < 0
+    assert strong["effect"] == pytest.approx(ensemble["mAP"] - weak["mAP"], abs=1e-6) and strong["effect"] > 0
+    assert table["best_member"] == "strong" and strong["weight"] == weak["weight"] == 1.0
+    assert table["ensemble_over_best"] == pytest.approx(ensemble["mAP"] - 1.0, abs=1e-6)
+    text = format_teacher_table(table)
+    assert (
+        f"ensemble against its best member (strong, mAP 1.0000): {table['ensemble_over_best']:+.4f} "
+        "(below it)" in text
+    )
+    assert "without weak the ensemble scores 1.0000" in text and "(teacher.weights=[1,0])" in text
+    assert "without strong" not in text
+    json.dumps(table, allow_nan=False)
+
+    weighted = evaluate_teachers(models, val, weights=[1.0, 0.25], batch_size=7, device="cpu")
+    assert weighted["teachers"]["weak"]["weight"] == 0.25
+    assert weighted["ensemble"]["mAP"] > ensemble["mAP"]  # less of the weak member
+    # Leave-one-out of the weighted ensemble: the other member alone, whatever its weight.
+    assert weighted["teachers"]["weak"]["ensemble_without"] == pytest.approx(1.0)
+    alone = evaluate_teachers({"strong": models["strong"]}, val, batch_size=7, device="cpu")
+    assert alone["teachers"]["strong"]["effect"] is None and "ensemble against" not in format_teacher_table(
+        alone
+    )
+
+
+def test_teacher_weights_from_the_config(workdir: Path) -> None:
+    from ced_lightning.teachers import teacher_members
+
+    named = [{"name": "a", "checkpoint": "a.pt"}, {"name": "b", "checkpoint": "b.pt"}]
+    members = teacher_members(OmegaConf.create({"members": named, "weights": [1, 0.5]}))
+    assert [(m["name"], m["weight"]) for m in members] == [("a", 1.0), ("b", 0.5)]
+    assert [m["name"] for m in teacher_members(OmegaConf.create({"members": named, "weights": [0, 2]}))] == [
+        "b"
+    ]
+    own = [{**named[0], "weight": 0}, named[1]]
+    assert [(m["name"], m["weight"]) for m in teacher_members(OmegaConf.create({"members": own}))] == [
+        ("b", 1.0)
+    ]
+    by_path = teacher_members(OmegaConf.create({"checkpoints": ["x/a.pt", "x/b.pt"], "weights": [1, 0.5]}))
+    assert [m["weight"] for m in by_path] == [1.0, 0.5]
+    for weights, message in (
+        ([1], r"teacher.weights has 1 values for 2 teachers \(a, b\)"),
+        ([1, -1], r"teacher b: weight must be a number >= 0 \(0 drops it\), not -1"),
+        ([1, "x"], r"teacher b: weight must be a number >= 0"),
+        ([0, 0], r"every teacher has weight 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            teacher_members(OmegaConf.create({"members": named, "weights": weights}))
+    with pytest.raises(ValueError, match=r"teacher.weights or the members' own `weight:`, not both"):
+        teacher_members(OmegaConf.create({"members": own, "weights": [1, 1]}))
+
+
+def test_extract_stores_with_the_weights_it_records(workdir: Path, tmp_path: Path) -> None:
+    """The store records each teacher's weight, its rows are the weighted ensemble's (its own replay,
+    `verify`, recomputes them with the recorded weights), and a resume with other weights is refused."""
+    from ced_lightning.extract import run_extract
+    from ced_lightning.store.logits import LogitStore
+
+    members = _members(workdir, "strong", "weak")
+    out = tmp_path / "weighted.zarr"
+    check = f"teacher_check.store={workdir / 'val.zarr'}"
+    weighted = ["teacher.weights=[1,0.25]", check, "allow_weak_teachers=true", "verify=6"]
+    run_extract(_extract_cfg(workdir, out, members, *weighted))
+    store = LogitStore.open(str(out))
+    assert [(t["name"], t["weight"]) for t in store.teachers] == [("strong", 1.0), ("weak", 0.25)]
+    assert store.teacher_weights == [1.0, 0.25]
+    stats = json.loads((out / "extract_stats.json").read_text())
+    assert stats["verify"]["ok"] and stats["teacher_check"]["teachers"]["weak"]["weight"] == 0.25
+    with pytest.raises(ValueError, match=r"made with other settings:\n  teachers: .*'weight': 0.25"):
+        run_extract(_extract_cfg(workdir, out, members, check, "allow_weak_teachers=true"))
+    dropped = tmp_path / "dropped.zarr"
+    run_extract(_extract_cfg(workdir, dropped, members, "teacher.weights=[1,0]"))
+    assert [t["name"] for t in LogitStore.open(str(dropped)).teachers] == ["strong"]

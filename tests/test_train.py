@@ -176,11 +176,19 @@ def test_resume_keeps_the_best_checkpoints_and_the_best_score(
     best_k = {Path(p) for p in checkpoint_state["best_k_models"]}
     assert {p.resolve() for p in before} <= {p.resolve() for p in best_k} and len(best_k) == 4
     averaged = torch.load(folder / "averaged.ckpt", map_location="cpu", weights_only=False)
-    assert {Path(p).resolve() for p in averaged["averaged_from"]} == {p.resolve() for p in best_k}
     validations = _logged(first, "val/mAP") + _logged(resumed, "val/mAP")
     # Here the best validation is one from before the resume, and the last one is worse.
     assert len(validations) == 4 and validations[-1] < max(validations[:2])
     assert metrics["val/mAP"] == pytest.approx(max(validations))
+    assert {Path(p).resolve() for p in averaged["averaged_from"]} == {p.resolve() for p in best_k}
+    # Validated once after the fit: it holds the better of the average and the best single checkpoint.
+    kept = averaged["averaging"]
+    assert metrics["averaging"] == kept and kept["best_single_score"] == pytest.approx(max(validations))
+    if kept["kept"] == "best single":
+        best = torch.load(kept["best_single"], map_location="cpu", weights_only=False)
+        assert all(torch.equal(v, averaged["state_dict"][k]) for k, v in best["state_dict"].items())
+    else:
+        assert kept["averaged_score"] >= kept["best_single_score"]
 
 
 def _run_cli(args: list[str], cwd: Path, wandb_auto: bool = False) -> subprocess.CompletedProcess:
@@ -223,7 +231,7 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     overrides = _train_overrides(
         tiny_demo,
         "trainer.devices=2",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=2",  # two checkpoints: their average is validated on both ranks
         "callbacks.early_stopping=null",
         "hydra.run.dir=logs/ddp_run",
     )
@@ -232,6 +240,8 @@ def test_ddp_two_processes_share_one_run_folder(tiny_demo: dict[str, str], tmp_p
     assert [p.name for p in runs] == ["ddp_run"], runs
     assert len(list((tmp_path / "logs" / "ddp_run").glob("*.log"))) == 1
     assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.ckpt").is_file()
+    assert (tmp_path / "logs" / "ddp_run" / "checkpoints" / "averaged.json").is_file()
+    assert "averaged 2 checkpoints (epochs " in result.stdout + result.stderr
     assert "test/mAP" in result.stdout + result.stderr
     assert "CED demo: mAP" in result.stdout  # the closing table, scored on rank 0 alone
 

@@ -39,17 +39,34 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
     return averaged
 
 
+def save_whole(checkpoint: dict[str, Any], path: Path) -> None:
+    """`torch.save` to a temporary name, then renamed: a signal mid-write leaves no half a checkpoint."""
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(checkpoint, partial)
+    partial.replace(path)
+
+
 class AverageBestCheckpoints(Callback):
     """At the end of fitting, average the weights of the `top_k` best checkpoints (the paper averages its 4
     best) and save them as `averaged.ckpt` beside them, a full checkpoint that every tool here reads.
 
+    With `validate` (the default), `train` then validates the average and keeps the better of it and the best
+    single checkpoint in `averaged.ckpt` (`fit_checkpoints.keep_better_of_average`): on a short, still rising
+    run the 4 best span the whole curve and their mean can be worse than the best of them. `validate=false`
+    keeps the plain average (the paper's).
+
     A run stopped with SIGTERM (a cluster's time limit or preemption; Lightning stops at the next batch)
-    writes it from the best checkpoints saved so far, so a stopped run still leaves its averaged model.
+    writes it from the best checkpoints saved so far, so a stopped run still leaves its averaged model
+    (not validated).
     """
 
-    def __init__(self, top_k: int = 4) -> None:
+    def __init__(self, top_k: int = 4, validate: bool = True) -> None:
         self.top_k = top_k
+        self.validate = validate
         self.path: Path | None = None
+        # The checkpoints averaged, best first, and (rank 0 only) their epochs.
+        self.sources: list[str] = []
+        self.epochs: list[int | None] = []
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._average(trainer)
@@ -69,17 +86,16 @@ class AverageBestCheckpoints(Callback):
         reverse = checkpoint_cb.mode == "max"
         ranked = sorted(checkpoint_cb.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=reverse)
         paths = [path for path, _ in ranked[: self.top_k]]
+        self.sources = [str(p) for p in paths]
         # Every rank learns the path (all of them test it next); rank 0 alone writes it.
         self.path = Path(paths[0]).parent / AVERAGED_CHECKPOINT
         if trainer.is_global_zero:
             checkpoints = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+            self.epochs = [c.get("epoch") for c in checkpoints]
             averaged = dict(checkpoints[0])
             averaged["state_dict"] = average_state_dicts([c["state_dict"] for c in checkpoints])
             averaged["averaged_from"] = [str(p) for p in paths]
-            # Written whole, then renamed: a second signal mid-write leaves no half a checkpoint.
-            partial = self.path.with_name(f".{AVERAGED_CHECKPOINT}.partial")
-            torch.save(averaged, partial)
-            partial.replace(self.path)
+            save_whole(averaged, self.path)
             log.info("averaged the weights of %d best checkpoints into %s", len(paths), self.path)
         return self.path
 

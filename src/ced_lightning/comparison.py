@@ -211,7 +211,7 @@ def teacher_maps(cfg: DictConfig, teacher_cfg: DictConfig, store: str) -> dict[s
     pass. A checkpoint whose weights differ from those the store recorded is scored as it is now, with a
     warning."""
     from ced_lightning.evaluate import evaluate_teachers
-    from ced_lightning.teachers import load_teachers
+    from ced_lightning.teachers import load_teachers, teacher_weights
 
     try:
         models, records, class_names = load_teachers(teacher_cfg)
@@ -230,6 +230,7 @@ def teacher_maps(cfg: DictConfig, teacher_cfg: DictConfig, store: str) -> dict[s
         {record["name"]: model for record, model in zip(records, models, strict=True)},
         store,
         combine=str(teacher_cfg.get("combine", "mean_prob")),
+        weights=teacher_weights(records),
         class_names=class_names,
         batch_size=int(cfg.data.eval_batch_size),
         device="cpu" if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else None,

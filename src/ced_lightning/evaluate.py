@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -86,9 +86,13 @@ def score_store(
     progress: bool = False,
     combine: str | None = None,
     stage: str = "evaluate",
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    weights: Sequence[float] | None = None,
+    leave_one_out: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor]]:
     """Every model's probabilities `[clips, classes]` (float32, CPU, store order) over every clip of the
-    audio store, and with `combine` the ensemble's (`combine_probabilities`, as `extract` combines them).
+    audio store; with `combine` the ensemble's (`combine_probabilities` with the models' `weights`, as
+    `extract` combines them), and with `leave_one_out` too, for each model, the ensemble's without it
+    (`{name: probabilities}`; empty otherwise, or for one model).
 
     The project's one evaluation pass: clips grouped by length (`batches_by_length`), each batch read once
     and run through every model, so a clip's scores do not depend on the batch size. Probabilities are
@@ -112,6 +116,8 @@ def score_store(
     )
     probabilities = {name: torch.empty(len(lengths), num_classes) for name in models}
     ensemble = torch.empty(len(lengths), num_classes) if combine is not None else None
+    left_out = list(models) if ensemble is not None and leave_one_out and len(models) > 1 else []
+    without = {name: torch.empty(len(lengths), num_classes) for name in left_out}
 
     def run(advance: Callable[[int], Any]) -> None:
         for batch in batches:
@@ -120,7 +126,12 @@ def score_store(
             for name, value in logits.items():
                 probabilities[name][batch] = probabilities_from_logits(value).cpu()
             if ensemble is not None:
-                ensemble[batch] = combine_probabilities(list(logits.values()), combine).cpu()
+                members = list(logits.values())
+                ensemble[batch] = combine_probabilities(members, combine, weights).cpu()
+                for i, name in enumerate(left_out):
+                    rest = [m for j, m in enumerate(members) if j != i]
+                    rest_weights = None if weights is None else [w for j, w in enumerate(weights) if j != i]
+                    without[name][batch] = combine_probabilities(rest, combine, rest_weights).cpu()
             advance(len(batch))
 
     with ProgressLog(stage, len(lengths), unit="clips") as logged:
@@ -132,7 +143,7 @@ def score_store(
                 run(lambda n: (bar.advance(task, n), logged.advance(n)))
         else:
             run(logged.advance)
-    return probabilities, ensemble
+    return probabilities, ensemble, without
 
 
 def evaluate_checkpoint(
@@ -159,7 +170,7 @@ def evaluate_checkpoint(
     num_classes = int(model.num_classes)
     class_names = _store_class_names(store, store_url, f"ckpt={ckpt}", num_classes, checkpoint.class_names)
     labels = torch.from_numpy(store.label_matrix())
-    scored, _ = score_store(
+    scored, _, _ = score_store(
         {str(ckpt): model},
         store,
         batch_size=batch_size,
@@ -193,6 +204,7 @@ def evaluate_teachers(
     store_url: str,
     *,
     combine: str = "mean_prob",
+    weights: Sequence[float] | None = None,
     class_names: list[str] | None = None,
     batch_size: int = 32,
     length_tolerance_s: float = 0.0,
@@ -201,12 +213,17 @@ def evaluate_teachers(
     output_dir: str | PathLike | None = None,
     stage: str = "evaluate",
 ) -> dict[str, Any]:
-    """Each teacher's and the ensemble's (combined by `combine`, as `extract` stores it) mAP and d-prime on a
-    labelled store, from one pass, with the chance level (`chance_map`) and each one's `gain_over_chance`.
+    """Each teacher's and the ensemble's (combined by `combine` with the teachers' `weights`, as `extract`
+    stores it) mAP and d-prime on a labelled store, from one pass, with the chance level (`chance_map`), each
+    one's `gain_over_chance`, and each teacher's effect on the ensemble: the ensemble's mAP without it
+    (`ensemble_without`, leave-one-out) and `effect`, the ensemble's mAP minus that (below 0: the ensemble
+    is better without it).
 
     Returns a JSON-ready table: `{"store", "num_clips", "classes_with_positives", "num_classes",
-    "chance_mAP", "combine", "teachers": {name: {"mAP", "d_prime", "gain_over_chance"}}, "ensemble": {...}}`;
-    with `output_dir`, the ensemble's per-class AP table and chart are written there too.
+    "chance_mAP", "combine", "teachers": {name: {"mAP", "d_prime", "gain_over_chance", "weight",
+    "ensemble_without", "effect"}}, "ensemble": {...}, "best_member", "ensemble_over_best"}` (the
+    leave-one-out figures None for a single teacher); with `output_dir`, the ensemble's per-class AP table
+    and chart are written there too.
     """
     from ced_lightning.modules.ensemble import check_combine, check_teachers
     from ced_lightning.store.remote import redact_url
@@ -217,7 +234,8 @@ def evaluate_teachers(
     what = f"the teachers ({', '.join(teachers)})"
     names = _store_class_names(store, store_url, what, num_classes, class_names)
     labels = torch.from_numpy(store.label_matrix())
-    scored, ensemble = score_store(
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(teachers)
+    scored, ensemble, without = score_store(
         teachers,
         store,
         batch_size=batch_size,
@@ -226,6 +244,8 @@ def evaluate_teachers(
         progress=progress,
         combine=combine,
         stage=stage,
+        weights=weights,
+        leave_one_out=True,
     )
     assert ensemble is not None
     chance = chance_map(labels)
@@ -241,6 +261,19 @@ def evaluate_teachers(
         return figures, scores
 
     ensemble_row, ensemble_scores = row(ensemble)
+    ensemble_map = float(ensemble_scores["mAP"])
+    members, maps = {}, {}
+    for (name, probabilities), weight in zip(scored.items(), weights, strict=True):
+        figures, scores = row(probabilities)
+        maps[name] = float(scores["mAP"])
+        figures.update(weight=weight, ensemble_without=None, effect=None)
+        if name in without:
+            without_map = float(tagging_scores(without[name], labels)["mAP"])
+            figures["ensemble_without"] = _json_float(without_map)
+            figures["effect"] = _json_float(ensemble_map - without_map)
+        members[name] = figures
+    # NaN (no class with positives) ranks last.
+    best = max(maps, key=lambda n: maps[n] if math.isfinite(maps[n]) else -math.inf)
     table: dict[str, Any] = {
         "store": redact_url(store_url),
         "num_clips": len(store),
@@ -248,8 +281,10 @@ def evaluate_teachers(
         "num_classes": num_classes,
         "chance_mAP": _json_float(chance),
         "combine": combine,
-        "teachers": {name: row(probabilities)[0] for name, probabilities in scored.items()},
+        "teachers": members,
         "ensemble": ensemble_row,
+        "best_member": best,
+        "ensemble_over_best": _json_float(ensemble_map - maps[best]),
     }
     if output_dir is not None:
         write_per_class(output_dir, ensemble_scores, names)
@@ -278,7 +313,9 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def format_teacher_table(table: dict[str, Any], min_gain: float | None = None) -> str:
-    """The table `evaluate teacher=...` and `extract teacher_check.store=...` print."""
+    """The table `evaluate teacher=...` and `extract teacher_check.store=...` print: each teacher (its weight,
+    figures, and the ensemble without it), the ensemble, then the ensemble against its best member and the
+    members it would be better without (`ensemble_verdict`)."""
     weak = set(weak_teachers(table, min_gain)) if min_gain is not None else set()
     rows = [*table["teachers"].items(), (f"ensemble ({table['combine']})", table["ensemble"])]
     width = max(len("teacher"), *(len(name) for name, _ in rows))
@@ -286,17 +323,53 @@ def format_teacher_table(table: dict[str, Any], min_gain: float | None = None) -
         f"teachers on {table['store']}: {table['num_clips']} clips, {table['classes_with_positives']} of "
         f"{table['num_classes']} classes with positives; chance mAP {_fmt(table['chance_mAP'], 4)} "
         "(mean class prevalence)",
-        f"  {'teacher':<{width}}  {'mAP':>7}  {'d-prime':>7}  {'gain over chance':>16}",
+        f"  {'teacher':<{width}}  {'weight':>6}  {'mAP':>7}  {'d-prime':>7}  {'gain over chance':>16}  "
+        f"{'ensemble without':>16}  {'effect':>7}",
     ]
     for name, figures in rows:
         key = "ensemble" if name.startswith("ensemble (") else name
         flag = f"  near chance (gain < {min_gain:g})" if key in weak else ""
-        mean_ap, d_prime, gain = (
-            _fmt(figures[key], digits)
-            for key, digits in (("mAP", 4), ("d_prime", 3), ("gain_over_chance", 3))
+        mean_ap, d_prime, gain, without = (
+            _fmt(figures.get(field), digits)
+            for field, digits in (
+                ("mAP", 4),
+                ("d_prime", 3),
+                ("gain_over_chance", 3),
+                ("ensemble_without", 4),
+            )
         )
-        lines.append(f"  {name:<{width}}  {mean_ap:>7}  {d_prime:>7}  {gain:>16}{flag}")
-    return "\n".join(lines)
+        weight = f"{figures['weight']:g}" if figures.get("weight") is not None else ""
+        effect = f"{figures['effect']:+.4f}" if figures.get("effect") is not None else ""
+        if key == "ensemble":
+            without = ""
+        lines.append(
+            f"  {name:<{width}}  {weight:>6}  {mean_ap:>7}  {d_prime:>7}  {gain:>16}  {without:>16}  "
+            f"{effect:>7}{flag}"
+        )
+    return "\n".join([*lines, *ensemble_verdict(table)])
+
+
+def ensemble_verdict(table: dict[str, Any]) -> list[str]:
+    """For two teachers or more: the ensemble's mAP against its best member's, and each member without which
+    the ensemble scores higher (negative leave-one-out `effect`), with the override that drops it."""
+    members = table["teachers"]
+    best = table.get("best_member")
+    if len(members) < 2 or best is None or table.get("ensemble_over_best") is None:
+        return []
+    over = table["ensemble_over_best"]
+    lines = [
+        f"ensemble against its best member ({best}, mAP {_fmt(members[best]['mAP'], 4)}): {over:+.4f}"
+        + (" (below it)" if over < 0 else "")
+    ]
+    weights = [figures.get("weight", 1.0) for figures in members.values()]
+    for i, (name, figures) in enumerate(members.items()):
+        if figures.get("effect") is not None and figures["effect"] < 0:
+            dropped = ",".join(f"{0 if j == i else w:g}" for j, w in enumerate(weights))
+            lines.append(
+                f"without {name} the ensemble scores {figures['ensemble_without']:.4f} "
+                f"({-figures['effect']:+.4f}): lower its weight or drop it (teacher.weights=[{dropped}])"
+            )
+    return lines
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -335,13 +408,14 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "progress": bool(cfg.progress),
     }
     if teacher_cfg:
-        from ced_lightning.teachers import load_teachers
+        from ced_lightning.teachers import load_teachers, teacher_weights
 
         models, records, class_names = load_teachers(teacher_cfg)
         table = evaluate_teachers(
             {record["name"]: model for record, model in zip(records, models, strict=True)},
             str(cfg.store),
             combine=str(teacher_cfg.get("combine", "mean_prob")),
+            weights=teacher_weights(records),
             class_names=class_names,
             **options,
         )

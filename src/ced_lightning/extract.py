@@ -64,7 +64,7 @@ from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, s
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
-from ced_lightning.teachers import load_teachers
+from ced_lightning.teachers import load_teachers, teacher_weights
 from ced_lightning.verify import check_verified, verify_store
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,11 @@ class WeakTeachersError(CedError, RuntimeError):
 
 
 def check_teacher_quality(
-    cfg: DictConfig, teachers: Sequence[nn.Module], names: list[str], class_names: list[str] | None
+    cfg: DictConfig,
+    teachers: Sequence[nn.Module],
+    names: list[str],
+    class_names: list[str] | None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any] | None:
     """Score each teacher and the ensemble on `teacher_check.store` and print the table (None when no
     store is given). Raises `WeakTeachersError` when any of them is near chance (`weak_teachers` with
@@ -256,6 +260,7 @@ def check_teacher_quality(
             dict(zip(names, teachers, strict=True)),
             str(check_cfg.store),
             combine=str(cfg.teacher.get("combine", "mean_prob")),
+            weights=weights,
             class_names=class_names,
             batch_size=int(check_cfg.get("batch_size", 32)),
             device="cpu" if on_cpu else None,
@@ -303,7 +308,8 @@ def _extract(cfg: DictConfig) -> LogitStore:
     teachers, records, teacher_classes = load_teachers(cfg.teacher)
     quality = None
     if global_rank() == 0:  # before the store exists: weak teachers leave nothing behind
-        quality = check_teacher_quality(cfg, teachers, [r["name"] for r in records], teacher_classes)
+        names = [r["name"] for r in records]
+        quality = check_teacher_quality(cfg, teachers, names, teacher_classes, teacher_weights(records))
     num_classes = int(teachers[0].num_classes)
     class_names = _store_class_names(teacher_classes, audio, num_classes)
     store = create_or_resume(cfg, audio, records, class_names, num_classes)
@@ -319,6 +325,7 @@ def _extract(cfg: DictConfig) -> LogitStore:
         epochs=store.epochs,
         topk=store.topk,
         combine=store.combine,
+        weights=store.teacher_weights,
         micro_batch_size=int(cfg.micro_batch_size),
         audio_url=audio_source(audio),
         num_workers=int(cfg.num_workers),

@@ -1,21 +1,26 @@
 """`train`'s checkpoint policy: the run options about checkpoints (`test_ckpt`, `ckpt_path`) checked before
 anything long starts, a resumed fit checkpointing into its checkpoint's own folder, the best monitored value
-over the run, and which checkpoint the test after the fit evaluates."""
+over the run, which weights `averaged.ckpt` keeps (`keep_better_of_average`), and which checkpoint the test
+after the fit evaluates."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.callbacks import AverageBestCheckpoints
+from ced_lightning.callbacks import AverageBestCheckpoints, save_whole
 from ced_lightning.errors import ConfigError, MissingInputError
 from ced_lightning.launch import check_multirun_ddp
 
@@ -127,3 +132,80 @@ def test_checkpoint(trainer: pl.Trainer, which: str) -> str | None:
         raise ConfigError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, not {which!r}")
     path = checkpoint_cb.best_model_path if which == "best" else checkpoint_cb.last_model_path
     return path or None
+
+
+# Beside `averaged.ckpt`: what the validation of the average found and which weights the file holds.
+AVERAGING_RECORD = "averaged.json"
+
+
+def better_score(candidate: float, reference: float, mode: str) -> bool:
+    """Whether `candidate` is at least as good as `reference` for a monitor of `mode` (`max` or `min`); NaN
+    is never better."""
+    return candidate >= reference if mode == "max" else candidate <= reference
+
+
+def keep_better_of_average(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None
+) -> dict[str, Any] | None:
+    """After the fit: validate the averaged weights (`AverageBestCheckpoints`) once, and leave in
+    `averaged.ckpt` the better of them and the best single checkpoint (by the checkpoint callback's monitor,
+    the average on a tie). Records the outcome in the checkpoint (`averaging`) and in `averaged.json` beside
+    it, logs one line and returns the record; None where there is no averaged checkpoint to judge (no
+    averaging callback, `validate=false`, no monitored validation) or it averages one checkpoint only."""
+    averager = next((cb for cb in trainer.callbacks if isinstance(cb, AverageBestCheckpoints)), None)
+    checkpoint_cb = trainer.checkpoint_callback
+    if (
+        averager is None
+        or not averager.validate
+        or averager.path is None
+        or len(averager.sources) < 2
+        or not isinstance(checkpoint_cb, ModelCheckpoint)
+        or not checkpoint_cb.monitor
+        or not checkpoint_cb.best_model_path
+    ):
+        return None
+    monitor, mode = checkpoint_cb.monitor, checkpoint_cb.mode
+    best_path = str(checkpoint_cb.best_model_path)
+    best_score = float(checkpoint_cb.best_k_models.get(best_path, checkpoint_cb.best_model_score))
+    loggers = trainer.loggers
+    trainer.loggers = []  # a validation of other weights, not a point of the run's validation curve
+    try:
+        results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(averager.path), verbose=False)
+    finally:
+        trainer.loggers = loggers
+    averaged_score = float(results[0][monitor]) if results and monitor in results[0] else math.nan
+    keep_average = better_score(averaged_score, best_score, mode)
+    epochs = averager.epochs or [None] * len(averager.sources)
+    best_epoch = dict(zip(averager.sources, epochs, strict=True)).get(best_path)
+    record = {
+        "monitor": monitor,
+        "averaged_from": averager.sources,
+        "averaged_epochs": epochs,
+        "averaged_score": averaged_score if math.isfinite(averaged_score) else None,
+        "best_single": best_path,
+        "best_single_epoch": best_epoch,
+        "best_single_score": best_score,
+        "kept": "average" if keep_average else "best single",
+    }
+    if trainer.is_global_zero:
+        kept = torch.load(averager.path if keep_average else best_path, map_location="cpu", weights_only=True)
+        kept["averaged_from"] = averager.sources
+        kept["averaging"] = record
+        save_whole(kept, averager.path)
+        averager.path.with_name(AVERAGING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        held = "the average" if keep_average else f"epoch {best_epoch}'s weights"
+        log.info(
+            "averaged %d checkpoints (epochs %s): %s %s; best single (epoch %s): %.4f; kept: %s "
+            "(%s holds %s)",
+            len(averager.sources),
+            ", ".join(str(e) for e in epochs),
+            monitor,
+            f"{averaged_score:.4f}",
+            best_epoch,
+            best_score,
+            record["kept"],
+            averager.path.name,
+            held,
+        )
+    trainer.strategy.barrier("keep_better_of_average")
+    return record

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,6 +21,8 @@ from ced_lightning.models import load_checkpoint
 from ced_lightning.models.released import released_entry
 from ced_lightning.modules.ensemble import check_teachers
 from ced_lightning.store.remote import redact_url
+
+log = logging.getLogger(__name__)
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -73,14 +77,15 @@ def check_unique_names(members: list[dict[str, Any]]) -> None:
 
 def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
     """`teacher.members`, or one member per path of `teacher.checkpoints` (named after its file); names must
-    be unique (`check_unique_names`)."""
+    be unique (`check_unique_names`). Each comes with its `weight` in the ensemble (`member_weights`);
+    members of weight 0 are left out."""
     members = teacher_cfg.get("members")
     if not members and teacher_cfg.get("checkpoints"):
         paths = teacher_cfg.checkpoints
         paths = list(paths) if isinstance(paths, (list, ListConfig)) else [paths]
         out = [{"name": Path(str(p)).stem, "checkpoint": str(p)} for p in paths]
         check_unique_names(out)
-        return out
+        return member_weights(teacher_cfg, out)
     if not members:
         raise ConfigError(
             "the teacher config has neither `members` nor `checkpoints`: give e.g. teacher=ced "
@@ -98,11 +103,48 @@ def teacher_members(teacher_cfg: DictConfig) -> list[dict[str, Any]]:
         member.setdefault("name", Path(str(member.get("checkpoint", f"member{i}"))).stem)
         out.append(member)
     check_unique_names(out)
-    return out
+    return member_weights(teacher_cfg, out)
+
+
+def member_weights(teacher_cfg: DictConfig, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The members with their `weight` in the ensemble's combine: `teacher.weights` (one per member, in
+    order) or each member's own `weight:` (1 where unset). Members of weight 0 are dropped (logged); the
+    others keep theirs, recorded in the logit store. Weights must be finite and not negative, one at least
+    above 0."""
+    listed = teacher_cfg.get("weights")
+    names = [m["name"] for m in members]
+    if listed is not None:
+        listed = list(listed) if isinstance(listed, (list, ListConfig)) else [listed]
+        if any("weight" in m for m in members):
+            raise ConfigError("give teacher.weights or the members' own `weight:`, not both")
+        if len(listed) != len(members):
+            raise ConfigError(
+                f"teacher.weights has {len(listed)} values for {len(members)} teachers ({', '.join(names)})"
+            )
+    else:
+        listed = [m.get("weight", 1.0) for m in members]
+    weights = []
+    for name, value in zip(names, listed, strict=True):
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"teacher {name}: weight must be a number >= 0 (0 drops it), not {value!r}")
+        weights.append(weight)
+    if not any(weights):
+        raise ConfigError(f"teacher weights {weights}: every teacher has weight 0; the ensemble needs one")
+    dropped = [name for name, weight in zip(names, weights, strict=True) if weight == 0]
+    if dropped:
+        log.info("teacher weight 0: %s left out of the ensemble", ", ".join(dropped))
+    return [
+        {**member, "weight": weight} for member, weight in zip(members, weights, strict=True) if weight > 0
+    ]
 
 
 def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[str, Any]], list[str] | None]:
-    """(models in eval mode, their records for the store's `teachers` attribute, their class names)."""
+    """(models in eval mode, their records for the store's `teachers` attribute, their class names). A record
+    holds the member's name, checkpoint (or `target`), sha256 and `weight` (`teacher_weights` reads them)."""
     models, records, class_lists = [], [], {}
     for member in teacher_members(teacher_cfg):
         if "checkpoint" in member:
@@ -118,9 +160,10 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
                 class_lists[member["name"]] = loaded.class_names
             record = {"name": member["name"], "checkpoint": redact_url(path), "sha256": loaded.sha256}
         else:
-            spec = {k: v for k, v in member.items() if k != "name"}
+            spec = {k: v for k, v in member.items() if k not in ("name", "weight")}
             model = instantiate(spec).eval()
             record = {"name": member["name"], "target": spec, "sha256": state_dict_sha256(model)}
+        record["weight"] = member["weight"]
         models.append(model)
         records.append(record)
     check_teachers(models, [r["name"] for r in records])
@@ -133,3 +176,8 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
             message=f"teachers were trained on different class lists: {sorted(class_lists)}",
         )
     return models, records, (list(named[0][1]) if named else None)
+
+
+def teacher_weights(records: list[dict[str, Any]]) -> list[float]:
+    """Each loaded member's weight in the ensemble (its record's `weight`)."""
+    return [float(r.get("weight", 1.0)) for r in records]

@@ -23,7 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
 from ced_lightning.errors import ConfigError
-from ced_lightning.fit_checkpoints import best_monitored, continue_in_checkpoint_folder, test_checkpoint
+from ced_lightning.fit_checkpoints import (
+    best_monitored,
+    continue_in_checkpoint_folder,
+    keep_better_of_average,
+    test_checkpoint,
+)
 from ced_lightning.inputs import ensure_inputs
 from ced_lightning.launch import command_errors, prepare_ddp_relaunch, quiet_non_zero_ranks, set_cpu_threads
 from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
@@ -57,7 +62,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.train:
+        averaging = keep_better_of_average(trainer, module, datamodule)
+        if averaging is not None:
+            metrics["averaging"] = averaging
     if cfg.test:
         ckpt = test_checkpoint(trainer, cfg.test_ckpt) if cfg.train else cfg.get("ckpt_path")
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)

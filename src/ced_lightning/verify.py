@@ -76,7 +76,14 @@ def verify_store(
         wav_t = int16_to_float(torch.from_numpy(wav).to(device))
         lengths_t = torch.from_numpy(lengths).to(device)
         probs = ensemble_probabilities(
-            teachers, wav_t, lengths_t, params, store.recipe, store.combine, mel_sources
+            teachers,
+            wav_t,
+            lengths_t,
+            params,
+            store.recipe,
+            store.combine,
+            mel_sources,
+            store.teacher_weights,
         )[0]
         probs = probs.cpu().numpy()
         recomputed = probs[classes]

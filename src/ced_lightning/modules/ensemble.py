@@ -43,8 +43,12 @@ def check_combine(combine: str) -> None:
         raise ConfigError(f"teacher.combine must be one of {list(COMBINES)}, not {combine!r}")
 
 
-def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
-    """Teachers' logits `[B, C]` each -> ensemble probabilities float32 `[B, C]`.
+def combine_probabilities(
+    logits: Sequence[torch.Tensor], combine: str, weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Teachers' logits `[B, C]` each -> ensemble probabilities float32 `[B, C]`; with `weights` (one per
+    teacher, positive) a weighted mean instead of the plain one. All weights 1 is the plain mean, bit for bit
+    (the same operations), so stores extracted before weights existed replay exactly.
 
     Raises `NonFiniteTeacherOutput` for NaN or inf logits (one check for all teachers: one device sync).
     """
@@ -54,9 +58,17 @@ def combine_probabilities(logits: Sequence[torch.Tensor], combine: str) -> torch
     if not bool(finite.all()):
         teacher = int(torch.nonzero(~finite.all(-1))[0])
         raise NonFiniteTeacherOutput(teacher, torch.nonzero(~finite[teacher]).flatten().tolist())
+    if weights is None or all(float(w) == 1.0 for w in weights):
+        if combine == "mean_prob":
+            return torch.sigmoid(stacked).mean(0)
+        return torch.sigmoid(stacked.mean(0))
+    if len(weights) != len(logits):
+        raise ValueError(f"{len(weights)} weights for {len(logits)} teachers")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=stacked.device)
+    w = (w / w.sum()).view(-1, *([1] * (stacked.dim() - 1)))
     if combine == "mean_prob":
-        return torch.sigmoid(stacked).mean(0)
-    return torch.sigmoid(stacked.mean(0))
+        return (torch.sigmoid(stacked) * w).sum(0)
+    return torch.sigmoid((stacked * w).sum(0))
 
 
 def ensemble_probabilities(
@@ -67,8 +79,10 @@ def ensemble_probabilities(
     recipe: AugmentRecipe,
     combine: str,
     mel_sources: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Every teacher on its own augmented spectrogram of the same draws, combined: float32 `[B, C]`.
+    """Every teacher on its own augmented spectrogram of the same draws, combined (`combine_probabilities`,
+    with the teachers' `weights`): float32 `[B, C]`.
 
     Each teacher masks its own front end's output (other mel bins or hop), so the same stored parameters
     cover the same part of the sound for all of them. The waveform is augmented once, and teachers with the
@@ -77,7 +91,7 @@ def ensemble_probabilities(
     front_ends = [t.front_end for t in teachers]
     mels = augmented_spectrograms(front_ends, waveform, lengths, params, recipe, mel_sources)
     logits = [teacher.forward_spectrogram(mel) for teacher, mel in zip(teachers, mels, strict=True)]
-    return combine_probabilities(logits, combine)
+    return combine_probabilities(logits, combine, weights)
 
 
 class NonFiniteTeacherOutput(ValueError):
@@ -118,7 +132,8 @@ def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = 
 class TeacherEnsembleModule(pl.LightningModule):
     """Fills the logit store at `store_url` (created beforehand by `LogitStore.create`) in `predict_step`.
 
-    `recipe`, `seed`, `epochs`, `topk` and `combine` are the store's, validated where it was created."""
+    `recipe`, `seed`, `epochs`, `topk`, `combine` and `weights` are the store's, validated where it was
+    created."""
 
     def __init__(
         self,
@@ -135,6 +150,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         limit_blocks: int | None = None,
         throttle_s: float = 0.0,
         teacher_names: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         check_combine(combine)
@@ -155,6 +171,7 @@ class TeacherEnsembleModule(pl.LightningModule):
         self.epochs = int(epochs)
         self.topk = int(topk)
         self.combine = combine
+        self.weights = list(weights) if weights is not None else None
         self.micro_batch_size = int(micro_batch_size)
         self.num_workers = int(num_workers)
         self.limit_blocks = limit_blocks
@@ -237,7 +254,14 @@ class TeacherEnsembleModule(pl.LightningModule):
                 try:
                     draws = drawn.subset(rows)
                     probs = ensemble_probabilities(
-                        self.teachers, wav, lens, draws, self.recipe, self.combine, self.mel_sources
+                        self.teachers,
+                        wav,
+                        lens,
+                        draws,
+                        self.recipe,
+                        self.combine,
+                        self.mel_sources,
+                        self.weights,
                     )
                 except NonFiniteTeacherOutput as err:
                     clips = index[rows][err.rows].tolist()

@@ -154,6 +154,8 @@ class LogitStore:
         self._segments: SegmentTable | None = None
         self.teachers: list[dict[str, Any]] = list(a["teachers"])
         self.combine: str = str(a["combine"])
+        # Each teacher's weight in the combine (`weight` of its record; 1 where absent, as before weights).
+        self.teacher_weights: list[float] = [float(t.get("weight", 1.0)) for t in self.teachers]
         # None: a store written before it was recorded (its blocks' codes still say how each was computed).
         self.teacher_precision: str | None = a.get("teacher_precision")
         self.num_blocks: int = -(-self.num_rows // self.block_clips)
@@ -587,11 +589,12 @@ class LogitStore:
 
 
 def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The attributes that must match for a resume; teachers by name and weights (sha256), not by path, so a
-    moved checkpoint still resumes."""
+    """The attributes that must match for a resume; teachers by name, weights (sha256) and their weight in the
+    ensemble (1 where a store has none), not by path, so a moved checkpoint still resumes."""
     out = {key: _jsonable(attrs.get(key)) for key in IDENTITY_KEYS}
     out["teachers"] = [
-        {"name": t.get("name"), "sha256": t.get("sha256")} for t in (attrs.get("teachers") or [])
+        {"name": t.get("name"), "sha256": t.get("sha256"), "weight": float(t.get("weight", 1.0))}
+        for t in (attrs.get("teachers") or [])
     ]
     return out
 
