@@ -56,6 +56,21 @@ def save_tiny_teacher(path: Path | str, num_classes: int) -> Path:
     return Path(path)
 
 
+def tiny_student_overrides(demo: dict[str, str], logits: str | Path | None = None) -> list[str]:
+    """`train` overrides for a 1-block CED-Tiny student on the `tiny_demo` stores (or another logit store of
+    them), nothing built: the start every tiny student run shares; tests add their batch sizes and trainer."""
+    return [
+        "experiment=ced_mini",
+        "model=ced_tiny",
+        "+model.depth=1",
+        f"data.train={demo['train']}",
+        f"data.val={demo['val']}",
+        f"data.test={demo['test']}",
+        f"data.logits={logits if logits is not None else demo['logits']}",
+        "data.build_missing=false",
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny demo set (1 s clips: 40 train, 16 val, 16 test), an untrained tiny teacher and its logit store

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ced_lightning.callbacks import EpochLog, format_epoch_line
-from conftest import command, command_env
+from conftest import command, command_env, tiny_student_overrides
 
 
 def test_epoch_line_format() -> None:
@@ -34,14 +34,7 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
     """
     run_dir = tmp_path / "run"
     args = [
-        "experiment=ced_mini",
-        "model=ced_tiny",
-        "+model.depth=1",
-        f"data.train={tiny_demo['train']}",
-        f"data.val={tiny_demo['val']}",
-        f"data.test={tiny_demo['test']}",
-        f"data.logits={tiny_demo['logits']}",
-        "data.build_missing=false",
+        *tiny_student_overrides(tiny_demo),
         "data.batch_size=8",
         "data.eval_batch_size=8",
         "data.num_workers=0",

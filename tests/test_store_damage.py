@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from ced_lightning.store import AudioStore, LogitStore
-from conftest import run_command
+from conftest import run_command, tiny_student_overrides
 
 AUDIO_ARRAYS = [
     "audio",
@@ -176,14 +176,7 @@ def test_train_on_a_damaged_logit_store_exits_non_zero_naming_the_chunk(
     _first_object(logits, "topk_values")[0].unlink()
     done = run_command(
         "train",
-        "experiment=ced_mini",
-        "model=ced_tiny",
-        "+model.depth=1",
-        f"data.train={tiny_demo['train']}",
-        f"data.val={tiny_demo['val']}",
-        f"data.test={tiny_demo['test']}",
-        f"data.logits={logits}",
-        "data.build_missing=false",
+        *tiny_student_overrides(tiny_demo, logits),
         "data.num_workers=0",
         "data.clip_seconds=1.0",
         "trainer=cpu",

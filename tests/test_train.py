@@ -17,7 +17,7 @@ import torch
 
 from ced_lightning import compose_config, conf_dir
 from ced_lightning.models import create_ced
-from conftest import run_command
+from conftest import run_command, tiny_student_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
@@ -59,14 +59,7 @@ def test_no_trainer_config_lets_lightning_inject_a_distributed_sampler(trainer: 
 
 def _train_overrides(demo: dict[str, str], *extra: str) -> list[str]:
     return [
-        "experiment=ced_mini",
-        "model=ced_tiny",
-        "+model.depth=1",
-        f"data.train={demo['train']}",
-        f"data.val={demo['val']}",
-        f"data.test={demo['test']}",
-        f"data.logits={demo['logits']}",
-        "data.build_missing=false",
+        *tiny_student_overrides(demo),
         "data.batch_size=8",
         "data.eval_batch_size=8",
         "data.num_workers=0",
