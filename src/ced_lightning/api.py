@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ced_lightning.audio import SAMPLE_RATE, _mono, int16_to_float, resample
+from ced_lightning.engines.device import default_device
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.models import apply_quantization, load_checkpoint
 from ced_lightning.models.released import list_released
@@ -34,7 +35,6 @@ from ced_lightning.predict import (
     PieceAverage,
     WindowBatch,
     _top,
-    default_device,
     expand_inputs,
     model_piece_samples,
     run_model,

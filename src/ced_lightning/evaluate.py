@@ -30,6 +30,7 @@ from torch import nn
 import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.data.batching import batches_by_length, pad_batch
+from ced_lightning.engines.device import default_device
 from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.labels import check_same_classes, resolve_class_names
 from ced_lightning.launch import command_errors, set_cpu_threads
@@ -40,7 +41,6 @@ from ced_lightning.metrics import (
     tagging_scores,
     write_per_class,
 )
-from ced_lightning.predict import default_device
 from ced_lightning.progress import ProgressLog, output_is_terminal
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from ced_lightning import conf_dir
 from ced_lightning.audio import SAMPLE_RATE
 from ced_lightning.augment import AugmentRecipe
 from ced_lightning.data.segments import SegmentTable, segment_table
+from ced_lightning.engines.device import reduced_precision, resolve_precision
 from ced_lightning.errors import CedError, CheckFailedError, ConfigError
 from ced_lightning.evaluate import (
     MIN_GAIN_OVER_CHANCE,
@@ -55,9 +56,8 @@ from ced_lightning.launch import (
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
-    reduced_precision,
 )
-from ced_lightning.runtime import build_trainer, finish_task, resolve_precision
+from ced_lightning.runtime import build_trainer, finish_task
 from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
 from ced_lightning.config_checks import RULES, check_config
+from ced_lightning.engines.device import on_gpu
 from ced_lightning.errors import CedError, ConfigError
 from ced_lightning.store.remote import redact_text
 
@@ -84,11 +85,6 @@ def launched_externally(environ: dict[str, str] | None = None) -> bool:
     which case Lightning starts no processes of its own). `environ`: the startup environment by default."""
     env = _STARTUP_ENV if environ is None else environ
     return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or _slurm_tasks(env) > 1
-
-
-def on_gpu(accelerator: str) -> bool:
-    """Whether `trainer.accelerator` will run on a CUDA device (`auto`: where one is visible)."""
-    return accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def requested_processes(trainer_cfg: DictConfig) -> int:

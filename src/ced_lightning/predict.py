@@ -42,6 +42,7 @@ import ced_lightning
 from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
 from ced_lightning.data.batching import pad_batch
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
+from ced_lightning.engines.device import default_device
 from ced_lightning.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.labels import resolve_class_names
 from ced_lightning.launch import command_errors
@@ -66,10 +67,6 @@ DECODE_BLOCK_FRAMES = 1 << 20
 EMBEDDINGS_FORMATS = ("npy", "zarr")
 
 # --------------------------------------------------------------------------------------------- batching
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.inference_mode()

@@ -15,11 +15,9 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -27,8 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ced_lightning.engines.device import on_gpu, resolve_precision
 from ced_lightning.errors import CedError
-from ced_lightning.launch import global_rank, on_gpu
+from ced_lightning.launch import global_rank
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +122,6 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
         if isinstance(callback_cfg, DictConfig) and "_target_" in callback_cfg:
             callbacks.append(instantiate(callback_cfg))
     return callbacks
-
-
-def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """`auto`: bf16-mixed where a CUDA device will be used, full 32-bit on the CPU."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if on_gpu(accelerator) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 # Warnings users can do nothing about, repeated every epoch: our streams give every worker its own windows,

@@ -29,6 +29,7 @@ from ced_lightning.augment import (
     sample_augment_params,
 )
 from ced_lightning.data.blocks import BlockDataset, BlockSampler
+from ced_lightning.engines.device import reduced_precision
 from ced_lightning.errors import ConfigError, InputError
 from ced_lightning.progress import ProgressLog
 from ced_lightning.store.logits import LogitStore
@@ -100,16 +101,6 @@ class NonFiniteTeacherOutput(ValueError):
     def __init__(self, teacher: int, rows: list[int]) -> None:
         super().__init__(f"teacher {teacher} gave NaN or inf logits for batch rows {rows}")
         self.teacher, self.rows = teacher, rows
-
-
-def reduced_precision(precision: str | None, device: torch.device | str) -> bool:
-    """Whether teachers run at `precision` (Lightning's string) on `device` compute below float32: 16-bit
-    formats, or float32 matmuls in TF32 on CUDA (`torch.set_float32_matmul_precision`). A replay can then
-    differ by about 1% of a probability instead of float round-off."""
-    precision = str(precision or "32-true")
-    if not any(bits in precision for bits in ("32", "64")):
-        return True
-    return torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
 
 
 def check_teachers(teachers: Sequence[nn.Module], names: Sequence[str] | None = None) -> int:
