@@ -14,7 +14,7 @@ unlabeled pool, the demo's teachers, schedule and stores) with one thing changed
   4 blocks: the start `data=custom` uses by default); a row whose released file is in no cache and cannot be
   downloaded is listed as not run, with the reason;
 and, as the reference users compare against, the same network with labels on the labeled clips alone for the
-same number of optimizer steps (`ced_lightning.comparison.label_only_cfg`).
+same number of optimizer steps (`ced_lightning.engines.comparison.label_only_cfg`).
 
 What the rows need (stores, teachers, each row's logit store) is built first, one at a time, through the
 demo's own builders; then the runs go `jobs` at a time, each process with its share of the cores.
@@ -97,8 +97,8 @@ def row_fingerprint(overrides: list[str]) -> dict[str, str]:
     checkpoint saved again with the same weights keeps it): `teacher NAME` per teacher of the row's teacher
     set, and `start`, the student's `model.init_from` (a checkpoint's weights, a released name as such, or
     `none`). Runs of one row with another fingerprint were trained on other teachers."""
+    from ced_lightning.engines.teachers import load_teachers, state_dict_sha256
     from ced_lightning.models import load_checkpoint
-    from ced_lightning.teachers import load_teachers, state_dict_sha256
 
     cfg = compose_cfg(overrides)
     models, records, _ = load_teachers(cfg.teacher)
@@ -159,8 +159,8 @@ def unavailable_start(overrides: list[str]) -> str | None:
 def run_one(condition: str, overrides: list[str], output_dir: str) -> dict[str, float]:
     """One row's run in its own process: the student (or, for the baseline row, the same network with
     labels), its best validation mAP and its tested checkpoint's test mAP."""
-    from ced_lightning.comparison import label_only_cfg
     from ced_lightning.demo import run_demo
+    from ced_lightning.engines.comparison import label_only_cfg
     from ced_lightning.train import train
 
     cfg = compose_cfg([*overrides, "data.build_missing=false"], Path(output_dir))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bench.common import CLIP_SAMPLES, CLIP_SECONDS, measure, rate, ratio, stream_rate
-from ced_lightning.audio import int16_to_float
+from ced_lightning.core.audio import int16_to_float
 from ced_lightning.data.demo import generate_demo_clip
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
 from ced_lightning.store.audio import AudioStore, write_audio_store

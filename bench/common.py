@@ -15,13 +15,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ced_lightning.audio import SAMPLE_RATE, int16_to_float
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.labels import audioset_classes
-from ced_lightning.losses import distill_loss
+from ced_lightning.core.audio import SAMPLE_RATE, int16_to_float
+from ced_lightning.core.augment import (
+    AugmentParams,
+    AugmentRecipe,
+    augmented_spectrogram,
+    sample_augment_params,
+)
+from ced_lightning.core.labels import audioset_classes
+from ced_lightning.core.losses import distill_loss
+from ced_lightning.core.targets import rebuild_targets
 from ced_lightning.store import LogitStore
 from ced_lightning.store.audio import AudioStore, write_audio_store
-from ced_lightning.targets import rebuild_targets
 
 CLASSES = len(audioset_classes())  # the released teachers' outputs
 TOPK = 20  # the paper's stored top-k

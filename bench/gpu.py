@@ -40,8 +40,8 @@ from bench.common import (
     noise,
     rate,
 )
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
 from ced_lightning.models import create_ced
 from ced_lightning.models.ced import LogMelFrontEnd
 from ced_lightning.modules.ensemble import ensemble_probabilities

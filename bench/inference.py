@@ -112,8 +112,8 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
     """The checkpoint scored on the labelled store in every runtime and precision but `compiled` (the same
     graph as eager): `{"mAP": {mode: value}, "max |p - eager float32|": {...}, "top-1 agreement with eager
     float32": {...}}`."""
+    from ced_lightning.core.metrics import tagging_scores
     from ced_lightning.evaluate import score_store
-    from ced_lightning.metrics import tagging_scores
     from ced_lightning.models import load_checkpoint
 
     model = load_checkpoint(ckpt).model.eval()

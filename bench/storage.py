@@ -29,11 +29,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentParams
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentParams
+from ced_lightning.core.quantize import stored_dtype
 from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.demo import ensure_demo_stores, ensure_demo_teachers, extract_demo_logits
-from ced_lightning.quantize import stored_dtype
 from ced_lightning.store import LogitStore, store_nbytes
 
 PAPER_TOPK = 20

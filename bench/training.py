@@ -23,8 +23,8 @@ from bench.common import (
     write_noise_audio_store,
     write_synthetic_logit_store,
 )
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentRecipe
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.data.distill import DistillDataModule
 from ced_lightning.models import create_ced
 

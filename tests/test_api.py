@@ -223,7 +223,7 @@ def test_the_python_session_in_the_docs_runs_as_shown(
     stand-in in the torch.hub cache under CED-Tiny's file name, offline, and the files it names."""
     import doctest
 
-    from ced_lightning.audio import resample
+    from ced_lightning.core.audio import resample
 
     text = (Path(__file__).parents[1] / "docs" / "using_models.md").read_text()
     start = text.index('>>> import ced_lightning as ced\n>>> m = ced.load("ced_tiny")')

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from ced_lightning.audio import (
+from ced_lightning.core.audio import (
     AudioDecodeError,
     float_to_int16,
     load_audio,
@@ -13,7 +13,7 @@ from ced_lightning.audio import (
     resample,
     resample_blocks,
 )
-from ced_lightning.labels import audioset_classes
+from ced_lightning.core.labels import audioset_classes
 
 
 def test_audioset_classes_shipped_in_checkpoint_order():
@@ -126,7 +126,7 @@ def test_resampled_length_is_torchaudios_cut() -> None:
     44.1 kHz: 1,521,745 against 1,521,744)."""
     import torchaudio
 
-    from ced_lightning.audio import resampled_length
+    from ced_lightning.core.audio import resampled_length
 
     for frames in (1, 441, 44_100, 4_194_307):
         whole = torchaudio.functional.resample(torch.zeros(frames), 44_100, 16_000)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.augment import (
+from ced_lightning.core.augment import (
     AugmentParams,
     AugmentRecipe,
     apply_spectrogram_masks,

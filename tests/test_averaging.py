@@ -16,9 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ced_lightning import fit_checkpoints
-from ced_lightning.callbacks import AverageBestCheckpoints
-from ced_lightning.fit_checkpoints import AVERAGING_RECORD, keep_better_of_average
+from ced_lightning.engines import fit_checkpoints
+from ced_lightning.engines.callbacks import AverageBestCheckpoints
+from ced_lightning.engines.fit_checkpoints import AVERAGING_RECORD, keep_better_of_average
 
 TARGET = 1.0
 
@@ -77,7 +77,7 @@ def test_a_rising_run_keeps_the_best_single_checkpoint_and_says_so(
     trainer, module = _fit(tmp_path, lr=0.1)
     folder = tmp_path / "checkpoints"
     plain_average = _weight(folder / "averaged.ckpt")
-    with caplog.at_level(logging.INFO, logger="ced_lightning.fit_checkpoints"):
+    with caplog.at_level(logging.INFO, logger="ced_lightning.engines.fit_checkpoints"):
         record = keep_better_of_average(trainer, module)
     assert record is not None and record["kept"] == "best single"
     assert record["averaged_epochs"] == [5, 4, 3, 2] and record["best_single_epoch"] == 5

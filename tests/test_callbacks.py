@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ced_lightning.callbacks import average_state_dicts
+from ced_lightning.engines.callbacks import average_state_dicts
 
 
 def _net(seed: int) -> nn.Module:

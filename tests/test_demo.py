@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ced_lightning.comparison import label_only_epochs, label_only_validations, verdict
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
+from ced_lightning.engines.comparison import label_only_epochs, label_only_validations, verdict
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import LogitStore
 from conftest import run_command
@@ -132,8 +132,8 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     """The student's config with the `task` group's supervised option: labels on train.zarr (not the pool),
     the teachers' recipe (the demo's absolute 40 frames) drawn fresh, the student's network and seed."""
     from ced_lightning import compose_config
-    from ced_lightning.comparison import label_only_cfg
     from ced_lightning.data.labeled import LabeledDataModule
+    from ced_lightning.engines.comparison import label_only_cfg
     from ced_lightning.modules.supervised import SupervisedModule
     from ced_lightning.train import build_task
 
@@ -216,7 +216,7 @@ def test_the_closing_table_compares_with_a_copy_that_shows_fewer_columns(capsys)
     README's), still lines up with the printed one (`bench.readme_check.compare_tables`)."""
     from bench.readme_check import compare_tables, table_rows
 
-    from ced_lightning.comparison import print_comparison
+    from ced_lightning.engines.comparison import print_comparison
 
     rows = [
         ("teacher mobilenet", "", "0.6404", "0.6618"),

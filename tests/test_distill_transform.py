@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ced_lightning.augment import AugmentRecipe, sample_augment_params
+from ced_lightning.core.augment import AugmentRecipe, sample_augment_params
 from ced_lightning.data.distill import DistillBatchTransform, without_shift
 
 RECIPE = AugmentRecipe(shift_prob=1.0, time_mask_frames=40)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ced_lightning.config_checks import RULES, Rule, check_config
-from ced_lightning.errors import CedError, CheckFailedError, ConfigError, InputError, MissingInputError
-from ced_lightning.launch import error_line
+from ced_lightning.core.errors import CedError, CheckFailedError, ConfigError, InputError, MissingInputError
+from ced_lightning.engines.config_checks import RULES, Rule, check_config
+from ced_lightning.engines.launch import error_line
 from ced_lightning.models import CheckpointLoadError
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from conftest import command_env, run_command

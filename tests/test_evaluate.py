@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ced_lightning.metrics import TaggingMetrics
+from ced_lightning.core.metrics import TaggingMetrics
 from ced_lightning.models import create_ced, model_spec, save_ced
 
 store_audio = pytest.importorskip("ced_lightning.store.audio", reason="the audio store is not available")

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import pack_clips
+from ced_lightning.core.audio import pack_clips
 from ced_lightning.data.blocks import BlockSampler, rank_share
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
 from ced_lightning.modules.ensemble import check_teachers
@@ -128,9 +128,9 @@ def test_heterogeneous_ensemble_extracts_and_verifies(reference: LogitStore, wor
 
 
 def test_verify_detects_tampering(reference: LogitStore, workdir: Path) -> None:
+    from ced_lightning.engines.teachers import load_teachers
+    from ced_lightning.engines.verify import verify_store
     from ced_lightning.store.audio import AudioStore
-    from ced_lightning.teachers import load_teachers
-    from ced_lightning.verify import verify_store
 
     cfg = _cfg(workdir, reference.url)
     teachers, _, _ = load_teachers(cfg.teacher)
@@ -356,12 +356,12 @@ def test_bf16_mixed_extraction_verifies(reference: LogitStore, workdir: Path) ->
     # What GPUs run (bf16 autocast, float32 front end), here on the CPU (slow there: 4 clips, 1 epoch): it
     # works and replays within bf16 slack. Each block's `block_done` code records the precision, so a later
     # float32 run verifies the store with bf16's tolerance (and a float32 store keeps the tight one).
+    from ced_lightning.core.quantize import max_abs_error
+    from ced_lightning.engines.teachers import load_teachers
+    from ced_lightning.engines.verify import REPLAY_SLACK, verify_store
     from ced_lightning.extract import run_extract
-    from ced_lightning.quantize import max_abs_error
     from ced_lightning.store.audio import AudioStore
     from ced_lightning.store.logits import BLOCK_FULL_PRECISION, BLOCK_REDUCED_PRECISION
-    from ced_lightning.teachers import load_teachers
-    from ced_lightning.verify import REPLAY_SLACK, verify_store
 
     out = workdir / "bf16.zarr"
     small = f"audio_store={workdir / 'small_audio.zarr'}"
@@ -418,7 +418,7 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference: LogitStore, w
 
 
 def test_non_finite_teacher_output_names_the_teacher_and_clips() -> None:
-    from ced_lightning.augment import AugmentRecipe
+    from ced_lightning.core.augment import AugmentRecipe
     from ced_lightning.modules.ensemble import TeacherEnsembleModule
 
     torch.manual_seed(0)
@@ -542,9 +542,9 @@ def test_long_clips_extract_every_segment(
 ) -> None:
     """Every segment of every clip is a row (the last partial one when at least half a segment), each row's
     teachers' probabilities are those of its own stretch of audio, and the figures count segments."""
+    from ced_lightning.engines.teachers import load_teachers
     from ced_lightning.modules.ensemble import ensemble_probabilities
     from ced_lightning.store.audio import AudioStore
-    from ced_lightning.teachers import load_teachers
 
     store = LogitStore.open(segment_reference.url)
     rows = [(c, 16000 * s) for c, starts in enumerate(LONG_STARTS) for s in starts]
@@ -655,7 +655,7 @@ def test_student_reads_each_segment_as_the_teachers_did(
     arrives with its own stretch of audio, and the student's augmented spectrogram of it is bit-identical to
     the teacher-side one built from that stretch and the stored parameters; a segment's labels are its
     clip's."""
-    from ced_lightning.augment import AugmentParams, augmented_spectrogram
+    from ced_lightning.core.augment import AugmentParams, augmented_spectrogram
     from ced_lightning.data.distill import DistillDataModule
     from ced_lightning.store.audio import AudioStore
 

@@ -25,8 +25,10 @@ import zarr
 from omegaconf import OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import pack_clips
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
+from ced_lightning.core.audio import pack_clips
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
+from ced_lightning.core.quantize import quantize
+from ced_lightning.core.targets import rebuild_targets
 from ced_lightning.data.sources import _segment_candidates, read_source, segment_ytid
 from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE, run_import
 from ced_lightning.legacy_replay import (
@@ -37,12 +39,10 @@ from ced_lightning.legacy_replay import (
 )
 from ced_lightning.models import create_ced
 from ced_lightning.prepare import prepare_store
-from ced_lightning.quantize import quantize
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.legacy import LegacyImportError, require_import_extra
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import LogitStore
-from ced_lightning.targets import rebuild_targets
 from conftest import FRONT_END_SUMS, command, command_env, float32_bound, run_command
 
 LEGACY = Path(__file__).parent / "data" / "ced_legacy"
@@ -259,7 +259,7 @@ def test_the_students_spectrogram_is_the_originals(stores: dict[str, str]) -> No
     """
     reference = torch.load(LEGACY / "legacy_replay.pt", weights_only=False)["mels"]
     front_end = create_ced("ced_tiny", depth=1).front_end
-    from ced_lightning.audio import load_audio
+    from ced_lightning.core.audio import load_audio
 
     audio = load_audio(str(LONG_WAV))
     for seed in (0, 1, 42, 1234):

@@ -18,7 +18,7 @@ import pyarrow
 import pyarrow.parquet as parquet
 import pytest
 
-from ced_lightning.audio import SAMPLE_RATE
+from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.data.distill import DistillDataModule
 from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, legacy_draw

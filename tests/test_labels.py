@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ced_lightning.labels import check_same_classes, class_list_difference
+from ced_lightning.core.labels import check_same_classes, class_list_difference
 from ced_lightning.store import AudioStore
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.concat import ConcatAudioStore

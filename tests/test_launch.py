@@ -1,4 +1,4 @@
-"""`ced_lightning.launch`: ranks as the launchers set them, and the multirun guard that lets a cluster
+"""`ced_lightning.engines.launch`: ranks as the launchers set them, and the multirun guard that lets a cluster
 launcher's ranks through. (`test_train.py::test_ddp_two_processes_share_one_run_folder` runs the DDP relaunch
 end to end.)"""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ced_lightning import compose_config
-from ced_lightning.launch import (
+from ced_lightning.engines.launch import (
     check_multirun_ddp,
     global_rank,
     launched_externally,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
-from ced_lightning.quantize import max_abs_error
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.core.quantize import max_abs_error
 from ced_lightning.store.logits import LogitStore
 
 N, E, K, C, BLOCK = 23, 2, 5, 12, 8

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from ced_lightning.losses import bernoulli_kl, distill_loss, mix_with_reversed, mixup_lambda, soft_bce, soften
-from ced_lightning.targets import rebuild_targets
+from ced_lightning.core.losses import (
+    bernoulli_kl,
+    distill_loss,
+    mix_with_reversed,
+    mixup_lambda,
+    soft_bce,
+    soften,
+)
+from ced_lightning.core.targets import rebuild_targets
 
 
 def test_rebuild_targets_zero_and_last_mean():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ced_lightning.metrics import (
+from ced_lightning.core.metrics import (
     TaggingMetrics,
     auc_per_class,
     average_precision_per_class,

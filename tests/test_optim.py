@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ced_lightning.optim import adam8bit_or_adam, build_optimizer, parameter_groups, warmup_cosine
+from ced_lightning.core.optim import adam8bit_or_adam, build_optimizer, parameter_groups, warmup_cosine
 
 
 class _Net(nn.Module):

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, read_write
 
 from ced_lightning import compose_config
-from ced_lightning.augment import AugmentRecipe, scale_to_clip
+from ced_lightning.core.augment import AugmentRecipe, scale_to_clip
 from ced_lightning.data.demo import DEMO_CLASSES, build_demo_stores, generate_demo_clip
 from ced_lightning.store import AudioStore, LogitStore
 from ced_lightning.store.audio import write_audio_store
@@ -96,8 +96,8 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
 
 
 def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
-    from ced_lightning.comparison import train_and_compare
-    from ced_lightning.inputs import ensure_inputs
+    from ced_lightning.engines.comparison import train_and_compare
+    from ced_lightning.engines.inputs import ensure_inputs
     from ced_lightning.train import entry_point, train
 
     cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])

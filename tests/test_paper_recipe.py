@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ced_lightning import compose_config
+from ced_lightning.core.optim import lr_factor, paper_warmup_cosine, warmup_cosine
 from ced_lightning.data.stream import plan_epoch
-from ced_lightning.optim import lr_factor, paper_warmup_cosine, warmup_cosine
 
 SIZES = ("tiny", "mini", "small", "base")
 # optimizer_args.lr of trainconfig/{full_audiotransformer,balanced_mixup}_<size>_*.yaml (the same in both)
@@ -56,7 +56,7 @@ def test_paper_experiments_follow_the_original_training_configs(size: str, data:
     assert cfg.distill.mixup == cfg.task.datamodule.mixup == want["mixup"]
     assert cfg.data.schedule.val_every == cfg.trainer.check_val_every_n_epoch == want["val_every"]
     # trainconfig/*.yaml optimizer: Adam8bit, optimizer_args without weight_decay: bitsandbytes' default 0
-    assert cfg.optim.optimizer._target_ == "ced_lightning.optim.adam8bit_or_adam"
+    assert cfg.optim.optimizer._target_ == "ced_lightning.core.optim.adam8bit_or_adam"
     assert cfg.optim.optimizer.weight_decay == 0.0
     # logitconfig/{full,balanced}_base_chunk10s_topk20.yaml topk: 20 (the import takes k from the files;
     # extract, the other way to build the store, defaults to the same for AudioSet's 527 classes)

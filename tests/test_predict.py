@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from ced_lightning.audio import load_audio
+from ced_lightning.core.audio import load_audio
+from ced_lightning.core.labels import audioset_classes, resolve_class_names
 from ced_lightning.data.sources import from_directory
-from ced_lightning.labels import audioset_classes, resolve_class_names
 from ced_lightning.models import create_ced, load_checkpoint, model_spec, save_ced
 from ced_lightning.models.ced import average_pieces
 from ced_lightning.predict import (

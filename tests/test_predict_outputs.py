@@ -15,7 +15,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from ced_lightning import compose_config
-from ced_lightning.errors import CedError
+from ced_lightning.core.errors import CedError
 from ced_lightning.predict import predict, predict_files
 from ced_lightning.store.audio import write_audio_store
 

@@ -16,7 +16,7 @@ import soundfile as sf
 import torch
 import zarr
 
-from ced_lightning.audio import AudioStream, load_audio
+from ced_lightning.core.audio import AudioStream, load_audio
 from ced_lightning.models import create_ced
 from ced_lightning.models.ced import average_pieces
 from ced_lightning.predict import (

@@ -14,6 +14,7 @@ import soundfile as sf
 import zarr
 from omegaconf import OmegaConf
 
+from ced_lightning.core.labels import audioset_classes
 from ced_lightning.data.sources import (
     SourceItem,
     from_directory,
@@ -22,7 +23,6 @@ from ced_lightning.data.sources import (
     read_segment_csv,
     read_source,
 )
-from ced_lightning.labels import audioset_classes
 from ced_lightning.prepare import PrepareError, prepare_store, run_prepare, summarize
 from ced_lightning.store.audio import AudioStore
 from conftest import command, command_env, run_command

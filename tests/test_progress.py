@@ -16,7 +16,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from ced_lightning import compose_config, conf_dir
-from ced_lightning.progress import (
+from ced_lightning.core.progress import (
     PROGRESS_SECONDS_ENV,
     ProgressLog,
     format_duration,
@@ -45,7 +45,7 @@ def _lines(caplog: pytest.LogCaptureFixture, stage: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "ced_lightning.progress" and r.getMessage().startswith(f"{stage}: ")
+        if r.name == "ced_lightning.core.progress" and r.getMessage().startswith(f"{stage}: ")
     ]
 
 
@@ -75,7 +75,7 @@ def test_a_line_says_done_total_rate_and_time_left() -> None:
 
 
 def test_lines_come_at_most_every_interval_and_at_the_end(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="ced_lightning.progress"):
+    with caplog.at_level(logging.INFO, logger="ced_lightning.core.progress"):
         with ProgressLog("slow", 10, unit="files", seconds=3600, enabled=True) as progress:
             for _ in range(10):
                 progress.advance()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ced_lightning.quantize import dequantize, max_abs_error, quantization_attrs, quantize, stored_dtype
+from ced_lightning.core.quantize import dequantize, max_abs_error, quantization_attrs, quantize, stored_dtype
 
 
 def _grid() -> np.ndarray:

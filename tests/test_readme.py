@@ -71,7 +71,7 @@ def test_every_command_is_run_here_or_by_the_readme_check(check, text, tmp_path)
     bench.readme_check.EXPENSIVE, and every entry there must still be in the README."""
     from ced_lightning import compose_config
     from ced_lightning.cli import predict_parser
-    from ced_lightning.inputs import check_train_config
+    from ced_lightning.engines.inputs import check_train_config
 
     commands = check.readme_commands(text)
     assert len(commands) > 20, commands

@@ -265,7 +265,7 @@ def test_init_from_matching_no_keys_fails_even_if_it_names_every_key_missing(tmp
 
 
 def test_teacher_members_by_name(caches, ced_reference) -> None:
-    from ced_lightning.teachers import load_teachers
+    from ced_lightning.engines.teachers import load_teachers
 
     cached = put_in_torch_cache(
         caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from ced_lightning.core.optim import warmup_cosine
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.models import create_ced
 from ced_lightning.modules.supervised import SupervisedModule
-from ced_lightning.optim import warmup_cosine
 from ced_lightning.store.audio import write_audio_store
 
 BATCH, CLIPS, EPOCHS, WARMUP, EVERY = 4, 48, 2, 2, 5

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ced_lightning.rng import KNOWN_OVERLAPS, STREAMS, counter_uniform, stream_id
+from ced_lightning.core.rng import KNOWN_OVERLAPS, STREAMS, counter_uniform, stream_id
 
 
 def test_counter_uniform_range_and_determinism() -> None:

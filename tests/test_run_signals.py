@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ced_lightning.callbacks import EpochLog, format_epoch_line
+from ced_lightning.engines.callbacks import EpochLog, format_epoch_line
 from conftest import command, command_env, tiny_student_overrides
 
 

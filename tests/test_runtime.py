@@ -1,6 +1,6 @@
-"""`ced_lightning.runtime`: W&B that never prompts (netrc probing), logger overrides reaching the logger, and
-the Trainer's validation interval. (`test_train.py::test_multirun_two_jobs_and_offline_wandb` runs the offline
-W&B fallback end to end.)"""
+"""`ced_lightning.engines.trainer`: W&B that never prompts (netrc probing), logger overrides reaching the
+logger, and the Trainer's validation interval. (`test_train.py::test_multirun_two_jobs_and_offline_wandb`
+runs the offline W&B fallback end to end.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import pytest
 from lightning.pytorch.loggers import WandbLogger
 
 from ced_lightning import compose_config
-from ced_lightning.runtime import build_loggers, build_trainer, validation_interval, wandb_offline_reason
+from ced_lightning.engines.trainer import (
+    build_loggers,
+    build_trainer,
+    validation_interval,
+    wandb_offline_reason,
+)
 
 
 def test_wandb_offline_reason_finds_the_netrc_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

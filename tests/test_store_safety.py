@@ -27,7 +27,7 @@ import zarr
 from fsspec.implementations.memory import MemoryFileSystem
 from omegaconf import OmegaConf
 
-from ced_lightning.augment import AugmentRecipe
+from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.data.sources import from_directory
 from ced_lightning.prepare import prepare_store, run_prepare
 from ced_lightning.store import check_free_for_store, remove_partial_writes

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.metrics import TaggingMetrics, chance_map, gain_over_chance
+from ced_lightning.core.metrics import TaggingMetrics, chance_map, gain_over_chance
 from ced_lightning.models import create_ced, save_ced
 from ced_lightning.store import store_exists
 from ced_lightning.store.audio import write_audio_store
@@ -201,7 +201,7 @@ def test_extract_refuses_teachers_near_chance(workdir: Path, tmp_path: Path, cap
 
 def test_duplicate_teacher_names_from_checkpoints_refused(workdir: Path) -> None:
     """Before: two runs' `averaged.ckpt` both became teacher `averaged`, silently."""
-    from ced_lightning.teachers import teacher_members
+    from ced_lightning.engines.teachers import teacher_members
 
     a, b = "runs/a/checkpoints/averaged.ckpt", "runs/b/checkpoints/averaged.ckpt"
     with pytest.raises(ValueError, match=r"'averaged' <- runs/a/.*name: a_averaged, checkpoint: runs/a/"):
@@ -217,7 +217,7 @@ def test_duplicate_teacher_names_from_checkpoints_refused(workdir: Path) -> None
 def test_a_member_built_from_its_target_is_recorded_by_its_weights() -> None:
     """Before: the sha256 of a `_target_` member's weights failed on every 0-dim tensor (BatchNorm's batch
     counter), so such a member with BatchNorm could not be loaded at all."""
-    from ced_lightning.teachers import load_teachers, state_dict_sha256
+    from ced_lightning.engines.teachers import load_teachers, state_dict_sha256
 
     member = {
         "name": "cnn",
@@ -291,7 +291,7 @@ def test_teacher_table_has_each_members_effect_and_the_best_member(workdir: Path
 
 
 def test_teacher_weights_from_the_config(workdir: Path) -> None:
-    from ced_lightning.teachers import teacher_members
+    from ced_lightning.engines.teachers import teacher_members
 
     named = [{"name": "a", "checkpoint": "a.pt"}, {"name": "b", "checkpoint": "b.pt"}]
     members = teacher_members(OmegaConf.create({"members": named, "weights": [1, 0.5]}))

@@ -90,7 +90,7 @@ def test_teacher_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None
 
 
 def test_missing_user_store_names_the_command(tmp_path: Path) -> None:
-    from ced_lightning.inputs import ensure_inputs
+    from ced_lightning.engines.inputs import ensure_inputs
 
     cfg = compose_config(["data=audioset", f"paths.data_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r"python -m ced_lightning\.prepare"):
@@ -244,7 +244,7 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
     """Through the real data path: the student's augmented spectrogram of each clip in a training batch is
     bit-identical to the teacher-side one rebuilt from the audio store and the stored parameters of
     augmentation epoch `train_epoch mod E`, and the targets are the stored top-k."""
-    from ced_lightning.augment import AugmentParams, augmented_spectrogram
+    from ced_lightning.core.augment import AugmentParams, augmented_spectrogram
     from ced_lightning.data.distill import DistillDataModule
     from ced_lightning.store import AudioStore, LogitStore
 
@@ -279,7 +279,7 @@ def test_student_replays_exactly_what_the_teachers_saw(tiny_demo: dict[str, str]
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 def test_missing_optimizer_package_stops_before_the_demo_builds_anything(tmp_path: Path) -> None:
-    from ced_lightning.inputs import ensure_inputs
+    from ced_lightning.engines.inputs import ensure_inputs
 
     cfg = compose_config(["experiment=ced_mini", "optim=adam8bit", f"paths.data_dir={tmp_path}"])
     with pytest.raises(ImportError, match=r"optim\.optimizer\._target_=bitsandbytes"):
@@ -360,7 +360,7 @@ def test_every_rank_gets_evaluation_batches_with_every_clip_once(world_size: int
 def test_run_options_are_refused_before_anything_starts(
     overrides: list[str], error: str, tmp_path: Path
 ) -> None:
-    from ced_lightning.inputs import ensure_inputs
+    from ced_lightning.engines.inputs import ensure_inputs
 
     cfg = compose_config(["experiment=ced_mini", f"paths.data_dir={tmp_path}", *overrides])
     with pytest.raises((ValueError, FileNotFoundError), match=error):

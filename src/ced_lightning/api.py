@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ced_lightning.audio import SAMPLE_RATE, _mono, int16_to_float, resample
+from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, resample
+from ced_lightning.core.labels import resolve_class_names
 from ced_lightning.engines.device import default_device
-from ced_lightning.labels import resolve_class_names
 from ced_lightning.models import apply_quantization, load_checkpoint
 from ced_lightning.models.released import list_released
 from ced_lightning.predict import (

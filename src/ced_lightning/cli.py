@@ -99,8 +99,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     )
     import torch
 
-    from ced_lightning.errors import CedError
-    from ced_lightning.launch import error_line, full_errors_wanted
+    from ced_lightning.core.errors import CedError
+    from ced_lightning.engines.launch import error_line, full_errors_wanted
     from ced_lightning.predict import predict_files
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

@@ -9,10 +9,10 @@ saying what and why, and a second run reuses them all:
   2. the demo teachers, trained with labels on train.zarr
                                                `python -m ced_lightning.train experiment=teacher_demo_*`
   3. the teachers' logit store over distill.zarr `python -m ced_lightning.extract teacher=demo`
-then `ced_lightning.comparison.train_and_compare`, as on any data, distils the student label-free over
+then `ced_lightning.engines.comparison.train_and_compare`, as on any data, distils the student label-free over
 distill.zarr, trains the label-only baseline (`data.label_only_baseline`, on for the demo) and ends with
 the table and verdict lines. A user's data builds nothing: a missing store stops the run with the command to
-run (`ced_lightning.inputs.ensure_inputs`).
+run (`ced_lightning.engines.inputs.ensure_inputs`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning import compose_inner
-from ced_lightning.comparison import StageTimer, train_and_compare
+from ced_lightning.core.errors import CheckFailedError
 from ced_lightning.data.demo import build_demo_stores
-from ced_lightning.errors import CheckFailedError
+from ced_lightning.engines.comparison import StageTimer, train_and_compare
+from ced_lightning.engines.inputs import check_train_config
+from ced_lightning.engines.launch import global_rank
 from ced_lightning.extract import run_extract
-from ced_lightning.inputs import check_train_config
-from ced_lightning.launch import global_rank
 from ced_lightning.store import store_exists
 from ced_lightning.train import train
 

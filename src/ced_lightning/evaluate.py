@@ -28,20 +28,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ced_lightning
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.data.batching import batches_by_length, pad_batch
-from ced_lightning.engines.device import default_device
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.labels import check_same_classes, resolve_class_names
-from ced_lightning.launch import command_errors, set_cpu_threads
-from ced_lightning.metrics import (
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.labels import check_same_classes, resolve_class_names
+from ced_lightning.core.metrics import (
     chance_map,
     gain_over_chance,
     probabilities_from_logits,
     tagging_scores,
     write_per_class,
 )
-from ced_lightning.progress import ProgressLog, output_is_terminal
+from ced_lightning.core.progress import ProgressLog, output_is_terminal
+from ced_lightning.data.batching import batches_by_length, pad_batch
+from ced_lightning.engines.device import default_device
+from ced_lightning.engines.launch import command_errors, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "progress": bool(cfg.progress),
     }
     if teacher_cfg:
-        from ced_lightning.teachers import load_teachers, teacher_weights
+        from ced_lightning.engines.teachers import load_teachers, teacher_weights
 
         models, records, class_names = load_teachers(teacher_cfg)
         table = evaluate_teachers(

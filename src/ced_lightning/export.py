@@ -37,9 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ced_lightning
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.errors import ConfigError, InputError, MissingDependencyError
-from ced_lightning.launch import command_errors
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.errors import ConfigError, InputError, MissingDependencyError
+from ced_lightning.engines.launch import command_errors
 from ced_lightning.models.ced import CED, LogMelFrontEnd, average_pieces
 
 log = logging.getLogger(__name__)

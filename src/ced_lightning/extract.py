@@ -11,9 +11,9 @@ Clips that fit one segment give one row each, as before segments.
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
 With several devices every rank writes a disjoint, contiguous share of the missing blocks. `verify=N`
 re-runs the teachers on N random (epoch, row) pairs from the stored parameters and reports the largest
-difference from the stored probabilities (`ced_lightning.verify`); a mismatch ends the command with exit
-status 1 (also when only verifying a complete store). One run writes a store at a time (`store.lock`); the
-figures are kept in the store, `<output>/extract_stats.json`.
+difference from the stored probabilities (`ced_lightning.engines.verify`); a mismatch ends the command with
+exit status 1 (also when only verifying a complete store). One run writes a store at a time (`store.lock`);
+the figures are kept in the store, `<output>/extract_stats.json`.
 
 With `teacher_check.store=VAL_STORE` (a labelled store) each teacher and the ensemble are first scored on it
 (`evaluate.evaluate_teachers`, the table goes into the stats), and teachers near chance are refused before
@@ -34,38 +34,38 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentRecipe
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.core.errors import CedError, CheckFailedError, ConfigError
+from ced_lightning.core.labels import class_list_difference, resolve_class_names
 from ced_lightning.data.segments import SegmentTable, segment_table
 from ced_lightning.engines.device import reduced_precision, resolve_precision
-from ced_lightning.errors import CedError, CheckFailedError, ConfigError
-from ced_lightning.evaluate import (
-    MIN_GAIN_OVER_CHANCE,
-    evaluate_teachers,
-    format_teacher_table,
-    weak_teachers,
-)
-from ced_lightning.labels import class_list_difference, resolve_class_names
-from ced_lightning.launch import (
+from ced_lightning.engines.launch import (
     command_errors,
     global_rank,
     prepare_ddp_relaunch,
     quiet_non_zero_ranks,
     set_cpu_threads,
 )
+from ced_lightning.engines.teachers import load_teachers, teacher_weights
+from ced_lightning.engines.trainer import build_trainer, finish_task
+from ced_lightning.engines.verify import check_verified, verify_store
+from ced_lightning.evaluate import (
+    MIN_GAIN_OVER_CHANCE,
+    evaluate_teachers,
+    format_teacher_table,
+    weak_teachers,
+)
 from ced_lightning.modules.ensemble import (
     TeacherEnsembleModule,
     check_combine,
 )
-from ced_lightning.runtime import build_trainer, finish_task
 from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
-from ced_lightning.teachers import load_teachers, teacher_weights
-from ced_lightning.verify import check_verified, verify_store
 
 log = logging.getLogger(__name__)
 

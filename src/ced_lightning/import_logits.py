@@ -25,14 +25,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentParams
-from ced_lightning.errors import ConfigError
-from ced_lightning.labels import audioset_classes, class_list_difference, resolve_class_names
-from ced_lightning.launch import command_errors
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentParams
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.labels import audioset_classes, class_list_difference, resolve_class_names
+from ced_lightning.core.progress import ProgressLog
+from ced_lightning.core.quantize import KINDS
+from ced_lightning.engines.launch import command_errors
 from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, legacy_augment_params
-from ced_lightning.progress import ProgressLog
-from ced_lightning.quantize import KINDS
 from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.legacy import (

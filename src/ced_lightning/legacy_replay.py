@@ -12,7 +12,7 @@ The paper's code keeps one int32 seed per (augmentation epoch, clip) and replays
 Here the same draws come from a private `torch.Generator` (the same Mersenne Twister as the global one, so
 the values are identical without touching global RNG state), and the masks are placed on the 10 s batch
 grid the original's AudioSet batches have: 1001 frames of 10 ms and 64 mel bands, which are exactly the
-reference grids of `ced_lightning.augment` (one CED frame/band per reference frame/band).
+reference grids of `ced_lightning.core.augment` (one CED frame/band per reference frame/band).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import REF_HOP, REF_N_MELS, AugmentParams, AugmentRecipe
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import REF_HOP, REF_N_MELS, AugmentParams, AugmentRecipe
 
 # torch_audiomentations 0.11 `Shift` as the released logitconfigs use it, and the masks' parameters.
 LEGACY_SHIFT_PROB = 0.5

@@ -39,15 +39,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ced_lightning
-from ced_lightning.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
+from ced_lightning.core.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
+from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
+from ced_lightning.core.labels import resolve_class_names
+from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.batching import pad_batch
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.engines.device import default_device
-from ced_lightning.errors import ConfigError, InputError, MissingInputError
-from ced_lightning.labels import resolve_class_names
-from ced_lightning.launch import command_errors
-from ced_lightning.models.ced import PIECE_AVERAGES
-from ced_lightning.output_files import (
+from ced_lightning.engines.launch import command_errors
+from ced_lightning.engines.output_files import (
     EMBEDDINGS_STORE_KIND,
     check_embeddings_store,
     check_output_file,
@@ -55,7 +55,7 @@ from ced_lightning.output_files import (
     discard_file,
     remove_output,
 )
-from ced_lightning.progress import ProgressLog
+from ced_lightning.models.ced import PIECE_AVERAGES
 
 log = logging.getLogger(__name__)
 

@@ -31,18 +31,18 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.audio import (
+from ced_lightning.core.audio import (
     SAMPLE_RATE,
     SHORT_CLIP_SAMPLES,
     AudioDecodeError,
     float_to_int16,
     load_audio,
 )
+from ced_lightning.core.errors import CedError, ConfigError
+from ced_lightning.core.labels import ClassList
+from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.sources import SourceItem, read_source
-from ced_lightning.errors import CedError, ConfigError
-from ced_lightning.labels import ClassList
-from ced_lightning.launch import command_errors
-from ced_lightning.progress import ProgressLog
+from ced_lightning.engines.launch import command_errors
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import (
     DEFAULT_CHUNK_SAMPLES,

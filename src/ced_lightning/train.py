@@ -22,24 +22,29 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ced_lightning import conf_dir
-from ced_lightning.errors import ConfigError
-from ced_lightning.fit_checkpoints import (
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.engines.fit_checkpoints import (
     best_monitored,
     continue_in_checkpoint_folder,
     keep_better_of_average,
     test_checkpoint,
 )
-from ced_lightning.inputs import ensure_inputs
-from ced_lightning.launch import command_errors, prepare_ddp_relaunch, quiet_non_zero_ranks, set_cpu_threads
-from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
-from ced_lightning.runtime import (
+from ced_lightning.engines.inputs import ensure_inputs
+from ced_lightning.engines.launch import (
+    command_errors,
+    prepare_ddp_relaunch,
+    quiet_non_zero_ranks,
+    set_cpu_threads,
+)
+from ced_lightning.engines.saved_config import record_resolved, resolved_values
+from ced_lightning.engines.trainer import (
     build_callbacks,
     build_loggers,
     build_trainer,
     finish_task,
     log_hyperparameters,
 )
-from ced_lightning.saved_config import record_resolved, resolved_values
+from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ced_lightning.audio import pack_clips
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.audio import pack_clips
+from ced_lightning.core.errors import ConfigError
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int, tolerance: int = 0) -> list[list[int]]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ced_lightning.audio import pack_clips
+from ced_lightning.core.audio import pack_clips
 from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import ConcatAudioStore, open_audio

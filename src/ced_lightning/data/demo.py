@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from ced_lightning.audio import SAMPLE_RATE, float_to_int16
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.audio import SAMPLE_RATE, float_to_int16
+from ced_lightning.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def build_demo_stores(
     With `unlabeled` (a count, 0 included) also `root/distill.zarr`, the student's store: the `train` clips
     (the same clips, names and labels as train.zarr) followed by `unlabeled` more of the same kind (their own
     index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`)."""
-    from ced_lightning.progress import ProgressLog
+    from ced_lightning.core.progress import ProgressLog
     from ced_lightning.store.audio import AudioStoreWriter
     from ced_lightning.store.lock import store_lock
 

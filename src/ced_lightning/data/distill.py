@@ -14,14 +14,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.labels import check_same_classes
+from ced_lightning.core.losses import sample_mixup_lambda
+from ced_lightning.core.rng import FRESH_AUGMENT_SEED_OFFSET
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.labels import check_same_classes
-from ced_lightning.losses import sample_mixup_lambda
-from ced_lightning.rng import FRESH_AUGMENT_SEED_OFFSET
 from ced_lightning.store import AudioStore, LogitStore
 from ced_lightning.store.concat import (
     ConcatAudioStore,

@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.augment import AugmentRecipe
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.labels import check_same_classes
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.labels import check_same_classes
 from ced_lightning.store import AudioStore
 from ced_lightning.store.concat import open_audio, store_urls
 

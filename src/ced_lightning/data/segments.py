@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.errors import ConfigError
 
 
 class SegmentReadable(Protocol):

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ced_lightning.audio import AUDIO_EXTENSIONS, NO_LIBSNDFILE_DECODER
-from ced_lightning.errors import ConfigError, InputError, MissingInputError
-from ced_lightning.labels import ClassList, audioset_classes, read_class_labels
+from ced_lightning.core.audio import AUDIO_EXTENSIONS, NO_LIBSNDFILE_DECODER
+from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
+from ced_lightning.core.labels import ClassList, audioset_classes, read_class_labels
 
 log = logging.getLogger(__name__)
 

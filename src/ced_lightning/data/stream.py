@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ced_lightning.audio import int16_to_float, pack_clips
+from ced_lightning.core.audio import int16_to_float, pack_clips
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.rng import counter_uniform, stream_id
 from ced_lightning.data.segments import SegmentTable, read_segments
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.rng import counter_uniform, stream_id
 from ced_lightning.store import AudioStore
 
 Batch = dict[str, Any]
@@ -312,7 +312,7 @@ class ClipBatchStream(IterableDataset):
 
 
 class Int16Batches:
-    """DataModule mixin for the batch convention of `ced_lightning.audio`: waveforms cross the workers'
+    """DataModule mixin for the batch convention of `ced_lightning.core.audio`: waveforms cross the workers'
     shared memory and the host-device link as int16 and become float32 on the device (Lightning calls this
     hook after moving each batch there)."""
 

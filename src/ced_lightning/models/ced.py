@@ -17,8 +17,8 @@ import torchaudio
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from ced_lightning.audio import SAMPLE_RATE, pad_to_min_length
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.audio import SAMPLE_RATE, pad_to_min_length
+from ced_lightning.core.errors import ConfigError
 
 PIECE_AVERAGES = ("probability", "logit")
 
@@ -67,7 +67,7 @@ class LogMelFrontEnd(nn.Sequential):
             # int16 batches scaled by 1 would give plausible-looking spectrograms 90 dB too loud: refuse.
             raise TypeError(
                 f"the front end takes float waveforms in [-1, 1), got {waveform.dtype}; convert stored int16 "
-                "samples with ced_lightning.audio.int16_to_float"
+                "samples with ced_lightning.core.audio.int16_to_float"
             )
         # The project's short-clip rule: shorter than one STFT window, zero-padded at the end to one (the
         # reflect padding of `center` and the window itself need that many samples).

@@ -22,7 +22,7 @@ import fsspec
 import torch
 from torch import nn
 
-from ced_lightning.errors import CedError, MissingInputError
+from ced_lightning.core.errors import CedError, MissingInputError
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
 from ced_lightning.models.released import from_hub_layout, is_hub_layout, resolve_checkpoint
 from ced_lightning.models.timm_mel import TimmMelClassifier

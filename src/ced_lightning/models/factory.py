@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ced_lightning.errors import ConfigError, InputError
+from ced_lightning.core.errors import ConfigError, InputError
 from ced_lightning.models.ced import CED, CEDConfig
 from ced_lightning.models.checkpoint import read_state_dict
 from ced_lightning.models.released import released_entry, released_entry_by_filename

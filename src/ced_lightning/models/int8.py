@@ -19,7 +19,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 
-from ced_lightning.errors import ConfigError, MissingDependencyError
+from ced_lightning.core.errors import ConfigError, MissingDependencyError
 
 QUANTIZE_CHOICES = ("int8",)
 

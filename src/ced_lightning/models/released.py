@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ced_lightning.errors import CedError, ConfigError
+from ced_lightning.core.errors import CedError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ced_lightning.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
-from ced_lightning.losses import DistillLoss, distill_loss, mix_with_reversed
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
+from ced_lightning.core.losses import DistillLoss, distill_loss, mix_with_reversed
+from ced_lightning.core.targets import TargetFill, rebuild_targets
 from ced_lightning.modules.tagging import TaggingModule
-from ced_lightning.targets import TargetFill, rebuild_targets
 
 
 class StudentDistillModule(TaggingModule):

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ced_lightning.audio import int16_to_float
-from ced_lightning.augment import (
+from ced_lightning.core.audio import int16_to_float
+from ced_lightning.core.augment import (
     AugmentParams,
     AugmentRecipe,
     augmented_spectrograms,
     front_end_sources,
     sample_augment_params,
 )
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.blocks import BlockDataset, BlockSampler
 from ced_lightning.engines.device import reduced_precision
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.progress import ProgressLog
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ced_lightning.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.losses import mix_with_reversed, sample_mixup_lambda
+from ced_lightning.core.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.core.losses import mix_with_reversed, sample_mixup_lambda
 from ced_lightning.modules.tagging import TaggingModule
 
 

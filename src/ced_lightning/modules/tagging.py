@@ -14,9 +14,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ced_lightning.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
+from ced_lightning.core.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
+from ced_lightning.core.optim import build_optimizer, lr_factor
 from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
-from ced_lightning.optim import build_optimizer, lr_factor
 
 log = logging.getLogger(__name__)
 

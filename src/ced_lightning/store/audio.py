@@ -36,8 +36,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from ced_lightning.audio import SAMPLE_RATE, float_to_int16, int16_to_float
-from ced_lightning.errors import ConfigError, InputError, MissingInputError, OutputExistsError
+from ced_lightning.core.audio import SAMPLE_RATE, float_to_int16, int16_to_float
+from ced_lightning.core.errors import ConfigError, InputError, MissingInputError, OutputExistsError
 from ced_lightning.store.audio_layout import ARRAYS, WHAT, layout_error, layout_problem, written_arrays
 from ced_lightning.store.files import check_free_for_store, remove_partial_writes
 from ced_lightning.store.integrity import (

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ced_lightning.audio import int16_to_float
-from ced_lightning.errors import ConfigError, InputError
-from ced_lightning.labels import check_same_classes
+from ced_lightning.core.audio import int16_to_float
+from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.labels import check_same_classes
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.files import store_nbytes
 from ced_lightning.store.remote import redact_url

@@ -10,7 +10,7 @@ import posixpath
 import re
 from typing import Any
 
-from ced_lightning.errors import OutputExistsError
+from ced_lightning.core.errors import OutputExistsError
 
 # zarr's LocalStore (>= 3.1.3) writes each object to `<name>.<32 hex digits>.partial` and renames it into
 # place, so an object is replaced whole; a writer killed in between leaves the temporary file behind.

@@ -37,7 +37,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
-from ced_lightning.errors import CedError
+from ced_lightning.core.errors import CedError
 from ced_lightning.store.remote import redact_url
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ced_lightning.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
+from ced_lightning.core.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
+from ced_lightning.core.errors import CedError, MissingDependencyError, MissingInputError
 from ced_lightning.data.segments import SegmentTable
 from ced_lightning.data.sources import segment_ytid
-from ced_lightning.errors import CedError, MissingDependencyError, MissingInputError
 from ced_lightning.store.remote import redact_url
 
 _FILE_NAME = re.compile(r"ep(\d+)_(\d+)\.h5$")

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import filelock
 
-from ced_lightning.errors import CedError
+from ced_lightning.core.errors import CedError
 from ced_lightning.store.files import check_outside_stores
 from ced_lightning.store.remote import redact_url
 

@@ -4,7 +4,7 @@ Layout (documented for other tools in `docs/logit_store.md`):
 
     <root>/zarr.json                 attributes: identity of the extraction (teachers, recipe, seed, ...)
     topk_indices   uint16  [E, N, k] class indices, each row by descending probability
-    topk_values    float16 | uint8 [E, N, k] quantized probabilities (`ced_lightning.quantize`)
+    topk_values    float16 | uint8 [E, N, k] quantized probabilities (`ced_lightning.core.quantize`)
     params/<name>  field dtype [E, N, *shape] one array per augmentation parameter field
     <extra>        dtype   [E, N]    optional per (epoch, clip) arrays named in the `extra_arrays` attribute
                                      (e.g. `legacy_seeds` of an imported store); `has_targets` uint8, when
@@ -39,10 +39,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ced_lightning.augment import AugmentParams, AugmentRecipe
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe
+from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
+from ced_lightning.core.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.data.segments import SegmentTable
-from ced_lightning.errors import ConfigError, InputError, MissingInputError
-from ced_lightning.quantize import dequantize, quantization_attrs, quantize, stored_dtype
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
 from ced_lightning.store.remote import redact_url

@@ -19,7 +19,7 @@ import fsspec.config
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.errors import ConfigError
 
 __all__ = [
     "RedactSecrets",

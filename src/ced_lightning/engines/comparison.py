@@ -26,8 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning import conf_dir
-from ced_lightning.errors import InputError, MissingInputError
-from ced_lightning.launch import global_rank
+from ced_lightning.core.errors import InputError, MissingInputError
+from ced_lightning.engines.launch import global_rank
 from ced_lightning.store import store_nbytes
 from ced_lightning.train import train
 
@@ -210,8 +210,8 @@ def teacher_maps(cfg: DictConfig, teacher_cfg: DictConfig, store: str) -> dict[s
     combines it: `evaluate`'s teacher-set path (`teachers.load_teachers`, `evaluate.evaluate_teachers`), one
     pass. A checkpoint whose weights differ from those the store recorded is scored as it is now, with a
     warning."""
+    from ced_lightning.engines.teachers import load_teachers, teacher_weights
     from ced_lightning.evaluate import evaluate_teachers
-    from ced_lightning.teachers import load_teachers, teacher_weights
 
     try:
         models, records, class_names = load_teachers(teacher_cfg)
@@ -245,7 +245,7 @@ def chance(store: str) -> float:
     """The mAP a ranking without information reaches on `store`: its mean label frequency (`chance_map`)."""
     import torch
 
-    from ced_lightning.metrics import chance_map
+    from ced_lightning.core.metrics import chance_map
     from ced_lightning.store.audio import AudioStore
 
     return chance_map(torch.from_numpy(AudioStore.open(store).label_matrix()))

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.launch import global_rank
+from ced_lightning.engines.launch import global_rank
 
 log = logging.getLogger(__name__)
 

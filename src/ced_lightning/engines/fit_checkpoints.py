@@ -20,9 +20,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.callbacks import AverageBestCheckpoints, save_whole
-from ced_lightning.errors import ConfigError, MissingInputError
-from ced_lightning.launch import check_multirun_ddp
+from ced_lightning.core.errors import ConfigError, MissingInputError
+from ced_lightning.engines.callbacks import AverageBestCheckpoints, save_whole
+from ced_lightning.engines.launch import check_multirun_ddp
 
 log = logging.getLogger(__name__)
 

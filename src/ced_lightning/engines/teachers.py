@@ -15,8 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from ced_lightning.errors import ConfigError, MissingInputError
-from ced_lightning.labels import check_same_classes
+from ced_lightning.core.errors import ConfigError, MissingInputError
+from ced_lightning.core.labels import check_same_classes
 from ced_lightning.models import load_checkpoint
 from ced_lightning.models.released import released_entry
 from ced_lightning.modules.ensemble import check_teachers

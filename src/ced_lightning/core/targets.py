@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from ced_lightning.errors import ConfigError
+from ced_lightning.core.errors import ConfigError
 
 TargetFill = Literal["zero", "last_mean"]
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ced_lightning.errors import CedError, OutputExistsError
+from ced_lightning.core.errors import CedError, OutputExistsError
 from ced_lightning.store.files import check_free_for_store, check_outside_stores
 
 log = logging.getLogger(__name__)

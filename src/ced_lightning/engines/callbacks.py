@@ -13,8 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ced_lightning.errors import ConfigError
-from ced_lightning.progress import ProgressLog, output_is_terminal
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.progress import ProgressLog, output_is_terminal
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ced_lightning.errors import ConfigError, InputError
+from ced_lightning.core.errors import ConfigError, InputError
 
 QuantizationKind = Literal["float16", "int8"]
 KINDS: tuple[str, ...] = ("float16", "int8")

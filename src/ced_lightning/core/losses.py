@@ -9,8 +9,8 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
-from ced_lightning.errors import ConfigError
-from ced_lightning.rng import counter_uniform, stream_id
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.rng import counter_uniform, stream_id
 
 DistillLoss = Literal["kl", "bce"]
 

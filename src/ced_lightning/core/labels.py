@@ -13,7 +13,7 @@ from os import PathLike
 import fsspec
 
 from ced_lightning import resources_dir
-from ced_lightning.errors import InputError
+from ced_lightning.core.errors import InputError
 
 AUDIOSET_CLASS_LABELS = resources_dir() / "class_labels_indices.csv"
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ced_lightning.audio import SAMPLE_RATE
-from ced_lightning.errors import ConfigError
-from ced_lightning.rng import STREAMS, counter_uniform, stream_id
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.rng import STREAMS, counter_uniform, stream_id
 
 # Reference grids the stored parameters are expressed on.
 REF_HOP = SAMPLE_RATE // 100  # 10 ms frames at 16 kHz

@@ -16,12 +16,12 @@ from typing import Any, get_args
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ced_lightning.errors import ConfigError
-from ced_lightning.losses import DistillLoss
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.losses import DistillLoss
+from ced_lightning.core.quantize import KINDS
+from ced_lightning.core.targets import TargetFill
 from ced_lightning.models.int8 import QUANTIZE_CHOICES
-from ced_lightning.quantize import KINDS
 from ced_lightning.store.audio import COMPRESSIONS
-from ced_lightning.targets import TargetFill
 
 _ABSENT = object()
 

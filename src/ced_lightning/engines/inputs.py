@@ -9,8 +9,8 @@ import importlib.util
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.errors import ConfigError, MissingDependencyError, MissingInputError
-from ced_lightning.fit_checkpoints import check_run_options
+from ced_lightning.core.errors import ConfigError, MissingDependencyError, MissingInputError
+from ced_lightning.engines.fit_checkpoints import check_run_options
 from ced_lightning.store import store_exists
 from ced_lightning.store.concat import store_urls
 

@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from ced_lightning.errors import CedError
+from ced_lightning.core.errors import CedError
 
 SAMPLE_RATE = 16000
 INT16_SCALE = 32768.0  # int16 sample / INT16_SCALE = float sample in [-1, 1)
