@@ -128,7 +128,7 @@ def test_no_import_cycle() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "inputs", "extract", "evaluate", "predict", "export", "prepare"]
+    "command", ["train", "engines.inputs", "extract", "evaluate", "predict", "export", "prepare"]
 )
 def test_generic_commands_do_not_import_the_demo_layer(command: str) -> None:
     """The demo runs the commands, never the other way: `train` reaches it only through the config
