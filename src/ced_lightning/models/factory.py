@@ -101,6 +101,29 @@ class InitReport:
 _EXAMPLES = 4
 
 
+def grow_as_identity(model: CED, missing: list[str]) -> list[int]:
+    """A deeper model started from a shallower file (the file's blocks are the model's first ones): the
+    blocks the file lacks get zero output projections (attention and MLP), so each adds nothing to its
+    residual stream and the model computes exactly the file's network. Their other weights keep their
+    initialisation, so they learn from the first step on (the output projections' gradients are not zero).
+    Returns the indices of the blocks grown, or [] when `missing` is not only whole trailing blocks."""
+    depth = len(model.blocks)
+    missing_blocks = {int(key.split(".")[1]) for key in missing if key.startswith("blocks.")}
+    if not missing_blocks or any(not key.startswith("blocks.") for key in missing):
+        return []
+    first = min(missing_blocks)
+    block_keys = {k for k in model.state_dict() if k.startswith("blocks.")}
+    whole = {k for k in block_keys if int(k.split(".")[1]) >= first}
+    if first == 0 or missing_blocks != set(range(first, depth)) or set(missing) != whole:
+        return []
+    with torch.no_grad():
+        for block in model.blocks[first:]:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return list(range(first, depth))
+
+
 def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True) -> InitReport:
     """Initialise `model` from a CED or MAE-pretrained checkpoint (a path or a released name).
 
@@ -158,6 +181,16 @@ def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True)
             "partial start with model.init_strict=false (load_matching_weights(strict=False))."
         )
     model.load_state_dict(usable, strict=False)
+    grown = grow_as_identity(model, missing)
+    if grown:
+        log.info(
+            "init_from %s: blocks %d-%d are not in the file and start as identities (the model starts as "
+            "the file's %d-block network)",
+            source,
+            grown[0],
+            grown[-1],
+            grown[0],
+        )
     if not report.complete:
         log.warning("%s", report.describe())
     else:
