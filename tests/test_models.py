@@ -147,6 +147,30 @@ def test_init_from_resizes_position_embeddings(tmp_path, ced_reference):
     assert torch.equal(student.blocks[1].mlp.fc2.weight, reference.blocks[1].mlp.fc2.weight)
 
 
+def test_a_deeper_model_from_a_shallower_file_starts_as_that_network(tmp_path):
+    """CED-Mini from a 4-block CED-Mini (the demo's `experiment=ced_mini`): the 8 blocks the file lacks start
+    as identities, so the grown model's outputs are the file's model's (same kernels on this machine: equal),
+    and they still learn (their output projections get gradients)."""
+    torch.manual_seed(0)
+    shallow = create_ced("ced_mini", depth=4, num_classes=16).eval()
+    save_ced(shallow, tmp_path / "shallow.pt")
+    deep = create_ced("ced_mini", depth=12, num_classes=16).eval()
+    report = load_matching_weights(deep, tmp_path / "shallow.pt", strict=False)
+    assert {key.split(".")[1] for key in report.missing} == {str(i) for i in range(4, 12)}
+    wave = torch.randn(2, 16000)
+    with torch.no_grad():
+        assert torch.equal(deep(wave), shallow(wave))
+    deep.train()
+    deep(wave).sum().backward()
+    assert deep.blocks[11].mlp.fc2.weight.grad.abs().sum() > 0
+    # A file that lacks other tensors too (here the first block) is no growth: nothing is zeroed.
+    partial = {k: v for k, v in shallow.state_dict().items() if not k.startswith("blocks.0.")}
+    torch.save({"model": partial, "ced_config": shallow.config.to_dict()}, tmp_path / "partial.pt")
+    other = create_ced("ced_mini", depth=12, num_classes=16)
+    load_matching_weights(other, tmp_path / "partial.pt", strict=False)
+    assert other.blocks[11].mlp.fc2.weight.abs().sum() > 0
+
+
 def test_variable_length_and_spectrogram_entry():
     torch.manual_seed(0)
     model = create_ced("ced_tiny", depth=1).eval()
