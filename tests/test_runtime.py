@@ -48,3 +48,22 @@ def test_a_run_shorter_than_its_validation_interval_still_validates() -> None:
     cfg = compose_config(["experiment=teacher_demo_ced", "data.schedule.max_epochs=1", "trainer=cpu"])
     assert cfg.trainer.check_val_every_n_epoch == 3
     assert build_trainer(cfg, callbacks=[], loggers=[]).check_val_every_n_epoch == 1
+
+
+def test_no_progress_bar_where_the_output_is_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under pytest stdout is captured (not a terminal), as in `> run.log`: the rich bar, which would redraw
+    in a thread of its own for nobody, is left out and Lightning adds none; EpochLog's lines stay."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from ced_lightning.engines.callbacks import EpochLog
+    from ced_lightning.engines.trainer import build_callbacks
+
+    cfg = compose_config(["experiment=teacher_demo_ced", "trainer=cpu"])
+    callbacks = build_callbacks(cfg)
+    assert any(isinstance(c, RichProgressBar) for c in callbacks)
+    trainer = build_trainer(cfg, callbacks=callbacks, loggers=[])
+    assert trainer.progress_bar_callback is None
+    assert any(isinstance(c, EpochLog) for c in trainer.callbacks)
+    monkeypatch.setattr("ced_lightning.engines.trainer.output_is_terminal", lambda: True)
+    trainer = build_trainer(cfg, callbacks=build_callbacks(cfg), loggers=[])
+    assert isinstance(trainer.progress_bar_callback, RichProgressBar)
