@@ -77,9 +77,9 @@ def test_chance_is_the_mean_prevalence_of_classes_with_positives() -> None:
 def test_teacher_set_table_is_each_member_and_the_ensemble(workdir: Path) -> None:
     """Each member's figures are `evaluate_checkpoint`'s (the one evaluation pass), the ensemble's are
     TaggingMetrics on the members' probabilities combined by the teacher config's rule."""
-    from ced_lightning.evaluate import evaluate_checkpoint, evaluate_teachers, weak_teachers
+    from ced_lightning.core.ensemble import combine_probabilities
+    from ced_lightning.engines.scoring import evaluate_checkpoint, evaluate_teachers, weak_teachers
     from ced_lightning.models import load_model
-    from ced_lightning.modules.ensemble import combine_probabilities
     from ced_lightning.store.audio import AudioStore
 
     val = str(workdir / "val.zarr")
@@ -174,7 +174,8 @@ def _extract_cfg(root: Path, output: Path, *extra: str) -> DictConfig:
 
 def test_extract_refuses_teachers_near_chance(workdir: Path, tmp_path: Path, capsys) -> None:
     """Before: `extract` stored any teachers' logits without a word (and had no teacher_check key)."""
-    from ced_lightning.extract import WeakTeachersError, run_extract
+    from ced_lightning.engines.extraction import WeakTeachersError
+    from ced_lightning.extract import run_extract
 
     check = f"teacher_check.store={workdir / 'val.zarr'}"
     refused = tmp_path / "refused.zarr"
@@ -238,7 +239,7 @@ def test_a_member_built_from_its_target_is_recorded_by_its_weights() -> None:
 
 @pytest.mark.parametrize("combine", ["mean_prob", "mean_logit"])
 def test_weights_of_one_combine_bit_for_bit_as_before_and_others_weigh(combine: str) -> None:
-    from ced_lightning.modules.ensemble import combine_probabilities
+    from ced_lightning.core.ensemble import combine_probabilities
 
     logits = [torch.randn(5, C, generator=torch.Generator().manual_seed(i)) * 4 for i in range(3)]
     plain = combine_probabilities(logits, combine)
@@ -257,7 +258,7 @@ def test_weights_of_one_combine_bit_for_bit_as_before_and_others_weigh(combine: 
 def test_teacher_table_has_each_members_effect_and_the_best_member(workdir: Path) -> None:
     """Before: the table had each member and the ensemble, nothing said the ensemble was below its best
     member nor which member pulled it down. Leave-one-out of two teachers is the other one alone."""
-    from ced_lightning.evaluate import evaluate_teachers, format_teacher_table
+    from ced_lightning.engines.scoring import evaluate_teachers, format_teacher_table
     from ced_lightning.models import load_model
 
     val = str(workdir / "val.zarr")
