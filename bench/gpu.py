@@ -42,9 +42,9 @@ from bench.common import (
 )
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.core.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
+from ced_lightning.core.ensemble import ensemble_probabilities
 from ced_lightning.models import create_ced
 from ced_lightning.models.ced import LogMelFrontEnd
-from ced_lightning.modules.ensemble import ensemble_probabilities
 
 MODELS = ("ced_mini", "ced_base")
 REPLAY_TOLERANCE_DB = 0.01

@@ -97,7 +97,7 @@ def _export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 
 class _OnnxTagger(nn.Module):
     """An exported tagger's onnxruntime session as a module, for the project's one scoring pass
-    (`evaluate.score_store`): `forward(waveform) -> logits`."""
+    (`scoring.score_store`): `forward(waveform) -> logits`."""
 
     def __init__(self, session: Any, num_classes: int) -> None:
         super().__init__()
@@ -113,7 +113,7 @@ def demo_int8_cost(ckpt: Path, store_url: str, folder: Path) -> dict[str, Any]:
     graph as eager): `{"mAP": {mode: value}, "max |p - eager float32|": {...}, "top-1 agreement with eager
     float32": {...}}`."""
     from ced_lightning.core.metrics import tagging_scores
-    from ced_lightning.evaluate import score_store
+    from ced_lightning.engines.scoring import score_store
     from ced_lightning.models import load_checkpoint
 
     model = load_checkpoint(ckpt).model.eval()

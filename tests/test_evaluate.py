@@ -14,7 +14,8 @@ from ced_lightning.models import create_ced, model_spec, save_ced
 
 store_audio = pytest.importorskip("ced_lightning.store.audio", reason="the audio store is not available")
 
-from ced_lightning.evaluate import evaluate_checkpoint, format_summary  # noqa: E402
+from ced_lightning.engines.scoring import evaluate_checkpoint  # noqa: E402
+from ced_lightning.evaluate import format_summary  # noqa: E402
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
 # Lengths in samples: two groups of equal length, a 12 s clip (CED's split path) and odd ones.

@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
 from ced_lightning.core.audio import pack_clips
+from ced_lightning.core.ensemble import check_teachers
 from ced_lightning.data.blocks import BlockSampler, rank_share
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.modules.ensemble import check_teachers
 from ced_lightning.store.audio import write_audio_store
 from ced_lightning.store.logits import LogitStore
 from conftest import command, command_env, run_command
@@ -542,8 +542,8 @@ def test_long_clips_extract_every_segment(
 ) -> None:
     """Every segment of every clip is a row (the last partial one when at least half a segment), each row's
     teachers' probabilities are those of its own stretch of audio, and the figures count segments."""
+    from ced_lightning.core.ensemble import ensemble_probabilities
     from ced_lightning.engines.teachers import load_teachers
-    from ced_lightning.modules.ensemble import ensemble_probabilities
     from ced_lightning.store.audio import AudioStore
 
     store = LogitStore.open(segment_reference.url)
@@ -614,21 +614,22 @@ def test_store_begun_before_segments_resumes_its_own_layout(
 ) -> None:
     """A partial store of long clips begun before segments (one row per clip, no positions) is finished that
     way by a plain rerun, with a warning; asking for segments on it is refused."""
-    import ced_lightning.extract as extract
+    import ced_lightning.engines.extraction as extraction
     from ced_lightning.data.segments import SegmentTable
+    from ced_lightning.extract import run_extract
 
     out = str(workdir / "before_segments.zarr")
     with monkeypatch.context() as patch:  # the code of before: one row per clip
-        patch.setattr(extract, "segment_table", lambda lengths, s: SegmentTable.one_per_clip(len(lengths), s))
-        partial = extract.run_extract(
+        patch.setattr(
+            extraction, "segment_table", lambda lengths, s: SegmentTable.one_per_clip(len(lengths), s)
+        )
+        partial = run_extract(
             _cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "limit_blocks=1")
         )
     assert "segment_samples" not in partial.attrs and partial.missing_blocks() == [1, 2]
     with pytest.raises(ValueError, match=r"segment_samples: stored None, requested 16000"):
-        extract.run_extract(
-            _cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "segment_seconds=1")
-        )
-    store = extract.run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "verify=6"))
+        run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "segment_seconds=1"))
+    store = run_extract(_cfg(workdir, out, f"audio_store={long_audio}", "block_clips=4", "verify=6"))
     assert store.is_complete() and len(store) == 9 and store.segment_samples is None
     assert json.loads((Path(out) / "extract_stats.json").read_text())["verify"]["ok"]
 

@@ -231,7 +231,7 @@ def test_custom_data_multirun(own: dict[str, str], logits: str, tmp_path: Path) 
 
 
 def test_topk_keeps_every_class_of_a_small_class_list_and_the_papers_20_of_large_ones() -> None:
-    from ced_lightning.extract import default_topk, labels_beyond_topk
+    from ced_lightning.engines.extraction import default_topk, labels_beyond_topk
 
     assert [default_topk(n) for n in (2, 16, 32, 33, 527)] == [2, 16, 32, 20, 20]
     assert compose_config(["output=x"], config="extract").topk is None  # the rule, unless given
@@ -258,7 +258,7 @@ def test_extract_stores_every_class_by_default_and_warns_when_clips_carry_more_l
     assert extract(logits).topk == 4  # topk left out on a store made with topk=4: resumed as it was made
     counts = AudioStore.open(own["train"]).label_counts()
     assert (counts > 1).any() and caplog.text.count("labeled clips carry more than") == 0
-    with caplog.at_level("WARNING", logger="ced_lightning.extract"):
+    with caplog.at_level("WARNING", logger="ced_lightning.engines.extraction"):
         assert extract(str(tmp_path / "top1.zarr"), "topk=1").topk == 1
     expected = (
         f"{(counts > 1).sum()} of {len(counts)} labeled clips carry more than 1 labels (up to {counts.max()})"

@@ -60,7 +60,7 @@ def test_paper_experiments_follow_the_original_training_configs(size: str, data:
     assert cfg.optim.optimizer.weight_decay == 0.0
     # logitconfig/{full,balanced}_base_chunk10s_topk20.yaml topk: 20 (the import takes k from the files;
     # extract, the other way to build the store, defaults to the same for AudioSet's 527 classes)
-    from ced_lightning.extract import default_topk
+    from ced_lightning.engines.extraction import default_topk
 
     assert compose_config([], config="extract").topk is None and default_topk(527) == 20
     # trainconfig/*.yaml loss: BCEWithLogitsLoss on the teachers' top-k, utils.TrainConfig label_type: 'zero'

@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,9 +78,9 @@ def test_chance_is_the_mean_prevalence_of_classes_with_positives() -> None:
 def test_teacher_set_table_is_each_member_and_the_ensemble(workdir: Path) -> None:
     """Each member's figures are `evaluate_checkpoint`'s (the one evaluation pass), the ensemble's are
     TaggingMetrics on the members' probabilities combined by the teacher config's rule."""
-    from ced_lightning.evaluate import evaluate_checkpoint, evaluate_teachers, weak_teachers
+    from ced_lightning.core.ensemble import combine_probabilities
+    from ced_lightning.engines.scoring import evaluate_checkpoint, evaluate_teachers, weak_teachers
     from ced_lightning.models import load_model
-    from ced_lightning.modules.ensemble import combine_probabilities
     from ced_lightning.store.audio import AudioStore
 
     val = str(workdir / "val.zarr")
@@ -174,7 +175,8 @@ def _extract_cfg(root: Path, output: Path, *extra: str) -> DictConfig:
 
 def test_extract_refuses_teachers_near_chance(workdir: Path, tmp_path: Path, capsys) -> None:
     """Before: `extract` stored any teachers' logits without a word (and had no teacher_check key)."""
-    from ced_lightning.extract import WeakTeachersError, run_extract
+    from ced_lightning.engines.extraction import WeakTeachersError
+    from ced_lightning.extract import run_extract
 
     check = f"teacher_check.store={workdir / 'val.zarr'}"
     refused = tmp_path / "refused.zarr"
@@ -197,6 +199,51 @@ def test_extract_refuses_teachers_near_chance(workdir: Path, tmp_path: Path, cap
     check_stats = json.loads((good / "extract_stats.json").read_text())["teacher_check"]
     assert check_stats["weak"] == [] and check_stats["ensemble"]["gain_over_chance"] == pytest.approx(1.0)
     assert "near chance: none" in capsys.readouterr().out
+
+
+class _CountedMoves(torch.nn.Module):
+    """A teacher counting the passes over its tensors: `Module._apply` runs for every `.to`, `.cpu`, `.cuda`
+    or dtype cast, its own or one reaching it through a module that holds it."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.num_classes = teacher.num_classes
+        self.moves = 0
+
+    @property
+    def front_end(self) -> torch.nn.Module:
+        return self.teacher.front_end
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> _CountedMoves:
+        self.moves += 1
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.teacher(waveform)
+
+    def forward_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.teacher.forward_spectrogram(mel)
+
+
+def test_extract_moves_the_teachers_to_the_device_once(workdir: Path, tmp_path: Path) -> None:
+    """The check, the extraction and verification run the teachers where `extract_logits` placed them: one
+    pass over their tensors in all. Before: the check moved them there and back, Lightning's predict there
+    and back (they were the module's submodules), verification there again."""
+    from ced_lightning.engines.extraction import extract_logits, extract_settings
+    from ced_lightning.engines.teachers import load_teachers
+    from ced_lightning.engines.trainer import build_trainer
+
+    output = tmp_path / "once.zarr"
+    check = f"teacher_check.store={workdir / 'val.zarr'}"
+    cfg = _extract_cfg(workdir, output, _members(workdir, "strong"), check, "verify=8")
+    teachers, records, class_names = load_teachers(cfg.teacher)
+    counted = [_CountedMoves(teacher) for teacher in teachers]
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    store = extract_logits(extract_settings(cfg), counted, records, class_names, trainer)
+    stats = json.loads((output / "extract_stats.json").read_text())
+    assert store.is_complete() and stats["verify"]["ok"] and stats["teacher_check"]["weak"] == []
+    assert [teacher.moves for teacher in counted] == [1]
 
 
 def test_duplicate_teacher_names_from_checkpoints_refused(workdir: Path) -> None:
@@ -238,7 +285,7 @@ def test_a_member_built_from_its_target_is_recorded_by_its_weights() -> None:
 
 @pytest.mark.parametrize("combine", ["mean_prob", "mean_logit"])
 def test_weights_of_one_combine_bit_for_bit_as_before_and_others_weigh(combine: str) -> None:
-    from ced_lightning.modules.ensemble import combine_probabilities
+    from ced_lightning.core.ensemble import combine_probabilities
 
     logits = [torch.randn(5, C, generator=torch.Generator().manual_seed(i)) * 4 for i in range(3)]
     plain = combine_probabilities(logits, combine)
@@ -257,7 +304,7 @@ def test_weights_of_one_combine_bit_for_bit_as_before_and_others_weigh(combine: 
 def test_teacher_table_has_each_members_effect_and_the_best_member(workdir: Path) -> None:
     """Before: the table had each member and the ensemble, nothing said the ensemble was below its best
     member nor which member pulled it down. Leave-one-out of two teachers is the other one alone."""
-    from ced_lightning.evaluate import evaluate_teachers, format_teacher_table
+    from ced_lightning.engines.scoring import evaluate_teachers, format_teacher_table
     from ced_lightning.models import load_model
 
     val = str(workdir / "val.zarr")

@@ -55,7 +55,8 @@ def _cfg(root: Path, *extra: str) -> DictConfig:
 
 
 def test_float32_by_default_and_recorded(workdir: Path) -> None:
-    from ced_lightning.extract import run_extract, teacher_precision
+    from ced_lightning.engines.extraction import teacher_precision
+    from ced_lightning.extract import run_extract
     from ced_lightning.store.logits import BLOCK_FULL_PRECISION
 
     cfg = _cfg(workdir)

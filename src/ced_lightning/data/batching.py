@@ -1,5 +1,5 @@
 """Batching clips of different lengths: group them by length (`batches_by_length`) and pad a group to its
-longest clip (`pad_batch`, on `audio.pack_clips`). Evaluation (`evaluate.score_store`, the data modules'
+longest clip (`pad_batch`, on `audio.pack_clips`). Evaluation (`scoring.score_store`, the data modules'
 `EqualLengthBatches`) and tagging (`predict`) batch clips this way.
 
 With `tolerance=0` a batch holds clips of exactly one length and needs no padding: CED averages over all its

@@ -207,11 +207,11 @@ def store_teachers(logits_url: str) -> DictConfig | None:
 
 def teacher_maps(cfg: DictConfig, teacher_cfg: DictConfig, store: str) -> dict[str, float]:
     """mAP on `store` of each teacher of `teacher_cfg` and of their ensemble, combined as the logit store
-    combines it: `evaluate`'s teacher-set path (`teachers.load_teachers`, `evaluate.evaluate_teachers`), one
+    combines it: `evaluate`'s teacher-set path (`teachers.load_teachers`, `scoring.evaluate_teachers`), one
     pass. A checkpoint whose weights differ from those the store recorded is scored as it is now, with a
     warning."""
+    from ced_lightning.engines.scoring import evaluate_teachers
     from ced_lightning.engines.teachers import load_teachers, teacher_weights
-    from ced_lightning.evaluate import evaluate_teachers
 
     try:
         models, records, class_names = load_teachers(teacher_cfg)

@@ -15,11 +15,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from ced_lightning.core.ensemble import check_teachers
 from ced_lightning.core.errors import ConfigError, MissingInputError
 from ced_lightning.core.labels import check_same_classes
 from ced_lightning.models import load_checkpoint
 from ced_lightning.models.released import released_entry
-from ced_lightning.modules.ensemble import check_teachers
 from ced_lightning.store.remote import redact_url
 
 log = logging.getLogger(__name__)

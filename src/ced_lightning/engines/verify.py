@@ -17,11 +17,11 @@ from torch import nn
 
 from ced_lightning.core.audio import int16_to_float, pack_clips
 from ced_lightning.core.augment import front_end_sources
+from ced_lightning.core.ensemble import ensemble_probabilities
 from ced_lightning.core.errors import CedError
 from ced_lightning.core.progress import ProgressLog
 from ced_lightning.core.quantize import max_abs_error
 from ced_lightning.data.segments import read_segments
-from ced_lightning.modules.ensemble import ensemble_probabilities
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
 from ced_lightning.store.remote import redact_url
