@@ -13,8 +13,8 @@ window through a model, the windows batched, and the results handed to pluggable
 from ced_lightning.engines.inference.charts import TimelineCharts, plot_timeline, timeline_png_name
 from ced_lightning.engines.inference.files import (
     OUTPUTS,
+    OutputPlan,
     check_model_argument,
-    check_outputs,
     expand_inputs,
     predict_files,
 )
@@ -50,6 +50,7 @@ __all__ = [
     "OUTPUTS",
     "EmbeddingsWriter",
     "Failure",
+    "OutputPlan",
     "PieceAverage",
     "PredictionSink",
     "TagsWriter",
@@ -57,7 +58,6 @@ __all__ = [
     "WindowBatch",
     "WindowsWriter",
     "check_model_argument",
-    "check_outputs",
     "check_table_suffix",
     "check_windows",
     "expand_inputs",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,87 @@ def expand_inputs(inputs: Iterable[str | PathLike]) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """The requested `outputs` and where each goes: checked before the model is read, then opened as the
+    tagger's sinks. A new kind of output is its writer (a `PredictionSink`) and its lines here."""
+
+    outputs: Sequence[str]
+    output: str | PathLike | None = None
+    windows_output: str | PathLike | None = None
+    embeddings_output: str | PathLike | None = None
+    embeddings_format: str = "npy"
+    timeline_dir: str | PathLike | None = None
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.output is not None and str(self.output) == "-"
+
+    @property
+    def tags_file(self) -> str | PathLike | None:
+        return self.output if "tags" in self.outputs and self.output and not self.to_stdout else None
+
+    def check_settings(self) -> None:
+        """Known outputs, each with the setting it needs, in a format it writes."""
+        unknown = sorted(set(self.outputs) - set(OUTPUTS))
+        if unknown:
+            raise ConfigError(f"outputs={list(self.outputs)}: unknown {unknown}; choose from {list(OUTPUTS)}")
+        if self.tags_file:
+            check_table_suffix(self.tags_file, "output")
+        if "windows" in self.outputs:
+            if not self.windows_output:
+                raise ConfigError("outputs=[...,windows]: set windows_output=FILE.csv (or .jsonl)")
+            check_table_suffix(self.windows_output, "windows_output")
+        if "embeddings" in self.outputs:
+            if not self.embeddings_output:
+                raise ConfigError(
+                    "outputs=[...,embeddings]: set embeddings_output=FOLDER (npy) or STORE (zarr)"
+                )
+            if self.embeddings_format not in EMBEDDINGS_FORMATS:
+                raise ConfigError(
+                    f"embeddings_format={self.embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}"
+                )
+
+    def check_places(self, overwrite: bool) -> None:
+        """Every requested output's place, before the model is read (`output_files`)."""
+        if self.tags_file:
+            check_output_file(self.tags_file, "output", overwrite, is_table_we_wrote)
+        if "windows" in self.outputs:
+            check_output_file(self.windows_output, "windows_output", overwrite, is_table_we_wrote)
+            if self.timeline_dir:
+                check_output_folder(self.timeline_dir, "timeline_dir")
+        if "embeddings" in self.outputs:
+            if self.embeddings_format == "zarr":
+                check_embeddings_store(self.embeddings_output, "embeddings_output")
+            else:
+                check_output_folder(self.embeddings_output, "embeddings_output")
+
+    def open(self, topk: int, class_names: Sequence[str]) -> Iterator[PredictionSink]:
+        """The writers, each yielded as soon as it is open, so that a later one failing to open still leaves
+        the caller every earlier one to abandon."""
+        if "tags" in self.outputs and self.output:
+            yield TagsWriter(sys.stdout if self.to_stdout else self.output)
+        if "windows" in self.outputs:
+            yield WindowsWriter(self.windows_output, topk, class_names)
+            if self.timeline_dir:
+                yield TimelineCharts(self.timeline_dir, class_names, topk)
+        if "embeddings" in self.outputs:
+            yield EmbeddingsWriter(self.embeddings_output, self.embeddings_format)
+
+    def log_written(self, files: int, sinks: Sequence[PredictionSink]) -> None:
+        written = {
+            "tags": self.tags_file,
+            "windows": self.windows_output if "windows" in self.outputs else None,
+            "embeddings": self.embeddings_output if "embeddings" in self.outputs else None,
+        }
+        for what, where in written.items():
+            if where:
+                log.info("wrote the %s of %d files to %s", what, files, where)
+        charts = [s for s in sinks if isinstance(s, TimelineCharts)]
+        if charts:
+            log.info("wrote %d timeline charts to %s", charts[0].written, self.timeline_dir)
+
+
 def predict_files(
     ckpt: str,
     inputs: Sequence[str | PathLike],
@@ -88,23 +170,10 @@ def predict_files(
 
     if not inputs:
         raise ConfigError("inputs=[FILE_OR_DIR,...] is required")
-    unknown = sorted(set(outputs) - set(OUTPUTS))
-    if unknown:
-        raise ConfigError(f"outputs={list(outputs)}: unknown {unknown}; choose from {list(OUTPUTS)}")
     if topk < 1:
         raise ConfigError(f"topk must be >= 1, got {topk}")
-    to_stdout = output is not None and str(output) == "-"
-    if "tags" in outputs and output and not to_stdout:
-        check_table_suffix(output, "output")
-    if "windows" in outputs:
-        if not windows_output:
-            raise ConfigError("outputs=[...,windows]: set windows_output=FILE.csv (or .jsonl)")
-        check_table_suffix(windows_output, "windows_output")
-    if "embeddings" in outputs:
-        if not embeddings_output:
-            raise ConfigError("outputs=[...,embeddings]: set embeddings_output=FOLDER (npy) or STORE (zarr)")
-        if embeddings_format not in EMBEDDINGS_FORMATS:
-            raise ConfigError(f"embeddings_format={embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}")
+    plan = OutputPlan(outputs, output, windows_output, embeddings_output, embeddings_format, timeline_dir)
+    plan.check_settings()
 
     if quantize is not None:
         if quantize not in QUANTIZE_CHOICES:
@@ -122,8 +191,7 @@ def predict_files(
             f"inputs: no audio files in {', '.join(map(str, inputs))} ({describe_extensions()}); nothing "
             "to tag"
         )
-    check_outputs(outputs, output, windows_output, timeline_dir, embeddings_output, embeddings_format,
-                   overwrite)  # fmt: skip
+    plan.check_places(overwrite)
     check_model_argument(ckpt)
     checkpoint = load_checkpoint(ckpt)
     model = apply_quantization(checkpoint.model, quantize)
@@ -134,17 +202,10 @@ def predict_files(
     sinks: list[PredictionSink] = []
     succeeded = False
     try:
-        if "tags" in outputs and output:
-            sinks.append(TagsWriter(sys.stdout if to_stdout else output))
-        if "windows" in outputs:
-            sinks.append(WindowsWriter(windows_output, topk, class_names))
-            if timeline_dir:
-                sinks.append(TimelineCharts(timeline_dir, class_names, topk))
-        if "embeddings" in outputs:
-            sinks.append(EmbeddingsWriter(embeddings_output, embeddings_format))
+        sinks.extend(plan.open(topk, class_names))
 
         def show(result: dict[str, Any]) -> None:
-            if print_tags and not to_stdout:
+            if print_tags and not plan.to_stdout:
                 tags = ", ".join(f"{label['name']} {label['probability']:.3f}" for label in result["labels"])
                 print(f"{result['file']}: {tags}", flush=True)
 
@@ -185,43 +246,10 @@ def predict_files(
             else:  # nothing empty or half written is left behind
                 sink.abandon()
 
-    written = {
-        "tags": output if "tags" in outputs and output and not to_stdout else None,
-        "windows": windows_output if "windows" in outputs else None,
-        "embeddings": embeddings_output if "embeddings" in outputs else None,
-    }
-    for what, where in written.items():
-        if where:
-            log.info("wrote the %s of %d files to %s", what, len(results), where)
-    charts = [s for s in sinks if isinstance(s, TimelineCharts)]
-    if charts:
-        log.info("wrote %d timeline charts to %s", charts[0].written, timeline_dir)
+    plan.log_written(len(results), sinks)
     if failures:
         log.error("%d of %d files could not be tagged", len(failures), len(files))
     return failures
-
-
-def check_outputs(
-    outputs: Sequence[str],
-    output: str | PathLike | None,
-    windows_output: str | PathLike | None,
-    timeline_dir: str | PathLike | None,
-    embeddings_output: str | PathLike | None,
-    embeddings_format: str,
-    overwrite: bool,
-) -> None:
-    """Every requested output's place, before the model is read (`output_files`)."""
-    if "tags" in outputs and output and str(output) != "-":
-        check_output_file(output, "output", overwrite, is_table_we_wrote)
-    if "windows" in outputs:
-        check_output_file(windows_output, "windows_output", overwrite, is_table_we_wrote)
-        if timeline_dir:
-            check_output_folder(timeline_dir, "timeline_dir")
-    if "embeddings" in outputs:
-        if embeddings_format == "zarr":
-            check_embeddings_store(embeddings_output, "embeddings_output")
-        else:
-            check_output_folder(embeddings_output, "embeddings_output")
 
 
 def check_model_argument(ckpt: str | PathLike) -> None:
