@@ -3,7 +3,8 @@ the tags `ced-predict` gives, at any rate and channel count; failures are visibl
 released name loads from the offline cache; `import ced_lightning` stays light.
 
 The model is the random-weight reference CED-Tiny (tests/data/ced_reference), so the tags are chance: what is
-tested is that every route gives the same numbers as the engine of the commands (`predict.tag_files`).
+tested is that every route gives the same numbers as the engine of the commands
+(`engines.inference.tag_files`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import soundfile as sf
 import torch
 
 import ced_lightning as ced
-from ced_lightning.predict import predict_files
-from ced_lightning.predict import tag_files as engine_tag_files
+from ced_lightning.engines.inference import predict_files
+from ced_lightning.engines.inference import tag_files as engine_tag_files
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ import torch
 from ced_lightning.core.audio import load_audio
 from ced_lightning.core.labels import audioset_classes, resolve_class_names
 from ced_lightning.data.sources import from_directory
-from ced_lightning.models import create_ced, load_checkpoint, model_spec, save_ced
-from ced_lightning.models.ced import average_pieces
-from ced_lightning.predict import (
+from ced_lightning.engines.inference import (
     TagsWriter,
     WindowsWriter,
     expand_inputs,
     segment_starts,
     tag_files,
 )
+from ced_lightning.models import create_ced, load_checkpoint, model_spec, save_ced
+from ced_lightning.models.ced import average_pieces
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
 
@@ -302,7 +302,7 @@ def test_default_window_is_the_models_own_piece(tiny_model, tmp_path: Path) -> N
     """A file the model runs as one piece (CED: up to 1012 frames = 161,919 samples) is one window by default,
     so its clip tags are the model's own; with 10 s windows a 160,800-sample file was two overlapping windows
     whose average differed from the model's output by 2e-3."""
-    from ced_lightning.predict import model_piece_samples
+    from ced_lightning.engines.inference import model_piece_samples
 
     piece = model_piece_samples(tiny_model)
     assert piece == 161_919
@@ -341,7 +341,8 @@ def test_default_window_is_the_models_own_piece(tiny_model, tmp_path: Path) -> N
 def test_predict_refuses_removed_keys_and_checks_inputs_before_the_checkpoint(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from ced_lightning.predict import predict, predict_files
+    from ced_lightning.engines.inference import predict_files
+    from ced_lightning.predict import predict
 
     base = {"ckpt": str(tmp_path / "no_such.ckpt"), "inputs": [str(tmp_path / "typo.wav")]}
     with pytest.raises(ValueError, match=r"timeline= is gone: .*outputs=\[tags,windows\]"):

@@ -17,9 +17,7 @@ import torch
 import zarr
 
 from ced_lightning.core.audio import AudioStream, load_audio
-from ced_lightning.models import create_ced
-from ced_lightning.models.ced import average_pieces
-from ced_lightning.predict import (
+from ced_lightning.engines.inference import (
     DECODE_BLOCK_FRAMES,
     EmbeddingsWriter,
     PieceAverage,
@@ -30,6 +28,8 @@ from ced_lightning.predict import (
     stream_windows,
     tag_files,
 )
+from ced_lightning.models import create_ced
+from ced_lightning.models.ced import average_pieces
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
 
@@ -191,7 +191,7 @@ CHILD = textwrap.dedent(
     import json, sys
     import torch
     from ced_lightning.models import create_ced
-    from ced_lightning.predict import WindowsWriter, tag_files
+    from ced_lightning.engines.inference import WindowsWriter, tag_files
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -206,8 +206,8 @@ def test_import_logits_logs_its_clips(
 def test_evaluate_and_predict_log_their_clips_and_files(
     tiny_demo: dict[str, str], tmp_path: Path, not_a_terminal: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from ced_lightning.engines.inference import predict_files
     from ced_lightning.engines.scoring import evaluate_checkpoint
-    from ced_lightning.predict import predict_files
     from ced_lightning.store import AudioStore
 
     teacher = save_tiny_teacher(tmp_path / "teacher.pt", AudioStore.open(tiny_demo["test"]).num_classes)

@@ -137,6 +137,21 @@ def test_generic_commands_do_not_import_the_demo_layer(command: str) -> None:
     assert "ced_lightning.demo" not in _reachable(graph, f"ced_lightning.{command}")
 
 
+# The command modules: `@hydra.main` entry points and the console script `cli`.
+COMMANDS = ["prepare", "train", "extract", "evaluate", "predict", "export", "check", "import_logits", "cli"]
+
+
+@pytest.mark.parametrize("module", ["predict", "cli", "api"])
+def test_the_inference_doors_stand_on_the_engine_not_on_a_command(module: str) -> None:
+    """`predict`, `ced-predict` and the Python API all tag through `engines.inference`: none of them
+    imports a command module, directly or through another module, and the engine is below every command."""
+    graph = import_graph()
+    commands = {f"{PACKAGE}.{command}" for command in COMMANDS} - {f"{PACKAGE}.{module}"}
+    assert not commands & _reachable(graph, f"{PACKAGE}.{module}")
+    engine = [name for name in graph if name.startswith(f"{PACKAGE}.engines.inference")]
+    assert engine and not any(commands & _reachable(graph, name) for name in engine)
+
+
 # -- no block of six or more identical lines twice in src/ --------------------------------------------
 BLOCK = 6
 # A line that is only an import, only brackets/commas/colons/quotes, a bare keyword or a return annotation.

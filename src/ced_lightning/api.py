@@ -7,10 +7,10 @@
     m.embed("clip.wav")                           # the clip embedding, a float32 numpy vector
     ced.tag_files(["a.wav", "b.wav"], model="ced_mini")   # one TagResult per file, in order
 
-Files go through `predict.tag_files`, the engine of `ced-predict`: decoded by `AudioStream`, cut into the
-model's own windows (10.12 s for CED), windows batched across files, a file's windows combined by the model's
-rule for the pieces of a long clip. Waveforms are resampled to 16 kHz by `audio.resample` (the resampler that
-decodes files) and cut into the same windows, so a file and its samples get the same tags.
+Files go through `engines.inference.tag_files`, the engine of `ced-predict`: decoded by `AudioStream`, cut
+into the model's own windows (10.12 s for CED), windows batched across files, a file's windows combined by the
+model's rule for the pieces of a long clip. Waveforms are resampled to 16 kHz by `audio.resample` (the
+resampler that decodes files) and cut into the same windows, so a file and its samples get the same tags.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ from torch import nn
 from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, resample
 from ced_lightning.core.labels import resolve_class_names
 from ced_lightning.engines.device import default_device
-from ced_lightning.models import apply_quantization, load_checkpoint
-from ced_lightning.models.released import list_released
-from ced_lightning.predict import (
+from ced_lightning.engines.inference import (
     Failure,
     PieceAverage,
+    PredictionSink,
     WindowBatch,
-    _top,
     expand_inputs,
     model_piece_samples,
     run_model,
     segment_starts,
+    top_labels,
 )
-from ced_lightning.predict import tag_files as _tag_paths
+from ced_lightning.engines.inference import tag_files as _tag_paths
+from ced_lightning.models import apply_quantization, load_checkpoint
+from ced_lightning.models.released import list_released
 
 __all__ = ["AudioTagger", "TagResult", "TaggingError", "list_released", "load", "tag_files"]
 
@@ -76,7 +77,7 @@ class TagResult:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TagResult:
-        """From `predict.tag_files`'s clip result (`{"file", "duration_s", "labels": [{index, name,
+        """From `engines.inference.tag_files`'s clip result (`{"file", "duration_s", "labels": [{index, name,
         probability}]}`)."""
         labels = row["labels"]
         return cls(
@@ -122,8 +123,8 @@ class TagResult:
         return f"<TagResult {where}{length}{self._tags()}>"
 
 
-class _Collector:
-    """A `PredictionSink` that keeps, by input index, each file's clip result or failure and, when asked,
+class _Collector(PredictionSink):
+    """A sink that keeps, by input index, each file's clip result or failure and, when asked,
     its windows' embeddings."""
 
     def __init__(self) -> None:
@@ -141,9 +142,6 @@ class _Collector:
     def discard(self, index: int, file: str) -> None:
         self.failed[index] = file
         self.embeddings.pop(index, None)
-
-    def close(self) -> None:
-        pass
 
 
 class AudioTagger:
@@ -189,7 +187,7 @@ class AudioTagger:
             return self.tag_files([audio], top_k=top_k, errors="raise")[0]
         wave = _waveform(audio, sample_rate)
         logits, _ = self._run_windows(wave, embeddings=False)
-        row = {"labels": _top(torch.sigmoid(logits), self._k(top_k), self.class_names)}
+        row = {"labels": top_labels(torch.sigmoid(logits), self._k(top_k), self.class_names)}
         return TagResult.from_row({**row, "duration_s": round(len(wave) / SAMPLE_RATE, 4)})
 
     def tag_files(

@@ -7,7 +7,8 @@
 Tags are printed to stdout (or written as JSON lines to stdout with `--output -`), logs go to stderr, and
 nothing is written anywhere else unless asked for. The exit status is 1 when any file could not be tagged
 (the others are still tagged and written), 2 for bad arguments. The same work as
-`python -m ced_lightning.predict` (`predict_files`); the Hydra commands stay for everything configurable.
+`python -m ced_lightning.predict` (`engines.inference.predict_files`); the Hydra commands stay for everything
+configurable.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ced_lightning.engines.inference import EMBEDDINGS_FORMATS, OUTPUTS
 from ced_lightning.models import QUANTIZE_CHOICES
-from ced_lightning.predict import EMBEDDINGS_FORMATS, OUTPUTS
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -100,8 +101,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from ced_lightning.core.errors import CedError
+    from ced_lightning.engines.inference import predict_files
     from ced_lightning.engines.launch import error_line, full_errors_wanted
-    from ced_lightning.predict import predict_files
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     try:
