@@ -63,6 +63,7 @@ def tiny_student_overrides(demo: dict[str, str], logits: str | Path | None = Non
         "experiment=ced_mini",
         "model=ced_tiny",
         "+model.depth=1",
+        "model.init_from=null",  # from scratch: experiment=ced_mini starts from the demo's teacher
         f"data.train={demo['train']}",
         f"data.val={demo['val']}",
         f"data.test={demo['test']}",

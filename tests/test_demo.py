@@ -174,6 +174,7 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
         "experiment=ced_mini",
         "model=ced_tiny",
         "+model.depth=1",
+        f"model.init_from={teacher}",  # the demo's start: the student starts as its CED teacher
         f"paths.data_dir={data}",
         f"paths.log_dir={logs}",
         f"hydra.run.dir={logs}/run",
@@ -202,7 +203,9 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
     assert teacher.is_file() and teacher.with_suffix(".json").is_file()
     # The teachers learnt from the 24 labeled clips; the student's logit store covers those and the pool.
     assert len(AudioStore.open(str(data / "demo" / "train.zarr"))) == 24
-    logits = LogitStore.open(str(data / "demo" / "logits_demo.zarr"))
+    logits = LogitStore.open(
+        str(data / "demo" / "logits_demo_mini.zarr")
+    )  # experiment=ced_mini: teacher=demo_mini
     assert logits.is_complete() and len(AudioStore.open(str(data / "demo" / "distill.zarr"))) == 40
     assert logits.num_clips == 40
     # The label-only baseline: the student's steps (1 epoch x 40 // 8 = 5) over 24 labeled clips (3 a epoch).
