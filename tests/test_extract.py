@@ -615,7 +615,7 @@ def test_store_begun_before_segments_resumes_its_own_layout(
     """A partial store of long clips begun before segments (one row per clip, no positions) is finished that
     way by a plain rerun, with a warning; asking for segments on it is refused."""
     import ced_lightning.extract as extract
-    from ced_lightning.data.segments import SegmentTable
+    from ced_lightning.store.segments import SegmentTable
 
     out = str(workdir / "before_segments.zarr")
     with monkeypatch.context() as patch:  # the code of before: one row per clip

@@ -30,17 +30,17 @@ from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_s
 from ced_lightning.core.quantize import quantize
 from ced_lightning.core.targets import rebuild_targets
 from ced_lightning.data.sources import _segment_candidates, read_source, segment_ytid
-from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE, run_import
-from ced_lightning.legacy_replay import (
+from ced_lightning.models import create_ced
+from ced_lightning.prepare import prepare_store
+from ced_lightning.release.importer import LEGACY_SEEDS, STATS_FILE, run_import
+from ced_lightning.release.reader import LegacyImportError, require_import_extra
+from ced_lightning.release.replay import (
     LEGACY_BATCH_FRAMES,
     LEGACY_RECIPE,
     legacy_augment_params,
     legacy_draws,
 )
-from ced_lightning.models import create_ced
-from ced_lightning.prepare import prepare_store
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.legacy import LegacyImportError, require_import_extra
 from ced_lightning.store.lock import StoreLockedError, store_lock
 from ced_lightning.store.logits import LogitStore
 from conftest import FRONT_END_SUMS, command, command_env, float32_bound, run_command

@@ -214,7 +214,7 @@ CLIP_LENGTHS = np.array([16000] * 20 + [5 * 16000 + 9000, 4000, 16000])  # clip 
 
 
 def test_store_of_segments_round_trip_and_positions(tmp_path: Path) -> None:
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
     table = segment_table(CLIP_LENGTHS, 16000)
     assert len(table) == N + 5  # clip 20 has 6 segments: 5 whole, the rest kept (>= half)
@@ -258,7 +258,7 @@ def test_store_of_segments_round_trip_and_positions(tmp_path: Path) -> None:
 def test_clips_that_fit_one_segment_make_the_store_of_before(tmp_path: Path) -> None:
     """A table of one segment per clip at the clip length is stored without positions: the same attributes
     and arrays as a store made without segments, and that store reads as one segment per clip at 0."""
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
     plain = LogitStore.create(str(tmp_path / "plain.zarr"), **_settings())
     table = segment_table(np.full(N, 12000), 16000)
@@ -272,7 +272,7 @@ def test_clips_that_fit_one_segment_make_the_store_of_before(tmp_path: Path) -> 
 
 
 def test_segments_longer_than_the_input_refused(tmp_path: Path) -> None:
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
     with pytest.raises(ValueError, match="segment_seconds <= clip_seconds"):
         LogitStore.create(

@@ -5,7 +5,7 @@
         [seed=0] [verify=200]
 
 Every clip is taught on all its audio: one logit-store row per `segment_seconds` segment (default
-clip_seconds; the last partial segment kept when at least half a segment, `ced_lightning.data.segments`).
+clip_seconds; the last partial segment kept when at least half a segment, `ced_lightning.store.segments`).
 Clips that fit one segment give one row each, as before segments.
 
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.
@@ -38,7 +38,6 @@ from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.core.errors import CedError, CheckFailedError, ConfigError
 from ced_lightning.core.labels import class_list_difference, resolve_class_names
-from ced_lightning.data.segments import SegmentTable, segment_table
 from ced_lightning.engines.device import reduced_precision, resolve_precision
 from ced_lightning.engines.launch import (
     command_errors,
@@ -66,6 +65,7 @@ from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, s
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
+from ced_lightning.store.segments import SegmentTable, segment_table
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Layout (documented for other tools in `docs/logit_store.md`):
     block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
                                         size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
     segment_clip   int32   [N]       only in stores of segments (`segment_samples` attribute): the clip of
-    segment_start  int64   [N]       each row and its first sample (`ced_lightning.data.segments`); without
+    segment_start  int64   [N]       each row and its first sample (`ced_lightning.store.segments`); without
                                      them row i is clip i from its start (N = num_clips)
     segment_length int64   [N]       optional, in stores of segments: the most samples each row reads (an
                                      imported release: the span the teachers heard)
@@ -42,10 +42,10 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe
 from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
 from ced_lightning.core.quantize import dequantize, quantization_attrs, quantize, stored_dtype
-from ced_lightning.data.segments import SegmentTable
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
 from ced_lightning.store.remote import redact_url
+from ced_lightning.store.segments import SegmentTable
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class LogitStore:
         before it was recorded resume at any precision (each block's `block_done` code records its own).
         `extra_arrays` (name -> dtype) adds `[E, N]` arrays that `write_block(extra=)` fills; `provenance`
         is kept as a plain attribute (where the values came from). `segments` makes the rows segments of
-        the clips (`ced_lightning.data.segments`); a table of one segment per clip at 0 as long as
+        the clips (`ced_lightning.store.segments`); a table of one segment per clip at 0 as long as
         `clip_samples` is the layout of a store without it, and is stored as one (no position arrays).
         """
         url = str(url)
