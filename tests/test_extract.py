@@ -19,7 +19,7 @@ from ced_lightning.core.audio import pack_clips
 from ced_lightning.data.blocks import BlockSampler, rank_share
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
 from ced_lightning.modules.ensemble import check_teachers
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 from ced_lightning.store.logits import LogitStore
 from conftest import command, command_env, run_command
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
-from ced_lightning.store.audio import AudioStore, write_audio_store
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import write_audio_store
 from ced_lightning.store.segments import SegmentTable, read_segments, segment_counts, segment_table
 
 S = 100  # samples per segment in the rule's tests

@@ -23,6 +23,7 @@ any logit is stored (`evaluate.weak_teachers`) unless `allow_weak_teachers=true`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ from ced_lightning.store import remove_partial_writes, store_exists, write_store
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
 from ced_lightning.store.lock import store_lock
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import apply_storage_options, redact_url
 from ced_lightning.store.segments import SegmentTable, segment_table
@@ -94,22 +96,24 @@ def create_or_resume(
     """Rank 0 creates the store (or checks it matches); other ranks wait for it, then check it too."""
     combine = str(cfg.teacher.get("combine", "mean_prob"))
     check_combine(combine)  # before the store exists: a store made with a typo would refuse the fix
-    settings = {
-        "num_clips": len(audio),
-        "epochs": int(cfg.epochs),
-        "topk": store_topk(cfg, num_classes),
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "quantization": str(cfg.quantization),
-        "recipe": AugmentRecipe.for_clip(cfg.get("augment"), float(cfg.clip_seconds)),  # scaled to the clip
+    layout = LogitStoreLayout(
+        num_clips=len(audio),
+        epochs=int(cfg.epochs),
+        topk=store_topk(cfg, num_classes),
+        num_classes=num_classes,
+        class_names=class_names,
+        quantization=str(cfg.quantization),
+        recipe=AugmentRecipe.for_clip(cfg.get("augment"), float(cfg.clip_seconds)),  # scaled to the clip
+        clip_samples=clip_samples(cfg),
+        block_clips=int(cfg.block_clips),
+    )
+    identity = {
         "seed": int(cfg.seed),
         "audio_fingerprint": audio.fingerprint,
         "audio_url": audio.url,
         "audio_sources": source_records(audio),
-        "clip_samples": clip_samples(cfg),
         "teachers": records,
         "combine": combine,
-        "block_clips": int(cfg.block_clips),
         "teacher_precision": teacher_precision(cfg),
     }
     if global_rank() != 0:
@@ -120,7 +124,7 @@ def create_or_resume(
         if removed:
             log.info("%s: removed %d partial writes left by an interrupted run", cfg.output, removed)
     segments = resumed_layout(cfg, audio, segment_table(audio.lengths, segment_samples(cfg)))
-    return LogitStore.create(str(cfg.output), **settings, segments=segments)
+    return LogitStore.create(str(cfg.output), dataclasses.replace(layout, segments=segments), **identity)
 
 
 def resumed_layout(cfg: DictConfig, audio: AudioStore, segments: SegmentTable) -> SegmentTable:

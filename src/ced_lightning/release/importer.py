@@ -41,6 +41,7 @@ from ced_lightning.release.replay import LEGACY_CHUNK_SAMPLES, LEGACY_RECIPE, le
 from ced_lightning.store import remove_partial_writes, store_exists, store_nbytes, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.lock import store_lock
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import HAS_TARGETS, LogitStore
 from ced_lightning.store.remote import redact_url
 
@@ -193,8 +194,7 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         removed = remove_partial_writes(output)  # we hold the lock: these are a killed run's leftovers
         if removed:
             log.info("%s: removed %d partial writes left by an interrupted run", output, removed)
-    store = LogitStore.create(
-        output,
+    layout = LogitStoreLayout(
         num_clips=len(audio),
         epochs=plan.epochs,
         topk=plan.topk,
@@ -202,13 +202,19 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         class_names=class_names,
         quantization=quantization,
         recipe=LEGACY_RECIPE,
-        seed=None,  # the parameters come from `legacy_seeds`, not from our counter-based draws
-        audio_fingerprint=audio.fingerprint,
-        audio_url=audio.url,
         clip_samples=LEGACY_CHUNK_SAMPLES,
+        block_clips=int(cfg.block_clips),
         # Each row reads the span the original read: a later piece of a long clip, the released span of a
         # clip longer than it (one row per clip at 0, none cut: a store without positions).
         segments=plan.segment_table(audio.lengths, LEGACY_CHUNK_SAMPLES),
+        extra_arrays={LEGACY_SEEDS: "int32", HAS_TARGETS: "uint8"},
+    )
+    store = LogitStore.create(
+        output,
+        layout,
+        seed=None,  # the parameters come from `legacy_seeds`, not from our counter-based draws
+        audio_fingerprint=audio.fingerprint,
+        audio_url=audio.url,
         # The release as the store's one 'teacher': identified by its files, so another source is refused.
         teachers=[
             {
@@ -219,8 +225,6 @@ def _import(cfg: DictConfig, quantization: str) -> LogitStore:
         ],
         # The released ensemble averages its members' probabilities (the original's EnsembleModel).
         combine="mean_prob",
-        block_clips=int(cfg.block_clips),
-        extra_arrays={LEGACY_SEEDS: "int32", HAS_TARGETS: "uint8"},
         provenance={
             "kind": "ced_legacy_release",
             "source": redact_url(source),
