@@ -137,6 +137,20 @@ def test_generic_commands_do_not_import_the_demo_layer(command: str) -> None:
     assert "ced_lightning.demo" not in _reachable(graph, f"ced_lightning.{command}")
 
 
+def test_store_imports_nothing_above_it() -> None:
+    """`store` is below `data` and the release wing: its modules import only `store` and `core`."""
+    graph = import_graph()
+    modules = package_modules()
+    upward = [
+        f"{a} imports {b} ({modules[a].relative_to(ROOT.parent)}:{line})"
+        for a in graph
+        if a.startswith(f"{PACKAGE}.store")
+        for b, line in graph[a].items()
+        if not b.startswith((f"{PACKAGE}.store", f"{PACKAGE}.core"))
+    ]
+    assert not upward, "\n".join(upward)
+
+
 # -- no block of six or more identical lines twice in src/ --------------------------------------------
 BLOCK = 6
 # A line that is only an import, only brackets/commas/colons/quotes, a bare keyword or a return annotation.
