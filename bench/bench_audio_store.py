@@ -32,7 +32,8 @@ from bench.common import CLIP_SAMPLES, CLIP_SECONDS, measure, rate, ratio, strea
 from ced_lightning.core.audio import int16_to_float
 from ced_lightning.data.demo import generate_demo_clip
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
-from ced_lightning.store.audio import AudioStore, write_audio_store
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import write_audio_store
 
 _CEILING = "DataLoader ceiling, 2 workers (empty batches of the same shape)"
 _ORIGINAL = "original HDF5 reader (its layout and per-clip read, random clip per call)"

@@ -26,7 +26,9 @@ from ced_lightning.core.labels import audioset_classes
 from ced_lightning.core.losses import distill_loss
 from ced_lightning.core.targets import rebuild_targets
 from ced_lightning.store import LogitStore
-from ced_lightning.store.audio import AudioStore, write_audio_store
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import write_audio_store
+from ced_lightning.store.logit_layout import LogitStoreLayout
 
 CLASSES = len(audioset_classes())  # the released teachers' outputs
 TOPK = 20  # the paper's stored top-k
@@ -184,8 +186,7 @@ def write_synthetic_logit_store(
     """A complete logit store of AudioSet-shaped top-k rows with the paper's augmentation parameters."""
     rng = np.random.default_rng(0)
     recipe = AugmentRecipe()
-    store = LogitStore.create(
-        url,
+    layout = LogitStoreLayout(
         num_clips=len(lengths),
         epochs=epochs,
         topk=TOPK,
@@ -193,13 +194,17 @@ def write_synthetic_logit_store(
         class_names=class_names,
         quantization=quantization,
         recipe=recipe,
+        clip_samples=int(np.max(lengths)),
+        block_clips=block_clips,
+    )
+    store = LogitStore.create(
+        url,
+        layout,
         seed=0,
         audio_fingerprint=audio_fingerprint,
         audio_url=audio_url,
-        clip_samples=int(np.max(lengths)),
         teachers=[{"name": "synthetic"}],
         combine="mean_prob",
-        block_clips=block_clips,
     )
     for b in range(store.num_blocks):
         start, stop = store.block_range(b)

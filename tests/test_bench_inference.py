@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ced_lightning.models import create_ced, model_spec
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow  # five small ONNX exports: about 30 s on 2 cores

@@ -19,7 +19,7 @@ from ced_lightning.core.audio import pack_clips
 from ced_lightning.core.ensemble import check_teachers
 from ced_lightning.data.blocks import BlockSampler, rank_share
 from ced_lightning.models import TimmMelClassifier, create_ced, load_model, model_spec, save_ced
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 from ced_lightning.store.logits import LogitStore
 from conftest import command, command_env, run_command
 
@@ -615,8 +615,8 @@ def test_store_begun_before_segments_resumes_its_own_layout(
     """A partial store of long clips begun before segments (one row per clip, no positions) is finished that
     way by a plain rerun, with a warning; asking for segments on it is refused."""
     import ced_lightning.engines.extraction as extraction
-    from ced_lightning.data.segments import SegmentTable
     from ced_lightning.extract import run_extract
+    from ced_lightning.store.segments import SegmentTable
 
     out = str(workdir / "before_segments.zarr")
     with monkeypatch.context() as patch:  # the code of before: one row per clip

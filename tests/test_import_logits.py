@@ -7,6 +7,7 @@ miniature release with what the original `LogitsReader` returns for every (epoch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -30,18 +31,19 @@ from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_s
 from ced_lightning.core.quantize import quantize
 from ced_lightning.core.targets import rebuild_targets
 from ced_lightning.data.sources import _segment_candidates, read_source, segment_ytid
-from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE, run_import
-from ced_lightning.legacy_replay import (
+from ced_lightning.models import create_ced
+from ced_lightning.prepare import prepare_store
+from ced_lightning.release.importer import LEGACY_SEEDS, STATS_FILE, run_import
+from ced_lightning.release.reader import LegacyImportError, require_import_extra
+from ced_lightning.release.replay import (
     LEGACY_BATCH_FRAMES,
     LEGACY_RECIPE,
     legacy_augment_params,
     legacy_draws,
 )
-from ced_lightning.models import create_ced
-from ced_lightning.prepare import prepare_store
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.legacy import LegacyImportError, require_import_extra
 from ced_lightning.store.lock import StoreLockedError, store_lock
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import LogitStore
 from conftest import FRONT_END_SUMS, command, command_env, float32_bound, run_command
 
@@ -628,23 +630,23 @@ def test_extra_arrays_are_written_with_their_block_and_checked(tmp_path: Path) -
     """`write_block(extra=)` refuses a missing or misshapen extra array before anything is written, and a
     store without extras (every store written before them) keeps reading as before."""
     common = {
-        "num_clips": 3,
-        "epochs": 2,
-        "topk": 2,
-        "num_classes": 5,
-        "class_names": None,
-        "quantization": "float16",
-        "recipe": LEGACY_RECIPE,
         "audio_fingerprint": "f",
         "audio_url": "a",
-        "clip_samples": 160_000,
         "teachers": [{"name": "t", "sha256": "0"}],
         "combine": "mean_prob",
-        "block_clips": 3,
     }
-    store = LogitStore.create(
-        str(tmp_path / "x.zarr"), seed=None, extra_arrays={"legacy_seeds": "int32"}, **common
+    layout = LogitStoreLayout(
+        num_clips=3,
+        epochs=2,
+        topk=2,
+        num_classes=5,
+        quantization="float16",
+        recipe=LEGACY_RECIPE,
+        clip_samples=160_000,
+        block_clips=3,
     )
+    seeded = dataclasses.replace(layout, extra_arrays={"legacy_seeds": "int32"})
+    store = LogitStore.create(str(tmp_path / "x.zarr"), seeded, seed=None, **common)
     indices = np.tile(np.array([[0, 1]]), (2, 3, 1))
     probs = np.full((2, 3, 2), 0.5, dtype=np.float32)
     params = [legacy_augment_params(np.arange(3), np.full(3, 160_000))] * 2
@@ -658,7 +660,7 @@ def test_extra_arrays_are_written_with_their_block_and_checked(tmp_path: Path) -
     reopened = LogitStore.open(store.url)
     assert np.array_equal(reopened.read_extra("legacy_seeds"), seeds) and reopened.seed is None
 
-    plain = LogitStore.create(str(tmp_path / "plain.zarr"), seed=7, **common)
+    plain = LogitStore.create(str(tmp_path / "plain.zarr"), layout, seed=7, **common)
     plain.write_block(0, indices, probs, params)
     plain = LogitStore.open(plain.url)
     assert plain.extra_arrays == {} and plain.seed == 7 and "provenance" not in plain.attrs

@@ -20,10 +20,10 @@ import pytest
 
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.data.distill import DistillDataModule
-from ced_lightning.import_logits import LEGACY_SEEDS, STATS_FILE
-from ced_lightning.legacy_replay import LEGACY_CHUNK_SAMPLES, legacy_draw
+from ced_lightning.release.importer import LEGACY_SEEDS, STATS_FILE
+from ced_lightning.release.reader import ClipMatcher, LegacyImportError
+from ced_lightning.release.replay import LEGACY_CHUNK_SAMPLES, legacy_draw
 from ced_lightning.store.audio import AudioStore
-from ced_lightning.store.legacy import ClipMatcher, LegacyImportError
 from ced_lightning.store.logits import LogitStore
 from test_import_logits import LONG_WAV, RELEASE, _copy_release, _edit_parquet, _import, _prepare
 

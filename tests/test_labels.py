@@ -9,7 +9,7 @@ import pytest
 
 from ced_lightning.core.labels import check_same_classes, class_list_difference
 from ced_lightning.store import AudioStore
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 from ced_lightning.store.concat import ConcatAudioStore
 
 AB = ("A", "B")

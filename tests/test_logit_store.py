@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import zarr
 
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe, sample_augment_params
 from ced_lightning.core.quantize import max_abs_error
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import LogitStore
 
 N, E, K, C, BLOCK = 23, 2, 5, 12, 8
@@ -36,6 +38,15 @@ def _settings(**overrides: Any) -> dict[str, Any]:
     return settings
 
 
+def _create(url: str, **overrides: Any) -> LogitStore:
+    """`LogitStore.create` of `_settings(**overrides)`: layout fields in the layout, others as keywords."""
+    settings = _settings(**overrides)
+    layout = {
+        f.name: settings.pop(f.name) for f in dataclasses.fields(LogitStoreLayout) if f.name in settings
+    }
+    return LogitStore.create(url, LogitStoreLayout(**layout), **settings)
+
+
 def _block_data(store: LogitStore, b: int) -> tuple[np.ndarray, np.ndarray, list[AugmentParams]]:
     start, stop = store.block_range(b)
     rng = np.random.default_rng(b)
@@ -54,7 +65,7 @@ def _block_data(store: LogitStore, b: int) -> tuple[np.ndarray, np.ndarray, list
 @pytest.mark.parametrize("quantization", ["float16", "int8"])
 def test_write_read_round_trip(tmp_path: Path, quantization: str) -> None:
     url = str(tmp_path / "logits.zarr")
-    store = LogitStore.create(url, **_settings(quantization=quantization))
+    store = _create(url, quantization=quantization)
     assert store.num_blocks == 3 and store.block_range(2) == (16, 23)
     assert store.missing_blocks() == [0, 1, 2] and not store.is_complete()
     written = {b: _block_data(store, b) for b in range(store.num_blocks)}
@@ -88,7 +99,7 @@ def test_write_read_round_trip(tmp_path: Path, quantization: str) -> None:
 
 def test_layout_blocks_own_their_shards(tmp_path: Path) -> None:
     url = str(tmp_path / "logits.zarr")
-    store = LogitStore.create(url, **_settings())
+    store = _create(url)
     group = zarr.open_group(url, mode="r")
     for name in ("topk_indices", "topk_values", "params/shift", "params/time_start"):
         array = group[name]
@@ -105,7 +116,7 @@ def test_layout_blocks_own_their_shards(tmp_path: Path) -> None:
 
 
 def test_incomplete_store_is_refused_by_read_epoch(tmp_path: Path) -> None:
-    store = LogitStore.create(str(tmp_path / "s.zarr"), **_settings())
+    store = _create(str(tmp_path / "s.zarr"))
     store.write_block(0, *_block_data(store, 0))
     with pytest.raises(ValueError, match=r"incomplete: 2 of 3 blocks missing \(1, 2\)"):
         store.read_epoch(0)
@@ -128,19 +139,19 @@ def test_incomplete_store_is_refused_by_read_epoch(tmp_path: Path) -> None:
 )
 def test_mismatch_is_refused_naming_the_difference(tmp_path: Path, change: dict, named: str) -> None:
     url = str(tmp_path / "s.zarr")
-    LogitStore.create(url, **_settings())
+    _create(url)
     with pytest.raises(
         ValueError, match=rf"(?s)other settings:.*{named}: stored .*requested.*another output"
     ):
-        LogitStore.create(url, **_settings(**change))
+        _create(url, **change)
 
 
 def test_same_settings_reopen_and_moved_checkpoint_resumes(tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
-    first = LogitStore.create(url, **_settings())
+    first = _create(url)
     first.write_block(0, *_block_data(first, 0))
     moved = [{"name": "t1", "checkpoint": "/elsewhere/t1.ckpt", "sha256": "aa"}]
-    again = LogitStore.create(url, **_settings(teachers=moved, audio_url="/moved/audio.zarr"))
+    again = _create(url, teachers=moved, audio_url="/moved/audio.zarr")
     assert again.missing_blocks() == [1, 2]
 
 
@@ -165,31 +176,31 @@ def test_creation_killed_midway_is_created_again(tmp_path: Path, monkeypatch: py
     with monkeypatch.context() as patch:
         patch.setattr(zarr.Group, "create_array", dies_after_two_arrays)
         with pytest.raises(KeyboardInterrupt):
-            LogitStore.create(url, **_settings())
+            _create(url)
     with pytest.raises(ValueError, match=r"creation was interrupted.*run again"):
         LogitStore.open(url)
-    store = LogitStore.create(url, **_settings())  # the same command again
+    store = _create(url)  # the same command again
     assert store.missing_blocks() == [0, 1, 2] and "creation_incomplete" not in store.attrs
     store.write_block(0, *_block_data(store, 0))
-    assert LogitStore.create(url, **_settings()).missing_blocks() == [1, 2]
+    assert _create(url).missing_blocks() == [1, 2]
 
     # A group that is not ours (no mark) is never recreated: refused, left as it was.
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(str(foreign), mode="w").create_array("data", shape=(3,), dtype="int8")
     with pytest.raises(ValueError, match="is not a logit store"):
-        LogitStore.create(str(foreign), **_settings())
+        _create(str(foreign))
     assert (foreign / "data" / "zarr.json").exists()
     # Nor is a folder of other files: `extract output=` pointed at data is refused, not emptied.
     data = tmp_path / "audioset"
     (data / "train.zarr").mkdir(parents=True)
     (data / "train.zarr" / "zarr.json").write_text("{}")
     with pytest.raises(FileExistsError, match="holds other files"):
-        LogitStore.create(str(data), **_settings())
+        _create(str(data))
     assert (data / "train.zarr" / "zarr.json").read_text() == "{}"
 
 
 def test_write_block_checks_shapes(tmp_path: Path) -> None:
-    store = LogitStore.create(str(tmp_path / "s.zarr"), **_settings())
+    store = _create(str(tmp_path / "s.zarr"))
     indices, probs, params = _block_data(store, 0)
     with pytest.raises(ValueError, match=r"expected indices and probs of shape \(2, 8, 5\)"):
         store.write_block(0, indices[:, :4], probs[:, :4], params)
@@ -201,7 +212,7 @@ def test_write_block_checks_shapes(tmp_path: Path) -> None:
 
 
 def test_memory_url_and_size(tmp_path: Path) -> None:
-    store = LogitStore.create("memory://ced-test/logits.zarr", **_settings(quantization="int8"))
+    store = _create("memory://ced-test/logits.zarr", quantization="int8")
     for b in range(store.num_blocks):
         store.write_block(b, *_block_data(store, b))
     assert LogitStore.open("memory://ced-test/logits.zarr").is_complete()
@@ -214,12 +225,12 @@ CLIP_LENGTHS = np.array([16000] * 20 + [5 * 16000 + 9000, 4000, 16000])  # clip 
 
 
 def test_store_of_segments_round_trip_and_positions(tmp_path: Path) -> None:
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
     table = segment_table(CLIP_LENGTHS, 16000)
     assert len(table) == N + 5  # clip 20 has 6 segments: 5 whole, the rest kept (>= half)
     url = str(tmp_path / "segments.zarr")
-    store = LogitStore.create(url, **_settings(), segments=table)
+    store = _create(url, segments=table)
     assert len(store) == store.num_rows == N + 5 and store.num_clips == N and store.num_blocks == 4
     assert store.block_range(3) == (24, 28)
     rng = np.random.default_rng(0)
@@ -244,25 +255,25 @@ def test_store_of_segments_round_trip_and_positions(tmp_path: Path) -> None:
     assert group["segment_clip"].dtype == np.int32 and group["segment_start"].dtype == np.int64
     assert reopened.read_epoch(1).indices.shape == (N + 5, K) and reopened.read(0, N + 4)[0].shape == (K,)
     # The same extraction resumes; another segment length is another extraction.
-    assert LogitStore.create(url, **_settings(), segments=table).is_complete()
+    assert _create(url, segments=table).is_complete()
     with pytest.raises(
         ValueError, match=r"(?s)other settings:.*segment_samples: stored 16000, requested 8000"
     ):
-        LogitStore.create(url, **_settings(), segments=segment_table(CLIP_LENGTHS, 8000))
+        _create(url, segments=segment_table(CLIP_LENGTHS, 8000))
     # A store of one row per clip (as before segments) is not resumed as one of segments.
-    LogitStore.create(str(tmp_path / "plain.zarr"), **_settings())
+    _create(str(tmp_path / "plain.zarr"))
     with pytest.raises(ValueError, match=r"(?s)segment_samples: stored None, requested 16000"):
-        LogitStore.create(str(tmp_path / "plain.zarr"), **_settings(), segments=table)
+        _create(str(tmp_path / "plain.zarr"), segments=table)
 
 
 def test_clips_that_fit_one_segment_make_the_store_of_before(tmp_path: Path) -> None:
     """A table of one segment per clip at the clip length is stored without positions: the same attributes
     and arrays as a store made without segments, and that store reads as one segment per clip at 0."""
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
-    plain = LogitStore.create(str(tmp_path / "plain.zarr"), **_settings())
+    plain = _create(str(tmp_path / "plain.zarr"))
     table = segment_table(np.full(N, 12000), 16000)
-    fits = LogitStore.create(str(tmp_path / "fits.zarr"), **_settings(), segments=table)
+    fits = _create(str(tmp_path / "fits.zarr"), segments=table)
     assert plain.attrs == fits.attrs and "segment_samples" not in fits.attrs
     assert sorted(zarr.open_group(fits.url, mode="r").array_keys()) == sorted(
         zarr.open_group(plain.url, mode="r").array_keys()
@@ -272,9 +283,7 @@ def test_clips_that_fit_one_segment_make_the_store_of_before(tmp_path: Path) -> 
 
 
 def test_segments_longer_than_the_input_refused(tmp_path: Path) -> None:
-    from ced_lightning.data.segments import segment_table
+    from ced_lightning.store.segments import segment_table
 
     with pytest.raises(ValueError, match="segment_seconds <= clip_seconds"):
-        LogitStore.create(
-            str(tmp_path / "s.zarr"), **_settings(), segments=segment_table(CLIP_LENGTHS, 32000)
-        )
+        _create(str(tmp_path / "s.zarr"), segments=segment_table(CLIP_LENGTHS, 32000))

@@ -16,7 +16,7 @@ from ced_lightning import compose_config
 from ced_lightning.core.augment import AugmentRecipe, scale_to_clip
 from ced_lightning.data.demo import DEMO_CLASSES, build_demo_stores, generate_demo_clip
 from ced_lightning.store import AudioStore, LogitStore
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 from ced_lightning.store.concat import ConcatAudioStore, open_audio
 from conftest import run_command, save_tiny_teacher
 

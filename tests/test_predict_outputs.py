@@ -18,7 +18,7 @@ from ced_lightning import compose_config
 from ced_lightning.core.errors import CedError
 from ced_lightning.engines.inference import predict_files
 from ced_lightning.predict import predict
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 REFERENCE = Path(__file__).parent / "data" / "ced_reference" / "ced_tiny_depth2_random.pt"
 

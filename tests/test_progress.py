@@ -189,8 +189,8 @@ def test_import_logits_logs_its_clips(
     tmp_path: Path, not_a_terminal: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     from ced_lightning.data.sources import from_directory
-    from ced_lightning.import_logits import run_import
     from ced_lightning.prepare import prepare_store
+    from ced_lightning.release.importer import run_import
 
     audio = str(tmp_path / "audio.zarr")
     prepare_store(from_directory(RELEASE / "audio").items, audio)

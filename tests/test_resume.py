@@ -18,7 +18,7 @@ from ced_lightning.core.optim import warmup_cosine
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.models import create_ced
 from ced_lightning.modules.supervised import SupervisedModule
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 BATCH, CLIPS, EPOCHS, WARMUP, EVERY = 4, 48, 2, 2, 5
 EPOCH_BATCHES = CLIPS // BATCH  # one rank: every clip in full batches

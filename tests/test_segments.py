@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ced_lightning.data.segments import SegmentTable, read_segments, segment_counts, segment_table
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader
-from ced_lightning.store.audio import AudioStore, write_audio_store
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import write_audio_store
+from ced_lightning.store.segments import SegmentTable, read_segments, segment_counts, segment_table
 
 S = 100  # samples per segment in the rule's tests
 

@@ -8,13 +8,8 @@ import pytest
 import torch
 import zarr
 
-from ced_lightning.store.audio import (
-    DEFAULT_CHUNK_SAMPLES,
-    FORMAT_VERSION,
-    AudioStore,
-    AudioStoreWriter,
-    write_audio_store,
-)
+from ced_lightning.store.audio import FORMAT_VERSION, AudioStore
+from ced_lightning.store.audio_writer import DEFAULT_CHUNK_SAMPLES, AudioStoreWriter, write_audio_store
 
 CHUNK, SHARD = 256, 4  # a 1024-sample shard: tiny clips still span several shards
 

@@ -112,7 +112,7 @@ def test_truncated_chunk_is_named(which: str, array: str, tiny_demo: dict[str, s
 def test_stores_without_chunk_records_still_open_and_name_lost_chunks(tmp_path: Path) -> None:
     """An audio store written before `chunks_written`: zarr skipped all-zero chunks (an unlabeled store's
     `label_indptr`), so such a chunk's absence is no damage; a lost `lengths` chunk still is."""
-    from ced_lightning.store.audio import write_audio_store
+    from ced_lightning.store.audio_writer import write_audio_store
     from ced_lightning.store.integrity import StoreDamagedError
 
     clips = [(f"c{i}", np.full(300, 0.25, np.float32), None) for i in range(5)]

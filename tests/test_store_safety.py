@@ -31,8 +31,10 @@ from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.data.sources import from_directory
 from ced_lightning.prepare import prepare_store, run_prepare
 from ced_lightning.store import check_free_for_store, remove_partial_writes
-from ced_lightning.store.audio import AudioStore, AudioStoreWriter, write_audio_store
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import AudioStoreWriter, write_audio_store
 from ced_lightning.store.lock import StoreLockedError, lock_path, store_lock
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.store.remote import RedactSecrets, apply_storage_options, redact_text, redact_url
 from conftest import command, command_env, run_command
@@ -225,27 +227,28 @@ def test_log_filter_redacts_messages_and_tracebacks() -> None:
 
 
 def test_logit_store_attrs_hold_no_credentials(tmp_path: Path) -> None:
+    layout = LogitStoreLayout(
+        num_clips=4,
+        epochs=1,
+        topk=2,
+        num_classes=3,
+        quantization="float16",
+        recipe=AugmentRecipe.from_config(None),
+        clip_samples=1600,
+        block_clips=2,
+    )
     settings = {
-        "num_clips": 4,
-        "epochs": 1,
-        "topk": 2,
-        "num_classes": 3,
-        "class_names": None,
-        "quantization": "float16",
-        "recipe": AugmentRecipe.from_config(None),
         "seed": 0,
         "audio_fingerprint": "f" * 16,
         "audio_url": "s3://AKIAKEY:s3cretValue@bucket/audio.zarr",
-        "clip_samples": 1600,
         "teachers": [{"name": "t", "sha256": "0" * 64}],
         "combine": "mean_prob",
-        "block_clips": 2,
     }
-    store = LogitStore.create(str(tmp_path / "logits.zarr"), **settings)
+    store = LogitStore.create(str(tmp_path / "logits.zarr"), layout, **settings)
     assert store.attrs["audio_store"] == "s3://***@bucket/audio.zarr"
     assert "s3cret" not in (tmp_path / "logits.zarr" / "zarr.json").read_text()
     # The same extraction resumes (the redacted URL is compared, not the secret).
-    assert LogitStore.create(str(tmp_path / "logits.zarr"), **settings).url == store.url
+    assert LogitStore.create(str(tmp_path / "logits.zarr"), layout, **settings).url == store.url
 
 
 def test_prepare_command_logs_and_prints_no_credentials(tmp_path: Path) -> None:

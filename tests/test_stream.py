@@ -9,7 +9,7 @@ import torch
 from ced_lightning.core.audio import int16_to_float
 from ced_lightning.data.labeled import EqualLengthBatches, LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, ResumableLoader, loader_order, plan_epoch
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 
 @pytest.fixture(scope="module")

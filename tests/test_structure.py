@@ -152,6 +152,20 @@ def test_the_inference_doors_stand_on_the_engine_not_on_a_command(module: str) -
     assert engine and not any(commands & _reachable(graph, name) for name in engine)
 
 
+def test_store_imports_nothing_above_it() -> None:
+    """`store` is below `data` and the release wing: its modules import only `store` and `core`."""
+    graph = import_graph()
+    modules = package_modules()
+    upward = [
+        f"{a} imports {b} ({modules[a].relative_to(ROOT.parent)}:{line})"
+        for a in graph
+        if a.startswith(f"{PACKAGE}.store")
+        for b, line in graph[a].items()
+        if not b.startswith((f"{PACKAGE}.store", f"{PACKAGE}.core"))
+    ]
+    assert not upward, "\n".join(upward)
+
+
 # -- no block of six or more identical lines twice in src/ --------------------------------------------
 BLOCK = 6
 # A line that is only an import, only brackets/commas/colons/quotes, a bare keyword or a return annotation.

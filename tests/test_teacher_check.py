@@ -26,7 +26,7 @@ from ced_lightning import conf_dir
 from ced_lightning.core.metrics import TaggingMetrics, chance_map, gain_over_chance
 from ced_lightning.models import create_ced, save_ced
 from ced_lightning.store import store_exists
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 C, N_CLIPS = 6, 48
 CLASSES = [f"class{i}" for i in range(C)]

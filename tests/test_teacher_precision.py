@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from ced_lightning import conf_dir
 from ced_lightning.models import create_ced, save_ced
-from ced_lightning.store.audio import write_audio_store
+from ced_lightning.store.audio_writer import write_audio_store
 
 
 @pytest.fixture(scope="module")

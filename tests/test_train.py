@@ -292,7 +292,7 @@ def test_evaluation_store_with_another_class_list_is_refused_up_front(
 ) -> None:
     from ced_lightning.data.distill import DistillDataModule
     from ced_lightning.store import AudioStore
-    from ced_lightning.store.audio import write_audio_store
+    from ced_lightning.store.audio_writer import write_audio_store
 
     names = list(AudioStore.open(tiny_demo["val"]).class_names)
     clips = [(f"c{i}", np.zeros(16000, np.float32), [0]) for i in range(2)]
@@ -383,7 +383,7 @@ def test_a_fit_without_steps_fails_the_command(tmp_path: Path) -> None:
 def _store_with_short_clips(source_url: str, url: Path, samples: int = 200) -> str:
     """The clips of `source_url`, every other one cut to `samples`: same classes, labels and names."""
     from ced_lightning.store import AudioStore
-    from ced_lightning.store.audio import write_audio_store
+    from ced_lightning.store.audio_writer import write_audio_store
 
     source = AudioStore.open(source_url)
     clips = [

@@ -5,7 +5,7 @@
         [seed=0] [verify=200]
 
 Every clip is taught on all its audio: one logit-store row per `segment_seconds` segment (default
-clip_seconds; the last partial segment kept when at least half a segment, `ced_lightning.data.segments`).
+clip_seconds; the last partial segment kept when at least half a segment, `ced_lightning.store.segments`).
 Clips that fit one segment give one row each, as before segments.
 
 Resumable: the same command again finishes the missing blocks; a store made with other settings is refused.

@@ -44,12 +44,8 @@ from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.sources import SourceItem, read_source
 from ced_lightning.engines.launch import command_errors
 from ced_lightning.store import store_nbytes
-from ced_lightning.store.audio import (
-    DEFAULT_CHUNK_SAMPLES,
-    DEFAULT_SHARD_CHUNKS,
-    AudioStore,
-    AudioStoreWriter,
-)
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import DEFAULT_CHUNK_SAMPLES, DEFAULT_SHARD_CHUNKS, AudioStoreWriter
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.remote import apply_storage_options, redact_config, redact_url
 

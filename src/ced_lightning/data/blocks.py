@@ -1,5 +1,5 @@
 """The extraction's reads: one DataLoader item is one block of the logit store (`block_clips` consecutive
-rows: clips, or the segments of clips in a store of segments, `ced_lightning.data.segments`), and each rank
+rows: clips, or the segments of clips in a store of segments, `ced_lightning.store.segments`), and each rank
 gets a contiguous share of the blocks still missing (`rank_share`), so every block is written by exactly one
 process (`TeacherEnsembleModule` writes them)."""
 
@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ced_lightning.core.audio import pack_clips
-from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import ConcatAudioStore, open_audio
+from ced_lightning.store.segments import SegmentTable, read_segments
 
 
 class BlockDataset(Dataset):

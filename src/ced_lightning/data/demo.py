@@ -257,7 +257,7 @@ def build_demo_stores(
     (the same clips, names and labels as train.zarr) followed by `unlabeled` more of the same kind (their own
     index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`)."""
     from ced_lightning.core.progress import ProgressLog
-    from ced_lightning.store.audio import AudioStoreWriter
+    from ced_lightning.store.audio_writer import AudioStoreWriter
     from ced_lightning.store.lock import store_lock
 
     root = os.fspath(root).rstrip("/")

@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ced_lightning.core.audio import int16_to_float, pack_clips
 from ced_lightning.core.errors import ConfigError, InputError
 from ced_lightning.core.rng import counter_uniform, stream_id
-from ced_lightning.data.segments import SegmentTable, read_segments
 from ced_lightning.store import AudioStore
+from ced_lightning.store.segments import SegmentTable, read_segments
 
 Batch = dict[str, Any]
 
@@ -162,7 +162,7 @@ class ClipBatchStream(IterableDataset):
     `transform(batch) -> batch` runs in the worker (targets, augmentation parameters). `keep` (bool per clip)
     leaves the other clips out of the epoch (`plan_epoch`); so does `drop_last` the last partial batch.
 
-    With `segments` (a logit store's rows, `ced_lightning.data.segments`) the items are segments instead of
+    With `segments` (a logit store's rows, `ced_lightning.store.segments`) the items are segments instead of
     clips: `index` is the row, its samples are the row's segment of its clip (cut to `clip_samples`), and
     `keep` is per row. Rows are planned in spans of the store's chunks as clips are (a clip's segments lie
     side by side), so a long recording's segments spread over the epoch like other clips.

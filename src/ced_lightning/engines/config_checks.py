@@ -21,7 +21,7 @@ from ced_lightning.core.losses import DistillLoss
 from ced_lightning.core.quantize import KINDS
 from ced_lightning.core.targets import TargetFill
 from ced_lightning.models.int8 import QUANTIZE_CHOICES
-from ced_lightning.store.audio import COMPRESSIONS
+from ced_lightning.store.audio_writer import COMPRESSIONS
 
 _ABSENT = object()
 

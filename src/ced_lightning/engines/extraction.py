@@ -8,6 +8,7 @@ verification all run them there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -24,7 +25,6 @@ from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.core.ensemble import check_combine
 from ced_lightning.core.errors import CedError, CheckFailedError, ConfigError
 from ced_lightning.core.labels import class_list_difference, resolve_class_names
-from ced_lightning.data.segments import SegmentTable, segment_table
 from ced_lightning.engines.device import reduced_precision, resolve_precision
 from ced_lightning.engines.launch import global_rank
 from ced_lightning.engines.scoring import (
@@ -39,8 +39,10 @@ from ced_lightning.modules.ensemble import TeacherEnsembleModule
 from ced_lightning.store import remove_partial_writes, store_exists, write_store_json
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.concat import audio_nbytes, audio_source, open_audio, source_records, store_urls
+from ced_lightning.store.logit_layout import LogitStoreLayout
 from ced_lightning.store.logits import FORMAT, LogitStore, read_attrs
 from ced_lightning.store.remote import redact_url
+from ced_lightning.store.segments import SegmentTable, segment_table
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +174,24 @@ def create_or_resume(
     num_classes: int,
 ) -> LogitStore:
     """Rank 0 creates the store (or checks it matches); other ranks wait for it, then check it too."""
-    layout = {
-        "num_clips": len(audio),
-        "epochs": settings.epochs,
-        "topk": store_topk(settings, num_classes),
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "quantization": settings.quantization,
-        "recipe": settings.recipe,
+    layout = LogitStoreLayout(
+        num_clips=len(audio),
+        epochs=settings.epochs,
+        topk=store_topk(settings, num_classes),
+        num_classes=num_classes,
+        class_names=class_names,
+        quantization=settings.quantization,
+        recipe=settings.recipe,
+        clip_samples=settings.clip_samples,
+        block_clips=settings.block_clips,
+    )
+    identity = {
         "seed": settings.seed,
         "audio_fingerprint": audio.fingerprint,
         "audio_url": audio.url,
         "audio_sources": source_records(audio),
-        "clip_samples": settings.clip_samples,
         "teachers": records,
         "combine": settings.combine,
-        "block_clips": settings.block_clips,
         "teacher_precision": settings.teacher_precision,
     }
     if global_rank() != 0:
@@ -198,7 +202,7 @@ def create_or_resume(
         if removed:
             log.info("%s: removed %d partial writes left by an interrupted run", settings.output, removed)
     segments = resumed_layout(settings, audio, segment_table(audio.lengths, settings.segment_samples))
-    return LogitStore.create(settings.output, **layout, segments=segments)
+    return LogitStore.create(settings.output, dataclasses.replace(layout, segments=segments), **identity)
 
 
 def resumed_layout(settings: ExtractSettings, audio: AudioStore, segments: SegmentTable) -> SegmentTable:

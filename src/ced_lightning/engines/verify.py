@@ -21,10 +21,10 @@ from ced_lightning.core.ensemble import ensemble_probabilities
 from ced_lightning.core.errors import CedError
 from ced_lightning.core.progress import ProgressLog
 from ced_lightning.core.quantize import max_abs_error
-from ced_lightning.data.segments import read_segments
 from ced_lightning.store.audio import AudioStore
 from ced_lightning.store.logits import BLOCK_REDUCED_PRECISION, LogitStore
 from ced_lightning.store.remote import redact_url
+from ced_lightning.store.segments import read_segments
 
 # Largest replay difference beyond quantization, by whether either side computed in reduced precision:
 # bf16 teachers differ from a float32 replay by about 1% of a probability, float32 ones by round-off.

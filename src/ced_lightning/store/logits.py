@@ -13,7 +13,7 @@ Layout (documented for other tools in `docs/logit_store.md`):
     block_done     uint8   [num_blocks] 0 until block b's rows are written, then its precision code (chunk
                                         size 1, unsharded): 1 full (32/64-bit), 2 reduced (16-bit, TF32)
     segment_clip   int32   [N]       only in stores of segments (`segment_samples` attribute): the clip of
-    segment_start  int64   [N]       each row and its first sample (`ced_lightning.data.segments`); without
+    segment_start  int64   [N]       each row and its first sample (`ced_lightning.store.segments`); without
                                      them row i is clip i from its start (N = num_clips)
     segment_length int64   [N]       optional, in stores of segments: the most samples each row reads (an
                                      imported release: the span the teachers heard)
@@ -37,15 +37,15 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe
-from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
-from ced_lightning.core.quantize import dequantize, quantization_attrs, quantize, stored_dtype
-from ced_lightning.data.segments import SegmentTable
+from ced_lightning.core.errors import InputError, MissingInputError
+from ced_lightning.core.quantize import dequantize, quantization_attrs, quantize
 from ced_lightning.store.files import check_free_for_store, store_exists, store_nbytes
 from ced_lightning.store.integrity import missing_block_objects, read_checked, reopen_strict
+from ced_lightning.store.logit_layout import WRITE_ALL, LogitStoreLayout
 from ced_lightning.store.remote import redact_url
+from ced_lightning.store.segments import SegmentTable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ IDENTITY_KEYS: tuple[str, ...] = (
 # (an imported release that lacks a clip); a store without it has targets everywhere.
 HAS_TARGETS = "has_targets"
 
-_ZSTD_LEVEL = 9
 _CREATING = "creation_incomplete"  # attribute present only while `LogitStore.create` runs
 
 # `block_done` values: how the block's teachers computed, which decides how closely a replay can match it.
@@ -83,8 +82,6 @@ BLOCK_FULL_PRECISION = 1  # float32/float64 matmuls (stores written before codes
 BLOCK_REDUCED_PRECISION = 2  # bf16/fp16 (mixed or true) or TF32 matmuls
 
 WHAT = "logit store"
-# Written with every chunk, fill values too (`write_empty_chunks`): a missing object is lost data.
-_WRITE_ALL = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -112,14 +109,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _compressors(itemsize: int) -> list:
-    # Blosc's byte shuffle puts the high bytes of all values together (mostly equal for class indices < 527,
-    # half floats of similar magnitude, small shifts), which zstd then compresses well. On AudioSet-like
-    # top-20 rows it beat plain zstd, bit shuffle and class-sorted rows with a delta filter
-    # (docs/logit_store.md), and it needs only Zarr v3 core codecs, so any Zarr v3 reader opens the store.
-    return [BloscCodec(cname="zstd", clevel=_ZSTD_LEVEL, shuffle=BloscShuffle.shuffle, typesize=itemsize)]
 
 
 class LogitStore:
@@ -175,78 +164,49 @@ class LogitStore:
     def create(
         cls,
         url: str,
+        layout: LogitStoreLayout,
         *,
-        num_clips: int,
-        epochs: int,
-        topk: int,
-        num_classes: int,
-        class_names: Sequence[str] | None,
-        quantization: str,
-        recipe: AugmentRecipe,
+        teachers: list[dict[str, Any]],
+        combine: str,
         seed: int | None,
         audio_fingerprint: str,
         audio_url: str,
-        clip_samples: int,
-        teachers: list[dict[str, Any]],
-        combine: str,
-        block_clips: int,
-        teacher_precision: str | None = None,
-        extra_arrays: Mapping[str, Any] | None = None,
-        provenance: Mapping[str, Any] | None = None,
-        segments: SegmentTable | None = None,
         audio_sources: Sequence[Mapping[str, Any]] | None = None,
+        teacher_precision: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> LogitStore:
-        """Create every array at full size, or reopen a store of the same extraction to resume it.
+        """Create every array of `layout` at full size, or reopen a store of the same extraction to resume it.
 
-        A store at `url` made with other settings is refused with a ValueError naming each difference. Call
+        A store at `url` made with other settings is refused with an InputError naming each difference. Call
         on one process before any process writes (creation is idempotent, so every rank may call it in turn).
-        `teacher_precision` (Lightning's name, e.g. `32-true`) is how the teachers compute; stores written
-        before it was recorded resume at any precision (each block's `block_done` code records its own).
-        `extra_arrays` (name -> dtype) adds `[E, N]` arrays that `write_block(extra=)` fills; `provenance`
-        is kept as a plain attribute (where the values came from). `segments` makes the rows segments of
-        the clips (`ced_lightning.data.segments`); a table of one segment per clip at 0 as long as
-        `clip_samples` is the layout of a store without it, and is stored as one (no position arrays).
+        The keywords say what fills it: the teachers and how they combine, the seed of the augmentation
+        draws (None: parameters from elsewhere, e.g. an imported release's seeds), the audio store (its
+        fingerprint, URL and, for a list of stores read as one, each member's record). `teacher_precision`
+        (Lightning's name, e.g. `32-true`) is how the teachers compute; stores written before it was
+        recorded resume at any precision (each block's `block_done` code records its own). `provenance` is
+        kept as a plain attribute (where the values came from).
         """
         url = str(url)
-        if num_clips <= 0:
-            raise InputError(f"logit store {url}: the audio store has no clips")
-        if not 1 <= topk <= num_classes:
-            raise ConfigError(f"topk must be between 1 and the number of classes ({num_classes}), not {topk}")
-        if topk > np.iinfo(np.uint16).max or num_classes > np.iinfo(np.uint16).max + 1:
-            raise InputError(f"{num_classes} classes do not fit the store's uint16 class indices")
-        if epochs < 1 or block_clips < 1:
-            raise ConfigError(f"epochs ({epochs}) and block_clips ({block_clips}) must be >= 1")
-        if class_names is not None and len(class_names) != num_classes:
-            raise InputError(f"{len(class_names)} class names for {num_classes} classes")
-        if segments is not None:
-            if segments.is_one_per_clip(num_clips) and segments.segment_samples == clip_samples:
-                segments = None  # the layout without positions: the store stays as it was before segments
-            elif segments.segment_samples > clip_samples:
-                raise ConfigError(
-                    f"segments of {segments.segment_samples} samples do not fit the teachers' input of "
-                    f"{clip_samples} (clip_samples): choose segment_seconds <= clip_seconds"
-                )
-            elif len(segments) and (segments.clip.min() < 0 or segments.clip.max() >= num_clips):
-                raise ValueError(f"the segment table names clips outside 0..{num_clips - 1}")
-        num_rows = len(segments) if segments is not None else num_clips
+        layout = layout.checked(url)
+        segments, extra_arrays = layout.segments, layout.extra_arrays
         attrs = _jsonable(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "teachers": teachers,
                 "combine": combine,
-                "augment_recipe": recipe.to_dict(),
+                "augment_recipe": layout.recipe.to_dict(),
                 "seed": int(seed) if seed is not None else None,
-                "epochs": int(epochs),
-                "topk": int(topk),
-                "num_classes": int(num_classes),
-                "class_names": list(class_names) if class_names is not None else None,
-                "quantization": quantization_attrs(quantization),
+                "epochs": int(layout.epochs),
+                "topk": int(layout.topk),
+                "num_classes": int(layout.num_classes),
+                "class_names": list(layout.class_names) if layout.class_names is not None else None,
+                "quantization": quantization_attrs(layout.quantization),
                 "audio_fingerprint": str(audio_fingerprint),
                 "audio_store": redact_url(audio_url),  # a URL's credentials stay out of the store
-                "num_clips": int(num_clips),
-                "clip_samples": int(clip_samples),
-                "block_clips": int(block_clips),
+                "num_clips": int(layout.num_clips),
+                "clip_samples": int(layout.clip_samples),
+                "block_clips": int(layout.block_clips),
                 "row_order": "probability_descending",
                 "all_chunks_written": True,
                 **(
@@ -288,53 +248,7 @@ class LogitStore:
         check_free_for_store(url, "logit store", ours=True)  # a store here is our interrupted creation
         # Marked as ours and unfinished first, so that a run killed before the end can recreate it.
         group = zarr.open_group(url, mode="w", zarr_format=3, attributes={"format": FORMAT, _CREATING: True})
-        shape = (epochs, num_rows)
-        blocks = -(-num_rows // block_clips)
-
-        def add_array(name: str, dtype: np.dtype, row: tuple[int, ...]) -> None:
-            dtype = np.dtype(dtype)
-            group.create_array(
-                name,
-                shape=(*shape, *row),
-                dtype=dtype,
-                chunks=(1, block_clips, *row),
-                shards=(epochs, block_clips, *row),
-                compressors=_compressors(dtype.itemsize),
-                fill_value=0,
-                # Only whole shards are written, so the default read-modify-write is never needed.
-                dimension_names=("epoch", "clip", *(f"{name.split('/')[-1]}_{i}" for i in range(len(row)))),
-                config=_WRITE_ALL,
-            )
-
-        add_array("topk_indices", np.uint16, (topk,))
-        add_array("topk_values", stored_dtype(quantization), (topk,))
-        params = AugmentParams.fields(recipe)
-        for name, (dtype, row) in params.items():
-            add_array(f"params/{name}", dtype, tuple(row))
-        for name, dtype in (extra_arrays or {}).items():
-            add_array(name, np.dtype(dtype), ())
-        group.create_array(
-            "block_done",
-            shape=(blocks,),
-            dtype=np.uint8,
-            chunks=(1,),
-            compressors=None,
-            fill_value=0,
-            dimension_names=("block",),
-        )
-        if segments is not None:  # written once, here: every rank reads the positions from the store
-            positions = {"segment_clip": segments.clip, "segment_start": segments.start}
-            if segments.length is not None:
-                positions["segment_length"] = segments.length
-            for name, values in positions.items():
-                group.create_array(
-                    name,
-                    data=np.ascontiguousarray(values, dtype=np.int32 if name == "segment_clip" else np.int64),
-                    chunks=(max(1, min(num_rows, 64 * block_clips)),),
-                    compressors=_compressors(4 if name == "segment_clip" else 8),
-                    dimension_names=("clip",),
-                    config=_WRITE_ALL,
-                )
+        layout.create_arrays(group)
         # Attributes last, in one write that also drops the creation mark.
         group.attrs.put(attrs)
         return cls(zarr.open_group(url, mode="r+", zarr_format=3), url)
@@ -515,7 +429,7 @@ class LogitStore:
         return missing_block_objects(self.url, self._group, self.data_arrays(), blocks)
 
     def _array(self, name: str) -> zarr.Array:
-        return self._group[name].with_config(_WRITE_ALL)
+        return self._group[name].with_config(WRITE_ALL)
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.epochs:

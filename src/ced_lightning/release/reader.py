@@ -7,8 +7,8 @@ row i of the parquet describes row i of the h5 file.
 
 `plan_import` matches every row to a clip of an audio store and says which file and row each (epoch, store
 row) comes from, a store row being a span of a clip as the original reads it (`ImportPlan`);
-`read_block_rows` then reads those rows for a block of store rows. Pure reading and checking: the
-`import_logits` entry point writes the logit store.
+`read_block_rows` then reads those rows for a block of store rows. Pure reading and checking:
+`release.importer` writes the logit store.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 
 from ced_lightning.core.audio import AUDIO_EXTENSIONS, SAMPLE_RATE
 from ced_lightning.core.errors import CedError, MissingDependencyError, MissingInputError
-from ced_lightning.data.segments import SegmentTable
 from ced_lightning.data.sources import segment_ytid
 from ced_lightning.store.remote import redact_url
+from ced_lightning.store.segments import SegmentTable
 
 _FILE_NAME = re.compile(r"ep(\d+)_(\d+)\.h5$")
 _EXAMPLES = 5
