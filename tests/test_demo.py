@@ -134,8 +134,8 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     from ced_lightning import compose_config
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.engines.comparison import label_only_cfg
+    from ced_lightning.engines.training import build_task
     from ced_lightning.modules.supervised import SupervisedModule
-    from ced_lightning.train import build_task
 
     stores = build_demo_stores(
         str(tmp_path / "demo"), seed=0, train=16, unlabeled=16, val=2, test=2, clip_seconds=0.25

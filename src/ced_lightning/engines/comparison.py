@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ced_lightning import conf_dir
 from ced_lightning.core.errors import InputError, MissingInputError
 from ced_lightning.engines.launch import global_rank
+from ced_lightning.engines.training import train
 from ced_lightning.store import store_nbytes
-from ced_lightning.train import train
 
 log = logging.getLogger(__name__)
 
