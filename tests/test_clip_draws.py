@@ -68,6 +68,36 @@ def test_distill_draws_are_todays() -> None:
         assert value.dtype == pinned[key].dtype and torch.equal(value, pinned[key]), key
 
 
+def test_supervised_draws_are_todays(tmp_path: Path) -> None:
+    """A teacher's training batch gets its draws from `LabeledDataModule` as a student's does (`ClipDraws`),
+    the same values `SupervisedModule.training_step` drew itself: seed and epoch, no seed offset."""
+    from ced_lightning.data.draws import ClipDraws
+    from ced_lightning.data.labeled import LabeledDataModule
+    from ced_lightning.store.audio import write_audio_store
+
+    url = str(tmp_path / "train.zarr")
+    clips = [(f"c{i}", np.zeros(1600, np.float32), [i % 2]) for i in range(STORE_ROWS)]
+    write_audio_store(url, clips, class_names=["a", "b"], chunk_samples=16000)
+    augment = {**RECIPE.to_dict(), "scale_to_clip": False}
+    data = LabeledDataModule(
+        train=url, seed=SEED, clip_seconds=0.1, augment=augment, mixup=MIXUP, num_workers=0
+    )
+    pinned = torch.load(PINNED)
+
+    def check(batch: dict, epoch: int) -> None:
+        drawn = _flat(f"supervised/{epoch}", batch)
+        assert set(drawn) == {k for k in pinned if k.startswith(f"supervised/{epoch}/")}
+        for key, value in drawn.items():
+            assert value.dtype == pinned[key].dtype and torch.equal(value, pinned[key]), key
+
+    transform = data.train_dataloader().dataset.transform  # epoch 0: no trainer yet
+    batch = transform(_batch())
+    assert torch.equal(batch["target"][:, 1], torch.from_numpy(ROWS % 2).float())
+    check(batch, 0)
+    for epoch in EPOCHS:
+        check(ClipDraws(data.recipe, SEED, epoch, mixup=MIXUP)(_batch()), epoch)
+
+
 def _write_pinned() -> None:
     """The supervised draws as `SupervisedModule.training_step` made them, and the distill ones."""
     from ced_lightning.core.losses import sample_mixup_lambda

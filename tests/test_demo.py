@@ -147,7 +147,7 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     assert (student.data.train, baseline.data.train) == (stores["distill"], stores["train"])
     datamodule, module = build_task(baseline)
     assert isinstance(datamodule, LabeledDataModule) and isinstance(module, SupervisedModule)
-    assert datamodule.train_url == stores["train"] and module.seed == student.seed
+    assert datamodule.train_url == stores["train"] and datamodule.seed == student.seed
     assert module.recipe.time_mask_frames == 40 and module.model.num_classes == len(DEMO_CLASSES)
 
 
