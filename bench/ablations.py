@@ -161,7 +161,7 @@ def run_one(condition: str, overrides: list[str], output_dir: str) -> dict[str, 
     labels), its best validation mAP and its tested checkpoint's test mAP."""
     from ced_lightning.demo import run_demo
     from ced_lightning.engines.comparison import label_only_cfg
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     cfg = compose_cfg([*overrides, "data.build_missing=false"], Path(output_dir))
     start = time.perf_counter()

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf, open_dict
 
+from ced_lightning import conf_dir
 from ced_lightning.data.demo import DEMO_CLASSES, DEMO_MIDS, build_demo_stores, generate_demo_clip
 from ced_lightning.engines.comparison import label_only_epochs, label_only_validations, verdict
 from ced_lightning.store.audio import AudioStore
@@ -134,8 +137,8 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     from ced_lightning import compose_config
     from ced_lightning.data.labeled import LabeledDataModule
     from ced_lightning.engines.comparison import label_only_cfg
+    from ced_lightning.engines.training import build_task
     from ced_lightning.modules.supervised import SupervisedModule
-    from ced_lightning.train import build_task
 
     stores = build_demo_stores(
         str(tmp_path / "demo"), seed=0, train=16, unlabeled=16, val=2, test=2, clip_seconds=0.25
@@ -147,8 +150,16 @@ def test_label_only_baseline_is_the_supervised_task_on_the_labeled_clips(tmp_pat
     assert (student.data.train, baseline.data.train) == (stores["distill"], stores["train"])
     datamodule, module = build_task(baseline)
     assert isinstance(datamodule, LabeledDataModule) and isinstance(module, SupervisedModule)
-    assert datamodule.train_url == stores["train"] and module.seed == student.seed
+    assert datamodule.train_url == stores["train"] and datamodule.seed == student.seed
     assert module.recipe.time_mask_frames == 40 and module.model.num_classes == len(DEMO_CLASSES)
+    # Hydra's group composes the same task as the option's file read as it is (what the baseline ran).
+    from_file = copy.deepcopy(baseline)
+    with open_dict(from_file):
+        from_file.task = OmegaConf.load(conf_dir() / "task" / "supervised.yaml")
+    for resolve in (False, True):
+        assert OmegaConf.to_container(baseline.task, resolve=resolve) == OmegaConf.to_container(
+            from_file.task, resolve=resolve
+        )
 
 
 def test_worker_processes_give_the_same_store(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ced_lightning.core.augment import AugmentRecipe, sample_augment_params
-from ced_lightning.data.distill import DistillBatchTransform, without_shift
+from ced_lightning.data.distill import DistillBatchTransform
+from ced_lightning.data.draws import without_shift
 
 RECIPE = AugmentRecipe(shift_prob=1.0, time_mask_frames=40)
 N, K = 12, 3

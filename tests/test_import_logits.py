@@ -571,8 +571,8 @@ def test_the_paper_recipe_trains_an_epoch_from_the_imported_store(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from ced_lightning.engines.training import train
     from ced_lightning.models.released import RELEASED
-    from ced_lightning.train import train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -98,7 +98,8 @@ def _train_overrides(own: dict[str, str], *extra: str) -> list[str]:
 def test_custom_data_builds_nothing_and_names_the_missing_store(tmp_path: Path) -> None:
     from ced_lightning.engines.comparison import train_and_compare
     from ced_lightning.engines.inputs import ensure_inputs
-    from ced_lightning.train import entry_point, train
+    from ced_lightning.engines.training import train
+    from ced_lightning.train import entry_point
 
     cfg = compose_config(["data=custom", f"data.root={tmp_path}", "task=supervised"])
     assert entry_point(cfg) is train_and_compare  # no demo layer: nothing is generated or trained on its own
@@ -129,7 +130,7 @@ ONE_EPOCH = [
 def test_custom_data_trains_a_teacher_and_records_its_scaled_recipe(
     own: dict[str, str], tmp_path: Path
 ) -> None:
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     out = tmp_path / "teacher"
     cfg = compose_config(
@@ -145,7 +146,7 @@ def test_custom_data_distils_a_student_and_records_what_it_used(
 ) -> None:
     """The data group says 2 s (the augment group 192 frames, scaled); the student trains on the logit store's
     4 s clips and replays its 77-frame recipe: its saved configs say so."""
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     out = tmp_path / "student"
     cfg = compose_config(_train_overrides(own, *ONE_EPOCH, "data.clip_seconds=2.0"), out)
@@ -304,8 +305,8 @@ def test_custom_data_start_loads_the_cached_release_offline_or_says_how_to_go_wi
 
     import torch
 
+    from ced_lightning.engines.training import build_network
     from ced_lightning.models import RELEASED, ReleasedWeightsUnavailable
-    from ced_lightning.train import build_network
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -370,7 +371,7 @@ def test_the_demo_keeps_its_recipe() -> None:
 
 
 def test_extraction_and_teachers_apply_the_scaled_masks(own: dict[str, str], logits: str) -> None:
-    from ced_lightning.train import build_task
+    from ced_lightning.engines.training import build_task
 
     assert LogitStore.open(logits).recipe.time_mask_frames == 77
     cfg = compose_config(_train_overrides(own, "task=supervised", f"data.clip_seconds={CLIP_SECONDS}"))

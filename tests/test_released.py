@@ -180,7 +180,7 @@ def test_download_once_into_the_torch_hub_cache(tmp_path, caches, ced_reference,
 
 
 def test_create_ced_pretrained_and_init_from_by_name(caches, ced_reference, reference_sd) -> None:
-    from ced_lightning.train import build_network
+    from ced_lightning.engines.training import build_network
 
     put_in_torch_cache(
         caches["torch"], "audiotransformer_tiny_mAP_4814.pt", ced_reference / "ced_tiny_depth2_random.pt"
@@ -225,7 +225,7 @@ def test_init_from_the_mae_name_accepts_its_extra_tensors(caches, reference_sd) 
 
 
 def test_init_from_matching_only_some_keys_fails_unless_not_strict(tmp_path, ced_reference) -> None:
-    from ced_lightning.train import build_network
+    from ced_lightning.engines.training import build_network
 
     ref = ced_reference / "ced_tiny_depth2_random.pt"
     deeper = create_ced("ced_tiny", depth=3)

@@ -72,14 +72,14 @@ def _train_overrides(demo: dict[str, str], *extra: str) -> list[str]:
 
 
 def test_distill_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None:
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     cfg = compose_config(_train_overrides(tiny_demo, "debug=fdr"), output_dir=tmp_path)
     train(cfg)
 
 
 def test_teacher_fast_dev_run(tiny_demo: dict[str, str], tmp_path: Path) -> None:
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     overrides = _train_overrides(tiny_demo, "debug=fdr")
     overrides[0] = "experiment=teacher_demo_cnn"
@@ -103,7 +103,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_identically(tiny_demo: dict[str, str], tmp_path: Path) -> None:
     """Two epochs straight equal one epoch, a checkpoint, and a resumed second epoch, bit for bit."""
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     common = [
         "trainer.max_epochs=2",
@@ -142,7 +142,7 @@ def test_resume_keeps_the_best_checkpoints_and_the_best_score(
     """`ckpt_path=<run>/checkpoints/last.ckpt` from a new run folder: checkpoints continue in the old folder,
     the best-k of before the resume stay known (averaged.ckpt is built from them too), and the returned
     val/mAP is the best validation of the whole run, not the last one."""
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     # Mixup on (the demo's schedule no longer sets it): this curve's last validation is below its best.
     common = [
@@ -403,7 +403,7 @@ def test_training_validates_on_clips_shorter_than_one_stft_window(
 ) -> None:
     """Before: the validation batch of 200-sample clips (batched by equal length, so nothing pads them)
     raised `RuntimeError: ... Padding size should be less than the corresponding input dimension`."""
-    from ced_lightning.train import train
+    from ced_lightning.engines.training import train
 
     val = _store_with_short_clips(tiny_demo["val"], tmp_path / "short_val.zarr")
     overrides = _train_overrides({**tiny_demo, "val": val}, "debug=fdr")

@@ -31,9 +31,9 @@ from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.engines.comparison import StageTimer, train_and_compare
 from ced_lightning.engines.inputs import check_train_config
 from ced_lightning.engines.launch import global_rank
+from ced_lightning.engines.training import train
 from ced_lightning.extract import run_extract
 from ced_lightning.store import store_exists
-from ced_lightning.train import train
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from ced_lightning.core.audio import SAMPLE_RATE
-from ced_lightning.core.augment import AugmentParams, AugmentRecipe, sample_augment_params
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe
 from ced_lightning.core.errors import ConfigError, InputError
 from ced_lightning.core.labels import check_same_classes
-from ced_lightning.core.losses import sample_mixup_lambda
 from ced_lightning.core.rng import FRESH_AUGMENT_SEED_OFFSET
+from ced_lightning.data.draws import ClipDraws
 from ced_lightning.data.labeled import LabeledDataModule
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.store import AudioStore, LogitStore
@@ -34,13 +34,9 @@ from ced_lightning.store.concat import (
 log = logging.getLogger(__name__)
 
 
-def without_shift(params: AugmentParams) -> AugmentParams:
-    """`params` with every clip's time shift set to 0 (the other fields as they are)."""
-    return AugmentParams({**params.values, "shift": np.zeros_like(params.values["shift"])})
-
-
 class DistillBatchTransform:
-    """Runs in DataLoader workers: adds each clip's stored top-k, augmentation parameters, mixup λ and labels.
+    """Runs in DataLoader workers: adds each clip's stored top-k and labels, and its augmentation parameters
+    and mixup λ (`ClipDraws`: the stored parameters, or fresh draws when not consistent).
 
     Holds one augmentation epoch's slice of the logit store, loaded once per epoch in the main process and
     shared with forked workers, so no item ever reads the logit store.
@@ -64,37 +60,27 @@ class DistillBatchTransform:
         self.topk_indices = topk_indices
         self.topk_probs = topk_probs
         self.params = params
-        self.consistent = consistent
-        self.recipe = recipe
-        self.seed = seed
-        self.epoch = epoch
-        self.mixup = mixup or None
         self.labels = labels
         self.row_clips = row_clips  # each row's clip (None: row i is clip i)
-        self.fresh_shift = fresh_shift
+        # Fresh draws under their own seed, so that they never coincide with the teachers' stored ones.
+        self.draws = ClipDraws(
+            recipe,
+            seed,
+            epoch,
+            mixup=mixup,
+            replay=params if consistent else None,
+            augment_seed_offset=FRESH_AUGMENT_SEED_OFFSET,
+            shift=fresh_shift,  # false: the paper's inconsistent teaching, fresh masks on the unshifted clip
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         index = batch["index"].numpy()
         batch["topk_indices"] = torch.from_numpy(self.topk_indices[index].astype(np.int64))
         batch["topk_probs"] = torch.from_numpy(np.ascontiguousarray(self.topk_probs[index], dtype=np.float32))
-        if self.consistent:
-            params = self.params.subset(index)
-        else:
-            fresh_seed = self.seed + FRESH_AUGMENT_SEED_OFFSET
-            params = sample_augment_params(
-                self.recipe, fresh_seed, self.epoch, index, batch["length"].numpy()
-            )
-            if not self.fresh_shift:  # the paper's inconsistent teaching: fresh masks, the clip unshifted
-                params = without_shift(params)
-        batch["augment"] = params.to_torch()
-        if self.mixup:
-            batch["mixup_lambda"] = torch.from_numpy(
-                sample_mixup_lambda(self.seed, self.epoch, index, self.mixup)
-            )
         if self.labels is not None:  # per clip: a segment has its clip's labels
             clips = index if self.row_clips is None else self.row_clips[index]
             batch["target"] = torch.from_numpy(self.labels[clips].astype(np.float32))
-        return batch
+        return self.draws(batch)
 
 
 class DistillDataModule(Int16Batches, LightningDataModule):

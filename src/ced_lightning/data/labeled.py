@@ -16,6 +16,7 @@ from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.core.errors import ConfigError, InputError
 from ced_lightning.core.labels import check_same_classes
 from ced_lightning.data.batching import batches_by_length, pad_batch
+from ced_lightning.data.draws import ClipDraws
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
 from ced_lightning.store import AudioStore
 from ced_lightning.store.concat import open_audio, store_urls
@@ -26,14 +27,16 @@ Batch = dict[str, Any]
 
 
 class LabelTransform:
-    """Adds multi-hot `target` rows to a batch (runs in the DataLoader worker)."""
+    """Adds multi-hot `target` rows to a batch, then the batch's per-clip `draws` (runs in the DataLoader
+    worker)."""
 
-    def __init__(self, label_matrix: np.ndarray) -> None:
+    def __init__(self, label_matrix: np.ndarray, draws: ClipDraws) -> None:
         self.label_matrix = label_matrix
+        self.draws = draws
 
     def __call__(self, batch: Batch) -> Batch:
         batch["target"] = torch.from_numpy(self.label_matrix[batch["index"].numpy()].astype(np.float32))
-        return batch
+        return self.draws(batch)
 
 
 class ClipDataset(Dataset):
@@ -109,7 +112,8 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
     """Supervised training on `train` (random crop/pad to `clip_seconds`, fresh order each epoch) and
     evaluation on `val`/`test` (whole clips of any length, batched by equal length). Stores must carry
     labels and agree on their class list. `recipe`: the augmentation a teacher draws fresh on its training
-    clips, the `augment` group (`augment`) sized for `clip_seconds` (`AugmentRecipe.for_clip`)."""
+    clips (`ClipDraws`, with mixup λ when `mixup` is set), the `augment` group (`augment`) sized for
+    `clip_seconds` (`AugmentRecipe.for_clip`), the paper's recipe as it is without one."""
 
     def __init__(
         self,
@@ -125,6 +129,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         seed: int = 0,
         clip_seconds: float | None = 10.0,
         augment: Any = None,
+        mixup: float | None = None,
         drop_last: bool = True,
     ) -> None:
         super().__init__()
@@ -141,7 +146,10 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.clip_seconds = clip_seconds
         self.clip_samples = round(clip_seconds * SAMPLE_RATE) if clip_seconds else None
         self.drop_last = drop_last
-        self.recipe = AugmentRecipe.for_clip(augment, clip_seconds) if augment is not None else None
+        self.recipe = (
+            AugmentRecipe.for_clip(augment, clip_seconds) if augment is not None else AugmentRecipe()
+        )
+        self.mixup = mixup or None
         self.train_store = open_audio(train) if train else None
         self.val_stores = [AudioStore.open(u) for u in self.val_urls]
         self.test_stores = [AudioStore.open(u) for u in self.test_urls]
@@ -206,7 +214,9 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
             shuffle_window=self.shuffle_window,
             rank=rank,
             world_size=world,
-            transform=LabelTransform(self.train_store.label_matrix()),
+            transform=LabelTransform(
+                self.train_store.label_matrix(), ClipDraws(self.recipe, self.seed, epoch, mixup=self.mixup)
+            ),
             drop_last=self.drop_last,
         )
         return ResumableLoader(stream, **self._loader_kwargs())

@@ -25,11 +25,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ced_lightning import conf_dir
+from ced_lightning import compose_inner
 from ced_lightning.core.errors import InputError, MissingInputError
 from ced_lightning.engines.launch import global_rank
+from ced_lightning.engines.training import train
 from ced_lightning.store import store_nbytes
-from ced_lightning.train import train
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,11 @@ def label_only_cfg(cfg: DictConfig) -> DictConfig:
 
     baseline = copy.deepcopy(cfg)
     with open_dict(baseline):
-        # The `task` group's supervised option, its values interpolated from this run's config as a
-        # command line's task=supervised would (data.train then names the labeled store).
-        baseline.task = OmegaConf.load(conf_dir() / "task" / "supervised.yaml")
+        # The `task` group's supervised option, composed by Hydra as a command line's task=supervised would
+        # (its package, its defaults), its values interpolated from this run's config (data.train then
+        # names the labeled store).
+        supervised = compose_inner("train", ["task=supervised"]).task
+        baseline.task = OmegaConf.to_container(supervised, resolve=False)
         student_clips = len(open_audio(store_urls(cfg.data.train)))  # a list of stores is read as one
         labeled_clips = len(open_audio(store_urls(baseline.data.train)))
         student_epochs = int(cfg.data.schedule.max_epochs)

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
-from ced_lightning.core.losses import DistillLoss, distill_loss, mix_with_reversed
+from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.core.losses import DistillLoss, distill_loss
 from ced_lightning.core.targets import TargetFill, rebuild_targets
-from ced_lightning.modules.tagging import TaggingModule
+from ced_lightning.modules.tagging import TaggingModule, augmented_input
 
 
 class StudentDistillModule(TaggingModule):
@@ -42,17 +42,10 @@ class StudentDistillModule(TaggingModule):
         self.label_weight = label_weight
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        params = AugmentParams.from_torch(batch["augment"])
-        mel = augmented_spectrogram(
-            self.model.front_end, batch["waveform"], batch["length"], params, self.recipe
-        )
+        mel, lam = augmented_input(self.model.front_end, batch, self.recipe)
         teacher = rebuild_targets(
             batch["topk_indices"], batch["topk_probs"], self.num_classes, self.target_fill
         )
-        lam = batch.get("mixup_lambda")
-        if lam is not None:
-            lam = lam.to(mel)
-            mel = mix_with_reversed(mel, lam)
         logits = self.model.forward_spectrogram(mel)
 
         loss = _mixed(lambda t: distill_loss(self.loss_kind, logits, t, self.temperature), teacher, lam)

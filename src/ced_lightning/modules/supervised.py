@@ -7,40 +7,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ced_lightning.core.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.core.losses import mix_with_reversed, sample_mixup_lambda
-from ced_lightning.modules.tagging import TaggingModule
+from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.core.losses import mix_with_reversed
+from ced_lightning.modules.tagging import TaggingModule, augmented_input
 
 
 class SupervisedModule(TaggingModule):
-    """BCE on multi-hot labels, with the same spectrogram augmentation (fresh draws every epoch) and mixup
-    as distillation. Batches: `index`, `waveform`, `length`, `target` (from `LabeledDataModule`)."""
+    """BCE on multi-hot labels, with the same spectrogram augmentation and mixup as distillation, drawn as
+    for a student (`data.draws.ClipDraws`: fresh every epoch). Batches: `index`, `waveform`, `length`,
+    `target`, `augment` and, with mixup, `mixup_lambda` (from `LabeledDataModule`)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        recipe: AugmentRecipe | None = None,
-        mixup: float | None = None,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, recipe: AugmentRecipe | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.recipe = recipe or AugmentRecipe()
-        self.mixup = mixup or None
-        self.seed = seed
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        index, length = batch["index"].cpu().numpy(), batch["length"].cpu().numpy()
-        params = sample_augment_params(self.recipe, self.seed, self.current_epoch, index, length)
-        mel = augmented_spectrogram(
-            self.model.front_end, batch["waveform"], batch["length"], params, self.recipe
-        )
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        mel, lam = augmented_input(self.model.front_end, batch, self.recipe)
         target = batch["target"].float()
-        if self.mixup:
-            lam = torch.from_numpy(sample_mixup_lambda(self.seed, self.current_epoch, index, self.mixup)).to(
-                mel
-            )
-            mel, target = mix_with_reversed(mel, lam), mix_with_reversed(target, lam)
+        if lam is not None:
+            target = mix_with_reversed(target, lam)
         logits = self.model.forward_spectrogram(mel)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target)
         self.log("train/loss", loss, prog_bar=True)

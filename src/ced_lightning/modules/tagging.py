@@ -14,6 +14,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
+from ced_lightning.core.losses import mix_with_reversed
 from ced_lightning.core.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
 from ced_lightning.core.optim import build_optimizer, lr_factor
 from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
@@ -136,6 +138,21 @@ def _rebuild_train_loader_after_restore(trainer: Trainer) -> None:
     builds one for the restored epoch and loads the saved state into it, as it does without the estimate.
     """
     trainer.fit_loop._combined_loader = None
+
+
+def augmented_input(
+    front_end: nn.Module, batch: dict[str, Any], recipe: AugmentRecipe
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training batch's network input as its per-clip draws say (`data.draws.ClipDraws`): the
+    spectrograms augmented with `augment`, mixed with the batch reversed by `mixup_lambda` when it has one;
+    and that λ (None without mixup), for mixing the targets alike."""
+    params = AugmentParams.from_torch(batch["augment"])
+    mel = augmented_spectrogram(front_end, batch["waveform"], batch["length"], params, recipe)
+    lam = batch.get("mixup_lambda")
+    if lam is None:
+        return mel, None
+    lam = lam.to(mel)
+    return mix_with_reversed(mel, lam), lam
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
