@@ -166,6 +166,65 @@ def test_store_imports_nothing_above_it() -> None:
     assert not upward, "\n".join(upward)
 
 
+# -- the layers (docs/DESIGN.md): imports point down, commands side by side, rooms of a readable size ----
+# Each top-level name of the package and its layer, highest first. A module may import its own layer or
+# lower ones; command modules never import each other (only the demo layer above them runs them).
+LAYERS = {
+    "demo": 6,
+    **dict.fromkeys([*COMMANDS, "api"], 5),
+    **dict.fromkeys(["engines", "release"], 4),
+    "modules": 3,
+    "data": 2,
+    **dict.fromkeys(["store", "models"], 1),
+    **dict.fromkeys(["core", "resources"], 0),
+}
+MAX_LINES = 600
+
+
+def _layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new top-level module or package must be placed in LAYERS (and in docs/DESIGN.md's picture)."""
+    unplaced = [m for m in package_modules() if m != PACKAGE and _layer_of(m) is None]
+    assert not unplaced, f"modules without a layer in tests/test_structure.py LAYERS: {unplaced}"
+
+
+def test_imports_point_down_and_commands_stand_side_by_side() -> None:
+    graph = import_graph()
+    modules = package_modules()
+    wrong = []
+    for a, targets in sorted(graph.items()):
+        for b, line in targets.items():
+            low, high = _layer_of(b), _layer_of(a)
+            if low is None or high is None:
+                continue
+            upward = low > high
+            sideways = low == high == LAYERS["train"] and a.split(".")[1] != b.split(".")[1]
+            if upward or sideways:
+                wrong.append(f"{a} imports {b} ({modules[a].relative_to(ROOT.parent)}:{line})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_layer_test_sees_a_command_importing_a_command() -> None:
+    """The rule above is not vacuous: the demo layer imports commands (allowed, it is above them)."""
+    graph = import_graph()
+    demo_imports = [b for b in graph[f"{PACKAGE}.demo"] if _layer_of(b) == LAYERS["train"]]
+    assert demo_imports and _layer_of(f"{PACKAGE}.demo") > LAYERS["train"]
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    """A module a reader can hold in mind: at most MAX_LINES lines (split by concern beyond that)."""
+    long = {
+        str(path.relative_to(ROOT.parent)): n
+        for path in package_modules().values()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
 # -- no block of six or more identical lines twice in src/ --------------------------------------------
 BLOCK = 6
 # A line that is only an import, only brackets/commas/colons/quotes, a bare keyword or a return annotation.

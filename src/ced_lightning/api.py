@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, resample
+from ced_lightning.core.device import default_device
 from ced_lightning.core.labels import resolve_class_names
-from ced_lightning.engines.device import default_device
 from ced_lightning.engines.inference import (
     Failure,
     PieceAverage,

@@ -22,10 +22,10 @@ from torch import nn
 
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.core.device import reduced_precision, resolve_precision
 from ced_lightning.core.ensemble import check_combine
 from ced_lightning.core.errors import CedError, CheckFailedError, ConfigError
 from ced_lightning.core.labels import class_list_difference, resolve_class_names
-from ced_lightning.engines.device import reduced_precision, resolve_precision
 from ced_lightning.engines.launch import global_rank
 from ced_lightning.engines.scoring import (
     MIN_GAIN_OVER_CHANCE,

@@ -19,9 +19,9 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
+from ced_lightning.core.device import on_gpu
 from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.engines.config_checks import RULES, check_config
-from ced_lightning.engines.device import on_gpu
 from ced_lightning.store.remote import redact_text
 
 T = TypeVar("T")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.device import default_device
 from ced_lightning.core.ensemble import check_combine, check_teachers, combine_probabilities
 from ced_lightning.core.errors import InputError
 from ced_lightning.core.labels import check_same_classes, resolve_class_names
@@ -31,7 +32,6 @@ from ced_lightning.core.metrics import (
 )
 from ced_lightning.core.progress import ProgressLog, output_is_terminal
 from ced_lightning.data.batching import batches_by_length, pad_batch
-from ced_lightning.engines.device import default_device
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ced_lightning.core.device import on_gpu, resolve_precision
 from ced_lightning.core.errors import CedError
 from ced_lightning.core.progress import output_is_terminal
-from ced_lightning.engines.device import on_gpu, resolve_precision
 from ced_lightning.engines.launch import global_rank
 
 log = logging.getLogger(__name__)

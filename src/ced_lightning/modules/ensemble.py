@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from ced_lightning.core.audio import int16_to_float
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe, front_end_sources, sample_augment_params
+from ced_lightning.core.device import reduced_precision
 from ced_lightning.core.ensemble import (
     NonFiniteTeacherOutput,
     check_combine,
@@ -31,7 +32,6 @@ from ced_lightning.core.ensemble import (
 from ced_lightning.core.errors import ConfigError, InputError
 from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.blocks import BlockDataset, BlockSampler
-from ced_lightning.engines.device import reduced_precision
 from ced_lightning.store.logits import LogitStore
 
 log = logging.getLogger(__name__)

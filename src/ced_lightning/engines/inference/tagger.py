@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ced_lightning.core.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
+from ced_lightning.core.device import default_device
 from ced_lightning.core.errors import ConfigError, InputError
-from ced_lightning.engines.device import default_device
 from ced_lightning.engines.inference.windows import (
     DECODE_BLOCK_FRAMES,
     PieceAverage,
