@@ -218,7 +218,7 @@ def test_without_pyav_m4a_is_skipped_and_refused_with_the_install_hint(tmp_path)
             print(err)
         """
     )
-    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "['a.wav']" in run.stdout
     assert "memo.m4a: cannot decode audio (AAC in MP4 is not a format libsndfile" in run.stdout
