@@ -112,7 +112,7 @@ def test_webdataset_shards_give_the_store_of_the_same_files(tmp_path, clips):
 
 
 def test_webdataset_cls_members_and_keys(tmp_path):
-    """`.cls` members (WebDataset's integer labels), keys with folders and dots, and a sample without audio."""
+    """`.cls` members (WebDataset's integer labels), keys with folders and dots, a sample without audio."""
     wds = pytest.importorskip("webdataset")
     assert split_member_name("a/b/x.seg1.flac") == ("a/b/x", "seg1.flac")
     assert expand_braces("s-{00..02}-{a,b}.tar") == [f"s-{i:02d}-{c}.tar" for i in range(3) for c in "ab"]
