@@ -17,6 +17,7 @@ import torch
 import zarr
 
 from ced_lightning.core.audio import AudioStream, load_audio
+from ced_lightning.core.ffmpeg_audio import ffmpeg_available
 from ced_lightning.engines.inference import (
     DECODE_BLOCK_FRAMES,
     EmbeddingsWriter,
@@ -170,6 +171,11 @@ def test_m4a_and_aac_say_what_converts_them(tiny_model, tmp_path):
         path.write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + bytes(200))
     _, failures = tag_files(tiny_model, paths, class_names=CLASS_NAMES, device="cpu")
     assert [f.path for f in failures] == [str(p) for p in paths]
+    if ffmpeg_available():  # the ffmpeg extra tried them too (without it: tests/test_ffmpeg_audio.py)
+        assert all(
+            "cannot decode audio (neither libsndfile nor FFmpeg reads it" in f.reason for f in failures
+        )
+        return
     assert "voice_memo.m4a: cannot decode audio (AAC in MP4 is not a format libsndfile" in failures[0].reason
     assert "`ffmpeg -i voice_memo.m4a -ac 1 -ar 16000 out.flac`" in failures[0].reason
     assert "radio.aac: cannot decode audio (AAC is not a format libsndfile" in failures[1].reason
@@ -177,6 +183,8 @@ def test_m4a_and_aac_say_what_converts_them(tiny_model, tmp_path):
 
 def test_a_folder_of_m4a_files_says_why_they_are_skipped(tmp_path, caplog):
     """Before: only `N files are not audio files by their extension ... were skipped`, as for a .txt."""
+    if ffmpeg_available():
+        pytest.skip("the ffmpeg extra decodes m4a: tests/test_ffmpeg_audio.py scans without it")
     sf.write(tmp_path / "a.wav", 0.1 * np.ones(1600, np.float32), 16000)
     for name in ("memo_1.m4a", "memo_2.M4A", "radio.aac", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")

@@ -1,9 +1,12 @@
 """`python -m ced_lightning.prepare`: decode audio files into an audio store (or build the demo's stores).
 
     python -m ced_lightning.prepare input=PATH output=STORE [audio_dir=DIR] [class_labels=CSV] [workers=N]
+    python -m ced_lightning.prepare source=hf input=SAVED_DATASET_DIR output=STORE [hf.label_column=label]
+    python -m ced_lightning.prepare source=webdataset 'input=shards-{000000..000003}.tar' output=STORE
     python -m ced_lightning.prepare source=demo output=DIR [demo.train=400 demo.unlabeled=4400 demo.val=300]
 
-`input` is an audio directory, a CSV/TSV file list, or AudioSet segment CSV(s) (with `audio_dir`). Files are
+`input` is an audio directory, a CSV/TSV file list, or AudioSet segment CSV(s) (with `audio_dir`); with
+`source=hf` a Hugging Face `datasets` audio dataset, with `source=webdataset` a tar shard set. Files are
 decoded in worker processes and written by this one, in order. Bad files are skipped and listed in the
 store's failures report; a killed run resumes from its last committed shard when rerun with the same
 arguments.
@@ -39,9 +42,9 @@ from ced_lightning.core.audio import (
     load_audio,
 )
 from ced_lightning.core.errors import CedError, ConfigError
-from ced_lightning.core.labels import ClassList
+from ced_lightning.core.labels import ClassList, read_class_labels
 from ced_lightning.core.progress import ProgressLog
-from ced_lightning.data.sources import SourceItem, read_source
+from ced_lightning.data.sources import SourceItem, SourceList, read_source
 from ced_lightning.engines.launch import command_errors
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import AudioStore
@@ -59,7 +62,7 @@ class PrepareError(CedError, RuntimeError):
 def decode_item(item: SourceItem) -> tuple[np.ndarray | None, str | None]:
     """(int16 samples at 16 kHz, None) or (None, reason): never raises for a bad file."""
     try:
-        waveform = load_audio(item.path).numpy()
+        waveform = load_audio(item.path, data=item.blob() if item.blob is not None else None).numpy()
     except AudioDecodeError as err:
         return None, str(err)
     except Exception as err:  # a decoder crash on a hostile file must not stop a million-file run
@@ -368,6 +371,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     log.info("prepare summary: %s", json.dumps(summary))
 
 
+def read_dataset_source(cfg: DictConfig, inputs: str | list) -> SourceList:
+    """`source=hf` (a Hugging Face dataset) or `source=webdataset` (tar shards): `input` as a SourceList."""
+    if not isinstance(inputs, str):
+        raise ConfigError(f"input={inputs}: source={cfg.source} takes one dataset or shard pattern")
+    class_list = read_class_labels(cfg.class_labels) if cfg.get("class_labels") else None
+    if cfg.source == "hf":
+        from ced_lightning.data.hf_source import from_hf_dataset
+
+        return from_hf_dataset(inputs, class_list, **OmegaConf.to_container(cfg.hf))
+    from ced_lightning.data.webdataset_source import from_webdataset
+
+    return from_webdataset(inputs, class_list, **OmegaConf.to_container(cfg.webdataset))
+
+
 def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     """The whole command for a config; returns one summary per store written."""
     if not cfg.get("output"):
@@ -394,12 +411,20 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
         for summary in summaries:
             print_summary(summary)
         return summaries
-    if cfg.source != "files":
-        raise ConfigError(f"source={cfg.source!r}: expected `files` (with input=...) or `demo`")
+    if cfg.source not in ("files", "hf", "webdataset"):
+        raise ConfigError(
+            f"source={cfg.source!r}: expected `files`, `hf` or `webdataset` (with input=...) or `demo`"
+        )
     if not cfg.get("input"):
-        raise ConfigError("input: an audio directory, a file list, or AudioSet segment CSV(s) is required")
+        raise ConfigError(
+            "input: an audio directory, a file list, AudioSet segment CSV(s), a Hugging Face dataset "
+            "(source=hf) or a WebDataset shard pattern (source=webdataset) is required"
+        )
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
-    sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
+    if cfg.source == "files":
+        sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
+    else:
+        sources = read_dataset_source(cfg, inputs)
     log.info("%s input: %d files", sources.kind, len(sources.items))
     # Stored in the store's attributes: without credentials a URL may carry (store.remote).
     config = redact_config(
@@ -408,6 +433,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             "audio_dir": cfg.get("audio_dir"),
             "class_labels": cfg.get("class_labels"),
             "sample_rate": SAMPLE_RATE,
+            **({cfg.source: OmegaConf.to_container(cfg[cfg.source])} if cfg.source != "files" else {}),
         }
     )
     with store_lock(str(cfg.output), "prepare"):  # one writer per store (store.lock)

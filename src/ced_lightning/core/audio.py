@@ -1,8 +1,9 @@
 """Reading audio files (one decoder and validator for `prepare`, `predict` and the examples), the int16 <->
 float convention of stored audio, and the short-clip rule.
 
-soundfile decodes (every format of the installed libsndfile: `AUDIO_EXTENSIONS`), torchaudio resamples (in
-blocks for long recordings), channels are averaged.
+soundfile decodes (every format of the installed libsndfile: `AUDIO_EXTENSIONS`); where libsndfile refuses a
+file and PyAV is installed (the `ffmpeg` extra), FFmpeg decodes it (`core.ffmpeg_audio`: M4A/AAC, WebM, the
+audio of video containers). torchaudio resamples (in blocks for long recordings), channels are averaged.
 Stored audio is int16; batches carry it as int16 (half the bytes of float32 through DataLoader workers'
 shared memory and to the GPU) and become float32 on the device (`int16_to_float`), exactly: the scale is a
 power of two.
@@ -11,6 +12,7 @@ power of two.
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,16 +25,24 @@ import torch
 import torchaudio
 
 from ced_lightning.core.errors import CedError
+from ced_lightning.core.ffmpeg_audio import (
+    FFMPEG_EXTENSIONS,
+    INSTALL_HINT,
+    FfmpegDecodeError,
+    FfmpegReader,
+    ffmpeg_available,
+)
 
 SAMPLE_RATE = 16000
 INT16_SCALE = 32768.0  # int16 sample / INT16_SCALE = float sample in [-1, 1)
 # Every format the installed libsndfile decodes (wav, flac, ogg, mp3, aiff, caf, w64, ...), plus common
-# aliases: one list for every command that scans folders. RAW is left out: headerless files cannot be decoded
-# without being told their rate and sample type.
+# aliases, plus FFmpeg's containers where PyAV is installed: one list for every command that scans folders.
+# RAW is left out: headerless files cannot be decoded without being told their rate and sample type.
 AUDIO_EXTENSIONS: tuple[str, ...] = tuple(
     sorted(
         {f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
         | {".wav", ".flac", ".ogg", ".mp3", ".opus", ".oga", ".aif", ".aifc"}
+        | (set(FFMPEG_EXTENSIONS) if ffmpeg_available() else set())
     )
 )
 # The project's one minimum-length rule: nothing refuses a short clip. A waveform shorter than one STFT window
@@ -148,8 +158,9 @@ def check_openable(path: str | PathLike) -> None:
         raise AudioDecodeError(f"{path}: cannot open ({err.strerror or err})") from err
 
 
-def wav_truncation(path: str | PathLike) -> str | None:
-    """Why a WAV file is cut short (its `data` chunk declares more bytes than the file holds), or None.
+def wav_truncation(path: str | PathLike, data: bytes | None = None) -> str | None:
+    """Why a WAV file (at `path`, or its bytes `data` named `path`) is cut short (its `data` chunk declares
+    more bytes than the file holds), or None.
 
     libsndfile silently decodes what is there, so a half-downloaded file would pass as a shorter clip.
     """
@@ -157,8 +168,8 @@ def wav_truncation(path: str | PathLike) -> str | None:
     if not path.lower().endswith((".wav", ".wave")):
         return None
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        size = os.path.getsize(path) if data is None else len(data)
+        with open(path, "rb") if data is None else io.BytesIO(data) as handle:
             head = handle.read(12)
             if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
                 return None  # not a RIFF WAVE (RF64, or not audio at all): the decoder judges it
@@ -199,10 +210,10 @@ def undecodable_format_hint(path: str | PathLike) -> str | None:
     """Why libsndfile cannot read `path` and what to do, for formats it has no decoder for; else None."""
     suffix = os.path.splitext(str(path))[1].lower()
     convert = f"convert it first, e.g. `ffmpeg -i {os.path.basename(str(path))} -ac 1 -ar 16000 out.flac`"
-    if suffix in NO_LIBSNDFILE_DECODER:
+    if suffix in NO_LIBSNDFILE_DECODER and not ffmpeg_available():
         return (
             f"{NO_LIBSNDFILE_DECODER[suffix]} is not a format libsndfile (the decoder of every command, via "
-            f"soundfile) reads, in any version: {convert}"
+            f"soundfile) reads, in any version: install the FFmpeg decoder (`{INSTALL_HINT}`) or {convert}"
         )
     if suffix == ".mp3" and "MP3" not in sf.available_formats():
         return (
@@ -213,36 +224,75 @@ def undecodable_format_hint(path: str | PathLike) -> str | None:
     return None
 
 
+class _SoundFileReader:
+    """libsndfile's reader with `FfmpegReader`'s interface: `samplerate`, `frames`, `read()`, `blocks(n)`."""
+
+    def __init__(self, source: str | bytes) -> None:
+        self._file = sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        self.samplerate, self.frames = int(self._file.samplerate), int(self._file.frames)
+
+    def read(self) -> np.ndarray:
+        return self._file.read(dtype="float32", always_2d=True)
+
+    def blocks(self, block_frames: int) -> Iterator[np.ndarray]:
+        return self._file.blocks(block_frames, dtype="float32", always_2d=True)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _open_reader(path: str, data: bytes | None, block_frames: int) -> _SoundFileReader | FfmpegReader:
+    """libsndfile's reader of the file, else (where it refuses and PyAV is installed) FFmpeg's."""
+    source = str(path) if data is None else data
+    try:
+        return _SoundFileReader(source)
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        libsndfile_error = err
+    if ffmpeg_available():
+        try:
+            return FfmpegReader(source, keep_frames=block_frames)
+        except FfmpegDecodeError as err:
+            reason = " ".join(str(err).split())  # one line, whatever FFmpeg wrote
+            raise AudioDecodeError(
+                f"{path}: cannot decode audio (neither libsndfile nor FFmpeg reads it; {reason})"
+            ) from err
+    hint = undecodable_format_hint(path)
+    reason = hint or f"{type(libsndfile_error).__name__}: {libsndfile_error}"
+    raise AudioDecodeError(f"{path}: cannot decode audio ({reason})") from libsndfile_error
+
+
 class AudioStream:
-    """`path` decoded to float32 mono at `sample_rate`, iterated as consecutive numpy pieces: one piece for a
-    file of at most `block_frames` frames (decoded and resampled whole, as always), else one piece per block,
-    so a recording of hours is never in memory whole. `num_samples` is known on opening (from the header;
-    exact once the first piece is read).
+    """`path` (or the file's bytes `data`, named `path` in messages) decoded to float32 mono at
+    `sample_rate`, iterated as consecutive numpy pieces: one piece for a file of at most `block_frames` frames
+    (decoded and resampled whole, as always), else one piece per block, so a recording of hours is never in
+    memory whole. `num_samples` is known on opening (from the header; exact once the first piece is read).
 
     Checks as `load_audio` (which is this stream, concatenated): opening raises `AudioDecodeError` for
-    missing, unopenable, undecodable, truncated (WAV) and empty files; iterating raises it at the first
-    non-finite block and, at the end, for all-zero audio and audio that rounds to silence at 16 bits.
+    missing, unopenable, undecodable, truncated (WAV; FFmpeg's containers: shorter than declared) and empty
+    files; iterating raises it at the first non-finite block and, at the end, for all-zero audio and audio
+    that rounds to silence at 16 bits.
     """
 
     def __init__(
-        self, path: str | PathLike, sample_rate: int = SAMPLE_RATE, block_frames: int = STREAM_BLOCK_FRAMES
+        self,
+        path: str | PathLike,
+        sample_rate: int = SAMPLE_RATE,
+        block_frames: int = STREAM_BLOCK_FRAMES,
+        *,
+        data: bytes | None = None,
     ) -> None:
         self.path, self.sample_rate, self.block_frames = str(path), sample_rate, block_frames
-        check_openable(path)
-        truncated = wav_truncation(path)
+        if data is None:
+            check_openable(path)
+        truncated = wav_truncation(path, data)
         if truncated:
             raise AudioDecodeError(truncated)
-        try:
-            self._file = sf.SoundFile(self.path)
-        except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-            hint = undecodable_format_hint(path)
-            reason = hint or f"{type(err).__name__}: {err}"
-            raise AudioDecodeError(f"{path}: cannot decode audio ({reason})") from err
-        self.orig_sr = int(self._file.samplerate)
+        self._file = _open_reader(self.path, data, block_frames)
+        self.orig_sr = self._file.samplerate
         if self._file.frames == 0:
             self.close()
             raise AudioDecodeError(f"{path}: empty audio (0 samples)")
-        self.num_samples = resampled_length(int(self._file.frames), self.orig_sr, sample_rate)
+        self.num_samples = resampled_length(self._file.frames, self.orig_sr, sample_rate)
         if self.num_samples == 0:
             self.close()
             raise AudioDecodeError(f"{path}: empty audio (0 samples at {sample_rate} Hz)")
@@ -260,13 +310,13 @@ class AudioStream:
         path = self.path
         try:
             if self._file.frames <= self.block_frames:  # checked whole before anything is yielded
-                (mono,) = _checked_blocks([self._file.read(dtype="float32", always_2d=True)], path)
+                (mono,) = _checked_blocks([self._file.read()], path)
                 whole = resample(torch.from_numpy(mono), self.orig_sr, self.sample_rate).contiguous()
                 # torchaudio rounds the length in float32: the decoded length is the truth.
                 self.num_samples = whole.shape[-1]
                 pieces: Iterable[np.ndarray] = [_checked_resampled(whole.numpy(), path)]
             else:
-                decoded = self._file.blocks(self.block_frames, dtype="float32", always_2d=True)
+                decoded = self._file.blocks(self.block_frames)
                 pieces = resample_stream(_checked_blocks(decoded, path), self.orig_sr, self.sample_rate)
             loudest = 0.0
             for piece in pieces:
@@ -308,7 +358,11 @@ def _checked_blocks(blocks: Iterable[np.ndarray], path: str) -> Iterator[np.ndar
 
 
 def load_audio(
-    path: str | PathLike, sample_rate: int = SAMPLE_RATE, block_frames: int = STREAM_BLOCK_FRAMES
+    path: str | PathLike,
+    sample_rate: int = SAMPLE_RATE,
+    block_frames: int = STREAM_BLOCK_FRAMES,
+    *,
+    data: bytes | None = None,
 ) -> torch.Tensor:
     """Decode `path` to a float32 mono waveform `[samples]` at `sample_rate`: the one decoder and validator of
     every command (`prepare`, `predict`, the examples), so all accept and refuse the same files.
@@ -316,9 +370,10 @@ def load_audio(
     Raises `AudioDecodeError` naming the file for missing or unopenable paths (saying which), undecodable
     (saying what converts formats libsndfile cannot read, e.g. m4a), truncated (WAV), empty, non-finite,
     all-zero audio, and audio that rounds to silence at 16-bit resolution. Files longer than `block_frames`
-    frames are decoded and resampled block by block (`AudioStream`, which `predict` iterates itself).
+    frames are decoded and resampled block by block (`AudioStream`, which `predict` iterates itself). `data`:
+    the file's bytes (a tar member, a dataset row), decoded as the file `path` names would be.
     """
-    with AudioStream(path, sample_rate, block_frames) as stream:
+    with AudioStream(path, sample_rate, block_frames, data=data) as stream:
         pieces = list(stream)
     return torch.from_numpy(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 

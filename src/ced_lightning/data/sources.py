@@ -10,12 +10,13 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ced_lightning.core.audio import AUDIO_EXTENSIONS, NO_LIBSNDFILE_DECODER
 from ced_lightning.core.errors import ConfigError, InputError, MissingInputError
+from ced_lightning.core.ffmpeg_audio import INSTALL_HINT as FFMPEG_INSTALL_HINT
 from ced_lightning.core.labels import ClassList, audioset_classes, read_class_labels
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ class SourceItem:
     name: str
     path: str
     labels: list[int] | None = None
+    # The file's bytes where it is not a file of its own (a tar member, a dataset row): a picklable callable
+    # run in the decoding process, `path` then only names it in messages. None: decode the file at `path`.
+    blob: Callable[[], bytes] | None = None
 
 
 @dataclass
@@ -95,10 +99,12 @@ def scan_audio_files(root: str | os.PathLike, extensions: Iterable[str] = AUDIO_
                 undecodable[suffix] = undecodable.get(suffix, 0) + 1
         if undecodable:  # audio, but in a container libsndfile cannot read: say what to do about it
             log.warning(
-                "%s: %s files are audio libsndfile cannot decode (no version reads them); convert them "
-                "first, e.g. `ffmpeg -i NAME%s -ac 1 -ar 16000 NAME.flac`",
+                "%s: %s files are audio libsndfile cannot decode (no version reads them); install the "
+                "FFmpeg decoder (`%s`) or convert them first, e.g. `ffmpeg -i NAME%s -ac 1 -ar 16000 "
+                "NAME.flac`",
                 root,
                 ", ".join(f"{count} {suffix}" for suffix, count in sorted(undecodable.items())),
+                FFMPEG_INSTALL_HINT,
                 next(iter(sorted(undecodable))),
             )
     return sorted(found)
@@ -128,7 +134,7 @@ def _sniff_delimiter(header: str, path: str | os.PathLike) -> str:
     raise InputError(f"{path}: empty file list (expected a header with a `filename` column)")
 
 
-def _parse_labels(text: str, classes: ClassList | None, class_labels_given: bool, where: str) -> list[int]:
+def parse_labels(text: str, classes: ClassList | None, class_labels_given: bool, where: str) -> list[int]:
     """Class indices, mids or display names separated by `;` or `,` (a display name may hold a comma:
     "Male speech, man speaking" is read whole)."""
     known: dict[str, int] = {}
@@ -205,7 +211,7 @@ def from_file_list(path: str | os.PathLike, class_list: ClassList | None = None)
             # An unquoted "a.wav,/m/01,/m/02" with labels last: the extra fields are more labels.
             text_labels = ",".join([text_labels, *row[None]])
         where = f"{path}:{line}"
-        labels = _parse_labels(text_labels, classes, class_list is not None, where) if has_labels else None
+        labels = parse_labels(text_labels, classes, class_list is not None, where) if has_labels else None
         items.append(SourceItem(name=name, path=str(file_path), labels=labels))
     if not items:
         raise InputError(f"{path}: the file list has a header but no rows")
