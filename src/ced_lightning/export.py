@@ -1,7 +1,11 @@
-"""Export a trained model to ONNX, with dynamic batch and time axes.
+"""Export a trained model to ONNX, with dynamic batch and time axes, or to the Hugging Face Hub port's layout.
 
     python -m ced_lightning.export ckpt=model.ckpt output=model.onnx [input=waveform|spectrogram] [opset=18]
                                    [quantize=int8]
+    python -m ced_lightning.export format=hf ckpt=model.ckpt output=DIR [push_to_hub=USER/REPO]
+
+`format=hf` writes the folder the Hub port of CED reads (`engines.hub_export`, `models.hub`:
+model.safetensors, config.json, preprocessor_config.json).
 
 `input=waveform` takes `[batch, samples]` float32 audio at 16 kHz and includes the log-mel front end;
 `input=spectrogram` takes the front end's output `[batch, n_mels, frames]`. Both give `logits` and
@@ -316,9 +320,17 @@ def main(cfg: DictConfig) -> None:
     for key in ("ckpt", "output"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise ConfigError(
-                f"{key}= is required: python -m ced_lightning.export ckpt=PATH output=model.onnx"
+                f"{key}= is required: python -m ced_lightning.export ckpt=PATH output=model.onnx "
+                "(or format=hf output=DIR)"
             )
     torch.set_num_threads(os.cpu_count() or 1)
+    if cfg.format == "hf":
+        from ced_lightning.engines.hub_export import export_hub
+
+        print(export_hub(cfg.ckpt, cfg.output, verify=bool(cfg.verify), push_to_hub=cfg.push_to_hub))
+        return
+    if cfg.format != "onnx":
+        raise ConfigError(f"format={cfg.format!r}: choose onnx or hf")
     # The exporter's graph passes log every rewrite at INFO under Hydra's root logger: hundreds of lines.
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -21,6 +21,13 @@ from ced_lightning.core.audio import SAMPLE_RATE, pad_to_min_length
 from ced_lightning.core.errors import ConfigError
 
 PIECE_AVERAGES = ("probability", "logit")
+# The paper's four sizes (all of depth 12, 64-dimensional heads): `create_ced(name)`.
+CED_SIZES: dict[str, dict[str, int]] = {
+    "ced_tiny": {"embed_dim": 192, "num_heads": 3},
+    "ced_mini": {"embed_dim": 256, "num_heads": 4},
+    "ced_small": {"embed_dim": 384, "num_heads": 6},
+    "ced_base": {"embed_dim": 768, "num_heads": 12},
+}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -24,7 +25,14 @@ from torch import nn
 
 from ced_lightning.core.errors import CedError, MissingInputError
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
-from ced_lightning.models.released import from_hub_layout, is_hub_layout, resolve_checkpoint
+from ced_lightning.models.hub import (
+    WEIGHTS_FILE,
+    from_hub_layout,
+    is_hub_folder,
+    is_hub_layout,
+    read_hub_folder,
+)
+from ced_lightning.models.released import resolve_checkpoint
 from ced_lightning.models.timm_mel import TimmMelClassifier
 
 _HEAD_DIM = 64  # every CED size uses 64-dimensional heads, which lets load_ced infer num_heads.
@@ -75,8 +83,14 @@ def _read_checkpoint_file(
     `path` may be a released name (`ced_mini`, `ced_mini_mae`: `resolve_checkpoint`). Checkpoints may be
     fsspec URLs on object storage and hundreds of MB: with the hash, one sequential read feeds both it and
     `torch.load` (holding the bytes once in memory); without, the file streams into `torch.load`.
-    Safetensors files (the Hub's `model.safetensors`) are recognised by their header: a bare state dict.
+    Safetensors files (the Hub's `model.safetensors`) are recognised by their header: a bare state dict. A
+    folder of the Hub port's layout (`models.hub`) reads as `{'model', 'ced_config', 'class_names'}`, its
+    sha256 that of its weights file.
     """
+    if is_hub_folder(path):
+        weights = Path(path) / WEIGHTS_FILE
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if sha256 else None
+        return read_hub_folder(path), digest
     with fsspec.open(resolve_checkpoint(path), "rb") as handle:
         safetensors_file = _is_safetensors(handle.read(9))
         handle.seek(0)

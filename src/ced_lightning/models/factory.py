@@ -13,18 +13,11 @@ import torch
 from torch import nn
 
 from ced_lightning.core.errors import ConfigError, InputError
-from ced_lightning.models.ced import CED, CEDConfig
+from ced_lightning.models.ced import CED, CED_SIZES, CEDConfig
 from ced_lightning.models.checkpoint import read_state_dict
 from ced_lightning.models.released import released_entry, released_entry_by_filename
 
 log = logging.getLogger(__name__)
-
-CED_SIZES: dict[str, dict[str, int]] = {
-    "ced_tiny": {"embed_dim": 192, "num_heads": 3},
-    "ced_mini": {"embed_dim": 256, "num_heads": 4},
-    "ced_small": {"embed_dim": 384, "num_heads": 6},
-    "ced_base": {"embed_dim": 768, "num_heads": 12},
-}
 
 
 def list_ced() -> list[str]:

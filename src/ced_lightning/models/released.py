@@ -1,4 +1,5 @@
-"""The paper's released weights by name: a registry, a download-once cache, and the Hub's key layout.
+"""The paper's released weights by name: a registry and a download-once cache (the Hub's key layout:
+`models.hub`).
 
 Names (`list_released()`): `ced_tiny`, `ced_mini`, `ced_small`, `ced_base` (the AudioSet taggers of the paper,
 527 classes) and `ced_tiny_mae` ... `ced_base_mae` (the self-supervised MAE encoders the paper's students
@@ -323,24 +324,3 @@ def _unavailable_message(entry: ReleasedWeights, failures: list[str]) -> str:
         ]
     lines += [f"or give the file's path instead of the name {entry.name!r}.", released_names_line()]
     return "\n".join(lines)
-
-
-def from_hub_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of a Hub `CedForAudioClassification` file -> this project's (= the original's) keys.
-
-    The Hub's conversion (hf_transformers_custom_model_ced, convert_ced_original_to_pytorch.py) dropped the
-    front end's buffers, renamed `init_bn.1.*` to `init_bn.*` and put everything but `outputlayer.*` under
-    `encoder.`; this undoes it. The front end's buffers follow from the model's config (`CED` rebuilds them).
-    """
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("encoder.init_bn."):
-            key = "init_bn.1." + key[len("encoder.init_bn.") :]
-        elif key.startswith("encoder."):
-            key = key[len("encoder.") :]
-        out[key] = value
-    return out
-
-
-def is_hub_layout(state_dict: dict[str, torch.Tensor]) -> bool:
-    return "encoder.patch_embed.proj.weight" in state_dict and "patch_embed.proj.weight" not in state_dict

@@ -1,0 +1,8 @@
+"""HEAR module for CED-Tiny: `hear-validator ced_lightning.hear.ced_tiny` loads the released `ced_tiny`
+when no weights file is given (`-m PATH` loads another checkpoint of any size)."""
+
+from ced_lightning.hear import get_scene_embeddings, get_timestamp_embeddings, load_model_of
+
+__all__ = ["get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
+
+load_model = load_model_of("ced_tiny")
