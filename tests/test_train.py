@@ -213,6 +213,8 @@ def test_multirun_two_jobs_and_offline_wandb(tiny_demo: dict[str, str], tmp_path
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:
         assert list((job / "wandb").glob("offline-run-*")), f"no offline W&B run in {job}"
+        # The training curves come from the run itself, whatever the logger (here W&B offline and CSV).
+        assert (job / "checkpoints" / "training_curves.png").is_file()
     assert "logging offline (not logged in" in result.stdout + result.stderr
 
 

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ced_lightning.core.curves import plot_training_curves, write_curves_csv
 from ced_lightning.core.errors import ConfigError
 from ced_lightning.core.progress import ProgressLog, output_is_terminal
 
@@ -137,8 +139,7 @@ class EpochLog(Callback):
             raise ConfigError(f"callbacks.epoch_log.when must be one of {list(self.WHEN)}, not {when!r}")
         self.when = when
         self._started = 0.0
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
+        self._loss = EpochLossMean()
         self._validated = False
         self._batches: dict[str, ProgressLog] = {}  # per stage: validation may run within a training epoch
 
@@ -162,7 +163,8 @@ class EpochLog(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.monotonic()
-        self._loss_sum, self._loss_count, self._validated = None, 0, False
+        self._loss.reset()
+        self._validated = False
         self._count_batches(trainer, "train", trainer.num_training_batches)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -182,12 +184,7 @@ class EpochLog(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            # Summed on the device: no synchronisation per step, one at the end of the epoch.
-            value = loss.detach().float()
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_count += 1
+        self._loss.add(outputs)
         self._batch_done("train")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -197,12 +194,10 @@ class EpochLog(Callback):
         if not self._enabled(trainer):
             return
         metrics: dict[str, float] = {}
-        if self._loss_sum is not None:
-            metrics["train/loss"] = float(self._loss_sum) / self._loss_count
+        if self._loss.mean() is not None:
+            metrics["train/loss"] = self._loss.mean()
         if self._validated:  # otherwise the validation figures are an earlier epoch's
-            for name, value in sorted(trainer.callback_metrics.items()):
-                if name.startswith("val/") and isinstance(value, torch.Tensor) and value.numel() == 1:
-                    metrics[name] = float(value)
+            metrics.update(validation_values(trainer))
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         line = format_epoch_line(
             trainer.current_epoch,
@@ -213,3 +208,103 @@ class EpochLog(Callback):
             step=trainer.global_step,
         )
         log.info(line)
+
+
+class EpochLossMean:
+    """The mean of the training losses a module's `training_step` returned over one epoch (this process's
+    batches): the per-epoch training loss of the epoch log and the training curves."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Summed on the device: no synchronisation per step, one at the end of the epoch.
+            value = loss.detach().float()
+            self._sum = value if self._sum is None else self._sum + value
+            self._count += 1
+
+    def mean(self) -> float | None:
+        return None if self._sum is None else float(self._sum) / self._count
+
+
+def validation_values(trainer: Trainer) -> dict[str, float]:
+    """The scalar `val/...` metrics the last validation logged."""
+    return {
+        name: float(value)
+        for name, value in sorted(trainer.callback_metrics.items())
+        if name.startswith("val/") and isinstance(value, torch.Tensor) and value.numel() == 1
+    }
+
+
+class TrainingCurves(Callback):
+    """Records each training epoch's mean loss (`EpochLossMean`) and its validation metrics, and at the end
+    of the fit (also one stopped by an exception, SIGTERM included) writes them as `training_curves.csv` and
+    the chart `training_curves.png` (`core.curves`: train loss and val mAP per epoch) on rank 0, beside the
+    checkpoints (the run folder without a checkpoint callback). The records travel in the checkpoints, so a
+    resumed run's chart starts at its first epoch. Independent of the loggers: the same chart with CSV,
+    TensorBoard, W&B (online or offline) or none."""
+
+    def __init__(self, filename: str = "training_curves") -> None:
+        self.filename = filename
+        self.records: list[dict[str, float]] = []
+        self._loss = EpochLossMean()
+        self.paths: dict[str, Path] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [dict(record) for record in self.records]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = [dict(record) for record in state_dict.get("records", [])]
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._loss.reset()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._loss.add(outputs)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not at the epoch's end: the checkpoint callbacks (Lightning runs them last) save this
+        # epoch's checkpoint right after, and its records must hold this epoch.
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._record(trainer, validation_values(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, {})
+
+    def _record(self, trainer: Trainer, values: dict[str, float]) -> None:
+        """Merge the epoch's mean loss so far and `values` into the record of the current epoch."""
+        record = next((r for r in self.records if int(r["epoch"]) == trainer.current_epoch), None)
+        if record is None:
+            record = {"epoch": trainer.current_epoch}
+            self.records.append(record)
+        if self._loss.mean() is not None:
+            record["train/loss"] = self._loss.mean()
+        record.update(values)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        try:
+            self._write(trainer)
+        except Exception as error:  # the exception that stopped the run is the one to report
+            log.warning("could not write the training curves: %s", error)
+
+    def _write(self, trainer: Trainer) -> None:
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.log_dir
+        if not trainer.is_global_zero or not folder or not self.records:
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = {"csv": folder / f"{self.filename}.csv", "png": folder / f"{self.filename}.png"}
+        write_curves_csv(self.paths["csv"], self.records)
+        plot_training_curves(self.paths["png"], self.records)
+        log.info("training curves: %s", self.paths["png"])

@@ -7,6 +7,7 @@ resumes into and tests is `fit_checkpoints`'."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import netrc
 import os
@@ -26,7 +27,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning.core.device import on_gpu, resolve_precision
-from ced_lightning.core.errors import CedError
+from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.core.progress import output_is_terminal
 from ced_lightning.engines.launch import global_rank
 
@@ -91,9 +92,18 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
             continue
         if "Wandb" in logger_cfg._target_:
             logger_cfg = _wandb_settings(cfg, logger_cfg)
+        if "TensorBoard" in logger_cfg._target_ and not _tensorboard_installed():
+            raise ConfigError(
+                f"logger.{name} ({logger_cfg._target_}) needs the tensorboard package: "
+                'pip install "ced-lightning[tensorboard]" (or choose another logger: logger=csv)'
+            )
         loggers.append(instantiate(logger_cfg))
         log.debug("logger %s: %s", name, logger_cfg._target_)
     return loggers
+
+
+def _tensorboard_installed() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def _wandb_settings(cfg: DictConfig, logger_cfg: DictConfig) -> DictConfig:

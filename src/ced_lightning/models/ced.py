@@ -295,6 +295,73 @@ class CED(nn.Module):
         logits = average_pieces(logits.unflatten(0, (pieces, batch)), self.config.piece_average)
         return logits, pooled.unflatten(0, (pieces, batch)).mean(0)
 
+    @property
+    def column_seconds(self) -> float:
+        """Seconds between the starts of two token columns (`forward_frames`' time step): `patch_stride`
+        frames of `hop_length` samples (CED: 16 x 10 ms = 160 ms)."""
+        front_end = self.config.front_end
+        return self.config.patch_stride * front_end.hop_length / front_end.sample_rate
+
+    def num_columns(self, num_frames: int) -> int:
+        """Token columns of a log-mel of `num_frames` frames: whole patches only (as `forward` sees them),
+        at least one (shorter clips are padded to one patch)."""
+        frames = max(num_frames, self.config.patch_size)
+        return (frames - self.config.patch_size) // self.config.patch_stride + 1
+
+    def forward_frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[batch, samples]` -> frame-level logits `[batch, columns, classes]`: one per token column
+        (`column_seconds` apart, column j starting at j * `column_seconds`), from one encoder pass.
+
+        Each column's tokens (one per mel band) are averaged and classified by the clip head, so for a clip
+        of one piece the mean of the columns' pre-head features is `embed`'s (`embed_frames`). Longer clips
+        are cut into pieces of as many whole columns as the model's time positions hold (`target_length`
+        frames: 63 columns, 10.08 s), so the columns stay on one 160 ms grid across pieces."""
+        return self.outputlayer(self.embed_frames(waveform))
+
+    def forward_frames_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
+        """`forward_frames` of the front end's output `[batch, n_mels, frames]`."""
+        return self.outputlayer(self.embed_frames_spectrogram(mel))
+
+    def embed_frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[batch, samples]` -> per-column embeddings `[batch, columns, embed_dim]` (`forward_frames`
+        before the head): the mean over the mel bands of each token column's features."""
+        return self.embed_frames_spectrogram(self.front_end(waveform))
+
+    def embed_frames_spectrogram(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.init_bn(mel.unsqueeze(1))
+        batch, frames = x.shape[0], x.shape[-1]
+        columns = self.num_columns(frames)
+        if frames < self.config.patch_size:
+            x = F.pad(x, (0, self.config.patch_size - frames))
+        per_piece = self.time_pos_embed.shape[-1]
+        pieces = math.ceil(columns / per_piece)
+        freq_patches = self.freq_pos_embed.shape[-2]
+        mask = None
+        if pieces > 1:
+            stride, patch = self.config.patch_stride, self.config.patch_size
+            piece_frames = (per_piece - 1) * stride + patch
+            x = F.pad(x, (0, (pieces * per_piece - 1) * stride + patch - frames))
+            # [b, 1, f, frames] -> [pieces*b, 1, f, piece_frames], piece-major as `_normalised_pieces`
+            x = x.unfold(-1, piece_frames, per_piece * stride).permute(3, 0, 1, 2, 4).flatten(0, 1)
+            if columns % per_piece:
+                mask = self._last_piece_mask(pieces, batch, columns % per_piece, freq_patches, x.device)
+        tokens = self.forward_features(x, mask)
+        # Tokens are ordered band-major (band * time_columns + column): average the bands of each column.
+        embeddings = tokens.unflatten(1, (freq_patches, -1)).mean(1)
+        if pieces > 1:
+            embeddings = embeddings.unflatten(0, (pieces, batch)).transpose(0, 1).flatten(1, 2)
+        return embeddings[:, :columns]
+
+    def _last_piece_mask(
+        self, pieces: int, batch: int, real_columns: int, freq_patches: int, device: torch.device
+    ) -> torch.Tensor:
+        """Attention mask `[pieces*batch, 1, 1, tokens]` (True: attend) hiding the padded columns of the
+        last, partial piece from its real ones, so that a column's output never depends on padding."""
+        per_piece = self.time_pos_embed.shape[-1]
+        keep = torch.ones(pieces, batch, freq_patches, per_piece, dtype=torch.bool, device=device)
+        keep[-1, :, :, real_columns:] = False
+        return keep.flatten(2)[:, :, None, None, :].flatten(0, 1)
+
     def _normalised_pieces(self, mel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Log-mel -> BatchNorm'd `[pieces * batch, 1, n_mels, t]` (piece-major like the original) and the
         number of pieces: 1 up to `target_length` frames, else `target_length`-frame pieces (last padded)."""
@@ -310,12 +377,17 @@ class CED(nn.Module):
         # [b, 1, f, pieces*length] -> [pieces*b, 1, f, length]
         return x.unflatten(-1, (pieces, length)).permute(3, 0, 1, 2, 4).flatten(0, 1), pieces
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised `[b, 1, mel, t]` -> token features `[b, tokens, embed_dim]`."""
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised `[b, 1, mel, t]` -> token features `[b, tokens, embed_dim]`; `attn_mask` (bool,
+        True: attend, broadcast to `[b, heads, tokens, tokens]`) limits what each token attends to."""
         x = self.patch_embed(x)
         x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
         x = self.pos_drop(x.flatten(2).transpose(1, 2))
-        x = self.blocks(x)
+        if attn_mask is None:
+            x = self.blocks(x)
+        else:
+            for block in self.blocks:
+                x = block(x, attn_mask)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
