@@ -41,7 +41,7 @@ from ced_lightning.core.audio import (
 from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.core.labels import ClassList
 from ced_lightning.core.progress import ProgressLog
-from ced_lightning.data.sources import SourceItem, read_source
+from ced_lightning.data.sources import SourceItem, SourceList, from_class_folders, read_source
 from ced_lightning.engines.launch import command_errors
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import (
@@ -393,6 +393,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             clip_seconds=float(cfg.demo.clip_seconds),
             workers=workers,
             overwrite=bool(cfg.overwrite),
+            single_label=bool(cfg.demo.get("single_label", False)),
         )
         summaries = [summarize(AudioStore.open(url)) for url in urls.values()]
         for summary in summaries:
@@ -403,7 +404,8 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     if not cfg.get("input"):
         raise ConfigError("input: an audio directory, a file list, or AudioSet segment CSV(s) is required")
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
-    sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
+    labels = str(cfg.get("labels") or "lists")
+    sources = read_labeled_source(cfg, inputs, labels)
     log.info("%s input: %d files", sources.kind, len(sources.items))
     # Stored in the store's attributes: without credentials a URL may carry (store.remote).
     config = redact_config(
@@ -412,6 +414,8 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             "audio_dir": cfg.get("audio_dir"),
             "class_labels": cfg.get("class_labels"),
             "sample_rate": SAMPLE_RATE,
+            # only where set, so that stores written before the option keep their job signature
+            **({"labels": labels} if labels != "lists" else {}),
         }
     )
     with store_lock(str(cfg.output), "prepare"):  # one writer per store (store.lock)
@@ -435,6 +439,21 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.strict:
         check_strict(store, sources.unmatched)  # after the summary, so that it is printed either way
     return [summary]
+
+
+def read_labeled_source(cfg: DictConfig, inputs: str | list, labels: str) -> SourceList:
+    """The clips of `input` with their labels as `labels=` says: `lists` (those of a file list or segment
+    CSVs; none for a directory) or `folders` (each clip's class is its folder under `input`)."""
+    if labels == "folders":
+        if not isinstance(inputs, str) or cfg.get("class_labels") or cfg.get("audio_dir"):
+            raise ConfigError(
+                "labels=folders: input is one directory with a folder per class; class_labels and "
+                "audio_dir do not apply (the class list is the folders' names)"
+            )
+        return from_class_folders(inputs)
+    if labels != "lists":
+        raise ConfigError(f"labels={labels!r}: expected `lists` or `folders`")
+    return read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")

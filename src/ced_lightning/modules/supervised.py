@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ced_lightning.core.augment import AugmentRecipe, augmented_spectrogram, sample_augment_params
-from ced_lightning.core.losses import mix_with_reversed, sample_mixup_lambda
+from ced_lightning.core.losses import mix_with_reversed, sample_mixup_lambda, supervised_loss
 from ced_lightning.modules.tagging import TaggingModule
 
 
 class SupervisedModule(TaggingModule):
-    """BCE on multi-hot labels, with the same spectrogram augmentation (fresh draws every epoch) and mixup
+    """BCE on multi-hot labels (`objective="multi_label"`) or cross-entropy on one class per clip
+    (`"single_label"`), with the same spectrogram augmentation (fresh draws every epoch) and mixup
     as distillation. Batches: `index`, `waveform`, `length`, `target` (from `LabeledDataModule`)."""
 
     def __init__(
@@ -42,6 +42,6 @@ class SupervisedModule(TaggingModule):
             )
             mel, target = mix_with_reversed(mel, lam), mix_with_reversed(target, lam)
         logits = self.model.forward_spectrogram(mel)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        loss = supervised_loss(self.objective, logits, target)
         self.log("train/loss", loss, prog_bar=True)
         return loss
