@@ -77,6 +77,11 @@ class TaggingModule(LightningModule):
             _classifier(self.model).train()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls `train()` here: it restores each submodule's captured mode after validation.
+        if self.freeze_encoder:
+            self.train()
+
     # -- evaluation -------------------------------------------------------------------------------------
     @property
     def eval_model(self) -> nn.Module:
