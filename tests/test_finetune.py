@@ -230,7 +230,8 @@ def test_finetuning_moves_the_encoder(single_label_demo: dict[str, str], tmp_pat
     )
 
 
-def test_single_label_training_refuses_multi_label_data(tiny_demo: dict[str, str], tmp_path: Path) -> None:
-    demo = {**tiny_demo, "pretrained": str(save_tiny_teacher(tmp_path / "p.pt", 16))}
+def test_single_label_training_refuses_multi_label_data(tmp_path: Path) -> None:
+    stores = build_demo_stores(str(tmp_path / "multi"), seed=0, train=8, val=4, test=4, clip_seconds=0.5)
+    demo = {**stores, "pretrained": str(save_tiny_teacher(tmp_path / "p.pt", 16))}
     with pytest.raises(InputError, match=r"clip 'demo_train_\d+' has [023] labels.*single_label"):
         _finetune(demo, tmp_path / "run")
