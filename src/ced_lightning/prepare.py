@@ -44,7 +44,7 @@ from ced_lightning.core.audio import (
 from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.core.labels import ClassList, read_class_labels
 from ced_lightning.core.progress import ProgressLog
-from ced_lightning.data.sources import SourceItem, SourceList, read_source
+from ced_lightning.data.sources import SourceItem, SourceList, from_class_folders, read_source
 from ced_lightning.engines.launch import command_errors
 from ced_lightning.store import store_nbytes
 from ced_lightning.store.audio import AudioStore
@@ -406,6 +406,7 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             clip_seconds=float(cfg.demo.clip_seconds),
             workers=workers,
             overwrite=bool(cfg.overwrite),
+            single_label=bool(cfg.demo.get("single_label", False)),
         )
         summaries = [summarize(AudioStore.open(url)) for url in urls.values()]
         for summary in summaries:
@@ -421,8 +422,11 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             "(source=hf) or a WebDataset shard pattern (source=webdataset) is required"
         )
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else str(cfg.input)
+    labels = str(cfg.get("labels") or "lists")
     if cfg.source == "files":
-        sources = read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
+        sources = read_labeled_source(cfg, inputs, labels)
+    elif labels != "lists":
+        raise ConfigError(f"labels={labels}: source={cfg.source} takes its labels from the dataset")
     else:
         sources = read_dataset_source(cfg, inputs)
     log.info("%s input: %d files", sources.kind, len(sources.items))
@@ -434,6 +438,8 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
             "class_labels": cfg.get("class_labels"),
             "sample_rate": SAMPLE_RATE,
             **({cfg.source: OmegaConf.to_container(cfg[cfg.source])} if cfg.source != "files" else {}),
+            # only where set, so that stores written before the option keep their job signature
+            **({"labels": labels} if labels != "lists" else {}),
         }
     )
     with store_lock(str(cfg.output), "prepare"):  # one writer per store (store.lock)
@@ -457,6 +463,21 @@ def run_prepare(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.strict:
         check_strict(store, sources.unmatched)  # after the summary, so that it is printed either way
     return [summary]
+
+
+def read_labeled_source(cfg: DictConfig, inputs: str | list, labels: str) -> SourceList:
+    """The clips of `input` with their labels as `labels=` says: `lists` (those of a file list or segment
+    CSVs; none for a directory) or `folders` (each clip's class is its folder under `input`)."""
+    if labels == "folders":
+        if not isinstance(inputs, str) or cfg.get("class_labels") or cfg.get("audio_dir"):
+            raise ConfigError(
+                "labels=folders: input is one directory with a folder per class; class_labels and "
+                "audio_dir do not apply (the class list is the folders' names)"
+            )
+        return from_class_folders(inputs)
+    if labels != "lists":
+        raise ConfigError(f"labels={labels!r}: expected `lists` or `folders`")
+    return read_source(inputs, audio_dir=cfg.get("audio_dir"), class_labels=cfg.get("class_labels"))
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")

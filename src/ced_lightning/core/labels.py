@@ -125,3 +125,14 @@ def check_same_classes(
     )
     if difference is not None:
         raise InputError(f"{message} ({difference})" + (f"; {advice}" if advice else ""))
+
+
+def single_label_problem(label_counts: Sequence[int], clip_names: Sequence[str]) -> str | None:
+    """None when every clip has exactly one label; otherwise the first clip that has not, in words
+    (`"clip 'dog/3' has 2 labels"`) with how many more share the problem."""
+    wrong = [i for i, count in enumerate(label_counts) if int(count) != 1]
+    if not wrong:
+        return None
+    first = wrong[0]
+    more = f" (and {len(wrong) - 1} more clips without exactly one)" if len(wrong) > 1 else ""
+    return f"clip {clip_names[first]!r} has {int(label_counts[first])} labels{more}"

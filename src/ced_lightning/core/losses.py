@@ -1,4 +1,5 @@
-"""Distillation losses on multi-label (sigmoid) outputs, and mixup (λ per clip, the mixing of a batch)."""
+"""Training losses: the supervised objectives (multi-label BCE, single-label cross-entropy), distillation
+losses on multi-label (sigmoid) outputs, and mixup (λ per clip, the mixing of a batch)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,29 @@ from ced_lightning.core.errors import ConfigError
 from ced_lightning.core.rng import counter_uniform, stream_id
 
 DistillLoss = Literal["kl", "bce"]
+# `task.objective`: multi-label tagging (a sigmoid per class) or one class per clip (a softmax over classes).
+Objective = Literal["multi_label", "single_label"]
+OBJECTIVES: tuple[str, ...] = ("multi_label", "single_label")
+
+
+def check_objective(objective: str) -> str:
+    """`objective` when it is one of OBJECTIVES, else a ConfigError naming `task.objective`."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"task.objective must be one of {list(OBJECTIVES)}, not {objective!r}")
+    return objective
+
+
+def supervised_loss(objective: Objective, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The batch mean of the supervised loss on float32 logits `[B, C]` and targets `[B, C]`.
+
+    multi_label: binary cross-entropy per class on multi-hot targets. single_label: cross-entropy of the
+    softmax against the target row read as class probabilities (one-hot, or two rows mixed by mixup, which
+    still sum to 1).
+    """
+    logits, target = logits.float(), target.float()
+    if check_objective(objective) == "single_label":
+        return F.cross_entropy(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def soften(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -11,6 +11,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ced_lightning.core.errors import ConfigError
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
     """Learning-rate factor: linear warm-up from 0 to 1 over `warmup_steps`, then cosine decay to
@@ -57,28 +59,67 @@ def lr_factor(
     )
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms, or names in `model.no_weight_decay()`."""
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    head: nn.Module | None = None,
+    encoder_lr: float | None = None,
+) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms, or names in `model.no_weight_decay()`.
+
+    With `encoder_lr`, every trainable parameter outside `head` (the encoder) gets that learning rate in
+    groups of its own; the head's keep the optimiser's. Frozen parameters (`requires_grad=False`) are left
+    out.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    in_head = {id(p) for p in head.parameters()} if head is not None and encoder_lr is not None else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decays = not (param.ndim <= 1 or name in skip)
+        encoder = encoder_lr is not None and id(param) not in in_head
+        groups.setdefault((encoder, decays), []).append(param)
+    result = []
+    for (encoder, decays), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1])):
+        group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if encoder:
+            group["lr"] = encoder_lr
+        result.append(group)
+    return result
+
+
+def freeze_all_but(model: nn.Module, head: nn.Module) -> None:
+    """A linear probe: every parameter of `model` outside `head` stops training (`requires_grad=False`)."""
+    in_head = {id(p) for p in head.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in in_head)
 
 
 def build_optimizer(
-    make_optimizer: Callable[..., torch.optim.Optimizer], model: nn.Module, weight_decay: float | None = None
+    make_optimizer: Callable[..., torch.optim.Optimizer],
+    model: nn.Module,
+    weight_decay: float | None = None,
+    head: nn.Module | None = None,
+    encoder_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """`make_optimizer` is a partial (Hydra `_partial_: true`) taking params; its weight decay applies to
-    matrices only."""
+    matrices only. With `encoder_lr_scale` other than 1, the parameters outside `head` train at the
+    optimiser's lr times it (fine-tuning: a pretrained encoder moves less than a new head)."""
     keywords = getattr(make_optimizer, "keywords", {})
     decay = keywords.get("weight_decay", 0.0) if weight_decay is None else weight_decay
-    params: Iterable = parameter_groups(model, decay) if decay else model.parameters()
+    encoder_lr = None
+    if encoder_lr_scale != 1.0:
+        if head is None or "lr" not in keywords:
+            raise ConfigError(
+                f"optim.encoder_lr_scale={encoder_lr_scale} needs a model with a classifier head "
+                "(get_classifier) and an optimiser with an lr (optim.optimizer.lr)"
+            )
+        encoder_lr = float(keywords["lr"]) * encoder_lr_scale
+    if decay or encoder_lr is not None:
+        params: Iterable = parameter_groups(model, decay, head, encoder_lr)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     return make_optimizer(params)
 
 

@@ -196,9 +196,12 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def generate_demo_clip(
-    seed: int, index: int, clip_seconds: float = DEMO_CLIP_SECONDS
+    seed: int, index: int, clip_seconds: float = DEMO_CLIP_SECONDS, single_label: bool = False
 ) -> tuple[np.ndarray, list[int]]:
-    """Clip `index` of the demo for `seed`: (float32 waveform at 16 kHz, sorted class indices)."""
+    """Clip `index` of the demo for `seed`: (float32 waveform at 16 kHz, sorted class indices).
+
+    `single_label`: the single-label variant (fine-tuning with task.objective=single_label): one event per
+    clip, so exactly one class; the multi-label clips are unchanged by the option's existence."""
     if seed < 0 or index < 0:
         raise ConfigError(f"seed and index must be non-negative, not {seed}, {index}")
     rng = np.random.Generator(np.random.PCG64([seed, index]))
@@ -206,6 +209,8 @@ def generate_demo_clip(
     if n < _SR // 4:
         raise ConfigError(f"clip_seconds={clip_seconds}: demo clips need at least 0.25 s")
     count = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+    if single_label:
+        count = 1  # drawn all the same, so that the rest of the clip's draws keep their place in the stream
     classes = sorted(int(c) for c in rng.choice(len(DEMO_CLASSES), size=count, replace=False))
     mix = np.zeros(n)
     for c in classes:
@@ -227,16 +232,21 @@ def generate_demo_clip(
     return mix.astype(np.float32), classes
 
 
-def _clip_job(job: tuple[int, int, float, str]) -> tuple[str, np.ndarray, list[int]]:
-    seed, index, clip_seconds, name = job
-    waveform, labels = generate_demo_clip(seed, index, clip_seconds)
+Job = tuple[int, int, float, str, bool]
+
+
+def _clip_job(job: Job) -> tuple[str, np.ndarray, list[int]]:
+    seed, index, clip_seconds, name, single_label = job
+    waveform, labels = generate_demo_clip(seed, index, clip_seconds, single_label)
     # int16 halves what crosses the process boundary; the writer stores int16 anyway.
     return name, float_to_int16(waveform), labels
 
 
-def _split_jobs(split: str, seed: int, count: int, clip_seconds: float) -> list[tuple[int, int, float, str]]:
+def _split_jobs(
+    split: str, seed: int, count: int, clip_seconds: float, single_label: bool = False
+) -> list[Job]:
     base = SPLIT_INDEX_BASE[split]
-    return [(seed, base + i, clip_seconds, f"demo_{split}_{i:06d}") for i in range(count)]
+    return [(seed, base + i, clip_seconds, f"demo_{split}_{i:06d}", single_label) for i in range(count)]
 
 
 def build_demo_stores(
@@ -250,12 +260,14 @@ def build_demo_stores(
     clip_seconds: float = DEMO_CLIP_SECONDS,
     workers: int = 0,
     overwrite: bool = False,
+    single_label: bool = False,
 ) -> dict[str, str]:
     """Write `root/{train,val,test}.zarr` (skipping any already complete with the same config); their URLs.
 
     With `unlabeled` (a count, 0 included) also `root/distill.zarr`, the student's store: the `train` clips
     (the same clips, names and labels as train.zarr) followed by `unlabeled` more of the same kind (their own
-    index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`)."""
+    index range), written without labels, as a pool of unlabeled audio arrives (URL under `"distill"`).
+    `single_label`: the variant with one event, so one class, per clip (`generate_demo_clip`)."""
     from ced_lightning.core.progress import ProgressLog
     from ced_lightning.store.audio_writer import AudioStoreWriter
     from ced_lightning.store.lock import store_lock
@@ -280,12 +292,14 @@ def build_demo_stores(
             "clips": int(count),
             "clip_seconds": float(clip_seconds),
         }
+        if single_label:  # only where set: stores of the multi-label demo keep their job signature
+            config["single_label"] = True
         jobs = _split_jobs(
-            "train" if split == "distill" else split, int(seed), int(count), float(clip_seconds)
+            "train" if split == "distill" else split, int(seed), int(count), float(clip_seconds), single_label
         )
         if split == "distill":
             config["unlabeled"] = int(unlabeled)
-            jobs += _split_jobs("unlabeled", int(seed), int(unlabeled), float(clip_seconds))
+            jobs += _split_jobs("unlabeled", int(seed), int(unlabeled), float(clip_seconds), single_label)
         with store_lock(url, "prepare"):
             writer = AudioStoreWriter(
                 url,
@@ -308,9 +322,7 @@ def build_demo_stores(
     return urls
 
 
-def _generate(
-    jobs: list[tuple[int, int, float, str]], workers: int
-) -> Iterator[tuple[str, np.ndarray, list[int]]]:
+def _generate(jobs: list[Job], workers: int) -> Iterator[tuple[str, np.ndarray, list[int]]]:
     if workers <= 0 or len(jobs) < 64:
         yield from map(_clip_job, jobs)
         return

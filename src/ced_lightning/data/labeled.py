@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.core.augment import AugmentRecipe
 from ced_lightning.core.errors import ConfigError, InputError
-from ced_lightning.core.labels import check_same_classes
+from ced_lightning.core.labels import check_same_classes, single_label_problem
 from ced_lightning.data.batching import batches_by_length, pad_batch
 from ced_lightning.data.draws import ClipDraws
 from ced_lightning.data.stream import ClipBatchStream, Int16Batches, ResumableLoader
@@ -111,9 +111,10 @@ def _as_list(urls: str | Sequence[str] | None) -> list[str]:
 class LabeledDataModule(Int16Batches, LightningDataModule):
     """Supervised training on `train` (random crop/pad to `clip_seconds`, fresh order each epoch) and
     evaluation on `val`/`test` (whole clips of any length, batched by equal length). Stores must carry
-    labels and agree on their class list. `recipe`: the augmentation a teacher draws fresh on its training
-    clips (`ClipDraws`, with mixup λ when `mixup` is set), the `augment` group (`augment`) sized for
-    `clip_seconds` (`AugmentRecipe.for_clip`), the paper's recipe as it is without one."""
+    labels and agree on their class list, and under `objective="single_label"` give each clip exactly one.
+    `recipe`: the augmentation a teacher draws fresh on its training clips (`ClipDraws`, with mixup λ when
+    `mixup` is set), the `augment` group (`augment`) sized for `clip_seconds` (`AugmentRecipe.for_clip`), the
+    paper's recipe as it is without one."""
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         augment: Any = None,
         mixup: float | None = None,
         drop_last: bool = True,
+        objective: str = "multi_label",
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`).
@@ -154,10 +156,25 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.val_stores = [AudioStore.open(u) for u in self.val_urls]
         self.test_stores = [AudioStore.open(u) for u in self.test_urls]
         self._check_classes()
+        if objective == "single_label":
+            self._check_single_label()
+
+    def _named_stores(self) -> list[tuple[str, Any]]:
+        named = [(u, s) for u, s in zip([self.train_url], [self.train_store]) if s is not None]
+        return named + list(zip(self.val_urls, self.val_stores)) + list(zip(self.test_urls, self.test_stores))
+
+    def _check_single_label(self) -> None:
+        """task.objective=single_label: every clip of every store carries exactly one label."""
+        for url, store in self._named_stores():
+            problem = single_label_problem(store.label_counts(), store.names)
+            if problem is not None:
+                raise InputError(
+                    f"{url}: {problem}; task.objective=single_label needs exactly one per clip "
+                    "(task.objective=multi_label trains on any number)"
+                )
 
     def _check_classes(self) -> None:
-        named = [(u, s) for u, s in zip([self.train_url], [self.train_store]) if s is not None]
-        named += list(zip(self.val_urls, self.val_stores)) + list(zip(self.test_urls, self.test_stores))
+        named = self._named_stores()
         if not named:
             return
         first_url, first = named[0]

@@ -124,6 +124,40 @@ def from_directory(root: str | os.PathLike) -> SourceList:
     return SourceList(items=items, class_list=None, kind="directory")
 
 
+def from_class_folders(root: str | os.PathLike) -> SourceList:
+    """A folder per class (`root/<class>/**/<clip>.wav`, torchvision's ImageFolder layout): each clip's one
+    label is the folder under `root` that holds it; the classes are those folders' names, sorted (their
+    index order), empty ones included. Every audio file must lie inside a class folder."""
+    base = Path(root)
+    if not base.is_dir():
+        raise MissingInputError(f"input={root}: labels=folders needs a directory with a folder per class")
+    files = scan_audio_files(base)
+    loose = [p for p in files if len(p.relative_to(base).parts) < 2]
+    if loose:
+        raise InputError(
+            f"{loose[0]}: labels=folders takes each clip's class from the folder under input={root} that "
+            f"holds it, and this file lies in input itself ({len(loose)} such files); move it into its "
+            "class's folder"
+        )
+    if not files:
+        raise MissingInputError(f"input={root}: no audio files ({describe_extensions()}) in class folders")
+    # Every class folder counts, an empty one too: splits prepared one by one then share one class list.
+    classes = sorted(
+        {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        | {p.relative_to(base).parts[0] for p in files}
+    )
+    index = {name: i for i, name in enumerate(classes)}
+    items = [
+        SourceItem(
+            name=p.relative_to(base).with_suffix("").as_posix(),
+            path=str(p),
+            labels=[index[p.relative_to(base).parts[0]]],
+        )
+        for p in files
+    ]
+    return SourceList(items=items, class_list=ClassList(tuple(classes), tuple(classes)), kind="class_folders")
+
+
 def _sniff_delimiter(header: str, path: str | os.PathLike) -> str:
     # The labels column may itself hold "," or ";" separated values, so count on the header line alone.
     for delimiter in ("\t", ",", ";"):

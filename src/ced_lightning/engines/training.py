@@ -92,10 +92,11 @@ def build_task(cfg: DictConfig) -> tuple[LightningDataModule, LightningModule]:
 def build_network(cfg: DictConfig, num_classes: int) -> Any:
     """The `model` group's network with the data's class count, initialised from `model.init_from`: a path
     or a released name such as `ced_mini` or `ced_mini_mae` (`model.init_strict=false` accepts a partial
-    match)."""
+    match; `model.init_head=false` starts a new head even where the file's fits)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     init_from = model_cfg.pop("init_from", None)
     init_strict = bool(model_cfg.pop("init_strict", True))
+    init_head = bool(model_cfg.pop("init_head", True))
     if model_cfg.get("num_classes") not in (None, num_classes):
         raise ConfigError(
             f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes; "
@@ -109,7 +110,7 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
                 "model.init_from loads CED or MAE-pretrained CED weights; this model is not CED"
             )
         try:
-            load_matching_weights(network, init_from, strict=init_strict)
+            load_matching_weights(network, init_from, strict=init_strict, head=init_head)
         except ReleasedWeightsUnavailable as err:
             # data=custom asks for released weights by default: say where the name came from and the way out.
             source = f"model.init_from={init_from}"

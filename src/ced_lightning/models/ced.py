@@ -256,6 +256,11 @@ class CED(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def get_classifier(self) -> nn.Module:
+        """The head that maps the pooled embedding to class logits (timm's name for it): what fine-tuning
+        replaces and a linear probe trains alone."""
+        return self.outputlayer
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"time_pos_embed", "freq_pos_embed"}

@@ -117,7 +117,9 @@ def grow_as_identity(model: CED, missing: list[str]) -> list[int]:
     return list(range(first, depth))
 
 
-def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True) -> InitReport:
+def load_matching_weights(
+    model: CED, path: str | PathLike, strict: bool = True, head: bool = True
+) -> InitReport:
     """Initialise `model` from a CED or MAE-pretrained checkpoint (a path or a released name).
 
     Position embeddings of another length are cropped or stretched, and the classifier head may differ (other
@@ -125,6 +127,8 @@ def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True)
     never loaded (its buffers follow from the model's config). Anything else that does not match (tensors
     missing from the file or of other shapes, tensors in the file the model has no place for) raises a
     ValueError listing them, unless `strict=False`, which loads what matches and logs the rest.
+    `head=False` keeps the model's own freshly initialised head even where the file's fits (fine-tuning on a
+    new label set that happens to have as many classes).
     """
     source = str(path)
     sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("front_end.")}
@@ -140,7 +144,11 @@ def load_matching_weights(model: CED, path: str | PathLike, strict: bool = True)
         ):
             sd[key] = resize_pos_embed(sd[key], own[key].shape[dim], dim)
             resized.append(key)
-    usable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    usable = {
+        k: v
+        for k, v in sd.items()
+        if k in own and v.shape == own[k].shape and (head or not k.startswith(_HEAD_PREFIX))
+    }
     # Each head layer is taken whole or not at all: a classifier's bias without its weight is noise.
     for key in [k for k in own if k.startswith(_HEAD_PREFIX) and k not in usable]:
         layer = key.rsplit(".", 1)[0] + "."

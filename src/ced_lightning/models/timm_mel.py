@@ -37,6 +37,10 @@ class TimmMelClassifier(nn.Module):
         self.backbone_name = backbone
         self.num_classes = num_classes
 
+    def get_classifier(self) -> nn.Module:
+        """The backbone's classifier: what fine-tuning replaces and a linear probe trains alone."""
+        return self.backbone.get_classifier()
+
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.forward_spectrogram(self.front_end(waveform))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ced_lightning.core.augment import AugmentRecipe
-from ced_lightning.core.losses import mix_with_reversed
+from ced_lightning.core.losses import mix_with_reversed, supervised_loss
 from ced_lightning.modules.tagging import TaggingModule, augmented_input
 
 
 class SupervisedModule(TaggingModule):
-    """BCE on multi-hot labels, with the same spectrogram augmentation and mixup as distillation, drawn as
+    """BCE on multi-hot labels (`objective="multi_label"`) or cross-entropy on one class per clip
+    (`"single_label"`), with the same spectrogram augmentation and mixup as distillation, drawn as
     for a student (`data.draws.ClipDraws`: fresh every epoch). Batches: `index`, `waveform`, `length`,
     `target`, `augment` and, with mixup, `mixup_lambda` (from `LabeledDataModule`)."""
 
@@ -27,6 +27,6 @@ class SupervisedModule(TaggingModule):
         if lam is not None:
             target = mix_with_reversed(target, lam)
         logits = self.model.forward_spectrogram(mel)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        loss = supervised_loss(self.objective, logits, target)
         self.log("train/loss", loss, prog_bar=True)
         return loss

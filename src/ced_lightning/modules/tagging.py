@@ -15,20 +15,26 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
-from ced_lightning.core.losses import mix_with_reversed
+from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.losses import Objective, check_objective, mix_with_reversed
 from ced_lightning.core.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
-from ced_lightning.core.optim import build_optimizer, lr_factor
+from ced_lightning.core.optim import build_optimizer, freeze_all_but, lr_factor
+from ced_lightning.core.single_label import SingleLabelMetrics, write_confusion_matrix
 from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
 
 log = logging.getLogger(__name__)
 
 
 class TaggingModule(LightningModule):
-    """A multi-label audio tagger `self.model` (plain nn.Module: CED or a timm backbone on log-mel).
+    """An audio tagger `self.model` (plain nn.Module: CED or a timm backbone on log-mel).
 
     Subclasses implement `training_step`. Validation and test compute mAP and d-prime on labeled batches
     (`waveform`, `length`, `target`), with the EMA weights when `ema_decay` is set, from the probabilities
     and per-class table `evaluate` uses (`metrics.probabilities_from_logits`, `metrics.write_per_class`).
+    `objective="single_label"` scores softmax probabilities and adds accuracy, top-k accuracy and, at test
+    time, the confusion matrix (`core.single_label`). Fine-tuning: `freeze_encoder` trains the classifier
+    head alone (a linear probe; the encoder also stays in eval mode, so its BatchNorm statistics hold),
+    `encoder_lr_scale` scales the encoder's learning rate against the head's.
     """
 
     def __init__(
@@ -40,8 +46,16 @@ class TaggingModule(LightningModule):
         ema_decay: float | None = None,
         class_names: Sequence[str] | None = None,
         lr_schedule: str = "warmup_cosine",
+        objective: Objective = "multi_label",
+        freeze_encoder: bool = False,
+        encoder_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.objective = check_objective(objective)
+        self.freeze_encoder = freeze_encoder
+        self.encoder_lr_scale = float(encoder_lr_scale)
+        if freeze_encoder:
+            freeze_all_but(model, _classifier(model))
         self.model = model
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = warmup_steps
@@ -52,6 +66,22 @@ class TaggingModule(LightningModule):
         self.class_names = list(class_names) if class_names else None
         self.val_metrics = TaggingMetrics(model.num_classes)
         self.test_metrics = TaggingMetrics(model.num_classes)
+        single = objective == "single_label"
+        self.val_single = SingleLabelMetrics(model.num_classes) if single else None
+        self.test_single = SingleLabelMetrics(model.num_classes) if single else None
+
+    def train(self, mode: bool = True) -> TaggingModule:
+        super().train(mode)
+        if mode and self.freeze_encoder:
+            # A frozen encoder also keeps its BatchNorm statistics and skips dropout: only the head moves.
+            self.model.eval()
+            _classifier(self.model).train()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls `train()` here: it restores each submodule's captured mode after validation.
+        if self.freeze_encoder:
+            self.train()
 
     # -- evaluation -------------------------------------------------------------------------------------
     @property
@@ -61,36 +91,53 @@ class TaggingModule(LightningModule):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.eval_model(waveform)
 
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: TaggingMetrics, single: Any) -> None:
+        probs = probabilities_from_logits(self(batch["waveform"]), self.objective)
+        metrics.update(probs, batch["target"])
+        if single is not None:
+            single.update(probs, batch["target"])
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(probabilities_from_logits(self(batch["waveform"])), batch["target"])
+        self._evaluate(batch, self.val_metrics, self.val_single)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val", self.val_metrics, self.val_single)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metrics.update(probabilities_from_logits(self(batch["waveform"])), batch["target"])
+        self._evaluate(batch, self.test_metrics, self.test_single)
 
     def on_test_epoch_end(self) -> None:
-        result = self._log_metrics("test", self.test_metrics)
+        result = self._log_metrics("test", self.test_metrics, self.test_single)
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.log_dir
         if self.trainer.is_global_zero and folder:
             # Next to the checkpoints, where a reader of the results looks for it.
             paths = write_per_class(folder, result, self.class_names, prefix="test_", chart=False)
             log.info("per-class AP table: %s", paths["per_class_csv"])
+            if "confusion" in result:
+                paths = write_confusion_matrix(folder, result["confusion"], self.class_names, prefix="test_")
+                log.info("confusion matrix: %s", paths["confusion_csv"])
 
-    def _log_metrics(self, stage: str, metrics: TaggingMetrics) -> dict[str, Any]:
+    def _log_metrics(self, stage: str, metrics: TaggingMetrics, single: Any = None) -> dict[str, Any]:
         result = metrics.compute()
         metrics.reset()
-        self.log_dict(
-            {f"{stage}/mAP": result["mAP"], f"{stage}/d_prime": result["d_prime"]},
-            prog_bar=True,
-            sync_dist=False,  # already synchronised by torchmetrics
-        )
+        logged = {f"{stage}/mAP": result["mAP"], f"{stage}/d_prime": result["d_prime"]}
+        if single is not None:
+            scores = single.compute()
+            single.reset()
+            result["confusion"] = scores.pop("confusion")
+            logged.update({f"{stage}/{name}": value for name, value in scores.items()})
+        # already synchronised by torchmetrics
+        self.log_dict(logged, prog_bar=True, sync_dist=False)
         return result
 
     # -- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.make_optimizer, self.model)
+        optimizer = build_optimizer(
+            self.make_optimizer,
+            self.model,
+            head=_classifier(self.model) if self.encoder_lr_scale != 1.0 else None,
+            encoder_lr_scale=self.encoder_lr_scale,
+        )
         # Lightning's estimate: max_epochs x (batches per epoch after `limit_train_batches`, over
         # `accumulate_grad_batches`), capped by `max_steps`. It builds epoch 0's training loader to count.
         total = int(self.trainer.estimated_stepping_batches)
@@ -115,6 +162,8 @@ class TaggingModule(LightningModule):
         # `eval_prefix`: the attribute whose weights are evaluated (`self.ema` when kept, else `self.model`).
         eval_prefix = "ema." if self.ema is not None else "model."
         write_metadata(checkpoint, self.model, self.class_names, eval_prefix=eval_prefix)
+        # How the outputs read: sigmoids per class (multi_label) or one softmax (single_label).
+        checkpoint["objective"] = self.objective
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer  # None in `load_from_checkpoint`
@@ -153,6 +202,15 @@ def augmented_input(
         return mel, None
     lam = lam.to(mel)
     return mix_with_reversed(mel, lam), lam
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    if not hasattr(model, "get_classifier"):
+        raise ConfigError(
+            f"{type(model).__name__} has no classifier head (get_classifier) to train apart from its "
+            "encoder: optim.freeze_encoder and optim.encoder_lr_scale need one"
+        )
+    return model.get_classifier()
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
