@@ -73,7 +73,7 @@ def test_supervised_draws_are_todays(tmp_path: Path) -> None:
     the same values `SupervisedModule.training_step` drew itself: seed and epoch, no seed offset."""
     from ced_lightning.data.draws import ClipDraws
     from ced_lightning.data.labeled import LabeledDataModule
-    from ced_lightning.store.audio import write_audio_store
+    from ced_lightning.store.audio_writer import write_audio_store
 
     url = str(tmp_path / "train.zarr")
     clips = [(f"c{i}", np.zeros(1600, np.float32), [i % 2]) for i in range(STORE_ROWS)]

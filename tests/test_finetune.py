@@ -21,7 +21,8 @@ from ced_lightning.core.losses import supervised_loss
 from ced_lightning.core.optim import build_optimizer
 from ced_lightning.core.single_label import single_label_scores
 from ced_lightning.data.demo import build_demo_stores, generate_demo_clip
-from ced_lightning.store.audio import AudioStore, AudioStoreWriter
+from ced_lightning.store.audio import AudioStore
+from ced_lightning.store.audio_writer import AudioStoreWriter
 from conftest import save_tiny_teacher
 
 
