@@ -13,6 +13,7 @@ from ced_lightning.core.metrics import TaggingMetrics
 from ced_lightning.models import create_ced, model_spec, save_ced
 
 store_audio = pytest.importorskip("ced_lightning.store.audio", reason="the audio store is not available")
+store_writer = pytest.importorskip("ced_lightning.store.audio_writer", reason="the audio store is not available")
 
 from ced_lightning.engines.scoring import evaluate_checkpoint  # noqa: E402
 from ced_lightning.evaluate import format_summary  # noqa: E402
@@ -37,7 +38,7 @@ def store_url(tmp_path_factory) -> str:
         for i, (n, labels) in enumerate(zip(LENGTHS, LABELS, strict=True))
     ]
     url = str(tmp_path_factory.mktemp("store") / "eval.zarr")
-    store_audio.write_audio_store(url, clips, class_names=CLASS_NAMES)
+    store_writer.write_audio_store(url, clips, class_names=CLASS_NAMES)
     return url
 
 
@@ -85,7 +86,7 @@ def test_errors_name_the_problem(store_url, tmp_path):
         evaluate_checkpoint(lightning, store_url, device="cpu")
 
     unlabeled = str(tmp_path / "unlabeled.zarr")
-    store_audio.write_audio_store(unlabeled, [("x", np.full(16000, 0.1, np.float32), None)])
+    store_writer.write_audio_store(unlabeled, [("x", np.full(16000, 0.1, np.float32), None)])
     with pytest.raises(ValueError, match="has no labels"):
         evaluate_checkpoint(ckpt, unlabeled, device="cpu")
 
@@ -120,7 +121,7 @@ def test_clips_shorter_than_one_stft_window_are_scored(model, tmp_path):
         for i, (n, labels) in enumerate([(200, [0]), (16000, [1]), (1, [0, 1]), (16000, [2, 3])])
     ]
     url = str(tmp_path / "short.zarr")
-    store_audio.write_audio_store(url, clips, class_names=CLASS_NAMES)
+    store_writer.write_audio_store(url, clips, class_names=CLASS_NAMES)
     save_ced(model, tmp_path / "tiny.pt")
     result = evaluate_checkpoint(tmp_path / "tiny.pt", url, batch_size=2, device="cpu")
     with torch.no_grad():  # the rule: zero-padded at the end to one STFT window (512 samples)
