@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, resample
+from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, load_audio, resample
 from ced_lightning.core.device import default_device
+from ced_lightning.core.events import Event
 from ced_lightning.core.labels import resolve_class_names
 from ced_lightning.engines.inference import (
     Failure,
@@ -40,6 +41,7 @@ from ced_lightning.engines.inference import (
     top_labels,
 )
 from ced_lightning.engines.inference import tag_files as _tag_paths
+from ced_lightning.engines.inference.events import EventSettings, check_event_model, file_events
 from ced_lightning.models import apply_quantization, load_checkpoint
 from ced_lightning.models.released import list_released
 
@@ -145,8 +147,9 @@ class _Collector(PredictionSink):
 
 
 class AudioTagger:
-    """A loaded model ready to tag: `tag`, `tag_files`, `embed`. `class_names` are its outputs' names (the
-    checkpoint's, else AudioSet's for 527 classes); `model` is the `nn.Module` (eval mode, on `device`)."""
+    """A loaded model ready to tag: `tag`, `tag_files`, `embed`, `events`. `class_names` are its outputs'
+    names (the checkpoint's, else AudioSet's for 527 classes); `model` is the `nn.Module` (eval mode, on
+    `device`)."""
 
     def __init__(
         self,
@@ -227,6 +230,24 @@ class AudioTagger:
         else:
             _, pooled = self._run_windows(_waveform(audio, sample_rate), embeddings=True)
         return pooled.mean(0).numpy()
+
+    def events(
+        self,
+        audio: Audio,
+        *,
+        sample_rate: int | None = None,
+        threshold: float | Sequence[float] = 0.5,
+        median_window: int = 1,
+        fill_gap: int = 0,
+        min_frames: int = 1,
+    ) -> list[Event]:
+        """The sound events of one clip (what `tag` takes), from a CED's frame outputs (one per 160 ms
+        token column): `Event(onset, offset, label, score)`, as `ced-predict --events` writes them."""
+        wave = load_audio(audio) if _is_path(audio) else _waveform(audio, sample_rate)
+        settings = EventSettings(threshold, median_window, fill_gap, min_frames)
+        check_event_model(self.model)
+        settings.check(len(self.class_names))
+        return file_events(self.model, wave, self.class_names, settings, self.batch_size)
 
     def _k(self, top_k: int | None) -> int:
         if top_k is None:

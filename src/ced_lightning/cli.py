@@ -3,6 +3,7 @@
     ced-predict clip.wav folder/ --model ced_mini --top-k 3
     ced-predict long.flac --model model.ckpt --outputs tags windows --windows-output w.csv --hop-seconds 5
     ced-predict *.wav --model ced_tiny --output - > tags.jsonl
+    ced-predict street.wav --model ced_mini --events events.csv --event-threshold 0.3 --median-window 5
 
 Tags are printed to stdout (or written as JSON lines to stdout with `--output -`), logs go to stderr, and
 nothing is written anywhere else unless asked for. The exit status is 1 when any file could not be tagged
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from ced_lightning.engines.inference import EMBEDDINGS_FORMATS, OUTPUTS
+from ced_lightning.engines.inference.events import EventSettings, parse_thresholds
 from ced_lightning.models import QUANTIZE_CHOICES
 
 
@@ -72,6 +74,29 @@ def predict_parser() -> argparse.ArgumentParser:
         "--embeddings-output", default=None, help="with --outputs embeddings: a folder (npy) or a Zarr store"
     )
     parser.add_argument("--embeddings-format", choices=EMBEDDINGS_FORMATS, default="npy")
+    parser.add_argument(
+        "--events",
+        default=None,
+        metavar="FILE",
+        help="sound events (onset, offset, label, score) of every file from a CED's 160 ms frame outputs to "
+        "FILE.csv, .tsv or .jsonl",
+    )
+    parser.add_argument(
+        "--event-threshold",
+        type=parse_thresholds,
+        default=0.5,
+        help="with --events: probability above which a frame is active, one value or one per class as a "
+        "comma list (default 0.5)",
+    )
+    parser.add_argument(
+        "--median-window", type=int, default=1, help="with --events: median filter length in frames (odd)"
+    )
+    parser.add_argument(
+        "--fill-gap", type=int, default=0, help="with --events: bridge gaps of up to this many frames"
+    )
+    parser.add_argument(
+        "--min-frames", type=int, default=1, help="with --events: drop events shorter than this many frames"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
@@ -123,6 +148,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             quantize=args.quantize,
             progress_min_files=20 if sys.stderr.isatty() else sys.maxsize,
             overwrite=args.overwrite,
+            events_output=args.events,
+            event_settings=EventSettings(
+                args.event_threshold, args.median_window, args.fill_gap, args.min_frames
+            ),
         )
     except CedError as err:  # raised on purpose: one line, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if full_errors_wanted():

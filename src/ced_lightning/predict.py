@@ -4,6 +4,7 @@ engine, `ced_lightning.engines.inference`, which `ced-predict` and the Python AP
 
     python -m ced_lightning.predict ckpt=model.ckpt 'inputs=[clip.wav,folder/]' topk=5 output=tags.jsonl
     python -m ced_lightning.predict ckpt=ced_mini 'inputs=[field.flac]' 'outputs=[tags,windows,embeddings]'
+    python -m ced_lightning.predict ckpt=ced_mini 'inputs=[street.wav]' events_output=ev.csv median_window=5
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import ced_lightning
 from ced_lightning.core.errors import ConfigError
 from ced_lightning.engines.inference import Failure, predict_files
+from ced_lightning.engines.inference.events import EventSettings
 from ced_lightning.engines.launch import command_errors
 
 
@@ -61,7 +63,26 @@ def predict(cfg: DictConfig) -> list[Failure]:
         quantize=cfg.get("quantize"),
         progress_min_files=int(cfg.get("progress_min_files", 20)),
         overwrite=bool(cfg.get("overwrite", False)),
+        events_output=cfg.get("events_output"),
+        event_settings=EventSettings(
+            event_threshold(cfg.get("event_threshold", 0.5)),
+            int(cfg.get("median_window", 1)),
+            int(cfg.get("fill_gap", 0)),
+            int(cfg.get("min_frames", 1)),
+        ),
     )
+
+
+def event_threshold(value: object) -> float | list[float]:
+    """`event_threshold`: one probability, or a list of one per class."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if OmegaConf.is_list(value) or isinstance(value, list):
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"event_threshold: expected a probability or a list of one per class, got {value!r}")
 
 
 @hydra.main(config_path=str(ced_lightning.conf_dir()), config_name="predict", version_base="1.3")

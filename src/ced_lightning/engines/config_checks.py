@@ -172,6 +172,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "length_tolerance_s": NON_NEGATIVE,
         "progress_min_files": NON_NEGATIVE_INT,
         "quantize": DEVICE_QUANTIZE,
+        "events_output": Rule(str, null=True),
+        "median_window": COUNT,
+        "fill_gap": NON_NEGATIVE_INT,
+        "min_frames": COUNT,
     },
     "export": {
         "opset": COUNT,

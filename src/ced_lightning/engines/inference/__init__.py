@@ -6,11 +6,18 @@ window through a model, the windows batched, and the results handed to pluggable
 - `writers`: `PredictionSink` (the one interface the tagger calls; a new output is one subclass), the clip
   tags, per-window tags and per-window embeddings writers.
 - `charts`: the per-file timeline PNGs (matplotlib).
+- `events`: sound events from a CED's frame outputs over the whole file (`EventsWriter`).
 - `tagger`: `tag_files`, the streaming scheduler over a loaded model.
 - `files`: `expand_inputs` and `predict_files`, a checkpoint and paths to written outputs.
 """
 
 from ced_lightning.engines.inference.charts import TimelineCharts, plot_timeline, timeline_png_name
+from ced_lightning.engines.inference.events import (
+    EventSettings,
+    EventsWriter,
+    file_events,
+    frame_probabilities,
+)
 from ced_lightning.engines.inference.files import (
     OUTPUTS,
     OutputPlan,
@@ -49,6 +56,8 @@ __all__ = [
     "EMBEDDINGS_FORMATS",
     "OUTPUTS",
     "EmbeddingsWriter",
+    "EventSettings",
+    "EventsWriter",
     "Failure",
     "OutputPlan",
     "PieceAverage",
@@ -61,6 +70,8 @@ __all__ = [
     "check_table_suffix",
     "check_windows",
     "expand_inputs",
+    "file_events",
+    "frame_probabilities",
     "is_table_we_wrote",
     "model_piece_samples",
     "output_name",

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,14 @@ from ced_lightning.core.labels import resolve_class_names
 from ced_lightning.core.progress import ProgressLog
 from ced_lightning.data.sources import describe_extensions, scan_audio_files
 from ced_lightning.engines.inference.charts import TimelineCharts
+from ced_lightning.engines.inference.events import (
+    EVENTS_KEY,
+    EventSettings,
+    EventsWriter,
+    check_event_model,
+    check_event_suffix,
+    is_event_file_we_wrote,
+)
 from ced_lightning.engines.inference.tagger import Failure, tag_files
 from ced_lightning.engines.inference.windows import check_windows, window_samples
 from ced_lightning.engines.inference.writers import (
@@ -68,6 +76,8 @@ class OutputPlan:
     embeddings_output: str | PathLike | None = None
     embeddings_format: str = "npy"
     timeline_dir: str | PathLike | None = None
+    events_output: str | PathLike | None = None
+    event_settings: EventSettings = field(default_factory=EventSettings)
 
     @property
     def to_stdout(self) -> bool:
@@ -97,6 +107,9 @@ class OutputPlan:
                 raise ConfigError(
                     f"embeddings_format={self.embeddings_format}: use one of {list(EMBEDDINGS_FORMATS)}"
                 )
+        if self.events_output:
+            check_event_suffix(self.events_output)
+            self.event_settings.check()
 
     def check_places(self, overwrite: bool) -> None:
         """Every requested output's place, before the model is read (`output_files`)."""
@@ -111,16 +124,28 @@ class OutputPlan:
                 check_embeddings_store(self.embeddings_output, "embeddings_output")
             else:
                 check_output_folder(self.embeddings_output, "embeddings_output")
+        if self.events_output:
+            check_output_file(self.events_output, EVENTS_KEY, overwrite, is_event_file_we_wrote)
 
-    def open(self, topk: int, class_names: Sequence[str]) -> Iterator[PredictionSink]:
+    def check_model(self, model: Any, num_classes: int) -> None:
+        """What the loaded model must offer the requested outputs, before any output is opened."""
+        if self.events_output:
+            check_event_model(model)
+            self.event_settings.check(num_classes)
+
+    def open(self, topk: int, class_names: Sequence[str], model: Any = None) -> Iterator[PredictionSink]:
         """The writers, each yielded as soon as it is open, so that a later one failing to open still leaves
         the caller every earlier one to abandon."""
         if "tags" in self.outputs and self.output:
             yield TagsWriter(sys.stdout if self.to_stdout else self.output)
+        events = None
+        if self.events_output:  # before the charts, which draw each file's events
+            events = EventsWriter(self.events_output, model, class_names, self.event_settings)
+            yield events
         if "windows" in self.outputs:
             yield WindowsWriter(self.windows_output, topk, class_names)
             if self.timeline_dir:
-                yield TimelineCharts(self.timeline_dir, class_names, topk)
+                yield TimelineCharts(self.timeline_dir, class_names, topk, events)
         if "embeddings" in self.outputs:
             yield EmbeddingsWriter(self.embeddings_output, self.embeddings_format)
 
@@ -133,6 +158,9 @@ class OutputPlan:
         for what, where in written.items():
             if where:
                 log.info("wrote the %s of %d files to %s", what, files, where)
+        for sink in sinks:
+            if isinstance(sink, EventsWriter):
+                log.info("wrote %d events of %d files to %s", sink.events, sink.files, sink.path)
         charts = [s for s in sinks if isinstance(s, TimelineCharts)]
         if charts:
             log.info("wrote %d timeline charts to %s", charts[0].written, self.timeline_dir)
@@ -158,21 +186,34 @@ def predict_files(
     progress_min_files: int = 20,
     print_tags: bool = True,
     overwrite: bool = False,
+    events_output: str | PathLike | None = None,
+    event_settings: EventSettings | None = None,
 ) -> list[Failure]:
     """Load `ckpt` (a path or a released model's name), tag `inputs` (files and folders) and write the
     requested `outputs`: "tags" to `output` (`.jsonl`, `.csv`, or "-" for JSON lines on stdout), "windows" to
     `windows_output` (`.csv`, `.jsonl`) and PNG charts to `timeline_dir` (when given), "embeddings" to
-    `embeddings_output` as `embeddings_format`. Prints each file's tags as it is finished; returns the
-    failures. Everything is checked before the checkpoint is read. `quantize="int8"` runs the model's linear
-    layers in dynamic int8 (`models.quantize_dynamic_int8`), on the CPU. No output goes inside a Zarr store,
-    and an existing file this command did not write is replaced only with `overwrite` (`output_files`)."""
+    `embeddings_output` as `embeddings_format`, and with `events_output` (`.csv`, `.tsv`, `.jsonl`) each
+    file's sound events (`EventsWriter`: a CED's frame outputs, post-processed by `event_settings`). Prints
+    each file's tags as it is finished; returns the failures. Everything is checked before the checkpoint is
+    read. `quantize="int8"` runs the model's linear layers in dynamic int8 (`models.quantize_dynamic_int8`),
+    on the CPU. No output goes inside a Zarr store, and an existing file this command did not write is
+    replaced only with `overwrite` (`output_files`)."""
     from ced_lightning.models import QUANTIZE_CHOICES, apply_quantization, load_checkpoint
 
     if not inputs:
         raise ConfigError("inputs=[FILE_OR_DIR,...] is required")
     if topk < 1:
         raise ConfigError(f"topk must be >= 1, got {topk}")
-    plan = OutputPlan(outputs, output, windows_output, embeddings_output, embeddings_format, timeline_dir)
+    plan = OutputPlan(
+        outputs,
+        output,
+        windows_output,
+        embeddings_output,
+        embeddings_format,
+        timeline_dir,
+        events_output,
+        event_settings or EventSettings(),
+    )
     plan.check_settings()
 
     if quantize is not None:
@@ -197,12 +238,13 @@ def predict_files(
     model = apply_quantization(checkpoint.model, quantize)
     class_names = resolve_class_names(int(model.num_classes), checkpoint.class_names)
     window_samples(model, segment_seconds, hop_seconds)  # before any output file is opened
+    plan.check_model(model, len(class_names))
     log.info("tagging %d files with %s", len(files), ckpt)
 
     sinks: list[PredictionSink] = []
     succeeded = False
     try:
-        sinks.extend(plan.open(topk, class_names))
+        sinks.extend(plan.open(topk, class_names, model))
 
         def show(result: dict[str, Any]) -> None:
             if print_tags and not plan.to_stdout:
