@@ -13,7 +13,7 @@ from ced_lightning.core.metrics import TaggingMetrics
 from ced_lightning.models import create_ced, model_spec, save_ced
 
 store_audio = pytest.importorskip("ced_lightning.store.audio", reason="the audio store is not available")
-store_writer = pytest.importorskip("ced_lightning.store.audio_writer", reason="the audio store is not available")
+store_writer = pytest.importorskip("ced_lightning.store.audio_writer", reason="the audio store is not there")
 
 from ced_lightning.engines.scoring import evaluate_checkpoint  # noqa: E402
 from ced_lightning.evaluate import format_summary  # noqa: E402

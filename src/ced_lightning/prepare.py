@@ -2,7 +2,7 @@
 
     python -m ced_lightning.prepare input=PATH output=STORE [audio_dir=DIR] [class_labels=CSV] [workers=N]
     python -m ced_lightning.prepare source=hf input=SAVED_DATASET_DIR output=STORE [hf.label_column=label]
-    python -m ced_lightning.prepare source=webdataset 'input=shards-{000000..000003}.tar' output=STORE
+    python -m ced_lightning.prepare source=webdataset "input='shards-{000000..000003}.tar'" output=STORE
     python -m ced_lightning.prepare source=demo output=DIR [demo.train=400 demo.unlabeled=4400 demo.val=300]
 
 `input` is an audio directory, a CSV/TSV file list, or AudioSet segment CSV(s) (with `audio_dir`); with
