@@ -73,12 +73,10 @@ def _nanmean(values: torch.Tensor) -> torch.Tensor:
     return values[defined].mean()
 
 
-class TaggingMetrics(torchmetrics.Metric):
-    """Accumulates probabilities and multi-hot targets; `compute()` gives mAP, d-prime and per-class AP.
-
-    AP needs every score at once (it is a ranking metric), so the states are lists concatenated across
-    processes by torchmetrics; AudioSet's eval set (20k x 527 floats) is about 40 MB.
-    """
+class ProbabilityStates(torchmetrics.Metric):
+    """Probabilities and targets of every clip, kept whole: ranking metrics (AP) need every score at once, so
+    the states are lists concatenated across processes by torchmetrics; AudioSet's eval set (20k x 527
+    floats) is about 40 MB. The base of `TaggingMetrics` and `single_label.SingleLabelMetrics`."""
 
     is_differentiable = False
     higher_is_better = True
@@ -89,6 +87,10 @@ class TaggingMetrics(torchmetrics.Metric):
         self.num_classes = num_classes
         self.add_state("probs", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+
+class TaggingMetrics(ProbabilityStates):
+    """Accumulates probabilities and multi-hot targets; `compute()` gives mAP, d-prime and per-class AP."""
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         _check_pair(probs, targets)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import fsspec
 import torch
-import torchmetrics
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
+
+from ced_lightning.core.metrics import ProbabilityStates
 
 # Top-k accuracy's k (the convention of ImageNet-style tables); reported only with more than k classes,
 # where it says something top-1 does not.
@@ -52,19 +53,8 @@ def single_label_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str,
     return scores
 
 
-class SingleLabelMetrics(torchmetrics.Metric):
-    """Accumulates probabilities and one-hot targets; `compute()` gives `single_label_scores`. List states,
-    concatenated across processes by torchmetrics, as `metrics.TaggingMetrics` keeps its."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, num_classes: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.add_state("probs", default=[], dist_reduce_fx="cat")
-        self.add_state("targets", default=[], dist_reduce_fx="cat")
+class SingleLabelMetrics(ProbabilityStates):
+    """Accumulates probabilities and one-hot targets; `compute()` gives `single_label_scores`."""
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         if probs.shape[-1] != self.num_classes:
