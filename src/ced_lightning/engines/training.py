@@ -12,11 +12,12 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig, OmegaConf
 
-from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.engines.fit_checkpoints import (
     best_monitored,
     continue_in_checkpoint_folder,
@@ -77,10 +78,10 @@ def build_task(cfg: DictConfig) -> tuple[LightningDataModule, LightningModule]:
     """The task group's data module and Lightning module (`task.datamodule`, `task.module`). What the module
     needs from the data is passed as keyword arguments: the network built for the data's class count, the
     class names and the augmentation recipe (a student's from its logit store, a teacher's from `augment`)."""
-    datamodule = instantiate(cfg.task.datamodule)
+    datamodule = _instantiate(cfg.task.datamodule)
     # A partial first, so that these objects reach the constructor as they are (instantiate's own keyword
     # arguments would pass through OmegaConf, which turns the recipe dataclass into a config).
-    make_module = instantiate(cfg.task.module, _partial_=True)
+    make_module = _instantiate(cfg.task.module, _partial_=True)
     module = make_module(
         model=build_network(cfg, datamodule.num_classes),
         class_names=datamodule.class_names,
@@ -103,7 +104,7 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
             "leave model.num_classes unset (null)"
         )
     model_cfg["num_classes"] = num_classes
-    network = instantiate(model_cfg)
+    network = _instantiate(model_cfg)
     if init_from:
         if not isinstance(network, CED):
             raise ConfigError(
@@ -120,3 +121,15 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
                 f"{source}: {err}\nTo train from scratch instead: model.init_from=null"
             ) from err
     return network
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, except that an error a constructor raises on purpose (a `CedError`: a data
+    module refusing its stores, say) leaves as itself, so the command prints its one line, not Hydra's
+    wrapper and a traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, CedError):
+            raise err.__cause__ from None
+        raise
