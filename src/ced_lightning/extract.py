@@ -40,6 +40,7 @@ from ced_lightning.engines.launch import (
 )
 from ced_lightning.engines.teachers import load_teachers
 from ced_lightning.engines.trainer import build_trainer, finish_task
+from ced_lightning.store.concat import open_audio
 from ced_lightning.store.lock import store_lock
 from ced_lightning.store.logits import LogitStore
 from ced_lightning.store.remote import apply_storage_options
@@ -59,9 +60,10 @@ def run_extract(cfg: DictConfig) -> LogitStore:
     lock = store_lock(settings.output, "extract") if global_rank() == 0 else contextlib.nullcontext()
     with lock:
         set_cpu_threads(cfg.get("num_threads"))  # a CNN teacher's logits depend on it on the CPU
+        audio = open_audio(settings.audio_stores)  # a missing store is named before the teachers load
         teachers, records, teacher_classes = load_teachers(cfg.teacher)
         trainer = build_trainer(cfg, callbacks=[], loggers=[])
-        return extract_logits(settings, teachers, records, teacher_classes, trainer)
+        return extract_logits(settings, teachers, records, teacher_classes, trainer, audio=audio)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")

@@ -333,13 +333,15 @@ def extract_logits(
     records: list[dict[str, Any]],
     teacher_classes: list[str] | None,
     trainer: pl.Trainer,
+    audio: AudioStore | None = None,
 ) -> LogitStore:
     """Check the teachers (`teacher_check`), create or resume the output, fill its missing blocks with
     `trainer`, verify and report; returns the store (complete on rank 0 unless `limit_blocks`).
 
     `teachers` (`teachers.load_teachers`, with their `records` and class names) are moved to the trainer's
-    device here, once, in the trainer's precision after the check (which scores them in float32)."""
-    audio = open_audio(settings.audio_stores)
+    device here, once, in the trainer's precision after the check (which scores them in float32). `audio`:
+    `settings.audio_stores` opened (opened here when not given)."""
+    audio = audio if audio is not None else open_audio(settings.audio_stores)
     device = trainer.strategy.root_device
     teachers = [teacher.to(device) for teacher in teachers]
     quality = None
