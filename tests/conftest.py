@@ -129,3 +129,12 @@ def run_command(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A 1-block CED-Tiny with random weights and 4 classes, in eval mode (the inference tests' model)."""
+    from ced_lightning.models import create_ced
+
+    torch.manual_seed(0)
+    return create_ced("ced_tiny", depth=1, num_classes=4).eval()

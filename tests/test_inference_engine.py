@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.engines.inference import (
@@ -24,15 +23,8 @@ from ced_lightning.engines.inference import (
     tag_files,
 )
 from ced_lightning.engines.output_files import OutputWriteError
-from ced_lightning.models import create_ced
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return create_ced("ced_tiny", depth=1, num_classes=4).eval()
 
 
 class WindowCounts(PredictionSink):

@@ -29,12 +29,6 @@ CLASS_NAMES = ["dog", "cat", "bird", "rain"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return create_ced("ced_tiny", depth=1, num_classes=4).eval()
-
-
-@pytest.fixture(scope="module")
 def audio_dir(tmp_path_factory) -> Path:
     """Two 1 s mono wavs (same length: one batch), a 44.1 kHz stereo flac, a 12 s wav, and a corrupt file."""
     folder = tmp_path_factory.mktemp("audio")

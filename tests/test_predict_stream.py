@@ -29,16 +29,9 @@ from ced_lightning.engines.inference import (
     stream_windows,
     tag_files,
 )
-from ced_lightning.models import create_ced
 from ced_lightning.models.ced import average_pieces
 
 CLASS_NAMES = ["dog", "cat", "bird", "rain"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return create_ced("ced_tiny", depth=1, num_classes=4).eval()
 
 
 class Collect:
