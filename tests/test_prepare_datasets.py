@@ -87,27 +87,19 @@ def test_webdataset_shards_give_the_store_of_the_same_files(tmp_path, clips):
                 named = [[i, f"/m/c{i}", CLASSES[i]][i % 3] for i in labels]
                 sink.write({"__key__": name, "flac": clips["encoded"][name], "json": {"label": named}})
     pattern = str(shards / "train-{000000..000002}.tar")
-    store = prepare(
-        tmp_path,
-        "wds.zarr",
-        source="webdataset",
-        input=pattern,
-        class_labels=str(clips["classes"]),
-        webdataset={"audio_key": None, "label_key": "json", "json_field": "label"},
-    )
+    args = {
+        "source": "webdataset",
+        "input": pattern,
+        "class_labels": str(clips["classes"]),
+        "webdataset": {"audio_key": None, "label_key": "json", "json_field": "label"},
+    }
+    store = prepare(tmp_path, "wds.zarr", **args)
     assert_same_store(reference, store)
     attrs = dict(zarr.open_group(str(store), mode="r").attrs)
     assert attrs["source"] == "webdataset"
     # Rerun with the same arguments: the complete store is reused, not written again.
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
-    prepare(
-        tmp_path,
-        "wds.zarr",
-        source="webdataset",
-        input=pattern,
-        class_labels=str(clips["classes"]),
-        webdataset={"audio_key": None, "label_key": "json", "json_field": "label"},
-    )
+    prepare(tmp_path, "wds.zarr", **args)
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
 
 
