@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning.core.errors import CedError, ConfigError
 from ced_lightning.engines.fit_checkpoints import (
@@ -27,6 +27,7 @@ from ced_lightning.engines.fit_checkpoints import (
 from ced_lightning.engines.inputs import ensure_inputs
 from ced_lightning.engines.launch import set_cpu_threads
 from ced_lightning.engines.saved_config import record_resolved, resolved_values
+from ced_lightning.engines.student_start import TEACHER_START, teacher_start
 from ced_lightning.engines.trainer import build_callbacks, build_loggers, build_trainer, log_hyperparameters
 from ced_lightning.models import CED, ReleasedWeightsUnavailable, load_matching_weights
 
@@ -92,8 +93,9 @@ def build_task(cfg: DictConfig) -> tuple[LightningDataModule, LightningModule]:
 
 def build_network(cfg: DictConfig, num_classes: int) -> Any:
     """The `model` group's network with the data's class count, initialised from `model.init_from`: a path
-    or a released name such as `ced_mini` or `ced_mini_mae` (`model.init_strict=false` accepts a partial
-    match; `model.init_head=false` starts a new head even where the file's fits)."""
+    or a released name such as `ced_mini` or `ced_mini_mae`, or `teacher` (the strongest teacher of its
+    architecture in the logit store: `engines.student_start`); `model.init_strict=false` accepts a partial
+    match, `model.init_head=false` starts a new head even where the file's fits."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     init_from = model_cfg.pop("init_from", None)
     init_strict = bool(model_cfg.pop("init_strict", True))
@@ -110,6 +112,12 @@ def build_network(cfg: DictConfig, num_classes: int) -> Any:
             raise ConfigError(
                 "model.init_from loads CED or MAE-pretrained CED weights; this model is not CED"
             )
+        if init_from == TEACHER_START:
+            # A teacher of the student's width, maybe shallower (its missing blocks grow as identities). The
+            # run's config records the file, so the label-only row and a resumed run start from the same.
+            init_from, init_strict = teacher_start(cfg, network), False
+            with open_dict(cfg):
+                cfg.model.init_from = init_from
         try:
             load_matching_weights(network, init_from, strict=init_strict, head=init_head)
         except ReleasedWeightsUnavailable as err:
