@@ -15,10 +15,11 @@ from typing import Any
 import fsspec
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ced_lightning.core.errors import ConfigError
 from ced_lightning.models.ced import CED
-from ced_lightning.models.checkpoint import load_checkpoint, read_state_dict
+from ced_lightning.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,17 @@ def teacher_start(cfg: DictConfig, student: CED) -> str:
             "names none: give a checkpoint path or a released name instead"
         )
     store = LogitStore.open(str(url))
-    fitting, passed = [], []
+    fitting, passed, models = [], [], {}
     for record in store.teachers:
         if "checkpoint" not in record:
             passed.append(f"{record['name']} (no checkpoint recorded)")
             continue
-        reason = misfit(student, read_state_dict(record["checkpoint"]))
+        # Read once: its weights are judged here and, where the store kept no teacher check, scored below.
+        model = load_checkpoint(record["checkpoint"]).model
+        reason = misfit(student, model.state_dict())
         if reason is None:
             fitting.append(record)
+            models[record["name"]] = model
         else:
             passed.append(f"{record['name']} ({reason})")
     if not fitting:
@@ -89,7 +93,7 @@ def teacher_start(cfg: DictConfig, student: CED) -> str:
             f"(a CED of its width): {'; '.join(passed)}. Start from a checkpoint path or a released name, "
             "or model.init_from=null (from scratch)"
         )
-    maps, where = _validation_maps(cfg, str(url), fitting)
+    maps, where = _validation_maps(cfg, str(url), models)
     chosen = max(fitting, key=lambda r: maps.get(r["name"], float("-inf")))
     others = [
         f"{r['name']} ({maps[r['name']]:.4f})" for r in fitting if r is not chosen and r["name"] in maps
@@ -105,21 +109,18 @@ def teacher_start(cfg: DictConfig, student: CED) -> str:
     return str(chosen["checkpoint"])
 
 
-def _validation_maps(
-    cfg: DictConfig, url: str, fitting: list[dict[str, Any]]
-) -> tuple[dict[str, float], str]:
+def _validation_maps(cfg: DictConfig, url: str, models: dict[str, nn.Module]) -> tuple[dict[str, float], str]:
     """Each fitting teacher's validation mAP: the store's teacher check, else measured on `data.val` (none
     needed for a single candidate)."""
     check = recorded_maps(url)
-    if check and all(r["name"] in check["teachers"] for r in fitting):
-        return {r["name"]: float(check["teachers"][r["name"]]["mAP"]) for r in fitting}, str(check["store"])
-    if len(fitting) == 1:
+    if check and all(name in check["teachers"] for name in models):
+        return {name: float(check["teachers"][name]["mAP"]) for name in models}, str(check["store"])
+    if len(models) == 1:
         return {}, ""
     from ced_lightning.engines.scoring import evaluate_teachers
 
     val = cfg.data.val
     store = str(val[0] if OmegaConf.is_list(val) else val)
-    models = {r["name"]: load_checkpoint(r["checkpoint"]).model for r in fitting}
     table = evaluate_teachers(
         models,
         store,
