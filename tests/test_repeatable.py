@@ -23,10 +23,12 @@ SMALL = [
 ]
 
 
-def build_demo(root: Path, omp_threads: str) -> Path:
+def build_demo(root: Path, omp_threads: str, *overrides: str) -> Path:
     """The demo's stores, both teachers (2 batches each), their logit store and a student (one epoch over 24
-    clips) from one `python -m ced_lightning.train` run in `root`, with OMP_NUM_THREADS=`omp_threads`."""
+    clips) from one `python -m ced_lightning.train` run in `root`, with OMP_NUM_THREADS=`omp_threads` and
+    `overrides` for every training run of it (teachers and student)."""
     root.mkdir()
+    small = [*SMALL, *overrides]
     args = [
         "experiment=student_demo",
         f"paths.root_dir={root}",
@@ -37,8 +39,8 @@ def build_demo(root: Path, omp_threads: str) -> Path:
         "data.extract.allow_weak_teachers=true",  # teachers of 2 steps are near chance
         "data.label_only_baseline=false",
         "+summary=false",
-        *SMALL,
-        "data.teacher_overrides=[" + ",".join(f"'{o}'" for o in SMALL) + "]",
+        *small,
+        "data.teacher_overrides=[" + ",".join(f"'{o}'" for o in small) + "]",
         "logger=csv",
     ]
     # The relative default paths (paths.root_dir=.) would also do; the folder differs between the builds.
@@ -64,8 +66,9 @@ def logit_arrays(url: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_the_demo_built_twice_gives_the_same_teachers_logits_and_student_bit_for_bit(tmp_path: Path) -> None:
-    first = build_demo(tmp_path / "first", omp_threads="1")
-    second = build_demo(tmp_path / "second", omp_threads="2")
+    # 2 worker processes against the demo's own reading (its main process, data.num_workers=0).
+    first = build_demo(tmp_path / "first", "1", "data.num_workers=2")
+    second = build_demo(tmp_path / "second", "2")
     teachers = [Path("data/demo/teachers") / f"{name}.ckpt" for name in ("ced_tiny", "mobilenet")]
     for teacher in teachers:
         assert_same_tensors(weights(first / teacher), weights(second / teacher), str(teacher))

@@ -199,6 +199,51 @@ def test_resume_with_another_worker_count_continues_the_interrupted_order(
     assert again == [i.tolist() for i, _ in full[8:]]
 
 
+@pytest.mark.parametrize(("order", "readers"), [(2, 0), (2, 3), (3, 1)])
+def test_order_workers_gives_that_worker_counts_batches_read_by_any(
+    store_url: str, order: int, readers: int
+) -> None:
+    """`data.order_workers`: the batches (clips, samples, order) of `order` DataLoader workers, read by
+    `readers` of them (0: the main process, as the demo reads); a resume records that order and keeps it."""
+
+    def loader(
+        workers: int, order_workers: int | None = None, skip_from: dict | None = None
+    ) -> ResumableLoader:
+        stream = ClipBatchStream(
+            store_url,
+            4,
+            epoch=2,
+            seed=5,
+            clip_samples=900,
+            span_clips=1,
+            shuffle_window=16,
+            order_workers=order_workers,
+        )
+        resumable = ResumableLoader(stream, num_workers=workers)
+        if skip_from is not None:
+            resumable.load_state_dict(skip_from)
+        return resumable
+
+    reference = _batches(loader(order))
+    assert [i.tolist() for i, _ in reference] != [i.tolist() for i, _ in _batches(loader(readers))]
+    ordered = _batches(loader(readers, order))
+    assert len(ordered) == len(reference) == 13
+    for (i_ref, w_ref), (i_got, w_got) in zip(reference, ordered):
+        assert np.array_equal(i_ref, i_got) and torch.equal(w_ref, w_got)
+
+    interrupted = loader(readers, order)
+    iterator = iter(interrupted)
+    for _ in range(5):
+        next(iterator)
+    state = interrupted.state_dict()
+    del iterator
+    assert state["num_workers"] == order and state["batches"] == 5
+    rest = _batches(loader(readers, order, skip_from=state))
+    assert [i.tolist() for i, _ in rest] == [i.tolist() for i, _ in reference[5:]]
+    with pytest.raises(ValueError, match="order_workers=0"):
+        ClipBatchStream(store_url, 4, order_workers=0)
+
+
 def test_resume_on_another_rank_count_names_the_setting(store_url: str) -> None:
     def loader(world_size: int, epoch: int = 0) -> ResumableLoader:
         stream = ClipBatchStream(store_url, 4, epoch=epoch, seed=0, span_clips=1, world_size=world_size)

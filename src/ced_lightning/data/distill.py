@@ -107,12 +107,14 @@ class DistillDataModule(Int16Batches, LightningDataModule):
         with_labels: bool | float = False,
         inconsistent_shift: str = "fresh",
         drop_last: bool = True,
+        order_workers: int | None = None,
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`: labeled then unlabeled, uncopied).
         self.train_url, self.logits_url = " + ".join(store_urls(train)), str(logits)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.order_workers = order_workers  # the batch order of that many workers (ClipBatchStream)
         self.pin_memory = pin_memory
         self.shuffle_window = shuffle_window
         self.drop_last = drop_last
@@ -206,6 +208,7 @@ class DistillDataModule(Int16Batches, LightningDataModule):
             # Rows without the teachers' targets in this epoch (an imported release lacks some) sit out.
             keep=slice_.has_targets,
             drop_last=self.drop_last,
+            order_workers=self.order_workers,
         )
         return ResumableLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
 

@@ -133,6 +133,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         mixup: float | None = None,
         drop_last: bool = True,
         objective: str = "multi_label",
+        order_workers: int | None = None,
     ) -> None:
         super().__init__()
         # `train`: one audio store, or a list read as one (`store.concat`).
@@ -141,6 +142,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.order_workers = order_workers  # the training batch order of that many workers (ClipBatchStream)
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.shuffle_window = shuffle_window
@@ -235,6 +237,7 @@ class LabeledDataModule(Int16Batches, LightningDataModule):
                 self.train_store.label_matrix(), ClipDraws(self.recipe, self.seed, epoch, mixup=self.mixup)
             ),
             drop_last=self.drop_last,
+            order_workers=self.order_workers,
         )
         return ResumableLoader(stream, **self._loader_kwargs())
 

@@ -18,6 +18,11 @@ The plan of an epoch is a pure function of (seed, epoch, rank count, worker coun
 the same batches; `ResumableLoader` records how many batches were consumed (and by how many workers and
 ranks) and skips them on resume. With another `data.num_workers` the rest of the epoch follows the recorded
 workers' order; another rank count is refused mid-epoch (end-of-epoch checkpoints resume on any).
+
+`order_workers` (`data.order_workers`) fixes the worker count whose order a run follows, whatever the number
+of processes that read: the demo reads in its main process (`data.num_workers=0`: on a 2-core CPU worker
+processes cost its training steps more than they save) in the order of 2 workers, so its numbers are those
+of a run with 2.
 """
 
 from __future__ import annotations
@@ -161,6 +166,8 @@ class ClipBatchStream(IterableDataset):
     (seed, epoch, clip) with `random_crop`), shorter ones zero-padded; `None` pads to the batch's longest.
     `transform(batch) -> batch` runs in the worker (targets, augmentation parameters). `keep` (bool per clip)
     leaves the other clips out of the epoch (`plan_epoch`); so does `drop_last` the last partial batch.
+    `order_workers`: yield the batch order of that many DataLoader workers, read by however many there are
+    (None: the order of the workers that read).
 
     With `segments` (a logit store's rows, `ced_lightning.store.segments`) the items are segments instead of
     clips: `index` is the row, its samples are the row's segment of its clip (cut to `clip_samples`), and
@@ -187,8 +194,14 @@ class ClipBatchStream(IterableDataset):
         keep: np.ndarray | None = None,
         segments: SegmentTable | None = None,
         drop_last: bool = True,
+        order_workers: int | None = None,
     ) -> None:
         super().__init__()
+        if order_workers is not None and order_workers < 1:
+            raise ConfigError(
+                f"data.order_workers={order_workers}: must be 1 or more (null: data.num_workers)"
+            )
+        self.order_workers = order_workers
         self.store = AudioStore.open(store) if isinstance(store, str) else store
         if segments is not None and (random_crop or clip_samples is None):
             raise ConfigError(
@@ -230,8 +243,9 @@ class ClipBatchStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.skip_batches:
-            yield from self._continue_order(worker, num_workers, self.skip_workers or num_workers)
+        order = self.order_workers or num_workers
+        if self.skip_batches or order != num_workers:
+            yield from self._continue_order(worker, num_workers, self.skip_workers or order)
             return
         for window in worker_windows(self.plan, worker, num_workers):
             clips = self._read_window(np.concatenate(window))
@@ -246,7 +260,8 @@ class ClipBatchStream(IterableDataset):
         The remaining order is dealt to the workers round robin, which the DataLoader's round robin yields
         back in that order. A worker's batches then come from several windows (one per old worker at a
         time): it reads from each window only the clips of its own batches, once, and drops them after its
-        last batch from that window. Used for the rest of one epoch; the next one plans for `num_workers`.
+        last batch from that window. Used for the rest of one epoch; the next one plans for `num_workers`
+        (and for every epoch where `order_workers` differs from the readers: `skip_batches` is then 0).
         """
         streams = [
             [
@@ -359,8 +374,10 @@ class ResumableLoader(DataLoader):
 
     @property
     def _order_workers(self) -> int:
-        """The number of interleaved worker orders: 0 workers (the main process) reads like 1."""
-        return max(1, self.num_workers)
+        """The number of interleaved worker orders: the stream's `order_workers`, else one per worker (0
+        workers, the main process, reads like 1)."""
+        stream: ClipBatchStream = self.dataset
+        return stream.order_workers or max(1, self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
         stream: ClipBatchStream = self.dataset

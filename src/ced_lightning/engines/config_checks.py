@@ -109,6 +109,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "data.batch_size": COUNT,
         "data.eval_batch_size": COUNT,
         "data.num_workers": NON_NEGATIVE_INT,
+        "data.order_workers": COUNT_OR_NULL,
         "data.shuffle_window": COUNT,
         "data.clip_seconds": POSITIVE,
         "data.schedule.warmup_steps": NON_NEGATIVE_INT,
