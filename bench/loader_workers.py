@@ -20,8 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
-from bench.common import cpu_name
+import torch
+
+from bench.common import CLASSES, cpu_name, distill_batch, distill_step, measure
+from ced_lightning.core.audio import SAMPLE_RATE
+from ced_lightning.core.augment import AugmentRecipe
+from ced_lightning.models import create_ced
 
 READERS = {"2 worker processes": ["data.num_workers=2"], "main process": ["data.num_workers=0"]}
 RUNS = {
@@ -72,25 +78,17 @@ def timed_run(data_dir: str, out: str, overrides: list[str]) -> dict[str, float]
 
 
 def reference_step(repeats: int = 5) -> float:
-    """Seconds of one CED-Mini training step (batch 32 of 2 s clips, float32, 2 threads, Adam), the median of
-    `repeats`: a virtual machine's speed drifts, so long measurements are bracketed by this one."""
-    import torch
-
-    from bench.common import measure
-    from ced_lightning.models import create_ced
-
+    """Seconds of one CED-Mini distillation step (`bench.common.distill_step`: batch 32 of 2 s clips, float32,
+    2 threads, Adam), the median of `repeats`: a virtual machine's speed drifts, so long measurements are
+    bracketed by this one."""
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = create_ced("ced_mini", num_classes=16)
+    model = create_ced("ced_mini", num_classes=CLASSES)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    wave = torch.randn(32, 32000)
-
-    def step() -> None:
-        model(wave).sigmoid().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return measure(step, repeats=repeats, warmup=2)["median"]
+    recipe = AugmentRecipe()
+    batch = distill_batch(32, 2 * SAMPLE_RATE, recipe)
+    return measure(partial(distill_step, model, optimizer, batch, recipe), repeats=repeats, warmup=2)[
+        "median"
+    ]
 
 
 def main(data_dir: str = "data", rounds: int = 2) -> dict[str, dict[str, list[dict[str, float]]]]:

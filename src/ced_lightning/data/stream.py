@@ -240,10 +240,15 @@ class ClipBatchStream(IterableDataset):
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    def order_of(self, readers: int) -> int:
+        """The worker count whose batch order this stream yields when `readers` DataLoader workers read it
+        (0: the main process, which reads like 1)."""
+        return self.order_workers or max(1, readers)
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = self.order_workers or num_workers
+        order = self.order_of(num_workers)
         if self.skip_batches or order != num_workers:
             yield from self._continue_order(worker, num_workers, self.skip_workers or order)
             return
@@ -377,7 +382,7 @@ class ResumableLoader(DataLoader):
         """The number of interleaved worker orders: the stream's `order_workers`, else one per worker (0
         workers, the main process, reads like 1)."""
         stream: ClipBatchStream = self.dataset
-        return stream.order_workers or max(1, self.num_workers)
+        return stream.order_of(self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
         stream: ClipBatchStream = self.dataset
