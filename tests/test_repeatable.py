@@ -1,6 +1,8 @@
 """Runs that repeat: the demo built twice by the same command, in separate processes and folders, gives the
-same teachers (a timm MobileNet and a CED), the same logit store and the same student, bit for bit, also when
-the environment asks for another CPU thread count (the demo pins its own: `data.num_threads`)."""
+same teachers (a timm MobileNet and a CED), the same logit store, the same student and the same label-only
+baseline, bit for bit, also when the environment asks for another CPU thread count (the demo pins its own:
+`data.num_threads`), when the runs read their stores in worker processes, and whether the independent runs
+train side by side or one after another (`side_by_side`)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ SMALL = [
 
 
 def build_demo(root: Path, omp_threads: str, *overrides: str) -> Path:
-    """The demo's stores, both teachers (2 batches each), their logit store and a student (one epoch over 24
-    clips) from one `python -m ced_lightning.train` run in `root`, with OMP_NUM_THREADS=`omp_threads` and
-    `overrides` for every training run of it (teachers and student)."""
+    """The demo's stores, both teachers (2 batches each), their logit store, a student (one epoch over 24
+    clips) and its label-only baseline from one `python -m ced_lightning.train` run in `root`, with
+    OMP_NUM_THREADS=`omp_threads` and `overrides` for every training run of it (teachers and student)."""
     root.mkdir()
     small = [*SMALL, *overrides]
     args = [
@@ -37,7 +39,6 @@ def build_demo(root: Path, omp_threads: str, *overrides: str) -> Path:
         "data.extract.epochs=1",
         "data.extract.topk=4",
         "data.extract.allow_weak_teachers=true",  # teachers of 2 steps are near chance
-        "data.label_only_baseline=false",
         "+summary=false",
         *small,
         "data.teacher_overrides=[" + ",".join(f"'{o}'" for o in small) + "]",
@@ -66,9 +67,12 @@ def logit_arrays(url: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_the_demo_built_twice_gives_the_same_teachers_logits_and_student_bit_for_bit(tmp_path: Path) -> None:
-    # 2 worker processes against the demo's own reading (its main process, data.num_workers=0).
-    first = build_demo(tmp_path / "first", "1", "data.num_workers=2")
+    # One run after another, reading in 2 worker processes, against the demo's own way: its runs side by
+    # side, each reading in its main process (data.num_workers=0).
+    first = build_demo(tmp_path / "first", "1", "data.num_workers=2", "side_by_side=false")
     second = build_demo(tmp_path / "second", "2")
+    assert "side by side" not in (first / "run" / "train.log").read_text()
+    assert "teacher ced_tiny and teacher mobilenet side by side" in (second / "run" / "train.log").read_text()
     teachers = [Path("data/demo/teachers") / f"{name}.ckpt" for name in ("ced_tiny", "mobilenet")]
     for teacher in teachers:
         assert_same_tensors(weights(first / teacher), weights(second / teacher), str(teacher))
@@ -77,9 +81,9 @@ def test_the_demo_built_twice_gives_the_same_teachers_logits_and_student_bit_for
     assert a.keys() == b.keys() and "topk_values" in a
     for name in a:
         assert np.array_equal(a[name], b[name]), f"{logits}/{name}"
-    student = Path("run/checkpoints")
-    checkpoints = sorted(p.name for p in (first / student).glob("*.ckpt"))
-    assert "averaged.ckpt" in checkpoints
-    assert checkpoints == sorted(p.name for p in (second / student).glob("*.ckpt"))
-    for name in checkpoints:
-        assert_same_tensors(weights(first / student / name), weights(second / student / name), name)
+    for run in (Path("run/checkpoints"), Path("run/label_only/checkpoints")):
+        checkpoints = sorted(p.name for p in (first / run).glob("*.ckpt"))
+        assert "averaged.ckpt" in checkpoints
+        assert checkpoints == sorted(p.name for p in (second / run).glob("*.ckpt"))
+        for name in checkpoints:
+            assert_same_tensors(weights(first / run / name), weights(second / run / name), f"{run}/{name}")

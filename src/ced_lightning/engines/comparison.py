@@ -5,7 +5,8 @@ chance, read out in verdict lines.
 names `train_and_compare` (the demo's `run_demo` builds what is missing first, then calls it). It trains as
 the config says; for a student (task=distill) with `data.label_only_baseline` it also trains the row users
 compare against: the same network, start, recipe and seed with labels on the labeled store
-(`data.stores.supervised`), for as many optimizer steps as the student took (`label_only_cfg`). Then, unless
+(`data.stores.supervised`), for as many optimizer steps as the student took (`label_only_cfg`); with
+`side_by_side` on a CPU both at once, each in a process of its own (`engines.side_by_side`). Then, unless
 `+summary=false`, it prints the table: validation and test mAP of each teacher and their ensemble (the
 teachers that made the student's logit store, as its `teachers` attribute records them), the student, the
 label-only baseline and chance (the mean label frequency), the optimizer steps of the two trained rows, and
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ced_lightning import compose_inner
 from ced_lightning.core.errors import InputError, MissingInputError
 from ced_lightning.engines.launch import global_rank
+from ced_lightning.engines.side_by_side import Run, side_by_side, train_runs
 from ced_lightning.engines.training import train
 from ced_lightning.store import store_nbytes
 
@@ -64,14 +66,20 @@ def train_and_compare(cfg: DictConfig, timer: StageTimer | None = None) -> dict[
     closing table and verdict (`+summary=false` skips them). Returns the student's metrics with the
     baseline's as `label_only/<metric>`."""
     timer = timer or StageTimer()
-    with timer("student" if cfg.task.name == "distill" else "training"):
-        metrics = train(cfg)
     if cfg.task.name != "distill":
-        return metrics
+        with timer("training"):
+            return train(cfg)
     baseline: dict[str, Any] | None = None
-    if cfg.data.get("label_only_baseline"):
-        with timer("label-only baseline"):
-            baseline = train(label_only_cfg(cfg))
+    if cfg.data.get("label_only_baseline") and side_by_side(cfg):
+        runs = [Run("student", cfg), Run("label-only baseline", label_only_cfg(cfg))]
+        with timer("student and label-only baseline side by side"):
+            metrics, baseline = train_runs(runs, together=True)
+    else:
+        with timer("student"):
+            metrics = train(cfg)
+        if cfg.data.get("label_only_baseline"):
+            with timer("label-only baseline"):
+                baseline = train(label_only_cfg(cfg))
     if cfg.get("summary", True) and global_rank() == 0:
         with timer("teachers scored"):
             rows, teacher_test = comparison_rows(cfg, metrics, baseline)

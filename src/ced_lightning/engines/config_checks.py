@@ -163,6 +163,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "batch_size": COUNT,
         "length_tolerance_s": NON_NEGATIVE,
         "progress": FLAG,
+        "side_by_side": FLAG,
         "num_threads": COUNT_OR_NULL,
     },
     "predict": {
