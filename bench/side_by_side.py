@@ -3,9 +3,10 @@ baseline trained one after another against side by side (`side_by_side`, `engine
 demo (`DATA_DIR/demo`: its stores, teachers and logit store, from one run of the main command).
 
 Each is `engines.side_by_side.train_runs` on the two runs of `experiment=ced_mini`, cut to their first
-`STEPS` optimizer steps (the baseline's rounded up to whole 12-step epochs): in this process one after another (as `side_by_side=false` runs them), or in two
-child processes at once. The rounds alternate the two ways, so the drift of a virtual machine's speed falls on
-both alike. Each way must give the same numbers (the runs' validation and test mAP): the run fails if not.
+`STEPS` optimizer steps (the baseline's rounded up to whole 12-step epochs): in this process one after
+another (as `side_by_side=false` runs them), or in two child processes at once. The rounds alternate the two
+ways, so the drift of a virtual machine's speed falls on both alike. Each way must give the same numbers (the
+runs' validation and test mAP): the run fails if not.
 Prints the wall times and their ratio (side by side / one after another) as a Markdown table.
 """
 
