@@ -8,10 +8,18 @@ another (as `side_by_side=false` runs them), or in two child processes at once. 
 ways, so the drift of a virtual machine's speed falls on both alike. Each way must give the same numbers (the
 runs' validation and test mAP): the run fails if not.
 Prints the wall times and their ratio (side by side / one after another) as a Markdown table.
+
+`python -m bench.side_by_side --teachers [DATA_DIR] [EPOCHS] [ROUNDS]`: the same for the demo's two teachers
+(`teacher=demo_mini`), each cut to its first `EPOCHS` epochs of 12 steps.
+
+`python -m bench.side_by_side --policy`: why the children's threads sleep while they wait, one CED-Mini step
+alone and in two processes at once, with OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,14 +55,36 @@ def runs(data_dir: str, out: Path, steps: int) -> list[Run]:
     return [Run("student", student), Run("label-only baseline", baseline)]
 
 
-def main(data_dir: str = "data", steps: int = 60, rounds: int = 2) -> dict[str, Any]:
+def teacher_runs(data_dir: str, out: Path, epochs: int) -> list[Run]:
+    """The main command's two demo teachers (`teacher=demo_mini`), each cut to `epochs` epochs of 12 steps,
+    composed as the demo composes them (its augmentation and threads)."""
+    from ced_lightning.demo import augment_overrides, thread_overrides
+
+    student = compose_config(["experiment=ced_mini", f"paths.data_dir={data_dir}"])
+    pair = []
+    for member in student.teacher.members:
+        overrides = [
+            f"experiment={member.experiment}",
+            f"paths.data_dir={data_dir}",
+            "data=demo",
+            "logger=csv",
+            f"data.schedule.max_epochs={epochs}",
+            *thread_overrides(student),
+            *augment_overrides(student),
+        ]
+        pair.append(Run(f"teacher {member.name}", compose_config(overrides, out / member.name)))
+    return pair
+
+
+def main(data_dir: str = "data", steps: int = 60, rounds: int = 2, which: str = "student") -> dict[str, Any]:
     walls: dict[str, list[float]] = {way: [] for way in WAYS}
     results: dict[str, list[tuple[float, float]]] = {}
+    make_runs = teacher_runs if which == "teachers" else runs
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
             for way, together in WAYS.items():
                 out = Path(tmp) / f"{round_}_{'together' if together else 'apart'}"
-                pair = runs(data_dir, out, steps)
+                pair = make_runs(data_dir, out, steps)
                 start = time.perf_counter()
                 metrics = train_runs(pair, together=together)
                 walls[way].append(time.perf_counter() - start)
@@ -64,7 +94,12 @@ def main(data_dir: str = "data", steps: int = 60, rounds: int = 2) -> dict[str, 
         if len(set(values)) != 1:
             raise SystemExit(f"{name}: the ways gave different numbers: {values}")
     ratio = sum(walls["side by side"]) / sum(walls["one after another"])
-    print(f"CPU: {cpu_name()}; student and label-only baseline of experiment=ced_mini, {steps} steps each")
+    what = (
+        f"the two teachers of experiment=ced_mini, {steps} epochs each"
+        if which == "teachers"
+        else f"student and label-only baseline of experiment=ced_mini, {steps} steps each"
+    )
+    print(f"CPU: {cpu_name()}; {what}")
     print("| way | wall s (each round) | side by side / one after another |")
     print("| --- | --- | --- |")
     for way, times in walls.items():
@@ -76,6 +111,35 @@ def main(data_dir: str = "data", steps: int = 60, rounds: int = 2) -> dict[str, 
     return {"walls": walls, "ratio": ratio, "results": results}
 
 
+def wait_policies(repeats: int = 8) -> dict[str, list[float]]:
+    """Seconds of one CED-Mini step (`bench.loader_workers.reference_step`, 2 threads) alone and in two
+    processes at once, with OpenMP's default wait policy (spinning) and with OMP_WAIT_POLICY=PASSIVE."""
+    step = f"from bench.loader_workers import reference_step; print(reference_step({repeats}))"
+    results: dict[str, list[float]] = {}
+    for policy in ("default", "PASSIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        for count in (1, 2):
+            processes = [
+                subprocess.Popen([sys.executable, "-c", step], env=env, stdout=subprocess.PIPE, text=True)
+                for _ in range(count)
+            ]
+            seconds = [float(p.communicate()[0].split()[-1]) for p in processes]
+            results[f"{policy}, {'alone' if count == 1 else 'two at once'}"] = seconds
+    print(f"CPU: {cpu_name()}; one CED-Mini step (2 threads), seconds per process")
+    print("| OpenMP wait policy, processes | s per step | steps per s, all processes |")
+    print("| --- | --- | --- |")
+    for name, seconds in results.items():
+        print(f"| {name} | {' / '.join(f'{s:.3f}' for s in seconds)} | {sum(1 / s for s in seconds):.2f} |")
+    return results
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(*args[:1], *(int(a) for a in args[1:3]))
+    if args == ["--policy"]:
+        wait_policies()
+    elif args[:1] == ["--teachers"]:
+        main(*args[1:2], *(int(a) for a in args[2:4]), which="teachers")
+    else:
+        main(*args[:1], *(int(a) for a in args[1:3]))

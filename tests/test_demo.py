@@ -205,6 +205,10 @@ def test_train_command_runs_the_demo_layer_end_to_end(tmp_path: Path) -> None:
     run = run_command("train", *args, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "CED demo: mAP" in run.stdout, run.stdout[-2000:]
+    # The student and its label-only row side by side (the demo's side_by_side), each in its own process.
+    said = run.stdout + run.stderr
+    assert "training student and label-only baseline side by side" in said, said[-2000:]
+    assert "label-only baseline | epoch 1 (2 of 2" in said, said[-2000:]
     rows = ("teacher ced", "teacher ensemble", "student ced_tiny, label-free", "ced_tiny with labels (train")
     for row in (*rows, "logit store"):
         assert row in run.stdout, run.stdout[-2000:]

@@ -31,7 +31,6 @@ from ced_lightning.data.demo import build_demo_stores
 from ced_lightning.engines.comparison import StageTimer, train_and_compare
 from ced_lightning.engines.inputs import check_train_config
 from ced_lightning.engines.launch import global_rank
-from ced_lightning.engines.side_by_side import Run, side_by_side, train_runs
 from ced_lightning.engines.training import train
 from ced_lightning.extract import run_extract
 from ced_lightning.store import store_exists
@@ -84,30 +83,21 @@ def ensure_demo_stores(cfg: DictConfig) -> None:
 
 
 def ensure_demo_teachers(cfg: DictConfig, timer: StageTimer | None = None) -> None:
-    """Train the teachers whose checkpoints are missing: one after another, or with `side_by_side` on a CPU
-    all at once, each in a process of its own (the same numbers: `engines.side_by_side`)."""
     timer = timer or StageTimer()
-    missing = [member for member in cfg.teacher.members if not Path(member.checkpoint).is_file()]
-    for member in missing:
-        log.info(
-            "demo: training teacher %s with labels (no checkpoint at %s yet; a few minutes)",
-            member.name,
-            member.checkpoint,
-        )
-    runs = [Run(f"teacher {member.name}", demo_teacher_cfg(cfg, member)) for member in missing]
-    if len(runs) > 1 and side_by_side(cfg):
-        with timer(f"{' and '.join(run.name for run in runs)} side by side"):
-            for member, metrics in zip(missing, train_runs(runs, together=True), strict=True):
-                keep_demo_teacher(member, metrics)
-        return
-    for member, run in zip(missing, runs, strict=True):
-        with timer(run.name):
-            keep_demo_teacher(member, train(run.cfg))
+    for member in cfg.teacher.members:
+        if not Path(member.checkpoint).is_file():
+            log.info(
+                "demo: training teacher %s with labels (no checkpoint at %s yet; a few minutes)",
+                member.name,
+                member.checkpoint,
+            )
+            with timer(f"teacher {member.name}"):
+                train_demo_teacher(cfg, member)
 
 
-def demo_teacher_cfg(cfg: DictConfig, member: DictConfig) -> DictConfig:
-    """The config of one demo teacher, trained through the same entry point as everything else in its own
-    folder beside its checkpoint, with this run's seed, accelerator, threads and augmentation."""
+def train_demo_teacher(cfg: DictConfig, member: DictConfig) -> None:
+    """Train one demo teacher through the same entry point as everything else, then keep its averaged
+    checkpoint at `member.checkpoint` with its validation mAP beside it."""
     run_dir = Path(member.checkpoint).with_suffix("")
     overrides = [
         f"experiment={member.experiment}",
@@ -123,12 +113,8 @@ def demo_teacher_cfg(cfg: DictConfig, member: DictConfig) -> DictConfig:
         *list(cfg.data.get("teacher_overrides") or []),
         *list(member.get("overrides") or []),
     ]
-    return compose_inner("train", overrides)
-
-
-def keep_demo_teacher(member: DictConfig, metrics: dict[str, Any]) -> None:
-    """Keep a trained teacher's tested (averaged) checkpoint at `member.checkpoint`, its metrics beside it."""
-    run_dir = Path(member.checkpoint).with_suffix("")
+    teacher_cfg = compose_inner("train", overrides)
+    metrics = train(teacher_cfg)
     best = Path(str(metrics.get("tested_checkpoint") or ""))
     if not best.is_file():
         raise CheckFailedError(f"teacher {member.name}: training produced no checkpoint in {run_dir}")

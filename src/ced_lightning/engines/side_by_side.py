@@ -1,12 +1,15 @@
-"""Independent training runs of one command at the same time, each in a process of its own, on the CPU (the
-demo's two teachers; a student and its label-only baseline): `train_runs`.
+"""Independent training runs of one command at the same time, each in a process of its own, on the CPU (a
+student and its label-only baseline, `comparison.train_and_compare`): `train_runs`.
 
 Why: one training run on a small CPU leaves a core idle through its serial parts (Python, the autograd
-engine, the optimizer's per-tensor loops); two runs at once fill it. On the demo's 2-core machine two runs
-side by side took about 0.77x the time of one after the other (bench/side_by_side.md). Each run keeps its
-own thread count (`num_threads`), so its numbers are the ones it gives alone, bit for bit. Where the runs'
-threads outnumber the cores, OpenMP's waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning:
-spinning threads of one run take the cores the other needs (a CED-Mini step 4.7 s instead of 1.5).
+engine, the optimizer's per-tensor loops); two runs at once fill it. On the demo's 2-core machine the
+main command's student and label-only row side by side took about 0.8x the time of one after the other
+(bench/side_by_side.md). Each run keeps its own thread count (`num_threads`), so its numbers are the ones it
+gives alone, bit for bit. Where the runs' threads outnumber the cores, OpenMP's waiting threads sleep
+(OMP_WAIT_POLICY=PASSIVE) instead of spinning: spinning threads of one run take the cores the other needs (a
+CED-Mini step 4.7 s instead of 1.5). Sleeping threads wake more slowly, which costs runs of many small kernels
+(the demo's MobileNet teacher) more than they gain, and a run left alone by the other runs slower: the
+demo's two teachers, of unequal length, took longer side by side (443 s against 362), so they do not.
 
 A child is `python -m ced_lightning.engines.side_by_side CONFIG METRICS`: it trains the saved config with
 `engines.training.train` and writes its metrics. Its output reaches this process's log line by line, after
@@ -24,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,21 +63,37 @@ def side_by_side(cfg: DictConfig) -> bool:
 def train_runs(runs: Sequence[Run], together: bool) -> list[dict[str, Any]]:
     """The metrics of `engines.training.train` for each run, in order: one after another in this process,
     or with `together` (`side_by_side`) all at once, each in a child process. A failed child ends this with
-    a one-line error naming it once every other run has ended (what they finished is kept)."""
+    a one-line error naming it once every other run has ended (what they finished is kept). A SIGTERM to
+    this process reaches every child, which stops as a run alone does (its checkpoints kept); this then
+    raises Lightning's SIGTERMException, as a run alone would (`train` exits with status 143)."""
     from ced_lightning.engines.training import train
 
     if not together or len(runs) < 2:
         return [train(run.cfg) for run in runs]
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     log.info("training %s side by side, each in a process of its own", " and ".join(r.name for r in runs))
-    with tempfile.TemporaryDirectory(prefix="ced_side_by_side_") as tmp:
-        children = [_Child(run, Path(tmp) / str(i), _child_env(runs)) for i, run in enumerate(runs)]
+    children: list[_Child] = []
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        # A scheduler's SIGTERM stops every run as it stops one run alone: each keeps its checkpoints so far.
+        stopped.append(signum)
+        for child in children:
+            child.send(signum)
+
+    with tempfile.TemporaryDirectory(prefix="ced_side_by_side_") as tmp, _handler(signal.SIGTERM, forward):
         try:
+            for i, run in enumerate(runs):
+                children.append(_Child(run, Path(tmp) / str(i), _child_env(runs)))
             for child in children:
                 child.wait()
         except BaseException:
             for child in children:
                 child.stop()
             raise
+        if stopped:
+            raise SIGTERMException
         failed = [child for child in children if child.returncode != 0]
         if failed:
             raise CheckFailedError(
@@ -85,6 +104,19 @@ def train_runs(runs: Sequence[Run], together: bool) -> list[dict[str, Any]]:
                 )
             )
         return [child.metrics() for child in children]
+
+
+@contextlib.contextmanager
+def _handler(signum: int, handler: Any) -> Iterator[None]:
+    """`handler` for `signum` while the block runs (in the main thread; elsewhere signals are not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 def _child_env(runs: Sequence[Run]) -> dict[str, str]:
@@ -132,6 +164,10 @@ class _Child:
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
+
+    def send(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
 
     def stop(self) -> None:
         """SIGTERM, as a scheduler stops a run (its checkpoints so far are kept), then SIGKILL after 60 s."""
