@@ -71,6 +71,9 @@ def test_sigterm_mid_training_leaves_averaged_checkpoint_and_epoch_lines(
                 process.kill()
     said = (tmp_path / "stdout.txt").read_text()
     assert process.returncode == 128 + signal.SIGTERM, said[-3000:]  # not 0: the job did not finish
+    # The demo's student trains beside its label-only row (side_by_side): the signal reached both.
+    assert "training student and label-only baseline side by side" in said, said[-3000:]
+    assert "label-only baseline | WARNING: stopped by SIGTERM" in said, said[-3000:]
     averaged = checkpoints / "averaged.ckpt"
     assert averaged.is_file(), said[-3000:]
     state = torch.load(averaged, map_location="cpu", weights_only=False)
