@@ -187,7 +187,8 @@ def test_train_on_a_damaged_logit_store_exits_non_zero_naming_the_chunk(
     )
     assert done.returncode != 0, done.stdout[-2000:]
     assert "(topk_values/c/0/0/0) is missing" in done.stderr, done.stderr[-3000:]
-    assert not list((tmp_path / "train").rglob("*.ckpt"))
+    # The student wrote no checkpoint; its label-only row, side by side and reading no logit store, may.
+    assert not list((tmp_path / "train" / "checkpoints").glob("*.ckpt"))
 
 
 def test_check_command_reports_a_good_store_and_names_each_problem(

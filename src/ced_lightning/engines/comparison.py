@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ced_lightning import compose_inner
 from ced_lightning.core.errors import InputError, MissingInputError
+from ced_lightning.engines.inputs import ensure_inputs
 from ced_lightning.engines.launch import global_rank
 from ced_lightning.engines.side_by_side import Run, side_by_side, train_runs
 from ced_lightning.engines.training import train
@@ -71,6 +72,7 @@ def train_and_compare(cfg: DictConfig, timer: StageTimer | None = None) -> dict[
             return train(cfg)
     baseline: dict[str, Any] | None = None
     if cfg.data.get("label_only_baseline") and side_by_side(cfg):
+        ensure_inputs(cfg)  # as `train` first does: a missing store named before the baseline reads it
         runs = [Run("student", cfg), Run("label-only baseline", label_only_cfg(cfg))]
         with timer("student and label-only baseline side by side"):
             metrics, baseline = train_runs(runs, together=True)

@@ -96,13 +96,10 @@ def train_runs(runs: Sequence[Run], together: bool) -> list[dict[str, Any]]:
             raise SIGTERMException
         failed = [child for child in children if child.returncode != 0]
         if failed:
-            raise CheckFailedError(
-                "; ".join(
-                    f"{c.run.name} ended with exit status {c.returncode} (its lines above start with "
-                    f"'{c.run.name} |')"
-                    for c in failed
-                )
-            )
+            # A run's own error (a damaged store, a bad value) is the command's, with that run's exit status.
+            error = CheckFailedError("; ".join(child.failure() for child in failed))
+            error.exit_code = failed[0].error().get("exit_code", 1)
+            raise error
         return [child.metrics() for child in children]
 
 
@@ -182,6 +179,18 @@ class _Child:
     def metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_file.read_text())
 
+    def error(self) -> dict[str, Any]:
+        """The error the run raised on purpose (message, exit status), {} where it wrote none."""
+        path = self.metrics_file.with_suffix(".error.json")
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def failure(self) -> str:
+        message = self.error().get("message")
+        if message:
+            return f"{self.run.name}: {message}"
+        name = self.run.name
+        return f"{name} ended with exit status {self.returncode} (its lines above start with '{name} |')"
+
 
 def _end_with_parent() -> None:
     """Linux: SIGTERM this process when the command that started it dies, even by SIGKILL."""
@@ -224,6 +233,9 @@ def _child_main(config: str, metrics_file: str) -> int:
             metrics = train(cfg)
     except CedError as err:
         print(error_line("train", err), flush=True)
+        message = error_line("train", err).split(": error: ", 1)[-1]
+        error = {"message": message, "exit_code": err.exit_code}
+        Path(metrics_file).with_suffix(".error.json").write_text(json.dumps(error))
         return err.exit_code
     except SIGTERMException:
         log.warning("stopped by SIGTERM; the checkpoints written so far are kept (averaged.ckpt included)")
