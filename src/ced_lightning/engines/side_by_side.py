@@ -84,8 +84,9 @@ def train_runs(runs: Sequence[Run], together: bool) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory(prefix="ced_side_by_side_") as tmp, _handler(signal.SIGTERM, forward):
         try:
+            env = _child_env(runs)
             for i, run in enumerate(runs):
-                children.append(_Child(run, Path(tmp) / str(i), _child_env(runs)))
+                children.append(_Child(run, Path(tmp) / str(i), env))
             for child in children:
                 child.wait()
         except BaseException:
@@ -232,9 +233,9 @@ def _child_main(config: str, metrics_file: str) -> int:
         with finish_task(cfg):
             metrics = train(cfg)
     except CedError as err:
-        print(error_line("train", err), flush=True)
-        message = error_line("train", err).split(": error: ", 1)[-1]
-        error = {"message": message, "exit_code": err.exit_code}
+        line = error_line("train", err)
+        print(line, flush=True)
+        error = {"message": line.split(": error: ", 1)[-1], "exit_code": err.exit_code}
         Path(metrics_file).with_suffix(".error.json").write_text(json.dumps(error))
         return err.exit_code
     except SIGTERMException:
