@@ -236,3 +236,72 @@ def test_single_label_training_refuses_multi_label_data(tmp_path: Path) -> None:
     demo = {**stores, "pretrained": str(save_tiny_teacher(tmp_path / "p.pt", 16))}
     with pytest.raises(InputError, match=r"clip 'demo_train_\d+' has [023] labels.*single_label"):
         _finetune(demo, tmp_path / "run")
+
+
+def test_a_single_label_checkpoint_reads_as_its_softmax_in_every_consumer(
+    single_label_demo: dict[str, str], tmp_path: Path
+) -> None:
+    """A model fine-tuned with task.objective=single_label is scored, tagged and exported on its softmax
+    (the checkpoint's `objective`), as its own test step scored it; the Hub port and the teacher ensemble,
+    which can only read per-class sigmoids, refuse it."""
+    from omegaconf import OmegaConf
+
+    import ced_lightning as ced
+    from ced_lightning.core.metrics import tagging_scores
+    from ced_lightning.engines.hub_export import export_hub
+    from ced_lightning.engines.inference.events import frame_probabilities
+    from ced_lightning.engines.scoring import evaluate_checkpoint
+    from ced_lightning.engines.teachers import load_teachers
+    from ced_lightning.models import load_checkpoint, save_ced
+
+    metrics = _finetune(single_label_demo, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    loaded = load_checkpoint(ckpt)
+    assert loaded.objective == "single_label"
+
+    # evaluate: the test step's figures. Ranks of the same float32 logits, batched alike (8 clips of 1 s).
+    result = evaluate_checkpoint(ckpt, single_label_demo["test"], batch_size=8, device="cpu")
+    assert result["objective"] == "single_label"
+    assert result["mAP"] == pytest.approx(metrics["test/mAP"], abs=1e-6)
+    assert result["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert torch.allclose(result["probabilities"].sum(1), torch.ones(8), atol=1e-6)
+    # ... which the sigmoids of the same logits do not give: the check above can fail
+    store = AudioStore.open(single_label_demo["test"])
+    with torch.no_grad():
+        logits = loaded.model(torch.stack([store.read(i) for i in range(len(store))]))
+    sigmoid_map = float(tagging_scores(torch.sigmoid(logits), torch.from_numpy(store.label_matrix()))["mAP"])
+    assert abs(sigmoid_map - metrics["test/mAP"]) > 1e-3
+
+    # tag (the Python API and ced-predict's engine), events, and the ONNX file: probabilities sum to 1
+    tagger = ced.load(ckpt, device="cpu")
+    assert tagger.objective == "single_label"
+    wave = store.read(0)
+    tags = tagger.tag(wave, sample_rate=16000, top_k=None)
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(wave[None]), -1)[0]
+    assert sum(tags.scores) == pytest.approx(1.0, abs=1e-5)
+    assert tags.scores[0] == pytest.approx(float(expected.max()), abs=1e-6)
+    sf.write(tmp_path / "clip.wav", wave.numpy(), 16000, subtype="FLOAT")
+    (from_file,) = tagger.tag_files([tmp_path / "clip.wav"], top_k=None)
+    assert from_file.labels == tags.labels and sum(from_file.scores) == pytest.approx(1.0, abs=1e-5)
+    frames = frame_probabilities(tagger.model, wave, objective="single_label")
+    assert torch.allclose(frames.sum(-1), torch.ones(len(frames)), atol=1e-5)
+
+    pytest.importorskip("onnxruntime")
+    from ced_lightning.export import export_onnx, onnx_session, run_onnx
+
+    session = onnx_session(export_onnx(loaded.model, tmp_path / "m.onnx", objective="single_label"))
+    onnx_logits, onnx_probs = run_onnx(session, wave[None])
+    assert np.allclose(onnx_probs, torch.softmax(torch.from_numpy(onnx_logits), -1).numpy(), atol=1e-6)
+    assert onnx_probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+    # save_ced keeps the class names and the objective
+    save_ced(loaded.model, tmp_path / "released.pt", class_names=loaded.class_names, objective="single_label")
+    again = load_checkpoint(tmp_path / "released.pt")
+    assert (again.objective, again.class_names) == ("single_label", loaded.class_names)
+
+    with pytest.raises(ConfigError, match=r"task\.objective=single_label, which the Hub port cannot express"):
+        export_hub(ckpt, tmp_path / "hub")
+    teachers = OmegaConf.create({"members": [{"name": "fine", "checkpoint": str(ckpt)}]})
+    with pytest.raises(ConfigError, match=r"teacher fine: .* task\.objective=single_label"):
+        load_teachers(teachers)

@@ -14,11 +14,11 @@ from ced_lightning.core.metrics import (
     average_precision_per_class,
     d_prime_from_auc,
     plot_per_class_ap,
-    probabilities_from_logits,
     tagging_scores,
     write_per_class,
     write_per_class_csv,
 )
+from ced_lightning.core.objective import probabilities_from_logits
 
 
 def _hand_ap(scores: list[float], labels: list[int]) -> float:

@@ -29,6 +29,7 @@ from ced_lightning.core.audio import SAMPLE_RATE, _mono, int16_to_float, load_au
 from ced_lightning.core.device import default_device
 from ced_lightning.core.events import Event
 from ced_lightning.core.labels import resolve_class_names
+from ced_lightning.core.objective import check_objective, probabilities_from_logits
 from ced_lightning.engines.inference import (
     Failure,
     PieceAverage,
@@ -149,7 +150,8 @@ class _Collector(PredictionSink):
 class AudioTagger:
     """A loaded model ready to tag: `tag`, `tag_files`, `embed`, `events`. `class_names` are its outputs'
     names (the checkpoint's, else AudioSet's for 527 classes); `model` is the `nn.Module` (eval mode, on
-    `device`)."""
+    `device`); `objective` how its outputs read: "multi_label" (a sigmoid per class, the released models)
+    or "single_label" (one softmax over the classes, a model trained with task.objective=single_label)."""
 
     def __init__(
         self,
@@ -159,6 +161,7 @@ class AudioTagger:
         source: str = "<model>",
         device: torch.device | str | None = None,
         batch_size: int = 8,
+        objective: str = "multi_label",
     ) -> None:
         if len(class_names) != int(model.num_classes):
             raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
@@ -168,6 +171,7 @@ class AudioTagger:
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.source, self.batch_size = source, batch_size
+        self.objective = check_objective(objective)
         self.sample_rate = SAMPLE_RATE
 
     def __repr__(self) -> str:
@@ -190,7 +194,8 @@ class AudioTagger:
             return self.tag_files([audio], top_k=top_k, errors="raise")[0]
         wave = _waveform(audio, sample_rate)
         logits, _ = self._run_windows(wave, embeddings=False)
-        row = {"labels": top_labels(torch.sigmoid(logits), self._k(top_k), self.class_names)}
+        probabilities = probabilities_from_logits(logits, self.objective)
+        row = {"labels": top_labels(probabilities, self._k(top_k), self.class_names)}
         return TagResult.from_row({**row, "duration_s": round(len(wave) / SAMPLE_RATE, 4)})
 
     def tag_files(
@@ -247,7 +252,7 @@ class AudioTagger:
         settings = EventSettings(threshold, median_window, fill_gap, min_frames)
         check_event_model(self.model)
         settings.check(len(self.class_names))
-        return file_events(self.model, wave, self.class_names, settings, self.batch_size)
+        return file_events(self.model, wave, self.class_names, settings, self.batch_size, self.objective)
 
     def _k(self, top_k: int | None) -> int:
         if top_k is None:
@@ -265,6 +270,7 @@ class AudioTagger:
             files,
             topk=top_k,
             class_names=self.class_names,
+            objective=self.objective,
             batch_size=self.batch_size,
             embeddings=embeddings,
             sinks=[collector],
@@ -313,6 +319,7 @@ def load(
         source=str(model),
         device=None if str(device) == "auto" else device,
         batch_size=batch_size,
+        objective=checkpoint.objective,
     )
 
 

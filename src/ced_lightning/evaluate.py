@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on a labelled audio store: mAP, d-prime, per-class AP table and chart.
+"""Evaluate a checkpoint on a labelled audio store: mAP, d-prime, per-class AP table and chart (a single-label
+checkpoint, task.objective=single_label: on its softmax, with accuracy and top-5 accuracy).
 
     python -m ced_lightning.evaluate ckpt=logs/train/runs/.../best.ckpt store=data/audioset_eval.zarr
     python -m ced_lightning.evaluate teacher=demo store=data/demo/val.zarr     # a teacher set
@@ -30,8 +31,14 @@ def format_summary(result: dict[str, Any]) -> str:
     with_positives = int((result["positives"] > 0).sum())
     d_prime = result["d_prime"]
     d_text = f"{d_prime:.4f}" if math.isfinite(d_prime) else str(d_prime)
+    # A single-label checkpoint's accuracy (`evaluate_checkpoint`), beside the ranking figures.
+    accuracy = "".join(
+        f"  {label}: {result[key]:.4f}"
+        for key, label in (("acc", "accuracy"), ("top5_acc", "top-5 accuracy"))
+        if key in result
+    )
     return (
-        f"clips: {result['num_clips']}  mAP: {result['mAP']:.4f}  d-prime: {d_text}  "
+        f"clips: {result['num_clips']}  mAP: {result['mAP']:.4f}  d-prime: {d_text}{accuracy}  "
         f"(classes with positives: {with_positives} of {len(result['positives'])})"
     )
 

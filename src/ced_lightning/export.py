@@ -43,6 +43,7 @@ from torch import nn
 import ced_lightning
 from ced_lightning.core.audio import SAMPLE_RATE
 from ced_lightning.core.errors import ConfigError, InputError, MissingDependencyError
+from ced_lightning.core.objective import check_objective, probabilities_from_logits
 from ced_lightning.engines.launch import command_errors
 from ced_lightning.models.ced import CED, LogMelFrontEnd, average_pieces
 
@@ -122,13 +123,17 @@ class _SplitCED(nn.Module):
 
 
 class ExportableTagger(nn.Module):
-    """What goes into the ONNX file: (optional front end) -> network -> (logits, probabilities)."""
+    """What goes into the ONNX file: (optional front end) -> network -> (logits, probabilities); the
+    probabilities are the model's `objective`'s (sigmoids, or one softmax for a single-label model)."""
 
-    def __init__(self, model: nn.Module, input_kind: str = "waveform") -> None:
+    def __init__(
+        self, model: nn.Module, input_kind: str = "waveform", objective: str = "multi_label"
+    ) -> None:
         super().__init__()
         if input_kind not in INPUT_KINDS:
             raise ConfigError(f"input={input_kind!r}: choose one of {list(INPUT_KINDS)}")
         self.input_kind = input_kind
+        self.objective = check_objective(objective)
         self.front_end = DftLogMel(model.front_end) if input_kind == "waveform" else None
         self.network = _SplitCED(model) if isinstance(model, CED) else _Spectrogram(model)
 
@@ -136,7 +141,7 @@ class ExportableTagger(nn.Module):
         if self.front_end is not None:
             x = self.front_end(x)
         logits = self.network(x)
-        return logits, torch.sigmoid(logits)
+        return logits, probabilities_from_logits(logits, self.objective)
 
 
 class _Spectrogram(nn.Module):
@@ -166,11 +171,13 @@ def export_onnx(
     input_kind: str = "waveform",
     opset: int = 18,
     example_seconds: float = 12.0,
+    objective: str = "multi_label",
 ) -> Path:
     """Write `model` (eval mode, float32, CPU) to `output` as ONNX; returns the path.
 
     Inputs `waveform [batch, samples]` or `spectrogram [batch, n_mels, frames]`, outputs `logits` and
-    `probabilities [batch, classes]`; batch and time are dynamic axes. `opset` must be >= 18, the oldest
+    `probabilities [batch, classes]` (of the model's `objective`: the checkpoint's); batch and time are
+    dynamic axes. `opset` must be >= 18, the oldest
     torch's exporter writes (onnxruntime has run opset 18 since 1.14).
     """
     if opset < MIN_OPSET:
@@ -178,7 +185,7 @@ def export_onnx(
         raise ConfigError(
             f"opset={opset}: the ONNX exporter writes opset {MIN_OPSET} or newer; use opset={MIN_OPSET}"
         )
-    wrapper = ExportableTagger(model.float().cpu().eval(), input_kind).eval()
+    wrapper = ExportableTagger(model.float().cpu().eval(), input_kind, objective).eval()
     example = example_input(model, input_kind, seconds=example_seconds)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -337,26 +344,32 @@ def main(cfg: DictConfig) -> None:
     quantize = cfg.get("quantize")
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r}: choose null (float32) or int8")
-    model = load_checkpoint(cfg.ckpt).model
+    checkpoint = load_checkpoint(cfg.ckpt)
+    model, objective = checkpoint.model, checkpoint.objective
+    options = {"input_kind": str(cfg.input), "opset": int(cfg.opset), "objective": objective}
     if quantize is None:
-        path = export_onnx(model, cfg.output, input_kind=str(cfg.input), opset=int(cfg.opset))
+        path = export_onnx(model, cfg.output, **options)
     else:
         with tempfile.TemporaryDirectory() as folder:
-            float_path = export_onnx(
-                model, Path(folder) / "float32.onnx", input_kind=str(cfg.input), opset=int(cfg.opset)
-            )
+            float_path = export_onnx(model, Path(folder) / "float32.onnx", **options)
             path = quantize_onnx_int8(float_path, cfg.output)
     message = (
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, input={cfg.input}, opset={file_opset(path)}"
         f"{', linear layers in int8' if quantize else ''})"
     )
     if cfg.verify:
-        message += "; " + verify_export(model, path, str(cfg.input), probabilities=quantize is not None)
+        message += "; " + verify_export(
+            model, path, str(cfg.input), probabilities=quantize is not None, objective=objective
+        )
     print(message)
 
 
 def verify_export(
-    model: nn.Module, path: str | PathLike, input_kind: str, probabilities: bool = False
+    model: nn.Module,
+    path: str | PathLike,
+    input_kind: str,
+    probabilities: bool = False,
+    objective: str = "multi_label",
 ) -> str:
     """Compare onnxruntime with PyTorch on a short and a long random clip; returns a one-line summary (with
     the largest probability difference too if `probabilities`: what int8 costs, on the scale of the tags)."""
@@ -368,7 +381,8 @@ def verify_export(
             expected = model(x) if input_kind == "waveform" else model.forward_spectrogram(x)
         logits, probs = run_onnx(session, x)
         worst = max(worst, float(np.abs(logits - expected.numpy()).max()))
-        worst_probability = max(worst_probability, float(np.abs(probs - expected.sigmoid().numpy()).max()))
+        expected_probs = probabilities_from_logits(expected, objective).numpy()
+        worst_probability = max(worst_probability, float(np.abs(probs - expected_probs).max()))
     summary = f"max |logits - PyTorch| on 3 s and 25 s inputs: {worst:.2e}"
     return summary + (f" (probabilities: {worst_probability:.2e})" if probabilities else "")
 

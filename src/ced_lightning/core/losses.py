@@ -11,19 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ced_lightning.core.errors import ConfigError
+from ced_lightning.core.objective import Objective, check_objective
 from ced_lightning.core.rng import counter_uniform, stream_id
 
 DistillLoss = Literal["kl", "bce"]
-# `task.objective`: multi-label tagging (a sigmoid per class) or one class per clip (a softmax over classes).
-Objective = Literal["multi_label", "single_label"]
-OBJECTIVES: tuple[str, ...] = ("multi_label", "single_label")
-
-
-def check_objective(objective: str) -> str:
-    """`objective` when it is one of OBJECTIVES, else a ConfigError naming `task.objective`."""
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"task.objective must be one of {list(OBJECTIVES)}, not {objective!r}")
-    return objective
 
 
 def supervised_loss(objective: Objective, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

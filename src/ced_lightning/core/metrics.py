@@ -115,16 +115,6 @@ class TaggingMetrics(ProbabilityStates):
         }
 
 
-def probabilities_from_logits(logits: torch.Tensor, objective: str = "multi_label") -> torch.Tensor:
-    """A tagger's logits -> its probabilities, float32: a sigmoid per class (multi_label), a softmax over the
-    classes (single_label). The cast comes first: a sigmoid in 16 bits (mixed precision) would round
-    probabilities near 0 and 1 into ties that change the ranking AP measures. Every evaluation scores these:
-    `evaluate`, the teacher table and the Lightning validation and test steps."""
-    if objective == "single_label":
-        return torch.softmax(logits.float(), dim=-1)
-    return torch.sigmoid(logits.float())
-
-
 def tagging_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """`TaggingMetrics` of one set of scores `[N, C]` and multi-hot targets, computed at once:
     `{"mAP", "d_prime", "per_class_ap", "positives"}` (the Lightning steps accumulate the same metric)."""

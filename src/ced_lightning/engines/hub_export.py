@@ -42,6 +42,12 @@ def export_hub(
     loaded = load_checkpoint(ckpt)
     if not isinstance(loaded.model, CED):
         raise ConfigError(f"{ckpt}: format=hf writes CED models; this is a {type(loaded.model).__name__}")
+    if loaded.objective != "multi_label":
+        # The port's outputs are per-class sigmoids: a softmax model's tags would read wrong there.
+        raise ConfigError(
+            f"{ckpt}: trained with task.objective={loaded.objective}, which the Hub port cannot express (its "
+            "outputs are per-class sigmoids); export it with format=onnx, whose probabilities are its softmax"
+        )
     names = resolve_class_names(loaded.model.num_classes, loaded.class_names)
     folder = write_hub_folder(loaded.model, names, output)
     size_mb = (folder / WEIGHTS_FILE).stat().st_size / 1e6

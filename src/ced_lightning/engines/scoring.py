@@ -26,10 +26,10 @@ from ced_lightning.core.labels import check_same_classes, resolve_class_names
 from ced_lightning.core.metrics import (
     chance_map,
     gain_over_chance,
-    probabilities_from_logits,
     tagging_scores,
     write_per_class,
 )
+from ced_lightning.core.objective import probabilities_from_logits
 from ced_lightning.core.progress import ProgressLog, output_is_terminal
 from ced_lightning.data.batching import batches_by_length, pad_batch
 
@@ -86,6 +86,7 @@ def score_store(
     stage: str = "evaluate",
     weights: Sequence[float] | None = None,
     leave_one_out: bool = False,
+    objective: str = "multi_label",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor]]:
     """Every model's probabilities `[clips, classes]` (float32, CPU, store order) over every clip of the
     audio store; with `combine` the ensemble's (`combine_probabilities` with the models' `weights`, as
@@ -94,8 +95,9 @@ def score_store(
 
     The project's one evaluation pass: clips grouped by length (`batches_by_length`), each batch read once
     and run through every model, so a clip's scores do not depend on the batch size. Probabilities are
-    `metrics.probabilities_from_logits`, as the Lightning validation and test steps score them. `stage` names
-    the pass in its progress lines (`progress.ProgressLog`); `progress` shows a bar on a terminal.
+    `objective.probabilities_from_logits` of the models' `objective`, as the Lightning validation and test
+    steps score them (an ensemble combines sigmoids: teachers are multi-label). `stage` names the pass in its
+    progress lines (`progress.ProgressLog`); `progress` shows a bar on a terminal.
     """
     device = torch.device(device) if device is not None else default_device()
     models = {name: _placed(model, device).eval() for name, model in models.items()}
@@ -120,7 +122,7 @@ def score_store(
             waveform = pad_batch([store.read(i) for i in batch])[0].to(device)
             logits = {name: model(waveform) for name, model in models.items()}
             for name, value in logits.items():
-                probabilities[name][batch] = probabilities_from_logits(value).cpu()
+                probabilities[name][batch] = probabilities_from_logits(value, objective).cpu()
             if ensemble is not None:
                 members = list(logits.values())
                 ensemble[batch] = combine_probabilities(members, combine, weights).cpu()
@@ -154,9 +156,11 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score every clip of the store with the checkpoint's model and compare with the store's labels.
 
-    Returns `{"mAP", "d_prime", "num_clips", "per_class_ap", "positives", "class_names", "probabilities"}`
-    (floats, int, tensors, list; `probabilities` is `[clips, classes]` in store order) and, with `output_dir`,
-    the paths `"per_class_csv"` and `"per_class_png"`.
+    Returns `{"mAP", "d_prime", "num_clips", "per_class_ap", "positives", "class_names", "probabilities",
+    "objective"}` (floats, int, tensors, list, str; `probabilities` is `[clips, classes]` in store order) and,
+    with `output_dir`, the paths `"per_class_csv"` and `"per_class_png"`. A single-label checkpoint (trained
+    with task.objective=single_label) is scored on its softmax, as its test step scored it, and adds
+    `"acc"` and, with more than 5 classes, `"top5_acc"` (`single_label.single_label_scores`).
     """
     from ced_lightning.models import load_checkpoint
 
@@ -173,6 +177,7 @@ def evaluate_checkpoint(
         length_tolerance_s=length_tolerance_s,
         device=device,
         progress=progress,
+        objective=checkpoint.objective,
     )
     probabilities = scored[str(ckpt)]
     scores = tagging_scores(probabilities, labels)
@@ -184,10 +189,27 @@ def evaluate_checkpoint(
         "positives": scores["positives"],
         "class_names": class_names,
         "probabilities": probabilities,
+        "objective": checkpoint.objective,
     }
+    if checkpoint.objective == "single_label":
+        result.update(_single_label_scores(probabilities, labels, store))
     if output_dir is not None:
         result.update(write_per_class(output_dir, scores, class_names))
     return result
+
+
+def _single_label_scores(probabilities: torch.Tensor, labels: torch.Tensor, store: Any) -> dict[str, float]:
+    """Accuracy (and top-5) of a single-label model on a store that gives each clip one class (else none,
+    with a warning naming the first clip that has not)."""
+    from ced_lightning.core.labels import single_label_problem
+    from ced_lightning.core.single_label import single_label_scores
+
+    problem = single_label_problem(store.label_counts(), store.names)
+    if problem is not None:
+        log.warning("store=%s: no accuracy for this single-label model: %s", store.url, problem)
+        return {}
+    scores = single_label_scores(probabilities, labels)
+    return {name: float(value) for name, value in scores.items() if name != "confusion"}
 
 
 # `teacher_check.min_gain`'s default: a teacher set must close at least this share of the gap from chance

@@ -155,6 +155,13 @@ def load_teachers(teacher_cfg: DictConfig) -> tuple[list[nn.Module], list[dict[s
             ):
                 raise MissingInputError(f"teacher {member['name']}: no checkpoint at {path}")
             loaded = load_checkpoint(path, sha256=True)  # the store records the teacher's weights
+            if loaded.objective != "multi_label":
+                # The ensemble and the student's targets are per-class sigmoids; a softmax model's logits
+                # read that way would be other probabilities than those it was trained to give.
+                raise ConfigError(
+                    f"teacher {member['name']}: {path} was trained with task.objective={loaded.objective}; "
+                    "teachers must be multi-label taggers (per-class sigmoids), as CED distils them"
+                )
             model = loaded.model
             if loaded.class_names:
                 class_lists[member["name"]] = loaded.class_names

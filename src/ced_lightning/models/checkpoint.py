@@ -2,10 +2,12 @@
 
 A Lightning checkpoint of our training holds, beside Lightning's own keys (`state_dict`, loops, optimiser):
 `model_spec` (rebuilds the network: `build_model`), `class_names` (the outputs' names, or None),
-`eval_prefix` (`model.` or `ema.`: the `state_dict` prefix of the weights to evaluate) and `rng_states`
-(torch's generators, for an exact resume); `write_metadata` adds them, `restore_rng_states` reads the last.
-`save_ced` writes the released layout (`{'model': state_dict}`) plus `ced_config`. `load_checkpoint` reads
-any of these and the released CED files (`.pt`, the Hub's safetensors) once: model, class names, sha256.
+`eval_prefix` (`model.` or `ema.`: the `state_dict` prefix of the weights to evaluate), `objective` (how the
+outputs read: `multi_label` sigmoids, `single_label` one softmax) and `rng_states` (torch's generators, for
+an exact resume); `write_metadata` adds them, `restore_rng_states` reads the last. `save_ced` writes the
+released layout (`{'model': state_dict}`) plus `ced_config`, and the class names and objective where given.
+`load_checkpoint` reads any of these and the released CED files (`.pt`, the Hub's safetensors) once: model,
+class names, objective, sha256.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ced_lightning.core.errors import CedError, MissingInputError
+from ced_lightning.core.objective import OBJECTIVES, check_objective
 from ced_lightning.models.ced import CED, CEDConfig, FrontEndConfig
 from ced_lightning.models.hub import (
     WEIGHTS_FILE,
@@ -207,10 +210,27 @@ def _ced_from_checkpoint(obj: Any, source: str, config: CEDConfig | None = None)
     return model
 
 
-def save_ced(model: CED, path: str | PathLike) -> None:
-    """Save in the released layout (`{'model': state_dict}`) plus our exact config, readable by both."""
+def save_ced(
+    model: CED,
+    path: str | PathLike,
+    *,
+    class_names: list[str] | None = None,
+    objective: str = "multi_label",
+) -> None:
+    """Save in the released layout (`{'model': state_dict}`) plus our exact config, readable by both; with
+    `class_names` and a `single_label` objective those too (`load_checkpoint` reads them back; the original
+    code ignores them)."""
+    saved: dict[str, Any] = {"model": model.state_dict(), "ced_config": model.config.to_dict()}
+    if class_names is not None:
+        if len(class_names) != model.config.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model of {model.config.num_classes} outputs"
+            )
+        saved["class_names"] = list(class_names)
+    if check_objective(objective) != "multi_label":
+        saved["objective"] = objective
     with fsspec.open(str(path), "wb") as handle:
-        torch.save({"model": model.state_dict(), "ced_config": model.config.to_dict()}, handle)
+        torch.save(saved, handle)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -240,16 +260,20 @@ class LoadedCheckpoint:
     """What `load_checkpoint` read from one checkpoint file."""
 
     model: nn.Module  # in eval mode
-    class_names: list[str] | None  # stored by our training; None in released files and `save_ced` output
+    class_names: list[str] | None  # stored by our training (and `save_ced` where given); None in releases
     sha256: str | None  # of the file's bytes (identifies a teacher in a logit store), when asked for
     source: str
+    # How the outputs read (`objective.probabilities_from_logits`): "multi_label", a sigmoid per class (the
+    # released models, and anything that records nothing), or "single_label", one softmax over the classes
+    # (a model trained with task.objective=single_label).
+    objective: str = "multi_label"
 
 
 def load_checkpoint(
     path: str | PathLike, map_location: str | torch.device = "cpu", sha256: bool = False
 ) -> LoadedCheckpoint:
-    """Any checkpoint this project understands, read once: its model (eval mode), class names and, with
-    `sha256`, the file's sha256.
+    """Any checkpoint this project understands, read once: its model (eval mode), class names, objective and,
+    with `sha256`, the file's sha256.
 
     Reads a released CED file, `save_ced` output, or a Lightning checkpoint of our supervised or distillation
     training (CED or a timm backbone); local paths and fsspec URLs.
@@ -261,6 +285,7 @@ def load_checkpoint(
         class_names=_stored_class_names(obj),
         sha256=digest,
         source=source,
+        objective=_stored_objective(obj, source),
     )
 
 
@@ -279,6 +304,15 @@ def _model_from_checkpoint(obj: Any, source: str) -> nn.Module:
 def _stored_class_names(obj: Any) -> list[str] | None:
     names = obj.get("class_names") if isinstance(obj, Mapping) else None
     return list(names) if names else None
+
+
+def _stored_objective(obj: Any, source: str) -> str:
+    objective = obj.get("objective") if isinstance(obj, Mapping) else None
+    if objective is None:
+        return "multi_label"
+    if objective not in OBJECTIVES:
+        raise CheckpointLoadError(f"{source}: objective {objective!r} is none of {list(OBJECTIVES)}")
+    return str(objective)
 
 
 def load_model(path: str | PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -16,8 +16,9 @@ from torch import nn
 
 from ced_lightning.core.augment import AugmentParams, AugmentRecipe, augmented_spectrogram
 from ced_lightning.core.errors import ConfigError
-from ced_lightning.core.losses import Objective, check_objective, mix_with_reversed
-from ced_lightning.core.metrics import TaggingMetrics, probabilities_from_logits, write_per_class
+from ced_lightning.core.losses import mix_with_reversed
+from ced_lightning.core.metrics import TaggingMetrics, write_per_class
+from ced_lightning.core.objective import Objective, check_objective, probabilities_from_logits
 from ced_lightning.core.optim import build_optimizer, freeze_all_but, lr_factor
 from ced_lightning.core.single_label import SingleLabelMetrics, write_confusion_matrix
 from ced_lightning.models.checkpoint import restore_rng_states, write_metadata
@@ -30,7 +31,7 @@ class TaggingModule(LightningModule):
 
     Subclasses implement `training_step`. Validation and test compute mAP and d-prime on labeled batches
     (`waveform`, `length`, `target`), with the EMA weights when `ema_decay` is set, from the probabilities
-    and per-class table `evaluate` uses (`metrics.probabilities_from_logits`, `metrics.write_per_class`).
+    and per-class table `evaluate` uses (`objective.probabilities_from_logits`, `metrics.write_per_class`).
     `objective="single_label"` scores softmax probabilities and adds accuracy, top-k accuracy and, at test
     time, the confusion matrix (`core.single_label`). Fine-tuning: `freeze_encoder` trains the classifier
     head alone (a linear probe; the encoder also stays in eval mode, so its BatchNorm statistics hold),

@@ -27,6 +27,7 @@ from ced_lightning.core.audio import SAMPLE_RATE, load_audio
 from ced_lightning.core.errors import ConfigError
 from ced_lightning.core.event_files import EVENT_COLUMNS, EVENT_FILE_SUFFIXES, EventWriter
 from ced_lightning.core.events import Event, detect_events
+from ced_lightning.core.objective import probabilities_from_logits
 from ced_lightning.engines.inference.writers import PredictionSink
 from ced_lightning.engines.output_files import discard_file, remove_output
 
@@ -98,9 +99,12 @@ def check_event_suffix(path: str | PathLike) -> None:
 
 
 @torch.inference_mode()
-def frame_probabilities(model: nn.Module, waveform: torch.Tensor, pieces_per_call: int = 8) -> torch.Tensor:
-    """Sigmoid of `model.forward_frames(waveform[None])[0]`: `[columns, classes]` float32 on the CPU, for a
-    `[samples]` waveform of any length. The log-mel is cut on piece boundaries (whole pieces, plus the
+def frame_probabilities(
+    model: nn.Module, waveform: torch.Tensor, pieces_per_call: int = 8, objective: str = "multi_label"
+) -> torch.Tensor:
+    """The probabilities of `model.forward_frames(waveform[None])[0]` (sigmoids; a single-label model's
+    `objective`: a softmax per column): `[columns, classes]` float32 on the CPU, for a `[samples]` waveform of
+    any length. The log-mel is cut on piece boundaries (whole pieces, plus the
     frames the last column of a chunk reads) so each chunk's columns are the whole file's columns."""
     device = next(model.parameters()).device
     mel = model.front_end(waveform.reshape(1, -1).to(device))
@@ -112,7 +116,7 @@ def frame_probabilities(model: nn.Module, waveform: torch.Tensor, pieces_per_cal
         if start + step + patch > frames:  # no whole column starts beyond this chunk
             break
         start += step
-    return torch.sigmoid(torch.cat(chunks)).float().cpu()
+    return probabilities_from_logits(torch.cat(chunks), objective).cpu()
 
 
 def file_events(
@@ -121,10 +125,11 @@ def file_events(
     class_names: Sequence[str],
     settings: EventSettings,
     pieces_per_call: int = 8,
+    objective: str = "multi_label",
 ) -> list[Event]:
     """The events of one decoded `[samples]` waveform (16 kHz), offsets capped at its end."""
     return detect_events(
-        frame_probabilities(model, waveform, pieces_per_call),
+        frame_probabilities(model, waveform, pieces_per_call, objective),
         model.column_seconds,
         class_names,
         settings.threshold,
@@ -146,10 +151,11 @@ class EventsWriter(PredictionSink):
         class_names: Sequence[str],
         settings: EventSettings,
         pieces_per_call: int = 8,
+        objective: str = "multi_label",
     ) -> None:
         check_event_model(model)
         self.path, self.model, self.class_names = Path(path), model, class_names
-        self.settings, self.pieces_per_call = settings, pieces_per_call
+        self.settings, self.pieces_per_call, self.objective = settings, pieces_per_call, objective
         self.latest: tuple[int, list[Event]] | None = None
         self.files = self.events = 0
         try:
@@ -160,7 +166,9 @@ class EventsWriter(PredictionSink):
 
     def add_file(self, index: int, result: dict[str, Any]) -> None:
         waveform = load_audio(result["file"])
-        events = file_events(self.model, waveform, self.class_names, self.settings, self.pieces_per_call)
+        events = file_events(
+            self.model, waveform, self.class_names, self.settings, self.pieces_per_call, self.objective
+        )
         try:
             self.events += self.writer.write(result["file"], events)
         except OSError as err:

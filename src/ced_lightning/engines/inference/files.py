@@ -133,14 +133,18 @@ class OutputPlan:
             check_event_model(model)
             self.event_settings.check(num_classes)
 
-    def open(self, topk: int, class_names: Sequence[str], model: Any = None) -> Iterator[PredictionSink]:
+    def open(
+        self, topk: int, class_names: Sequence[str], model: Any = None, objective: str = "multi_label"
+    ) -> Iterator[PredictionSink]:
         """The writers, each yielded as soon as it is open, so that a later one failing to open still leaves
         the caller every earlier one to abandon."""
         if "tags" in self.outputs and self.output:
             yield TagsWriter(sys.stdout if self.to_stdout else self.output)
         events = None
         if self.events_output:  # before the charts, which draw each file's events
-            events = EventsWriter(self.events_output, model, class_names, self.event_settings)
+            events = EventsWriter(
+                self.events_output, model, class_names, self.event_settings, objective=objective
+            )
             yield events
         if "windows" in self.outputs:
             yield WindowsWriter(self.windows_output, topk, class_names)
@@ -244,7 +248,7 @@ def predict_files(
     sinks: list[PredictionSink] = []
     succeeded = False
     try:
-        sinks.extend(plan.open(topk, class_names, model))
+        sinks.extend(plan.open(topk, class_names, model, checkpoint.objective))
 
         def show(result: dict[str, Any]) -> None:
             if print_tags and not plan.to_stdout:
@@ -254,6 +258,7 @@ def predict_files(
         kwargs: dict[str, Any] = dict(
             topk=topk,
             class_names=class_names,
+            objective=checkpoint.objective,
             batch_size=batch_size,
             length_tolerance_s=length_tolerance_s,
             segment_seconds=segment_seconds,

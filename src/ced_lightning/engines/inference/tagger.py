@@ -24,6 +24,7 @@ from torch import nn
 from ced_lightning.core.audio import SAMPLE_RATE, AudioDecodeError, AudioStream
 from ced_lightning.core.device import default_device
 from ced_lightning.core.errors import ConfigError, InputError
+from ced_lightning.core.objective import check_objective, probabilities_from_logits
 from ced_lightning.engines.inference.windows import (
     DECODE_BLOCK_FRAMES,
     PieceAverage,
@@ -80,6 +81,7 @@ class _Tagger:
     embeddings: bool
     topk: int
     class_names: Sequence[str]
+    objective: str
     sinks: Sequence[PredictionSink]
     on_result: Callable[[dict[str, Any]], None]
     on_failure: Callable[[Failure], None]
@@ -133,7 +135,7 @@ class _Tagger:
                     file.index,
                     file.path,
                     spans,
-                    torch.sigmoid(logits[row:end]),
+                    probabilities_from_logits(logits[row:end], self.objective),
                     None if embedded is None else embedded[row:end],
                 )
                 for sink in self.sinks:
@@ -148,7 +150,11 @@ class _Tagger:
             result = {
                 "file": file.path,
                 "duration_s": round(file.num_samples / SAMPLE_RATE, 4),
-                "labels": top_labels(torch.sigmoid(file.average.logits()), self.topk, self.class_names),
+                "labels": top_labels(
+                    probabilities_from_logits(file.average.logits(), self.objective),
+                    self.topk,
+                    self.class_names,
+                ),
             }
             for sink in self.sinks:
                 sink.add_file(file.index, result)
@@ -174,6 +180,7 @@ def tag_files(
     *,
     topk: int = 5,
     class_names: Sequence[str],
+    objective: str = "multi_label",
     batch_size: int = 8,
     length_tolerance_s: float = 0.0,
     segment_seconds: float | None = None,
@@ -194,7 +201,8 @@ def tag_files(
     `TimelineCharts`) as they are done, with embeddings when `embeddings` (the model's `forward_and_embed`).
     Each clip result: `{"file", "duration_s", "labels": [{"index", "name", "probability"}, ...]}`, its logits
     the windows' combined by the model's `piece_average` rule (`PieceAverage`); `on_result` sees each as its
-    file is finished.
+    file is finished. Probabilities are the model's `objective`'s (`objective.probabilities_from_logits`:
+    sigmoids, or one softmax for a single-label model, the checkpoint's `objective`).
     """
     if len(class_names) != int(model.num_classes):
         raise InputError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
@@ -230,6 +238,7 @@ def tag_files(
         embeddings=embeddings,
         topk=topk,
         class_names=class_names,
+        objective=check_objective(objective),
         sinks=sinks,
         on_result=finished,
         on_failure=failed,
