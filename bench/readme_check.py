@@ -46,13 +46,13 @@ EXPENSIVE: dict[str, Expensive] = {
     "make test": Expensive("test", "the whole test suite (minutes)"),
     "python -m ced_lightning.train experiment=ced_mini": Expensive(
         "main",
-        "trains two teachers, extracts, distils CED-Mini and its label-only row (about 30 min on 2 cores)",
+        "trains two teachers, extracts, distils CED-Mini and its label-only row (about 25 min on 2 cores)",
         table_after="`experiment=ced_mini`, seed 42",
         tolerance=0.02,
     ),
     "make demo": Expensive(
         "demo",
-        "the demo end to end (about 20 min on 2 cores)",
+        "the demo end to end (about 11 min on 2 cores)",
         table_after="`make demo` from a fresh clone",
         tolerance=0.02,
     ),
