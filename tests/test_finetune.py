@@ -5,6 +5,7 @@ single-label variant of the demo data."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -249,9 +250,11 @@ def test_a_single_label_checkpoint_reads_as_its_softmax_in_every_consumer(
     import ced_lightning as ced
     from ced_lightning.core.metrics import tagging_scores
     from ced_lightning.engines.hub_export import export_hub
+    from ced_lightning.engines.inference import predict_files
     from ced_lightning.engines.inference.events import frame_probabilities
     from ced_lightning.engines.scoring import evaluate_checkpoint
     from ced_lightning.engines.teachers import load_teachers
+    from ced_lightning.evaluate import format_summary
     from ced_lightning.models import load_checkpoint, save_ced
 
     metrics = _finetune(single_label_demo, tmp_path / "run")
@@ -286,6 +289,18 @@ def test_a_single_label_checkpoint_reads_as_its_softmax_in_every_consumer(
     assert from_file.labels == tags.labels and sum(from_file.scores) == pytest.approx(1.0, abs=1e-5)
     frames = frame_probabilities(tagger.model, wave, objective="single_label")
     assert torch.allclose(frames.sum(-1), torch.ones(len(frames)), atol=1e-5)
+    predict_files(
+        str(ckpt),
+        [tmp_path / "clip.wav"],
+        topk=16,
+        output=tmp_path / "tags.jsonl",
+        device="cpu",
+        events_output=tmp_path / "events.jsonl",
+    )  # ced-predict's and predict's path
+    (row,) = [json.loads(line) for line in (tmp_path / "tags.jsonl").read_text().splitlines()]
+    assert [label["name"] for label in row["labels"]] == tags.labels
+    assert sum(label["probability"] for label in row["labels"]) == pytest.approx(1.0, abs=1e-5)
+    assert "accuracy: " in format_summary(result)  # evaluate's line
 
     pytest.importorskip("onnxruntime")
     from ced_lightning.export import export_onnx, onnx_session, run_onnx
