@@ -177,8 +177,8 @@ def export_onnx(
 
     Inputs `waveform [batch, samples]` or `spectrogram [batch, n_mels, frames]`, outputs `logits` and
     `probabilities [batch, classes]` (of the model's `objective`: the checkpoint's); batch and time are
-    dynamic axes. `opset` must be >= 18, the oldest
-    torch's exporter writes (onnxruntime has run opset 18 since 1.14).
+    dynamic axes. `opset` must be >= 18, the oldest torch's exporter writes (onnxruntime has run opset 18
+    since 1.14).
     """
     if opset < MIN_OPSET:
         # onnx's down-converter has no adapter for Pad below 18: refuse clearly rather than half-convert.

@@ -204,7 +204,7 @@ def _single_label_scores(probabilities: torch.Tensor, labels: torch.Tensor, stor
     from ced_lightning.core.labels import single_label_problem
     from ced_lightning.core.single_label import single_label_scores
 
-    problem = single_label_problem(store.label_counts(), store.names)
+    problem = single_label_problem(labels.sum(1).tolist(), store.names)
     if problem is not None:
         log.warning("store=%s: no accuracy for this single-label model: %s", store.url, problem)
         return {}

@@ -104,8 +104,8 @@ def frame_probabilities(
 ) -> torch.Tensor:
     """The probabilities of `model.forward_frames(waveform[None])[0]` (sigmoids; a single-label model's
     `objective`: a softmax per column): `[columns, classes]` float32 on the CPU, for a `[samples]` waveform of
-    any length. The log-mel is cut on piece boundaries (whole pieces, plus the
-    frames the last column of a chunk reads) so each chunk's columns are the whole file's columns."""
+    any length. The log-mel is cut on piece boundaries (whole pieces, plus the frames the last column of a
+    chunk reads) so each chunk's columns are the whole file's columns."""
     device = next(model.parameters()).device
     mel = model.front_end(waveform.reshape(1, -1).to(device))
     stride, patch = model.config.patch_stride, model.config.patch_size
